@@ -1,0 +1,94 @@
+"""The one frozen configuration of a compile: CLI flags are generated from its fields and the
+artifact stores it, so the two cannot drift.
+
+`QuantScheme` is the hashable key of every coverage table (weight formats, GEMM ops,
+activation quantizers). Adding a format adds rows, not branches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    weight_bits: int
+    act_bits: int
+    group_size: int | None  # None: one scale per output channel
+    symmetric: bool
+
+    @property
+    def name(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size else ""
+        return f"w{self.weight_bits}a{self.act_bits}{g}"
+
+
+W8A8 = QuantScheme(8, 8, None, True)
+W4A8 = QuantScheme(4, 8, None, False)
+W4A8_G128 = QuantScheme(4, 8, 128, False)
+W4A8_G64 = QuantScheme(4, 8, 64, False)
+
+# --precision value -> weight/activation scheme (None: keep floating-point linears).
+PRECISIONS: dict[str, QuantScheme | None] = {
+    "fp16": None,
+    "w8a8": W8A8,
+    "w4a8": W4A8,
+    "w4a8-g128": W4A8_G128,
+    "w4a8-g64": W4A8_G64,
+}
+TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
+KV_FORMATS = ("fp16", "int4")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _opt(help: str, choices=None, **kw):
+    return field(metadata={"help": help, "choices": choices}, **kw)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    target: str = _opt("GPU architecture the artifact is built for", tuple(TARGETS), default="sm80")
+    precision: str = _opt("weight/activation format of the linear layers", tuple(PRECISIONS),
+                          default="w4a8")
+    kv: str = _opt("KV-cache format: fp16 keeps K/V in the activation dtype; int4 stores "
+                   "per-(token, head) asymmetric 4-bit values", KV_FORMATS, default="int4")
+    dtype: str = _opt("activation dtype of the program (float32 for exact CPU checks)",
+                      tuple(DTYPES), default="float16")
+    kv_block_size: int = _opt("tokens per KV-cache page", default=16)
+    max_seq_len: int = _opt("longest sequence (prompt + generation) the artifact serves; "
+                            "0 takes the model's max_position_embeddings", default=0)
+    quantize_lm_head: bool = _opt("also quantize the LM head (it stays in the activation dtype "
+                                  "by default, as in QServe)", default=False)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
+                                 f"got {getattr(self, f.name)!r}")
+        if self.kv_block_size <= 0 or self.kv_block_size & (self.kv_block_size - 1):
+            raise ValueError(f"--kv-block-size must be a power of two, got {self.kv_block_size}")
+        if self.max_seq_len < 0:
+            raise ValueError(f"--max-seq-len must be >= 0, got {self.max_seq_len}")
+
+    @property
+    def scheme(self) -> QuantScheme | None:
+        return PRECISIONS[self.precision]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CompileConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown compile options in artifact: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,98 @@
+"""Round-to-nearest weight quantization, exactly as DESIGN.md's Numerics.
+
+Each function takes a float weight [N, K] and returns integer codes and scales in the
+logical (unpacked) order; packing into a kernel layout is the layout module's job.
+QoQ (rotation, smoothing, clipping) changes the weights before these run; the rounding
+contract stays the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantScheme
+
+PROTECTIVE_RANGE = 119  # level-1 INT8 range of progressive group quantization
+
+
+@dataclass
+class W8Weights:
+    q: torch.Tensor      # [N, K] int8 in [-127, 127]
+    scale: torch.Tensor  # [N] float32
+
+
+@dataclass
+class W4Weights:
+    q: torch.Tensor      # [N, K] uint8 in [0, 15]
+    scale: torch.Tensor  # [N] float32, s_w
+    zero: torch.Tensor   # [N] float32, integer-valued zero point z
+
+
+@dataclass
+class W4GroupWeights:
+    q: torch.Tensor      # [N, K] uint8 in [0, 15]
+    s1: torch.Tensor     # [N] float32, level-1 per-channel scale (w ~ s1 * w8)
+    s2: torch.Tensor     # [N, K/g] uint8 in [1, 16], level-2 integer scale
+    z2: torch.Tensor     # [N, K/g] uint8 in [0, 15], level-2 integer zero
+
+
+def _safe(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def quantize_w8(w: torch.Tensor) -> W8Weights:
+    w = w.float()
+    s = _safe(w.abs().amax(dim=1) / 127)
+    q = torch.clamp(torch.round(w / s[:, None]), -127, 127).to(torch.int8)
+    return W8Weights(q, s)
+
+
+def quantize_w4_per_channel(w: torch.Tensor) -> W4Weights:
+    w = w.float()
+    lo = w.amin(dim=1).clamp(max=0)  # keep 0 representable
+    hi = w.amax(dim=1).clamp(min=0)
+    s = _safe((hi - lo) / 15)
+    z = torch.round(-lo / s)
+    q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, 15).to(torch.uint8)
+    return W4Weights(q, s, z)
+
+
+def quantize_w4_group(w: torch.Tensor, group_size: int) -> W4GroupWeights:
+    """Progressive: symmetric INT8 per channel in [-119, 119], then UINT4 per group with an
+    integer scale and zero, so `(q - z2) * s2` always fits in int8 (|.| <= 119 + s2/2)."""
+    w = w.float()
+    n, k = w.shape
+    if k % group_size:
+        w = torch.nn.functional.pad(w, (0, group_size - k % group_size))
+    s1 = _safe(w.abs().amax(dim=1) / PROTECTIVE_RANGE)
+    w8 = torch.clamp(torch.round(w / s1[:, None]), -PROTECTIVE_RANGE, PROTECTIVE_RANGE)
+    g = w8.view(n, -1, group_size)
+    lo = g.amin(dim=2).clamp(max=0)
+    hi = g.amax(dim=2).clamp(min=0)
+    s2 = torch.clamp(torch.round((hi - lo) / 15), min=1)  # <= 16 since hi - lo <= 238
+    z2 = torch.clamp(torch.round(-lo / s2), 0, 15)
+    q = torch.clamp(torch.round(g / s2[..., None]) + z2[..., None], 0, 15)
+    q = q.view(n, -1)[:, :k].to(torch.uint8)
+    return W4GroupWeights(q, s1, s2.to(torch.uint8), z2.to(torch.uint8))
+
+
+def dequantize(qw) -> torch.Tensor:
+    """Float weight [N, K] the integer weights stand for (for tests and fake quant)."""
+    if isinstance(qw, W8Weights):
+        return qw.q.float() * qw.scale[:, None]
+    if isinstance(qw, W4Weights):
+        return (qw.q.float() - qw.zero[:, None]) * qw.scale[:, None]
+    n, k = qw.q.shape
+    g = -(-k // qw.s2.shape[1])
+    s2 = qw.s2.float().repeat_interleave(g, dim=1)[:, :k]
+    z2 = qw.z2.float().repeat_interleave(g, dim=1)[:, :k]
+    return (qw.q.float() - z2) * s2 * qw.s1[:, None]
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme):
+    if scheme.weight_bits == 8:
+        return quantize_w8(w)
+    if scheme.group_size is None:
+        return quantize_w4_per_channel(w)
+    return quantize_w4_group(w, scheme.group_size)

@@ -1,0 +1,1 @@
+"""qcompile.cutlass_templates."""

@@ -1,0 +1,1 @@
+"""qcompile.passes."""

@@ -1,0 +1,95 @@
+"""Quantized GEMM ops: y[..., n] = dequant(x_q . w_q) in the activation dtype.
+
+Weights arrive packed in their kernel layout (`cutlass_templates/`); the references unpack
+them, so a CPU run checks the artifact's bytes, layout included. K is zero-padded to the
+layout's multiple (SmolLM2: K = 576 -> 640 for g128), N is padded to 32 and sliced off.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8
+from qcompile.cutlass_templates.w4a8_layout import unpack_group_params, unpack_w4
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 x int8 -> int32: a [M, K], b [N, K] -> [M, N]."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b.t())
+    # float64 holds every partial sum exactly (|sum| <= K * 127^2 << 2^53); no TF32 risk.
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def _flat(xq: torch.Tensor, kp: int) -> torch.Tensor:
+    xq = xq.reshape(-1, xq.shape[-1])
+    return F.pad(xq, (0, kp - xq.shape[-1])) if kp > xq.shape[-1] else xq
+
+
+def _finish(y: torch.Tensor, bias, lead, n: int, dtype: torch.dtype) -> torch.Tensor:
+    y = y[:, :n]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype).reshape(*lead, n)
+
+
+@torch.library.custom_op("qcompile::gemm_w8a8", mutates_args=())
+def gemm_w8a8(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+              bias: torch.Tensor | None, n: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """w [Np, Kp] int8 row-major, sw [Np] f32: y = s_x s_w (x_q . w_q)."""
+    acc = int_matmul(_flat(xq, w.shape[1]), w)
+    y = acc.float() * sx.reshape(-1, 1) * sw[None, :]
+    return _finish(y, bias, xq.shape[:-1], n, out_dtype)
+
+
+@torch.library.custom_op("qcompile::gemm_w4a8", mutates_args=())
+def gemm_w4a8(xq: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, w: torch.Tensor,
+              s: torch.Tensor, zs: torch.Tensor, bias: torch.Tensor | None, n: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-channel W4A8. w [Np/32, Kp/32, 512] uint8 (w4a8_pc_sm80), s = s_w [Np] f32,
+    zs = z * s_w [Np] f32. Main loop on the unsigned codes 0..15; epilogue
+    y = s_x s_w acc - (z s_w)(s_x sum_k x_q)."""
+    kp = w.shape[1] * 32
+    q = unpack_w4(w, w.shape[0] * 32, kp).to(torch.int8)
+    acc = int_matmul(_flat(xq, kp), q).float()
+    sxf = sx.reshape(-1, 1)
+    y = sxf * s[None, :] * acc - zs[None, :] * (sxf * xsum.reshape(-1, 1).float())
+    return _finish(y, bias, xq.shape[:-1], n, out_dtype)
+
+
+@torch.library.custom_op("qcompile::gemm_w4a8_group", mutates_args=())
+def gemm_w4a8_group(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s1: torch.Tensor,
+                    s2: torch.Tensor, negzs: torch.Tensor, bias: torch.Tensor | None, n: int,
+                    group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Progressive group W4A8. w [Np/32, Kp/32, 512] uint8 (w4a8_g{g}_sm80); s2, negzs
+    [Kp/g, Np/32, 32] uint8. Per byte, as the kernel does it: w8 = (q * s2 + negzs) mod 256
+    read as int8 (subtraction after multiplication); epilogue y = s_x s1 acc."""
+    np_, kp = w.shape[0] * 32, w.shape[1] * 32
+    q = unpack_w4(w, np_, kp).to(torch.int32)
+    s2u, z2u = unpack_group_params(s2, negzs, np_)
+    negzs_full = (-(z2u.to(torch.int32) * s2u.to(torch.int32))) & 0xFF
+    s2f = s2u.to(torch.int32).repeat_interleave(group_size, dim=1)
+    nzf = negzs_full.repeat_interleave(group_size, dim=1)
+    w8 = ((q * s2f + nzf) & 0xFF).to(torch.uint8).view(torch.int8)
+    acc = int_matmul(_flat(xq, kp), w8).float()
+    y = sx.reshape(-1, 1) * s1[None, :] * acc
+    return _finish(y, bias, xq.shape[:-1], n, out_dtype)
+
+
+def _fake_out(xq, n, out_dtype):
+    return xq.new_empty(xq.shape[:-1] + (n,), dtype=out_dtype)
+
+
+gemm_w8a8.register_fake(lambda xq, sx, w, sw, bias, n, out_dtype: _fake_out(xq, n, out_dtype))
+gemm_w4a8.register_fake(
+    lambda xq, sx, xsum, w, s, zs, bias, n, out_dtype: _fake_out(xq, n, out_dtype))
+gemm_w4a8_group.register_fake(
+    lambda xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype: _fake_out(xq, n, out_dtype))
+
+# scheme -> the op that runs it (rows, not branches: W4A4 adds a row).
+GEMM_OPS = {
+    W8A8: torch.ops.qcompile.gemm_w8a8.default,
+    W4A8: torch.ops.qcompile.gemm_w4a8.default,
+    W4A8_G128: torch.ops.qcompile.gemm_w4a8_group.default,
+    W4A8_G64: torch.ops.qcompile.gemm_w4a8_group.default,
+}

@@ -1,0 +1,106 @@
+"""KV-cache record formats: what one token's keys (or values) look like in a cache page.
+
+A record holds all KV heads of one token as bytes, so the cache is one uint8 tensor
+[L, 2, num_blocks, block_size, R] whatever the format, the graph's signature does not change
+with `--kv`, and the runtime writes a step's new records with one index_copy_.
+
+| format | record layout (R bytes, padded to 16 for 128-bit loads) |
+|---|---|
+| fp16 | [Hkv, D] in the activation dtype (fp16/bf16/fp32), unquantized |
+| int4 | [Hkv, D/2] uint8 codes (low nibble = even d), then [Hkv, 2] fp16 (scale, min) |
+
+int4: per (token, kv head) asymmetric over the head dim, keys after RoPE:
+s = (max - min) / 15 and m = min, both rounded to fp16; q = clamp(round((x - m) / s), 0, 15);
+x' = q * s + m.
+"""
+from __future__ import annotations
+
+import torch
+
+_ALIGN = 16
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def kv_record_bytes(fmt: str, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    if fmt == "fp16":
+        return _round_up(num_kv_heads * head_dim * dtype.itemsize, _ALIGN)
+    if fmt == "int4":
+        return _round_up(num_kv_heads * (head_dim // 2 + 4), _ALIGN)
+    raise ValueError(f"unknown KV format {fmt!r}; expected fp16 or int4")
+
+
+def _pad_record(b: torch.Tensor, r: int) -> torch.Tensor:
+    return torch.nn.functional.pad(b, (0, r - b.shape[-1])) if r > b.shape[-1] else b
+
+
+def encode_float(x: torch.Tensor) -> torch.Tensor:
+    """[T, Hkv, D] -> [T, R] uint8 (raw bytes of the activation dtype)."""
+    t, h, d = x.shape
+    b = x.contiguous().view(torch.uint8).reshape(t, h * d * x.dtype.itemsize)
+    return _pad_record(b, kv_record_bytes("fp16", h, d, x.dtype))
+
+
+def decode_float(rec: torch.Tensor, h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """[..., R] uint8 -> [..., Hkv, D] dtype."""
+    n = h * d * dtype.itemsize
+    return rec[..., :n].contiguous().view(dtype).reshape(*rec.shape[:-1], h, d)
+
+
+def encode_int4(x: torch.Tensor) -> torch.Tensor:
+    """[T, Hkv, D] -> [T, R] uint8: codes, then (scale, min) as fp16."""
+    t, h, d = x.shape
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True).half()
+    s = ((xf.amax(dim=-1, keepdim=True) - lo.float()) / 15).half()
+    s = torch.where(s > 0, s, torch.full_like(s, 1e-4))  # constant head: any scale works
+    q = torch.clamp(torch.round((xf - lo.float()) / s.float()), 0, 15).to(torch.uint8)
+    codes = (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(t, h * d // 2)
+    params = torch.cat([s, lo], dim=-1).contiguous().view(torch.uint8).reshape(t, h * 4)
+    return _pad_record(torch.cat([codes, params], dim=-1), kv_record_bytes("int4", h, d, x.dtype))
+
+
+def decode_int4(rec: torch.Tensor, h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    lead = rec.shape[:-1]
+    codes = rec[..., : h * d // 2].reshape(*lead, h, d // 2)
+    q = torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(*lead, h, d).float()
+    params = rec[..., h * d // 2: h * d // 2 + 4 * h].contiguous().view(torch.float16)
+    params = params.reshape(*lead, h, 2).float()
+    return (q * params[..., :1] + params[..., 1:]).to(dtype)
+
+
+CODECS = {"fp16": (encode_float, decode_float), "int4": (encode_int4, decode_int4)}
+
+
+def _encode_pair(fmt: str, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    enc = CODECS[fmt][0]
+    return torch.stack([enc(k), enc(v)])
+
+
+@torch.library.custom_op("qcompile::kv_encode_fp16", mutates_args=())
+def kv_encode_fp16(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k, v [T, Hkv, D] -> [2, T, R] uint8 records."""
+    return _encode_pair("fp16", k, v)
+
+
+@torch.library.custom_op("qcompile::kv_encode_int4", mutates_args=())
+def kv_encode_int4(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _encode_pair("int4", k, v)
+
+
+def _fake_encode(fmt):
+    def fake(k, v):
+        r = kv_record_bytes(fmt, k.shape[1], k.shape[2], k.dtype)
+        return k.new_empty((2, k.shape[0], r), dtype=torch.uint8)
+    return fake
+
+
+kv_encode_fp16.register_fake(_fake_encode("fp16"))
+kv_encode_int4.register_fake(_fake_encode("int4"))
+
+KV_ENCODE_OPS = {
+    "fp16": torch.ops.qcompile.kv_encode_fp16.default,
+    "int4": torch.ops.qcompile.kv_encode_int4.default,
+}
