@@ -103,7 +103,7 @@ class PassResult:
 def run_pass(fn: Callable[..., int], lowering: Lowering, *args) -> PassResult:
     """Time one pass, clean up after it, and dump the graph before and after when
     QCOMPILE_DUMP_PASSES=DIR is set."""
-    name = getattr(fn, "pass_name", fn.__name__)
+    name = getattr(fn, "pass_name", None) or fn.__name__
     dump = os.environ.get("QCOMPILE_DUMP_PASSES")
     if dump:
         Path(dump).mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def paged_attention_ref(fmt: str, q, kv_new, kv_cache, block_tables, ctx_lens, q
         if hi == lo:
             continue
         recs = torch.cat([_gather_past(kv_cache, block_tables[b], ctx), kv_new[:, lo:hi]], dim=1)
-        kv = decode(recs, num_kv_heads, d, torch.float32)  # [2, ctx + n, Hkv, D]
+        kv = decode(recs, num_kv_heads, d, q.dtype).float()  # [2, ctx + n, Hkv, D]
         k, v = (x.transpose(0, 1).repeat_interleave(hq // num_kv_heads, dim=0) for x in kv)
         qb = q[lo:hi].float().transpose(0, 1)  # [Hq, n, D]
         n = hi - lo

@@ -1,0 +1,100 @@
+"""`qcompile` end to end: load, export, run the passes, re-export the lowered graph with its
+weights as inputs, and write the artifact atomically."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from tqdm import tqdm
+
+from qcompile.models.decoder import Decoder
+from qcompile.models.loaders import load_checkpoint
+from qcompile.passes.base import Lowering
+
+from .artifact import PROGRAM, WEIGHTS, AtomicDir, write_manifest
+from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
+from .config import CompileConfig
+from .pipeline import run_pipeline
+
+OUTPUT_NAMES = ("logits", "new_kv")
+
+
+def export_lowered(lowering: Lowering, kv: KVSpec) -> torch.export.ExportedProgram:
+    """The final program: flat inputs (weights..., tokens, ..., logits_indices)."""
+    weights = tuple(lowering.weights.values())
+    dyn = (None,) * len(weights) + dynamic_shapes()
+    with torch.no_grad():
+        ep = torch.export.export(lowering.gm, weights + example_inputs(kv), dynamic_shapes=dyn)
+    ep.example_inputs = None  # else torch.export.save pickles them (a copy of every weight)
+    return ep
+
+
+def compile_model(source, cfg: CompileConfig, out, *, trust_pickle: bool = False,
+                  progress: bool = True) -> Path:
+    out = Path(out)
+    steps = tqdm(total=5, desc="qcompile", disable=not progress, unit="step")
+    t0 = time.perf_counter()
+
+    steps.set_postfix_str("load checkpoint")
+    ckpt = load_checkpoint(source, trust_pickle=trust_pickle)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer files; the artifact needs one to serve "
+                         "text (add tokenizer.json / tokenizer_config.json next to the weights)")
+    mcfg = ckpt.config
+    steps.update()
+
+    steps.set_postfix_str("torch.export")
+    decoder = Decoder(mcfg, ckpt.weights, cfg.torch_dtype)
+    lowering = Lowering.from_exported(
+        capture(decoder, KVSpec.of(mcfg, "fp16", cfg.kv_block_size, cfg.torch_dtype)))
+    del decoder
+    steps.update()
+
+    steps.set_postfix_str("passes")
+    results = run_pipeline(lowering, cfg)
+    steps.update()
+
+    steps.set_postfix_str("export lowered program")
+    kv = KVSpec.of(mcfg, cfg.kv, cfg.kv_block_size, cfg.torch_dtype)
+    program = export_lowered(lowering, kv)
+    steps.update()
+
+    steps.set_postfix_str("write artifact")
+    with AtomicDir(out) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in lowering.weights.items()},
+                                    tmp / WEIGHTS)
+        torch.export.save(program, tmp / PROGRAM)
+        ckpt.tokenizer.save_pretrained(tmp / "tokenizer")
+        kdir = tmp / "kernels" / cfg.target
+        kdir.mkdir(parents=True)
+        (kdir / "kernels.json").write_text("[]\n")  # reference ops only until the CUTLASS kernels
+        write_manifest(tmp, {
+            "qcompile_version": qcompile_version(),
+            "torch_version": torch.__version__,
+            "source": str(ckpt.source),
+            "model": mcfg.to_json(),
+            "compile": cfg.to_json(),
+            "target": cfg.target,
+            "max_seq_len": cfg.max_seq_len or mcfg.max_position_embeddings,
+            "kv": {"format": kv.fmt, "num_layers": kv.num_layers, "block_size": kv.block_size,
+                   "record_bytes": kv.record_bytes},
+            "program": {"weights": list(lowering.weights), "inputs": list(INPUT_NAMES),
+                        "outputs": list(OUTPUT_NAMES)},
+            "kernels": [],
+            "passes": [{"name": r.name, "matches": r.matches, "seconds": round(r.seconds, 3)}
+                       for r in results],
+            "compile_seconds": round(time.perf_counter() - t0, 2),
+        })
+    steps.update()
+    steps.close()
+    return out
+
+
+def qcompile_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("qcompile-llm")
+    except PackageNotFoundError:
+        return "dev"

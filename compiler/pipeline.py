@@ -1,0 +1,35 @@
+"""The pass pipeline: one ordered list built from the CompileConfig (order and invariants in
+passes/README.md)."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from qcompile.passes.base import Lowering, PassResult, run_pass
+from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.fuse_rmsnorm_quant import fuse_rmsnorm_quant
+from qcompile.passes.fuse_swiglu_quant import fuse_swiglu_quant
+from qcompile.passes.rewrite_attention import rewrite_attention
+from qcompile.passes.swap_gemm import swap_gemm
+
+from .config import CompileConfig
+
+
+def build_pipeline(cfg: CompileConfig) -> list[Callable[[Lowering], int]]:
+    steps: list[Callable[[Lowering], int]] = [canonicalize]
+    if cfg.kv != "fp16":
+        steps.append(_named(rewrite_attention, fmt=cfg.kv))
+    if cfg.scheme is not None:
+        steps += [_named(swap_gemm, scheme=cfg.scheme, include_head=cfg.quantize_lm_head),
+                  fuse_rmsnorm_quant, fuse_swiglu_quant]
+    return steps
+
+
+def _named(fn, **kwargs):
+    bound = functools.partial(fn, **kwargs)
+    bound.pass_name = fn.__name__
+    return bound
+
+
+def run_pipeline(lowering: Lowering, cfg: CompileConfig) -> list[PassResult]:
+    return [run_pass(step, lowering) for step in build_pipeline(cfg)]

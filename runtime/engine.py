@@ -1,0 +1,210 @@
+"""The serving API: `Engine.load(artifact, device=...)`, then `generate()` / `stream()` over
+many prompts with continuous batching on a paged KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+import qcompile.runtime.ops  # noqa: F401  (registers the ops the program calls)
+from qcompile.compiler.capture import KVSpec
+
+from .artifact import Artifact, ArtifactError, load_program, load_weights, open_artifact
+from .kv_cache import PagedKVCache
+from .sampler import SamplingParams, sample
+from .scheduler import Chunk, Request, Scheduler
+
+CPU_KV_BYTES = 1 << 30  # default cache on CPU; on a GPU the cache takes free memory
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class StreamEvent:
+    index: int              # which prompt
+    text: str               # newly decoded text
+    token_id: int
+    finish_reason: str | None
+
+
+class Engine:
+    def __init__(self, art: Artifact, program, weights, tokenizer, cache: PagedKVCache,
+                 device: torch.device, max_batch_tokens: int, max_seqs: int):
+        self.artifact, self.program, self.weights = art, program, weights
+        self.tokenizer, self.cache, self.device = tokenizer, cache, device
+        self.scheduler = Scheduler(cache, max_batch_tokens, max_seqs)
+        self.eos_ids = set(art.model.eos_token_ids) | (
+            {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    @classmethod
+    def load(cls, path, device="cpu", *, kv_cache_bytes: int | None = None,
+             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool = False):
+        from transformers import AutoTokenizer
+        device = torch.device(device)
+        art = open_artifact(path, device)
+        program = load_program(art.path).module()
+        weights = load_weights(art, device)
+        tokenizer = AutoTokenizer.from_pretrained(Path(art.path) / "tokenizer")
+        kv = art.manifest["kv"]
+        spec = KVSpec(kv["format"], kv["num_layers"], kv["block_size"], kv["record_bytes"])
+        cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device)
+        if compile:
+            program = torch.compile(program, dynamic=True)
+        return cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.artifact.max_seq_len
+
+    # ---- text in, text out -------------------------------------------------------------
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            msgs = [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                           tokenize=True, return_dict=False))
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompts, *, chat: bool = False, **sampling) -> list[Completion]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        reqs = self._submit(prompts, chat, SamplingParams(**sampling))
+        for _ in self._run(reqs):
+            pass
+        return [Completion(self.tokenizer.decode(r.out, skip_special_tokens=True), r.out,
+                           r.finish_reason, len(r.prompt)) for r in reqs]
+
+    def stream(self, prompts, *, chat: bool = False, **sampling) -> Iterator[StreamEvent]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        reqs = self._submit(prompts, chat, SamplingParams(**sampling))
+        shown = {r.id: "" for r in reqs}
+        for req, token in self._run(reqs):
+            text = self.tokenizer.decode(req.out, skip_special_tokens=True)
+            delta = text[len(shown[req.id]):] if text.startswith(shown[req.id]) else text
+            shown[req.id] = text
+            yield StreamEvent(req.index, delta, token, req.finish_reason)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _submit(self, prompts, chat: bool, params: SamplingParams) -> list[Request]:
+        reqs = []
+        for i, p in enumerate(prompts):
+            ids = self.encode(p, chat) if isinstance(p, str) else list(p)
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) >= self.max_seq_len:
+                raise ContextLengthError(
+                    f"prompt {i} has {len(ids)} tokens but this artifact serves at most "
+                    f"{self.max_seq_len} tokens per sequence (prompt + generated): shorten it "
+                    "or recompile with a larger --max-seq-len")
+            gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None \
+                else None
+            reqs.append(Request(ids, params, index=i, generator=gen))
+        for r in reqs:
+            self.scheduler.add(r)
+        return reqs
+
+    def _run(self, reqs: list[Request]) -> Iterator[tuple[Request, int]]:
+        pending = set(r.id for r in reqs)
+        while pending:
+            for req, token in self.step():
+                if req.finish_reason:
+                    pending.discard(req.id)
+                yield req, token
+
+    def step(self) -> list[tuple[Request, int]]:
+        """One forward over the scheduled chunks; returns the sampled (request, token)s."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            raise RuntimeError("scheduler made no progress (KV cache too small for any request)")
+        logits, sampled_chunks = self._forward(chunks)
+        events = []
+        for c in chunks:
+            c.req.computed = c.end
+        for row, c in zip(logits, sampled_chunks):
+            req = c.req
+            token = sample(row, req.params, req.generator)
+            req.out.append(token)
+            reason = self._finish_reason(req, token)
+            if reason:
+                self.scheduler.finish(req, reason)
+            events.append((req, token))
+        return events
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        if req.params.stop_on_eos and token in self.eos_ids:
+            return "eos"
+        if len(req.out) >= req.params.max_new_tokens or len(req.tokens) >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _forward(self, chunks: list[Chunk]):
+        tokens, positions, slots, starts, logit_rows, sampled = [], [], [], [0], [], []
+        for c in chunks:
+            tokens += c.req.tokens[c.start:c.end]
+            positions += range(c.start, c.end)
+            slots += self.cache.slots(c.req.id, c.start, c.end)
+            starts.append(len(tokens))
+            if c.samples:
+                logit_rows.append(len(tokens) - 1)
+                sampled.append(c)
+        logits = self.run(tokens, positions, [c.req.id for c in chunks],
+                          [c.start for c in chunks], starts, logit_rows or [0], slots)
+        return logits[: len(sampled)], sampled
+
+    def run(self, tokens, positions, seq_ids, ctx_lens, query_start, logits_indices, slots):
+        """Run the program once on a flat batch and store its KV records."""
+        dev, i32 = self.device, torch.int32
+        args = (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                self.cache.tensor, self.cache.block_table(seq_ids),
+                torch.tensor(ctx_lens, dtype=i32, device=dev),
+                torch.tensor(query_start, dtype=i32, device=dev),
+                torch.tensor(logits_indices, device=dev))
+        with torch.inference_mode():
+            logits, new_kv = self.program(*self.weights, *args)
+            self.cache.write(new_kv, torch.tensor(slots, device=dev))
+        return logits
+
+    def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Logits [len, V] of every position of each sequence (one prefill, no sampling)."""
+        ids = [-(i + 1) for i in range(len(sequences))]  # private ids, never scheduled
+        try:
+            tokens, positions, slots, starts = [], [], [], [0]
+            for sid, seq in zip(ids, sequences):
+                self.cache.reserve(sid, len(seq))
+                tokens += seq
+                positions += range(len(seq))
+                slots += self.cache.slots(sid, 0, len(seq))
+                starts.append(len(tokens))
+            logits = self.run(tokens, positions, ids, [0] * len(ids), starts,
+                              list(range(len(tokens))), slots)
+            return [logits[a:b] for a, b in zip(starts, starts[1:])]
+        finally:
+            for sid in ids:
+                self.cache.free(sid)
+
+
+def _num_blocks(spec: KVSpec, device: torch.device, kv_bytes: int | None, art: Artifact) -> int:
+    per_block = PagedKVCache.bytes_per_block(spec)
+    if kv_bytes is None:
+        kv_bytes = (int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda"
+                    else CPU_KV_BYTES)
+    blocks = kv_bytes // per_block
+    need = -(-art.max_seq_len // spec.block_size)
+    if blocks < need:
+        raise ArtifactError(
+            f"the KV cache fits {blocks * spec.block_size} tokens in {kv_bytes / 2**20:.0f} MiB, "
+            f"less than one full sequence of {art.max_seq_len} tokens: give it more memory "
+            "(kv_cache_bytes) or recompile with a smaller --max-seq-len")
+    return blocks

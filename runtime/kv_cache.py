@@ -1,0 +1,70 @@
+"""Paged KV cache: one uint8 tensor [L, 2, NB, BS, R] and the bookkeeping of its pages.
+
+Sequences own lists of pages; a step's new records ([L, 2, T, R] from the program) land with
+one index_copy_ at their slots (page * BS + offset). Allocation is all-or-nothing so the
+scheduler can preempt cleanly when pages run out.
+"""
+from __future__ import annotations
+
+import torch
+
+from qcompile.compiler.capture import KVSpec
+
+
+class OutOfKVBlocks(RuntimeError):
+    pass
+
+
+class PagedKVCache:
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device):
+        self.spec, self.num_blocks, self.device = spec, num_blocks, device
+        self.tensor = spec.empty(num_blocks, device)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low pages first
+        self.tables: dict[int, list[int]] = {}
+
+    @staticmethod
+    def bytes_per_block(spec: KVSpec) -> int:
+        return spec.num_layers * 2 * spec.block_size * spec.record_bytes
+
+    @property
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
+        have = len(self.tables.get(seq_id, ()))
+        return max(0, -(-num_tokens // self.block_size) - have)
+
+    def reserve(self, seq_id: int, num_tokens: int) -> None:
+        """Make seq_id hold pages for its first num_tokens tokens, or change nothing."""
+        need = self.blocks_needed(seq_id, num_tokens)
+        if need > len(self._free):
+            raise OutOfKVBlocks(f"need {need} KV pages, {len(self._free)} free")
+        table = self.tables.setdefault(seq_id, [])
+        table.extend(self._free.pop() for _ in range(need))
+
+    def free(self, seq_id: int) -> None:
+        self._free.extend(reversed(self.tables.pop(seq_id, [])))
+
+    def slots(self, seq_id: int, start: int, end: int) -> list[int]:
+        table, bs = self.tables[seq_id], self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def block_table(self, seq_ids: list[int]) -> torch.Tensor:
+        """[B, max pages] int32, rows padded with page 0 (never read past ctx_len)."""
+        width = max(1, max(len(self.tables.get(s, ())) for s in seq_ids))
+        rows = [self.tables.get(s, []) + [0] * (width - len(self.tables.get(s, ())))
+                for s in seq_ids]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def write(self, new_kv: torch.Tensor, slots: torch.Tensor) -> None:
+        """new_kv [L, 2, T, R] -> pages at slots [T] (int64)."""
+        flat = self.tensor.view(self.spec.num_layers, 2, -1, self.spec.record_bytes)
+        flat.index_copy_(2, slots, new_kv)
