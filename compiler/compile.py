@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from qcompile.models.decoder import Decoder
-from qcompile.models.loaders import load_checkpoint
+from qcompile.models.loaders import Checkpoint, load_checkpoint
 from qcompile.passes.base import Lowering
 
 from .artifact import PROGRAM, WEIGHTS, AtomicDir, write_manifest
@@ -33,35 +33,37 @@ def export_lowered(lowering: Lowering, kv: KVSpec) -> torch.export.ExportedProgr
 
 def compile_model(source, cfg: CompileConfig, out, *, trust_pickle: bool = False,
                   progress: bool = True) -> Path:
-    out = Path(out)
-    steps = tqdm(total=5, desc="qcompile", disable=not progress, unit="step")
-    t0 = time.perf_counter()
+    """Load a checkpoint (HF folder, .gguf, model.pt) and compile it to `out`."""
+    return compile_checkpoint(load_checkpoint(source, trust_pickle=trust_pickle), cfg, out,
+                              progress=progress)
 
-    steps.set_postfix_str("load checkpoint")
-    ckpt = load_checkpoint(source, trust_pickle=trust_pickle)
+
+def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
+                       progress: bool = True) -> Path:
+    out, t0 = Path(out), time.perf_counter()
     if ckpt.tokenizer is None:
-        raise ValueError(f"{source} has no tokenizer files; the artifact needs one to serve "
+        raise ValueError(f"{ckpt.source} has no tokenizer files; the artifact needs one to serve "
                          "text (add tokenizer.json / tokenizer_config.json next to the weights)")
     mcfg = ckpt.config
-    steps.update()
+    bar = tqdm(total=4, desc="qcompile", disable=not progress, unit="step")
 
-    steps.set_postfix_str("torch.export")
+    bar.set_postfix_str("torch.export")
     decoder = Decoder(mcfg, ckpt.weights, cfg.torch_dtype)
     lowering = Lowering.from_exported(
         capture(decoder, KVSpec.of(mcfg, "fp16", cfg.kv_block_size, cfg.torch_dtype)))
     del decoder
-    steps.update()
+    bar.update()
 
-    steps.set_postfix_str("passes")
+    bar.set_postfix_str("passes")
     results = run_pipeline(lowering, cfg)
-    steps.update()
+    bar.update()
 
-    steps.set_postfix_str("export lowered program")
+    bar.set_postfix_str("export lowered program")
     kv = KVSpec.of(mcfg, cfg.kv, cfg.kv_block_size, cfg.torch_dtype)
     program = export_lowered(lowering, kv)
-    steps.update()
+    bar.update()
 
-    steps.set_postfix_str("write artifact")
+    bar.set_postfix_str("write artifact")
     with AtomicDir(out) as tmp:
         safetensors.torch.save_file({k: v.contiguous() for k, v in lowering.weights.items()},
                                     tmp / WEIGHTS)
@@ -87,8 +89,8 @@ def compile_model(source, cfg: CompileConfig, out, *, trust_pickle: bool = False
                        for r in results],
             "compile_seconds": round(time.perf_counter() - t0, 2),
         })
-    steps.update()
-    steps.close()
+    bar.update()
+    bar.close()
     return out
 
 

@@ -35,6 +35,7 @@ class W4GroupWeights:
     s1: torch.Tensor     # [N] float32, level-1 per-channel scale (w ~ s1 * w8)
     s2: torch.Tensor     # [N, K/g] uint8 in [1, 16], level-2 integer scale
     z2: torch.Tensor     # [N, K/g] uint8 in [0, 15], level-2 integer zero
+    group_size: int
 
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ def quantize_w4_group(w: torch.Tensor, group_size: int) -> W4GroupWeights:
     z2 = torch.clamp(torch.round(-lo / s2), 0, 15)
     q = torch.clamp(torch.round(g / s2[..., None]) + z2[..., None], 0, 15)
     q = q.view(n, -1)[:, :k].to(torch.uint8)
-    return W4GroupWeights(q, s1, s2.to(torch.uint8), z2.to(torch.uint8))
+    return W4GroupWeights(q, s1, s2.to(torch.uint8), z2.to(torch.uint8), group_size)
 
 
 def dequantize(qw) -> torch.Tensor:
@@ -83,10 +84,9 @@ def dequantize(qw) -> torch.Tensor:
         return qw.q.float() * qw.scale[:, None]
     if isinstance(qw, W4Weights):
         return (qw.q.float() - qw.zero[:, None]) * qw.scale[:, None]
-    n, k = qw.q.shape
-    g = -(-k // qw.s2.shape[1])
-    s2 = qw.s2.float().repeat_interleave(g, dim=1)[:, :k]
-    z2 = qw.z2.float().repeat_interleave(g, dim=1)[:, :k]
+    k = qw.q.shape[1]
+    s2 = qw.s2.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
+    z2 = qw.z2.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
     return (qw.q.float() - z2) * s2 * qw.s1[:, None]
 
 

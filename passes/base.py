@@ -36,7 +36,8 @@ class Lowering:
             if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
                 inputs.append(spec.arg.name)
             else:
-                weights[spec.arg.name] = values[spec.target]
+                # detached: packing must not record autograd history that pins float weights
+                weights[spec.arg.name] = values[spec.target].detach()
         return cls(ep.graph_module, weights, tuple(inputs))
 
     def placeholders(self) -> dict[str, fx.Node]:

@@ -6,6 +6,8 @@ layout's multiple (SmolLM2: K = 576 -> 640 for g128), N is padded to 32 and slic
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,36 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch._int_mm(a, b.t())
     # float64 holds every partial sum exactly (|sum| <= K * 127^2 << 2^53); no TF32 risk.
     return (a.double() @ b.double().t()).to(torch.int32)
+
+
+_DECODED: dict[int, tuple] = {}  # id(packed) -> (weakref, version, decoded)
+
+
+def _decoded(w: torch.Tensor, decode, *params) -> torch.Tensor:
+    """decode(w, *params), memoized per packed weight tensor (dropped with it, invalidated
+    when it is written in place): the CPU reference path would otherwise unpack every weight
+    on every decode step. The result is identical to decoding each time."""
+    hit = _DECODED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    value = decode(w, *params)
+    _DECODED[id(w)] = (weakref.ref(w), w._version, value)
+    weakref.finalize(w, _DECODED.pop, id(w), None)
+    return value
+
+
+def _w4_codes(w: torch.Tensor, n: int) -> torch.Tensor:
+    return unpack_w4(w, n, w.shape[1] * 32).to(torch.int8)
+
+
+def _w8_from_groups(w, s2, negzs, n: int, group_size: int) -> torch.Tensor:
+    """Per byte, as the kernel does it: w8 = (q * s2 + negzs) mod 256 read as int8."""
+    q = unpack_w4(w, n, w.shape[1] * 32).to(torch.int32)
+    s2u, z2u = unpack_group_params(s2, negzs, n)
+    nz = (-(z2u.to(torch.int32) * s2u.to(torch.int32))) & 0xFF
+    s2f = s2u.to(torch.int32).repeat_interleave(group_size, dim=1)
+    return ((q * s2f + nz.repeat_interleave(group_size, dim=1)) & 0xFF).to(torch.uint8).view(
+        torch.int8)
 
 
 def _flat(xq: torch.Tensor, kp: int) -> torch.Tensor:
@@ -50,10 +82,9 @@ def gemm_w4a8(xq: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, w: torch.T
     zs = z * s_w [Np] f32. Main loop on the unsigned codes 0..15; epilogue
     y = s_x s_w acc - (z s_w)(s_x sum_k x_q)."""
     kp = w.shape[1] * 32
-    q = unpack_w4(w, w.shape[0] * 32, kp).to(torch.int8)
-    acc = int_matmul(_flat(xq, kp), q).float()
+    acc = int_matmul(_flat(xq, kp), _decoded(w, _w4_codes, n)).float()
     sxf = sx.reshape(-1, 1)
-    y = sxf * s[None, :] * acc - zs[None, :] * (sxf * xsum.reshape(-1, 1).float())
+    y = sxf * s[None, :n] * acc - zs[None, :n] * (sxf * xsum.reshape(-1, 1).float())
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
 
 
@@ -62,17 +93,11 @@ def gemm_w4a8_group(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s1: tor
                     s2: torch.Tensor, negzs: torch.Tensor, bias: torch.Tensor | None, n: int,
                     group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Progressive group W4A8. w [Np/32, Kp/32, 512] uint8 (w4a8_g{g}_sm80); s2, negzs
-    [Kp/g, Np/32, 32] uint8. Per byte, as the kernel does it: w8 = (q * s2 + negzs) mod 256
-    read as int8 (subtraction after multiplication); epilogue y = s_x s1 acc."""
-    np_, kp = w.shape[0] * 32, w.shape[1] * 32
-    q = unpack_w4(w, np_, kp).to(torch.int32)
-    s2u, z2u = unpack_group_params(s2, negzs, np_)
-    negzs_full = (-(z2u.to(torch.int32) * s2u.to(torch.int32))) & 0xFF
-    s2f = s2u.to(torch.int32).repeat_interleave(group_size, dim=1)
-    nzf = negzs_full.repeat_interleave(group_size, dim=1)
-    w8 = ((q * s2f + nzf) & 0xFF).to(torch.uint8).view(torch.int8)
-    acc = int_matmul(_flat(xq, kp), w8).float()
-    y = sx.reshape(-1, 1) * s1[None, :] * acc
+    [Kp/g, Np/32, 32] uint8. Main loop on w8 = q * s2 + negzs per byte (subtraction after
+    multiplication); epilogue y = s_x s1 acc."""
+    w8 = _decoded(w, _w8_from_groups, s2, negzs, n, group_size)
+    acc = int_matmul(_flat(xq, w.shape[1] * 32), w8).float()
+    y = sx.reshape(-1, 1) * s1[None, :n] * acc
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
 
 

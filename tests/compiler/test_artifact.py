@@ -1,0 +1,146 @@
+"""A tiny checkpoint compiled end to end: the artifact's contents, atomic writes, and every
+way loading it must fail clearly."""
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from qcompile.compiler.artifact import MANIFEST, PROGRAM, WEIGHTS
+from qcompile.compiler.compile import compile_model
+from qcompile.compiler.config import CompileConfig
+from qcompile.runtime.artifact import ArtifactError, check_target, load_program
+from qcompile.runtime.engine import ContextLengthError, Engine
+
+CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def artifact(make_tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "tiny-w4a8"
+    return compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def test_manifest_lists_every_file_with_its_hash(artifact):
+    m = json.loads((artifact / MANIFEST).read_text())
+    assert m["compile"] == CFG.to_json() and m["format_version"] == 1
+    assert {WEIGHTS, PROGRAM, "kernels/sm80/kernels.json"} <= set(m["files"])
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert [p["name"] for p in m["passes"]] == ["canonicalize", "rewrite_attention", "swap_gemm",
+                                              "fuse_rmsnorm_quant", "fuse_swiglu_quant"]
+    assert m["passes"][2]["matches"] == 8
+
+
+def test_program_holds_graph_only(artifact):
+    with zipfile.ZipFile(artifact / PROGRAM) as z:
+        assert sum(i.file_size for i in z.infolist() if "/data/" in i.filename) < 100
+    assert len(load_program(artifact).graph_signature.user_inputs) > 7  # weights are inputs
+
+
+def test_generate_and_stream_agree(artifact):
+    engine = Engine.load(artifact)
+    prompts = ["the quick brown fox", "import os"]
+    done = engine.generate(prompts, max_new_tokens=6)
+    streamed = {0: [], 1: []}
+    for ev in engine.stream(prompts, max_new_tokens=6):
+        streamed[ev.index].append(ev.token_id)
+    assert [c.token_ids for c in done] == [streamed[0], streamed[1]]
+    assert all(len(c.token_ids) <= 6 and c.finish_reason in ("eos", "length") for c in done)
+    assert engine.cache.free_blocks == engine.cache.num_blocks  # nothing leaked
+
+
+def test_preemption_keeps_every_request(artifact):
+    """A cache of one full sequence forces preemption; greedy outputs must not change."""
+    prompts = [f"{i} def f(x): return x + {i}" * 3 for i in range(4)]
+    alone = [Engine.load(artifact).generate([p], max_new_tokens=40)[0].token_ids for p in prompts]
+    engine = Engine.load(artifact)
+    small = Engine.load(artifact, kv_cache_bytes=engine.cache.bytes_per_block(engine.cache.spec) * 17)
+    together = small.generate(prompts, max_new_tokens=40)
+    assert [c.token_ids for c in together] == alone
+    assert sum(r.preemptions for r in small.scheduler.waiting) == 0  # queue drained
+
+
+def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous artifact")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch.export, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp dir left behind
+    assert (out / "keep.txt").read_text() == "previous artifact"
+
+
+def _edit_manifest(path, **changes):
+    m = json.loads((path / MANIFEST).read_text())
+    m.update(changes)
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: (p / MANIFEST).write_text("{not json"), "corrupt"),
+    (lambda p: (p / MANIFEST).unlink(), "manifest.json is missing"),
+    (lambda p: _edit_manifest(p, format_version=99), "format version 99"),
+    (lambda p: (p / WEIGHTS).unlink(), "weights.safetensors is missing"),
+    (lambda p: open(p / WEIGHTS, "r+b").truncate(1000), "truncated"),
+    (lambda p: _flip_byte(p / WEIGHTS), "sha256"),
+])
+def test_damaged_artifact_is_refused(copy, damage, message):
+    damage(copy)
+    with pytest.raises(ArtifactError, match=message):
+        Engine.load(copy)
+
+
+def _flip_byte(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_missing_artifact_dir(tmp_path):
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        Engine.load(tmp_path / "nothing")
+
+
+def test_program_with_pickled_payload_is_refused(copy):
+    with zipfile.ZipFile(copy / PROGRAM, "a") as z:
+        z.writestr("program/data/weights/evil.pt", b"\x80\x04pickle")
+    with pytest.raises(ArtifactError, match="tensor payload"):
+        load_program(copy)
+
+
+def test_artifact_for_another_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100")
+    with pytest.raises(ArtifactError, match="built for sm80 but this GPU is NVIDIA H100.*--target sm90"):
+        check_target("sm80", torch.device("cuda"))
+    check_target("sm90", torch.device("cuda"))
+    check_target("sm80", torch.device("cpu"))  # the reference path serves any target
+
+
+def test_prompt_longer_than_context(artifact):
+    engine = Engine.load(artifact)
+    with pytest.raises(ContextLengthError, match="at most 256 tokens"):
+        engine.generate([list(range(3, 259))])
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(max_new_tokens=0)])
+def test_invalid_sampling_parameters(artifact, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Engine.load(artifact).generate(["hello"], **bad)
+
+
+def test_kv_cache_too_small(artifact):
+    with pytest.raises(ArtifactError, match="less than one full sequence"):
+        Engine.load(artifact, kv_cache_bytes=1 << 12)

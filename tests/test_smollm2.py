@@ -1,0 +1,48 @@
+"""The bundled SmolLM2-135M-Instruct (GGUF) compiled end to end, as the README's quickstart
+does it: fp16 logits equal transformers', and every precision answers a question."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qcompile.compiler.compile import compile_checkpoint
+from qcompile.compiler.config import CompileConfig
+from qcompile.models.loaders import load_checkpoint
+from qcompile.runtime.engine import Engine
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def ckpt(smollm2_gguf):
+    return load_checkpoint(smollm2_gguf)
+
+
+def _compile(ckpt, tmp_path_factory, **cfg):
+    cfg = CompileConfig(**cfg)
+    out = tmp_path_factory.mktemp("smollm2") / f"{cfg.precision}-{cfg.kv}-{cfg.dtype}"
+    return compile_checkpoint(ckpt, cfg, out, progress=False)
+
+
+def test_fp16_logits_match_transformers(ckpt, smollm2_gguf, tmp_path_factory):
+    art = _compile(ckpt, tmp_path_factory, precision="fp16", kv="fp16", dtype="float32")
+    engine = Engine.load(art)
+    ids = engine.encode(QUESTION, chat=True)
+    ours = engine.score([ids])[0]
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert rel < 1e-3, f"relative error {rel:.2e}"
+    answer = engine.generate([QUESTION], chat=True, max_new_tokens=24)[0]
+    assert "Paris" in answer.text
+
+
+@pytest.mark.parametrize("precision", ["fp16", "w8a8", "w4a8"])
+def test_precisions_answer_with_int4_kv(ckpt, tmp_path_factory, precision):
+    art = _compile(ckpt, tmp_path_factory, precision=precision, kv="int4")
+    answer = Engine.load(art).generate([QUESTION], chat=True, max_new_tokens=24)[0]
+    print(f"{precision} kv int4: {answer.text!r}")
+    assert answer.token_ids and answer.text.strip()
+    if precision == "fp16":
+        assert "Paris" in answer.text
