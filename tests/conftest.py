@@ -143,3 +143,13 @@ def smollm2_gguf() -> Path:
         return default_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only with `pytest -m gpu` on a machine with CUDA; say why otherwise."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
