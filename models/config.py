@@ -13,7 +13,7 @@ from dataclasses import dataclass
 # is refused with this list in the message.
 SUPPORTED_ARCHITECTURES = {
     "llama": "Llama 2/3, SmolLM2 (RoPE incl. llama3 scaling, GQA, optional tied embeddings)",
-    "mistral": "Mistral (GQA; sliding window not used up to its length)",
+    "mistral": "Mistral (GQA; sequences capped at the sliding window, inside which it is exact)",
     "qwen2": "Qwen2 / Qwen2.5 (bias on q, k, v)",
 }
 
@@ -105,13 +105,22 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=float(hf.rms_norm_eps),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
-            max_position_embeddings=hf.max_position_embeddings,
+            max_position_embeddings=_max_positions(hf),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
             rope_scaling=_llama3_scaling(rope),
             bos_token_id=hf.bos_token_id,
             eos_token_ids=eos,
         )
+
+
+def _max_positions(hf) -> int:
+    """Sliding-window attention equals full attention up to the window: serve at most that."""
+    window = getattr(hf, "sliding_window", None)
+    uses_window = hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False)
+    if uses_window and window:
+        return min(hf.max_position_embeddings, window)
+    return hf.max_position_embeddings
 
 
 def _rope_params(hf) -> dict:

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import fx
+from tqdm import tqdm
 
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8, QuantScheme
 from qcompile.compiler.quantize import quantize_weight
@@ -105,7 +106,9 @@ def _quantize_input(lowering: Lowering, x: fx.Node, memo: dict) -> tuple:
 def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = False) -> int:
     fmt, op = GEMM_FORMATS[scheme], GEMM_OPS[scheme]
     memo, count = {}, 0
-    for node, w in _linears(lowering, include_head):
+    todo = list(_linears(lowering, include_head))
+    for node, w in tqdm(todo, desc=f"quantize + pack ({scheme.name})", unit="linear",
+                        leave=False, disable=None):  # disable=None: only on a terminal
         x, wnode = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
         xq, sx, xsum = _quantize_input(lowering, x, memo)

@@ -54,3 +54,13 @@ def test_decoder_matches_transformers(make_tiny_checkpoint, model_type, opts):
     assert rel < 1e-5, f"prefill logits differ from transformers: relative error {rel:.2e}"
     step = torch.cat(got)
     assert (step - ref).norm() / ref.norm() < 1e-5
+
+
+def test_sliding_window_caps_context():
+    from transformers import MistralConfig
+
+    from qcompile.models.config import ModelConfig
+    hf = MistralConfig(max_position_embeddings=32768, sliding_window=4096)
+    assert ModelConfig.from_hf(hf).max_position_embeddings == 4096
+    hf = MistralConfig(max_position_embeddings=2048, sliding_window=4096)
+    assert ModelConfig.from_hf(hf).max_position_embeddings == 2048
