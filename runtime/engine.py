@@ -61,7 +61,10 @@ class Engine:
         spec = KVSpec(kv["format"], kv["num_layers"], kv["block_size"], kv["record_bytes"])
         cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device)
         if compile:
-            program = torch.compile(program, dynamic=True)
+            # Round to the activation dtype where eager does (before quantization), so the
+            # compiled program produces the reference ops' int8 codes.
+            program = torch.compile(program, dynamic=True,
+                                    options={"emulate_precision_casts": True})
         return cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs)
 
     @property

@@ -45,10 +45,17 @@ def test_wrong_target_is_refused(make_tiny_checkpoint, tmp_path):
 
 def test_inductor_compiled_program_matches_eager(make_tiny_checkpoint, tmp_path):
     """Engine.load(compile=True): TorchInductor compiles the lowered graph around the custom
-    ops (the fused norm/SwiGLU quantization becomes Triton) with the same greedy tokens."""
+    ops (the fused norm/SwiGLU quantization becomes Triton). With emulate_precision_casts
+    the fused kernels round to fp16 where eager does, so the int8 codes are the reference's
+    and the logits agree to fp16 accumulation-order noise."""
     cfg = CompileConfig(target=_target(), precision="w4a8", kv="int4", dtype="float16")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    eager = Engine.load(art, device="cuda")
+    compiled = Engine.load(art, device="cuda", compile=True)
+    ids = [eager.encode(p) for p in ["the quick brown fox", "def main():"]]
+    for a, b in zip(eager.score(ids), compiled.score(ids)):
+        rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        assert rel < 1e-3, f"compiled vs eager logits: relative error {rel:.2e}"
     prompts = ["the quick brown fox", "def main():"]
-    eager = Engine.load(art, device="cuda").generate(prompts, max_new_tokens=10)
-    compiled = Engine.load(art, device="cuda", compile=True).generate(prompts, max_new_tokens=10)
-    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=10)]
+    assert [c.token_ids for c in compiled.generate(prompts, max_new_tokens=10)] == want
