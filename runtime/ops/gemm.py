@@ -65,19 +65,14 @@ def _finish(y: torch.Tensor, bias, lead, n: int, dtype: torch.dtype) -> torch.Te
     return y.to(dtype).reshape(*lead, n)
 
 
-@torch.library.custom_op("qcompile::gemm_w8a8", mutates_args=())
-def gemm_w8a8(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
-              bias: torch.Tensor | None, n: int, out_dtype: torch.dtype) -> torch.Tensor:
+def gemm_w8a8_ref(xq, sx, w, sw, bias, n: int, out_dtype: torch.dtype) -> torch.Tensor:
     """w [Np, Kp] int8 row-major, sw [Np] f32: y = s_x s_w (x_q . w_q)."""
     acc = int_matmul(_flat(xq, w.shape[1]), w)
     y = acc.float() * sx.reshape(-1, 1) * sw[None, :]
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
 
 
-@torch.library.custom_op("qcompile::gemm_w4a8", mutates_args=())
-def gemm_w4a8(xq: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, w: torch.Tensor,
-              s: torch.Tensor, zs: torch.Tensor, bias: torch.Tensor | None, n: int,
-              out_dtype: torch.dtype) -> torch.Tensor:
+def gemm_w4a8_ref(xq, sx, xsum, w, s, zs, bias, n: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Per-channel W4A8. w [Np/32, Kp/32, 512] uint8 (w4a8_pc_sm80), s = s_w [Np] f32,
     zs = z * s_w [Np] f32. Main loop on the unsigned codes 0..15; epilogue
     y = s_x s_w acc - (z s_w)(s_x sum_k x_q)."""
@@ -88,10 +83,8 @@ def gemm_w4a8(xq: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, w: torch.T
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
 
 
-@torch.library.custom_op("qcompile::gemm_w4a8_group", mutates_args=())
-def gemm_w4a8_group(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s1: torch.Tensor,
-                    s2: torch.Tensor, negzs: torch.Tensor, bias: torch.Tensor | None, n: int,
-                    group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+def gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n: int, group_size: int,
+                        out_dtype: torch.dtype) -> torch.Tensor:
     """Progressive group W4A8. w [Np/32, Kp/32, 512] uint8 (w4a8_g{g}_sm80); s2, negzs
     [Kp/g, Np/32, 32] uint8. Main loop on w8 = q * s2 + negzs per byte (subtraction after
     multiplication); epilogue y = s_x s1 acc."""
@@ -99,6 +92,28 @@ def gemm_w4a8_group(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s1: tor
     acc = int_matmul(_flat(xq, w.shape[1] * 32), w8).float()
     y = sx.reshape(-1, 1) * s1[None, :n] * acc
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
+
+
+# The ops. Their default implementation is the reference, on any device; runtime/gemm_kernels.py
+# registers the CUDA kernels for CUDA tensors.
+@torch.library.custom_op("qcompile::gemm_w8a8", mutates_args=())
+def gemm_w8a8(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+              bias: torch.Tensor | None, n: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w8a8_ref(xq, sx, w, sw, bias, n, out_dtype)
+
+
+@torch.library.custom_op("qcompile::gemm_w4a8", mutates_args=())
+def gemm_w4a8(xq: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, w: torch.Tensor,
+              s: torch.Tensor, zs: torch.Tensor, bias: torch.Tensor | None, n: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w4a8_ref(xq, sx, xsum, w, s, zs, bias, n, out_dtype)
+
+
+@torch.library.custom_op("qcompile::gemm_w4a8_group", mutates_args=())
+def gemm_w4a8_group(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s1: torch.Tensor,
+                    s2: torch.Tensor, negzs: torch.Tensor, bias: torch.Tensor | None, n: int,
+                    group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype)
 
 
 def _fake_out(xq, n, out_dtype):
