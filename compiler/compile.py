@@ -16,6 +16,7 @@ from qcompile.passes.base import Lowering
 from .artifact import PROGRAM, WEIGHTS, AtomicDir, write_manifest
 from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
 from .config import CompileConfig
+from .kernels import gemm_shapes, kernel_requests, write_kernels
 from .pipeline import run_pipeline
 
 OUTPUT_NAMES = ("logits", "new_kv")
@@ -70,8 +71,8 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         torch.export.save(program, tmp / PROGRAM)
         ckpt.tokenizer.save_pretrained(tmp / "tokenizer")
         kdir = tmp / "kernels" / cfg.target
-        kdir.mkdir(parents=True)
-        (kdir / "kernels.json").write_text("[]\n")  # reference ops only until the CUTLASS kernels
+        requests = kernel_requests(gemm_shapes(lowering.gm)) if cfg.kernels == "build" else []
+        kernels = write_kernels(requests, cfg.target, kdir, progress)
         write_manifest(tmp, {
             "qcompile_version": qcompile_version(),
             "torch_version": torch.__version__,
@@ -84,7 +85,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
                    "record_bytes": kv.record_bytes},
             "program": {"weights": list(lowering.weights), "inputs": list(INPUT_NAMES),
                         "outputs": list(OUTPUT_NAMES)},
-            "kernels": [],
+            "kernels": [k["name"] for k in kernels],
             "passes": [{"name": r.name, "matches": r.matches, "seconds": round(r.seconds, 3)}
                        for r in results],
             "compile_seconds": round(time.perf_counter() - t0, 2),

@@ -60,6 +60,9 @@ class CompileConfig:
     kv_block_size: int = _opt("tokens per KV-cache page", default=16)
     max_seq_len: int = _opt("longest sequence (prompt + generation) the artifact serves; "
                             "0 takes the model's max_position_embeddings", default=0)
+    kernels: str = _opt("build: compile the GEMM kernels the graph uses for --target with nvcc "
+                        "and ship them; skip: ship none (every op runs its PyTorch reference)",
+                        ("build", "skip"), default="build")
     quantize_lm_head: bool = _opt("also quantize the LM head (it stays in the activation dtype "
                                   "by default, as in QServe)", default=False)
 

@@ -13,7 +13,7 @@ from qcompile.compiler.config import CompileConfig
 from qcompile.runtime.artifact import ArtifactError, check_target, load_program
 from qcompile.runtime.engine import ContextLengthError, Engine
 
-CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32")
+CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def _target() -> str:
 @pytest.mark.parametrize("precision,kv", [("fp16", "fp16"), ("w8a8", "int4"), ("w4a8", "int4"),
                                           ("w4a8-g128", "int4")])
 def test_cuda_matches_cpu(make_tiny_checkpoint, tmp_path, precision, kv):
-    cfg = CompileConfig(target=_target(), precision=precision, kv=kv, dtype="float32")
+    cfg = CompileConfig(target=_target(), precision=precision, kv=kv, dtype="float32", kernels="skip")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     prompts = ["the quick brown fox", "def main():"]
     cpu = Engine.load(art, device="cpu")
@@ -37,7 +37,7 @@ def test_cuda_matches_cpu(make_tiny_checkpoint, tmp_path, precision, kv):
 
 def test_wrong_target_is_refused(make_tiny_checkpoint, tmp_path):
     other = "sm80" if _target() == "sm90" else "sm90"
-    cfg = CompileConfig(target=other, precision="fp16", kv="fp16", dtype="float32")
+    cfg = CompileConfig(target=other, precision="fp16", kv="fp16", dtype="float32", kernels="skip")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     with pytest.raises(ArtifactError, match=f"built for {other}"):
         Engine.load(art, device="cuda")
@@ -48,7 +48,7 @@ def test_inductor_compiled_program_matches_eager(make_tiny_checkpoint, tmp_path)
     ops (the fused norm/SwiGLU quantization becomes Triton). With emulate_precision_casts
     the fused kernels round to fp16 where eager does, so the int8 codes are the reference's
     and the logits agree to fp16 accumulation-order noise."""
-    cfg = CompileConfig(target=_target(), precision="w4a8", kv="int4", dtype="float16")
+    cfg = CompileConfig(target=_target(), precision="w4a8", kv="int4", dtype="float16", kernels="skip")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     eager = Engine.load(art, device="cuda")
     compiled = Engine.load(art, device="cuda", compile=True)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network): install (the CUTLASS headers come from the carried wheel in
+# build/wheels), build the GEMM kernels for this GPU with its 16 cores, run the GPU suite and
+# the GEMM benchmark; logs, table and plot go to $OUT.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
+target=sm${major}0
+export QCOMPILE_KERNEL_DIR=build/kernels_$target
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c "import torch; print('torch', torch.__version__)"; } > "$OUT/gpu.txt" 2>&1
+python -m pip install --no-deps -q build/wheels/nvidia_cutlass-*.whl > "$OUT/install.log" 2>&1
+python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/install.log" 2>&1
+python bench/build_kernels.py --target "$target" --out "$QCOMPILE_KERNEL_DIR" --jobs 16 \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+tail -2 "$OUT/build.log"
+python -m pytest -m gpu -q -rs --durations=10 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+[ "${SKIP_BENCH:-0}" = 1 ] || python bench/gemm.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60

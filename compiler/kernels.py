@@ -1,0 +1,51 @@
+"""The GEMM kernels a lowered graph needs, built for the artifact's target.
+
+Every quantized GEMM node gives (kind, N, K); each needs the tile configs that selection can
+pick for it at any M (`configs_for`), because M (tokens per step) is only known at run time.
+The binaries and their table go to the artifact's `kernels/<target>/`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from qcompile.cutlass_templates.configs import configs_for
+
+_OPS = {
+    torch.ops.qcompile.gemm_w8a8.default: lambda a: "w8a8",
+    torch.ops.qcompile.gemm_w4a8.default: lambda a: "w4a8",
+    torch.ops.qcompile.gemm_w4a8_group.default: lambda a: f"w4a8_g{a['group_size']}",
+}
+
+
+def _named_args(node: fx.Node) -> dict:
+    names = [arg.name for arg in node.target._schema.arguments]
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def gemm_shapes(gm: fx.GraphModule) -> list[tuple[str, int, int]]:
+    """(kind, N, K) of every quantized GEMM in the graph, sorted, without repeats."""
+    shapes = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _OPS:
+            args = _named_args(node)
+            shapes.add((_OPS[node.target](args), args["n"], args["xq"].meta["val"].shape[-1]))
+    return sorted(shapes)
+
+
+def kernel_requests(shapes) -> list[tuple[str, object]]:
+    reqs = {(kind, cfg) for kind, n, k in shapes for cfg in configs_for(kind, n, k)}
+    return sorted(reqs, key=lambda r: r[1].name(r[0]))
+
+
+def write_kernels(requests, target: str, dest: Path, progress: bool) -> list[dict]:
+    """Build the requested kernels into dest (kernels.json + binaries); their table entries."""
+    from qcompile.cutlass_templates.build import build_kernels, read_kernel_table, write_kernel_table
+    dest.mkdir(parents=True, exist_ok=True)
+    if not requests:
+        (dest / "kernels.json").write_text("[]\n")
+        return []
+    write_kernel_table(build_kernels(requests, target, progress=progress), dest)
+    return read_kernel_table(dest)

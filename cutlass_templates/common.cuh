@@ -1,0 +1,304 @@
+// Shared building blocks of the INT8 tensor-core GEMMs (sm80 mma.sync; also built for sm_90a).
+//
+// One CTA computes a BM x BN tile of C = epilogue(A . B^T) over a range of K tiles of BK:
+//
+//   global --cp.async (16 B, zero-filled where predicated off)--> shared, QC_STAGES deep
+//   shared --ldmatrix.x4 (A, swizzled)----------------------------> A fragments
+//   shared --BOp (operand policy of the .cu: ldmatrix or LDS.128 + unpack/dequant)--> B fragments
+//   mma.sync.m16n8k32.row.col.s32.s8.s8.s32 -> int32 accumulators (exact)
+//   epilogue: fp32 math with explicit _rn intrinsics (no FMA contraction, so the rounding
+//   sequence is that of the PyTorch reference), one rounding to fp16; or, with split-K, raw
+//   int32 partial sums to a workspace that the *_reduce entry sums and finishes.
+//
+// Shared memory (dynamic, 128-byte aligned), STAGES stages of [A stage][B stage]:
+//   [A_0 .. A_{S-1}][B_0 .. B_{S-1}], A stage = BM x BK int8 rows with the 16-byte chunks of
+//   every 128-byte line XOR-swizzled by the line index (CuTe Swizzle<3,4,3> on byte offsets):
+//   8 ldmatrix row addresses (8 consecutive rows, one 16-byte chunk column) hit 8 distinct
+//   chunk slots of the 32 banks for BK = 32, 64, 128, 256, and a warp's 32 cp.async writes
+//   cover whole lines.  The B stage size is the policy's (kStageBytes).
+//
+// Fragment layouts: PTX ISA "Matrix Fragments for mma.m16n8k32" (.s8): lane = 4*g + t;
+//   A regs a0..a3 = (row g, k 4t..4t+3), (row g+8, same k), (row g, k 16+4t..), (row g+8, ..);
+//   B regs b0, b1 = (col g, k 4t..4t+3), (col g, k 16+4t..); C c0,c1 = (row g, cols 2t, 2t+1),
+//   c2,c3 = (row g+8, same cols).
+#pragma once
+
+#include <cstdint>
+#include <cuda_fp16.h>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+#define QC_CAT_(a, b) a##b
+#define QC_CAT(a, b) QC_CAT_(a, b)
+
+namespace qc {
+
+// Threads per block of every *_reduce entry (configs.py REDUCE_THREADS mirrors it).
+constexpr int kReduceThreads = 256;
+
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, int SPLITK_>
+struct Tile {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_;
+  static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+  static constexpr int STAGES = STAGES_, SPLITK = SPLITK_;
+  static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
+  static constexpr int MT = WM / 16, NT = WN / 8;             // m16 x n8 MMA tiles per warp
+  static constexpr int KS = BK / 32;                          // k32 steps per stage
+  static constexpr int A_STAGE = BM * BK;                     // bytes
+
+  static_assert(BM % (16 * WARPS_M) == 0, "BM must be a multiple of 16 * WARPS_M");
+  static_assert(BN % (32 * WARPS_N) == 0, "BN must be a multiple of 32 * WARPS_N");
+  static_assert(BK % 32 == 0 && BK >= 32 && BK <= 256, "BK must be 32, 64, ..., 256");
+  static_assert(STAGES >= 2, "the cp.async pipeline needs at least 2 stages");
+  static_assert(SPLITK >= 1, "QC_SPLITK must be >= 1");
+  static_assert(THREADS <= 1024, "too many warps");
+};
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
+
+// 16-byte chunk index within each 128-byte line XOR the line index (mod 8).
+__device__ __forceinline__ uint32_t swz(uint32_t off) { return off ^ (((off >> 7) & 7u) << 4); }
+
+// cp.async.cg 16 B global -> shared; pred false: no global read, 16 zero bytes written.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem), *reinterpret_cast<cute::uint128_t*>(smem),
+      pred);
+}
+
+__device__ __forceinline__ void ldsm_x4(const void* smem, uint32_t (&r)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2],
+                                r[3]);
+}
+
+__device__ __forceinline__ void mma_s8(uint32_t (&d)[4], const uint32_t (&a)[4],
+                                       const uint32_t (&b)[2]) {
+  cute::SM80_16x8x32_S32S8S8S32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b[0], b[1],
+                                        d[0], d[1], d[2], d[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operand A: [M, K] int8 row-major (row stride K, K % 16 == 0).  Rows >= M and 16-byte chunks at
+// k >= K are zero-filled, so the tile may run past M and past K (K tiles cover Kp >= K).
+template <class T>
+__device__ __forceinline__ void load_a_stage(char* sa, const int8_t* A, int M, int K, int m0,
+                                             int k0, int tid) {
+  constexpr int CPR = T::BK / 16;  // chunks per row
+  constexpr int CHUNKS = T::BM * CPR;
+#pragma unroll
+  for (int i = 0; i < ceil_div(CHUNKS, T::THREADS); ++i) {
+    const int c = tid + i * T::THREADS;
+    if (CHUNKS % T::THREADS == 0 || c < CHUNKS) {
+      const int r = c / CPR, col = c % CPR;
+      const int m = m0 + r, k = k0 + col * 16;
+      const bool p = m < M && k < K;
+      const int8_t* src = p ? A + (size_t)m * K + k : A;
+      cp_async16(sa + swz(r * T::BK + col * 16), src, p);
+    }
+  }
+}
+
+// A fragments of k32 step ks for the warp's MT m16 tiles: ldmatrix.x4 matrices
+// (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31) = a0..a3;
+// lane l gives the row address of matrix l / 8, row l % 8.
+template <class T>
+__device__ __forceinline__ void load_a_frag(const char* sa, int warp_m, int lane, int ks,
+                                            uint32_t (&a)[T::MT][4]) {
+  const int kb = ks * 32 + (lane >> 4) * 16;
+#pragma unroll
+  for (int mt = 0; mt < T::MT; ++mt) {
+    const int row = warp_m * T::WM + mt * 16 + (lane & 15);
+    ldsm_x4(sa + swz(row * T::BK + kb), a[mt]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue helpers.  Epi (defined by each .cu) has:
+//   struct Row; Row row(int m) const;           per-token values (s_x, ...)
+//   float apply(const Row&, int n, int acc) const;   fp32 value before bias, column n < N
+// Then y (+ bias[n] as fp32) is rounded once to fp16 (round to nearest even).
+
+__device__ __forceinline__ float add_bias(float y, const __half* bias, int n) {
+  return bias ? __fadd_rn(y, __half2float(bias[n])) : y;
+}
+
+// Store columns n (< N) and n + 1 (if < N) of row m; n is even.
+__device__ __forceinline__ void store_pair(__half* C, int N, int m, int n, float y0, float y1) {
+  __half* p = C + (size_t)m * N + n;
+  if (n + 1 < N) {
+    if ((N & 1) == 0) {
+      *reinterpret_cast<__half2*>(p) = __floats2half2_rn(y0, y1);
+    } else {
+      p[0] = __float2half_rn(y0);
+      p[1] = __float2half_rn(y1);
+    }
+  } else {
+    p[0] = __float2half_rn(y0);
+  }
+}
+
+template <class Epi>
+__device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::Row& row,
+                                            const __half* bias, __half* C, int N, int m, int n,
+                                            int acc0, int acc1) {
+  const float y0 = add_bias(epi.apply(row, n, acc0), bias, n);
+  const float y1 = n + 1 < N ? add_bias(epi.apply(row, n + 1, acc1), bias, n + 1) : 0.f;
+  store_pair(C, N, m, n, y0, y1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM body.  BOp (operand B policy) provides:
+//   static constexpr int kStageBytes;                      shared bytes of one B stage (x128)
+//   void load_stage(char* sb, int n0, int k0, int tid) const;   cp.async of one stage
+//   struct Raw; void load_raw(const char* sb, int warp_n, int lane, int ks, Raw&) const;
+//   void convert(const Raw&, uint32_t (&b)[T::NT][2]) const;   -> s8 B fragments
+// kp: K padded as the B layout pads it; the K tiles cover [0, kp) in steps of BK (the last one
+// may be partial: the policies zero-fill past kp, load_a_stage past K).
+//
+// Split-K (T::SPLITK > 1): blockIdx.z takes K tiles [z*per, min((z+1)*per, tiles)) with
+// per = ceil(tiles / SPLITK) and stores its raw int32 sums for rows < M, columns < N to
+// ws[z, m, n] (ws is [SPLITK, M, Np] int32, Np = N rounded up to 32); the *_reduce entry sums.
+template <class T, class BOp, class Epi>
+__device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, int N, int K,
+                                          int kp, const BOp& bop, const Epi& epi,
+                                          const __half* bias, __half* C, int32_t* ws) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_n = warp % T::WARPS_N, warp_m = warp / T::WARPS_N;
+  const int n0 = blockIdx.x * T::BN, m0 = blockIdx.y * T::BM;
+
+  const int tiles = ceil_div(kp, T::BK);
+  int kt0 = 0, nk = tiles;
+  if constexpr (T::SPLITK > 1) {
+    const int per = ceil_div(tiles, T::SPLITK);
+    kt0 = blockIdx.z * per;
+    nk = max(0, min(tiles, kt0 + per) - kt0);
+  }
+
+  char* const sa0 = smem;
+  char* const sb0 = smem + T::STAGES * T::A_STAGE;
+
+  uint32_t acc[T::MT][T::NT][4];
+#pragma unroll
+  for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < T::NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0u;
+
+  // Prologue: STAGES - 1 tiles in flight (one commit group each, empty past the range).
+#pragma unroll
+  for (int s = 0; s < T::STAGES - 1; ++s) {
+    if (s < nk) {
+      const int k0 = (kt0 + s) * T::BK;
+      load_a_stage<T>(sa0 + s * T::A_STAGE, A, M, K, m0, k0, tid);
+      bop.load_stage(sb0 + s * BOp::kStageBytes, n0, k0, tid);
+    }
+    cute::cp_async_fence();
+  }
+
+  int read_stage = 0, write_stage = T::STAGES - 1;
+  for (int it = 0; it < nk; ++it) {
+    // Groups committed so far: STAGES - 1 + it; allowing STAGES - 2 pending means tile `it`
+    // has landed.  The barrier also retires every warp's reads of the stage refilled below
+    // (the one consumed in iteration it - 1).
+    cute::cp_async_wait<T::STAGES - 2>();
+    __syncthreads();
+    {
+      const int nxt = it + T::STAGES - 1;
+      if (nxt < nk) {
+        const int k0 = (kt0 + nxt) * T::BK;
+        load_a_stage<T>(sa0 + write_stage * T::A_STAGE, A, M, K, m0, k0, tid);
+        bop.load_stage(sb0 + write_stage * BOp::kStageBytes, n0, k0, tid);
+      }
+      cute::cp_async_fence();
+      write_stage = write_stage + 1 == T::STAGES ? 0 : write_stage + 1;
+    }
+
+    const char* sa = sa0 + read_stage * T::A_STAGE;
+    const char* sb = sb0 + read_stage * BOp::kStageBytes;
+    read_stage = read_stage + 1 == T::STAGES ? 0 : read_stage + 1;
+
+    // Fragments double-buffered in registers: step ks + 1 is read while ks runs on the MMAs.
+    uint32_t af[2][T::MT][4];
+    typename BOp::Raw braw[2];
+    load_a_frag<T>(sa, warp_m, lane, 0, af[0]);
+    bop.load_raw(sb, warp_n, lane, 0, braw[0]);
+#pragma unroll
+    for (int ks = 0; ks < T::KS; ++ks) {
+      if (ks + 1 < T::KS) {
+        load_a_frag<T>(sa, warp_m, lane, ks + 1, af[(ks + 1) & 1]);
+        bop.load_raw(sb, warp_n, lane, ks + 1, braw[(ks + 1) & 1]);
+      }
+      uint32_t bf[T::NT][2];
+      bop.convert(braw[ks & 1], bf);
+#pragma unroll
+      for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt) mma_s8(acc[mt][nt], af[ks & 1][mt], bf[nt]);
+    }
+  }
+  cute::cp_async_wait<0>();  // only empty groups can be left; drain before exit
+
+  // Epilogue straight from the accumulator fragments.
+  const int np = round_up(N, 32);
+#pragma unroll
+  for (int mt = 0; mt < T::MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h;
+      if (m >= M) continue;
+      if constexpr (T::SPLITK > 1) {
+        int32_t* wrow = ws + ((size_t)blockIdx.z * M + m) * np;
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt) {
+          const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
+          if (n < N)  // n even and np % 32 == 0: n + 1 < np, the int2 stays in the row
+            *reinterpret_cast<int2*>(wrow + n) =
+                make_int2((int)acc[mt][nt][2 * h], (int)acc[mt][nt][2 * h + 1]);
+        }
+      } else {
+        const typename Epi::Row row = epi.row(m);
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt) {
+          const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
+          if (n < N)
+            finish_pair(epi, row, bias, C, N, m, n, (int)acc[mt][nt][2 * h],
+                        (int)acc[mt][nt][2 * h + 1]);
+        }
+      }
+    }
+  }
+}
+
+// Split-K reduction: C[m, n] = epilogue(sum_z ws[z, m, n]).  One thread per 4 columns of a
+// row (one 16-byte load per slice), grid-stride over M * ceil(N / 4) quads.
+template <int SPLITK, class Epi>
+__device__ __forceinline__ void splitk_reduce(const int32_t* ws, int M, int N, const Epi& epi,
+                                              const __half* bias, __half* C) {
+  const int np = round_up(N, 32);
+  const int nq = ceil_div(N, 4);
+  const long long total = (long long)M * nq;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int m = (int)(i / nq), n = (int)(i % nq) * 4;
+    int4 s = make_int4(0, 0, 0, 0);
+#pragma unroll
+    for (int z = 0; z < SPLITK; ++z) {
+      const int4 v = __ldcg(reinterpret_cast<const int4*>(ws + ((size_t)z * M + m) * np + n));
+      // unsigned: int32 wrap-around, like the slices' own accumulation, without UB
+      s.x = (int)((uint32_t)s.x + (uint32_t)v.x);
+      s.y = (int)((uint32_t)s.y + (uint32_t)v.y);
+      s.z = (int)((uint32_t)s.z + (uint32_t)v.z);
+      s.w = (int)((uint32_t)s.w + (uint32_t)v.w);
+    }
+    const typename Epi::Row row = epi.row(m);
+    finish_pair(epi, row, bias, C, N, m, n, s.x, s.y);
+    if (n + 2 < N) finish_pair(epi, row, bias, C, N, m, n + 2, s.z, s.w);
+  }
+}
+
+}  // namespace qc

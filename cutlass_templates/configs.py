@@ -1,0 +1,243 @@
+"""Tile configurations of the INT8 tensor-core GEMM templates and their selection.
+
+A :class:`TileConfig` is one instantiation of a template (``w8a8_sm80.cu`` or ``w4a8_sm80.cu``):
+nvcc compiles the template once per (kind, config) with the ``-D`` defines of
+:meth:`TileConfig.defines` into one cubin holding two ``extern "C"`` entries, ``name`` (the
+GEMM) and ``name + "_reduce"`` (the split-K reduction, launched only when ``split_k > 1``).
+Both take the same arguments:
+
+* ``w8a8``:  ``(A, s_x, B, s_w, bias, C, workspace, M, N, K)``
+* ``w4a8``:  ``(A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, M, N, K)``
+* ``w4a8_g128`` / ``w4a8_g64``: ``(A, s_x, B, s1, s2, negzs, bias, C, workspace, M, N, K)``
+
+Launch: ``grid(m, n)``, ``threads()``, ``smem_bytes(kind)`` of dynamic shared memory (set
+``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` when above 48 KB), and, with split-K, a
+``workspace_bytes(m, n)`` int32 buffer [split_k, m, Np] (no zeroing needed: every slice
+writes its part) and then the reduce entry with ``reduce_launch(m, n)``.
+
+Selection (:func:`select_config`) is a lookup in :data:`SELECTION`: the first row whose M
+bucket holds ``m``, whose ``k_min`` is <= ``k`` and whose config fits the kind and ``k``
+(BK and group size divide one another; split-K only when it splits the K tiles evenly, each
+slice a whole number of groups).  Every M bucket ends with a split-free row, so a row always
+fits.  This module is pure Python (no torch, no CUDA): the compiler imports it on any host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# kind -> (template file in this folder, group size: None = W8A8, 0 = per channel).
+KINDS: dict[str, tuple[str, int | None]] = {
+    "w8a8": ("w8a8_sm80.cu", None),
+    "w4a8": ("w4a8_sm80.cu", 0),
+    "w4a8_g128": ("w4a8_sm80.cu", 128),
+    "w4a8_g64": ("w4a8_sm80.cu", 64),
+}
+
+REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
+MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
+N_ALIGN = 32  # every weight layout pads N to 32 (Np)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _ceil_div(a, b) * b
+
+
+def _kind(kind: str) -> tuple[str, int | None]:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown GEMM kind {kind!r}; known kinds: {sorted(KINDS)}") from None
+
+
+def padded_k(kind: str, k: int) -> int:
+    """K as the kind's weight layout pads it (Kp): to 32, or to the group size."""
+    group = _kind(kind)[1]
+    return _round_up(k, group if group else 32)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One tile shape: CTA tile bm x bn x bk, warps_m x warps_n warps, a cp.async pipeline of
+    ``stages`` stages, K split over ``split_k`` CTAs (1: no split)."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps_m: int
+    warps_n: int
+    stages: int
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.bm <= 0 or self.bm % (16 * self.warps_m):
+            problems.append("bm must be a positive multiple of 16 * warps_m")
+        if self.bn <= 0 or self.bn % (32 * self.warps_n):
+            problems.append("bn must be a positive multiple of 32 * warps_n")
+        if self.bk not in (32, 64, 128, 256):
+            problems.append("bk must be 32, 64, 128 or 256")
+        if self.warps_m < 1 or self.warps_n < 1 or self.threads() > 1024:
+            problems.append("warps_m, warps_n >= 1 and at most 32 warps")
+        if self.stages < 2:
+            problems.append("stages must be >= 2")
+        if self.split_k < 1:
+            problems.append("split_k must be >= 1")
+        if problems:
+            raise ValueError(f"invalid TileConfig {self}: " + "; ".join(problems))
+
+    # --- naming and compilation -------------------------------------------------------------
+    def name(self, kind: str) -> str:
+        _kind(kind)
+        return (f"qc_{kind}_{self.bm}x{self.bn}x{self.bk}_w{self.warps_m}x{self.warps_n}"
+                f"_s{self.stages}_k{self.split_k}")
+
+    def reduce_name(self, kind: str) -> str:
+        return self.name(kind) + "_reduce"
+
+    def template(self, kind: str) -> str:
+        return _kind(kind)[0]
+
+    def defines(self, kind: str) -> list[str]:
+        group = _kind(kind)[1]
+        out = [f"-DQC_KERNEL={self.name(kind)}", f"-DQC_BM={self.bm}", f"-DQC_BN={self.bn}",
+               f"-DQC_BK={self.bk}", f"-DQC_WARPS_M={self.warps_m}",
+               f"-DQC_WARPS_N={self.warps_n}", f"-DQC_STAGES={self.stages}",
+               f"-DQC_SPLITK={self.split_k}"]
+        if group is not None:
+            out.append(f"-DQC_GROUP={group}")
+        return out
+
+    # --- launch -----------------------------------------------------------------------------
+    def threads(self) -> int:
+        return self.warps_m * self.warps_n * 32
+
+    def smem_bytes(self, kind: str) -> int:
+        """Dynamic shared memory: stages x (A stage + B stage), as the .cu lays it out."""
+        group = _kind(kind)[1]
+        a = self.bm * self.bk
+        if group is None:
+            b = self.bn * self.bk
+        else:
+            b = self.bn * self.bk // 2
+            if group:
+                rows = self.bk // group if self.bk > group else 1
+                b += _round_up(2 * rows * self.bn, 128)  # s2 and negzs rows of the stage
+        return self.stages * (a + b)
+
+    def grid(self, m: int, n: int) -> tuple[int, int, int]:
+        return (_ceil_div(n, self.bn), _ceil_div(m, self.bm), self.split_k)
+
+    def reduce_launch(self, m: int, n: int) -> tuple[tuple, tuple] | None:
+        """(grid, block) of the ``_reduce`` entry; one thread per 4 columns of a row."""
+        if self.split_k == 1:
+            return None
+        quads = m * _ceil_div(n, 4)
+        return (max(1, _ceil_div(quads, REDUCE_THREADS)), 1, 1), (REDUCE_THREADS, 1, 1)
+
+    def workspace_bytes(self, m: int, n: int) -> int:
+        if self.split_k == 1:
+            return 0
+        return self.split_k * m * _round_up(n, N_ALIGN) * 4
+
+    # --- validity for a kind and K ------------------------------------------------------------
+    def k_tiles(self, kind: str, k: int) -> int:
+        return _ceil_div(padded_k(kind, k), self.bk)
+
+    def fits(self, kind: str, k: int) -> bool:
+        """Whether this config may run ``kind`` with this K (see the module docstring)."""
+        group = _kind(kind)[1]
+        if group and self.bk % group and group % self.bk:
+            return False
+        if self.smem_bytes(kind) > MAX_SMEM_BYTES:
+            return False
+        if self.split_k == 1:
+            return True
+        tiles = self.k_tiles(kind, k)
+        if tiles % self.split_k:
+            return False
+        slice_k = tiles // self.split_k * self.bk
+        return not group or slice_k % group == 0
+
+    def with_split(self, split_k: int) -> TileConfig:
+        return replace(self, split_k=split_k)
+
+
+def parse_name(name: str) -> tuple[str, TileConfig]:
+    """Inverse of :meth:`TileConfig.name`: ``qc_<kind>_<bm>x<bn>x<bk>_w<wm>x<wn>_s<st>_k<sk>``."""
+    try:
+        head, tile, warps, stages, split = name.rsplit("_", 4)
+        if not head.startswith("qc_") or head[3:] not in KINDS:
+            raise ValueError
+        bm, bn, bk = (int(v) for v in tile.split("x"))
+        wm, wn = (int(v) for v in warps.removeprefix("w").split("x"))
+        if not (warps[0], stages[0], split[0]) == ("w", "s", "k"):
+            raise ValueError
+        return head[3:], TileConfig(bm, bn, bk, wm, wn, int(stages[1:]), int(split[1:]))
+    except ValueError:
+        raise ValueError(f"not a GEMM kernel name: {name!r}") from None
+
+
+def parse_defines(defines: list[str]) -> tuple[str, TileConfig]:
+    """Inverse of :meth:`TileConfig.defines`: -> (kind, config); checks the two agree."""
+    values = dict(d.removeprefix("-D").split("=", 1) for d in defines)
+    kind, cfg = parse_name(values["QC_KERNEL"])
+    if cfg.defines(kind) != list(defines):
+        raise ValueError(f"defines {defines} do not match kernel {values['QC_KERNEL']}")
+    return kind, cfg
+
+
+# --- the table -------------------------------------------------------------------------------
+# Decode (M <= 16): a narrow N tile so that a 4096-wide layer still fills the GPU; deep K
+# stages (bk 128) to keep many weight bytes in flight.  Split-K multiplies the CTA count
+# where K is long.  Larger M: square-ish tiles, 64x64 warp tiles at the top.
+DECODE = TileConfig(16, 64, 128, 1, 2, 4)
+SMALL = TileConfig(32, 128, 128, 1, 4, 4)
+MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
+LARGE = TileConfig(128, 128, 64, 2, 2, 4)
+HUGE = TileConfig(128, 256, 64, 2, 4, 4)
+
+# (largest M of the bucket or None for no bound, smallest K, config): first fitting row wins.
+SELECTION: tuple[tuple[int | None, int, TileConfig], ...] = (
+    (16, 8192, DECODE.with_split(4)),
+    (16, 4096, DECODE.with_split(2)),
+    (16, 0, DECODE),
+    (32, 8192, SMALL.with_split(4)),
+    (32, 4096, SMALL.with_split(2)),
+    (32, 0, SMALL),
+    (128, 0, MEDIUM),
+    (1024, 0, LARGE),
+    (None, 0, HUGE),
+)
+
+TILE_CONFIGS: tuple[TileConfig, ...] = tuple(dict.fromkeys(cfg for _, _, cfg in SELECTION))
+
+
+def _check_shape(kind: str, m: int, n: int, k: int) -> None:
+    _kind(kind)
+    if m < 1 or n < 1 or k < 1:
+        raise ValueError(f"GEMM shape must be positive, got m={m}, n={n}, k={k}")
+    if k % 16:
+        raise ValueError(
+            f"{kind} GEMM needs K % 16 == 0 (16-byte rows of int8 activations for cp.async), "
+            f"got K={k}; pad the input channels to a multiple of 16")
+
+
+def select_config(kind: str, m: int, n: int, k: int) -> TileConfig:
+    """The tile config for an (m, n, k) GEMM of this kind (pure table lookup)."""
+    _check_shape(kind, m, n, k)
+    for m_max, k_min, cfg in SELECTION:
+        if (m_max is None or m <= m_max) and k >= k_min and cfg.fits(kind, k):
+            return cfg
+    raise ValueError(f"no tile config fits {kind} m={m} n={n} k={k}")  # table is broken
+
+
+def configs_for(kind: str, n: int, k: int) -> list[TileConfig]:
+    """Every config :func:`select_config` can return for this (n, k), any M."""
+    _check_shape(kind, 1, n, k)
+    bounds = sorted({m_max for m_max, _, _ in SELECTION if m_max is not None})
+    reps = bounds + [bounds[-1] + 1]  # each bucket's largest M, then the unbounded one
+    return list(dict.fromkeys(select_config(kind, m, n, k) for m in reps))

@@ -1,0 +1,240 @@
+// W4A8 GEMMs on INT8 tensor cores (QServe / QoQ), weights in the compute-aware layout of
+// w4a8_layout.py: B [Np/32, Kp/32, 512] uint8, one 512-byte block per 32x32 (N x K) tile, lane
+// L = 4c + f owns bytes 16L..16L+15 = four words w = 2a + r; (w & 0x0F0F0F0F) is B register r
+// of n8 tile a, ((w >> 4) & 0x0F0F0F0F) that of n8 tile a + 2.  So a stage is copied verbatim
+// (cp.async 16 B) and each lane reads its 16 bytes of a tile with one LDS.128: no ldmatrix,
+// no shuffle.
+//
+// QC_GROUP == 0, per channel (layout w4a8_pc_sm80, Kp = K up to 32):
+//   acc = sum_k A[m, k] q[n, k] with the codes q in 0..15 as s8;
+//   C = fp16( ((s_x * s_w) * acc - zs_w * (s_x * xsum)) (+ bias) )      [gemm_w4a8]
+//   entry (A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, M, N, K)
+// QC_GROUP == 64 / 128, progressive group (layout w4a8_g{G}_sm80, Kp = K up to G):
+//   w8 = q * s2 + negzs per byte mod 256 (one 32-bit IMUL, q*s2 <= 240 never carries, then
+//   one per-byte add __vadd4: subtraction after multiplication); acc = sum_k A w8;
+//   C = fp16( (s_x * s1) * acc (+ bias) )                                [gemm_w4a8_group]
+//   entry (A, s_x, B, s1, s2, negzs, bias, C, workspace, M, N, K)
+//   s2, negzs [Kp/G, Np/32, 32] uint8: byte [g, t, 4c + j] serves n = 32t + c + 8j, so lane
+//   4c + f reads one word whose byte j belongs to its n8 tile j.
+//
+// A [M, K] int8 (K % 16 == 0), s_x [M] f32, xsum [M] int32 (sum_k A[m, k]), s_w/zs_w/s1 [Np]
+// f32, bias [N] fp16 or nullptr, C [M, N] fp16, workspace [QC_SPLITK, M, Np] int32 when
+// QC_SPLITK > 1.  Entries: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block
+// WARPS_M*WARPS_N*32, dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel and
+// round_up(2*max(1, BK/G)*BN, 128) for groups) and, same arguments, QC_KERNEL##_reduce.
+#include "common.cuh"
+
+#include <type_traits>
+
+#if !defined(QC_KERNEL) || !defined(QC_BM) || !defined(QC_BN) || !defined(QC_BK) || \
+    !defined(QC_WARPS_M) || !defined(QC_WARPS_N) || !defined(QC_STAGES) ||             \
+    !defined(QC_SPLITK) || !defined(QC_GROUP)
+#error "define QC_KERNEL, QC_BM, QC_BN, QC_BK, QC_WARPS_M/N, QC_STAGES, QC_SPLITK, QC_GROUP"
+#endif
+
+namespace {
+
+using T = qc::Tile<QC_BM, QC_BN, QC_BK, QC_WARPS_M, QC_WARPS_N, QC_STAGES, QC_SPLITK>;
+constexpr int G = QC_GROUP;
+constexpr int kG = G > 0 ? G : 1;  // divisor (no division by zero in the per-channel build)
+static_assert(G == 0 || G == 32 || G == 64 || G == 128 || G == 256, "QC_GROUP: 0, 32, .., 256");
+static_assert(G == 0 || T::BK % kG == 0 || kG % T::BK == 0,
+              "QC_BK and QC_GROUP must divide one another (a k32 step must not straddle groups)");
+
+constexpr int kTileBytes = 512;             // one 32x32 tile of nibbles
+constexpr int kKT = T::BK / 32;             // 32x32 tiles per stage along K
+constexpr int kWT32 = T::WN / 32;           // 32-column tiles per warp
+constexpr int kWeightBytes = T::BN * T::BK / 2;
+constexpr int kGroupRows = G == 0 ? 0 : (T::BK > G ? T::BK / kG : 1);  // groups per stage
+constexpr int kScaleBytes = qc::round_up(2 * kGroupRows * T::BN, 128);  // s2 rows, negzs rows
+
+constexpr uint32_t kLo = 0x0F0F0F0Fu;
+
+struct W4Operand {
+  static constexpr int kStageBytes = kWeightBytes + kScaleBytes;
+  const uint8_t* B;
+  const uint8_t* s2;     // group only
+  const uint8_t* negzs;  // group only
+  int np, kp;
+
+  __device__ __forceinline__ void load_stage(char* sb, int n0, int k0, int tid) const {
+    // Weights: for each of the BN/32 column tiles, its BK/32 K tiles are contiguous in global.
+    constexpr int CHUNKS = kWeightBytes / 16;
+    const int nt_total = np / 32, kt_total = kp / 32;
+    const int nt0 = n0 / 32, kt0 = k0 / 32;
+#pragma unroll
+    for (int i = 0; i < qc::ceil_div(CHUNKS, T::THREADS); ++i) {
+      const int c = tid + i * T::THREADS;
+      if (CHUNKS % T::THREADS == 0 || c < CHUNKS) {
+        const int t = c / 32, part = c % 32;  // tile of the stage, 16-byte part of the tile
+        const int ntl = t / kKT, ktl = t % kKT;
+        const int nt = nt0 + ntl, kt = kt0 + ktl;
+        const bool p = nt < nt_total && kt < kt_total;
+        const uint8_t* src = p ? B + ((size_t)nt * kt_total + kt) * kTileBytes + part * 16 : B;
+        qc::cp_async16(sb + c * 16, src, p);
+      }
+    }
+    if constexpr (G > 0) {
+      // kGroupRows rows of BN bytes of s2, then as many of negzs; row g of s2 is
+      // s2[g * np + n0 .. + BN) (interleaved order kept).
+      constexpr int CPR = T::BN / 16;
+      constexpr int SCHUNKS = 2 * kGroupRows * CPR;
+      const int g_total = kp / kG, g0 = k0 / kG;
+      char* ss = sb + kWeightBytes;
+#pragma unroll
+      for (int i = 0; i < qc::ceil_div(SCHUNKS, T::THREADS); ++i) {
+        const int c = tid + i * T::THREADS;
+        if (SCHUNKS % T::THREADS == 0 || c < SCHUNKS) {
+          constexpr int kRowChunks = (kGroupRows > 0 ? kGroupRows : 1) * CPR;
+          const int which = c / kRowChunks;  // 0: s2, 1: negzs
+          const int rc = c % kRowChunks;
+          const int gr = rc / CPR, col = rc % CPR;
+          const int g = g0 + gr, n = n0 + col * 16;
+          const bool p = g < g_total && n < np;
+          const uint8_t* base = which ? negzs : s2;
+          const uint8_t* src = p ? base + (size_t)g * np + n : base;
+          qc::cp_async16(ss + c * 16, src, p);
+        }
+      }
+    }
+  }
+
+  struct RawPC {
+    uint4 w[kWT32];
+  };
+  struct RawGroup {
+    uint4 w[kWT32];
+    uint32_t s2[kWT32], nz[kWT32];  // s2 / negzs words of the lane's column c, byte j: tile j
+  };
+  using Raw = std::conditional_t<G == 0, RawPC, RawGroup>;
+
+  template <class R>  // R = Raw (a template so that the discarded group branch is not checked)
+  __device__ __forceinline__ void load_raw(const char* sb, int warp_n, int lane, int ks,
+                                           R& raw) const {
+#pragma unroll
+    for (int q = 0; q < kWT32; ++q) {
+      const int t = (warp_n * kWT32 + q) * kKT + ks;
+      raw.w[q] = *reinterpret_cast<const uint4*>(sb + t * kTileBytes + lane * 16);
+    }
+    if constexpr (G > 0) {
+      const int gr = T::BK > G ? ks * 32 / kG : 0;
+      const char* ss = sb + kWeightBytes + gr * T::BN;
+#pragma unroll
+      for (int q = 0; q < kWT32; ++q) {
+        const int off = (warp_n * kWT32 + q) * 32 + (lane >> 2) * 4;
+        raw.s2[q] = *reinterpret_cast<const uint32_t*>(ss + off);
+        raw.nz[q] = *reinterpret_cast<const uint32_t*>(ss + kGroupRows * T::BN + off);
+      }
+    }
+  }
+
+  template <class R>
+  __device__ __forceinline__ void convert(const R& raw, uint32_t (&b)[T::NT][2]) const {
+#pragma unroll
+    for (int q = 0; q < kWT32; ++q) {
+      const uint32_t w[4] = {raw.w[q].x, raw.w[q].y, raw.w[q].z, raw.w[q].w};
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t lo = w[2 * a + r] & kLo;         // n8 tile a
+          const uint32_t hi = (w[2 * a + r] >> 4) & kLo;  // n8 tile a + 2
+          if constexpr (G == 0) {
+            b[4 * q + a][r] = lo;
+            b[4 * q + a + 2][r] = hi;
+          } else {
+            // byte j of the s2 / negzs words belongs to n8 tile j
+            const uint32_t s_lo = (raw.s2[q] >> (8 * a)) & 0xFFu;
+            const uint32_t s_hi = (raw.s2[q] >> (8 * (a + 2))) & 0xFFu;
+            const uint32_t z_lo = __byte_perm(raw.nz[q], 0u, 0x1111u * a);
+            const uint32_t z_hi = __byte_perm(raw.nz[q], 0u, 0x1111u * (a + 2));
+            b[4 * q + a][r] = __vadd4(lo * s_lo, z_lo);
+            b[4 * q + a + 2][r] = __vadd4(hi * s_hi, z_hi);
+          }
+        }
+      }
+    }
+  }
+};
+
+#if QC_GROUP == 0
+struct EpiW4A8 {
+  const float* s_x;
+  const int32_t* xsum;
+  const float* s_w;
+  const float* zs_w;
+  struct Row {
+    float sx, sx_sum;  // s_x, s_x * sum_k x_q
+  };
+  __device__ __forceinline__ Row row(int m) const {
+    const float sx = __ldg(s_x + m);
+    return {sx, __fmul_rn(sx, __int2float_rn(__ldg(xsum + m)))};
+  }
+  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
+    return __fsub_rn(__fmul_rn(__fmul_rn(r.sx, __ldg(s_w + n)), __int2float_rn(acc)),
+                     __fmul_rn(__ldg(zs_w + n), r.sx_sum));
+  }
+};
+#else
+struct EpiW4A8Group {
+  const float* s_x;
+  const float* s1;
+  struct Row {
+    float sx;
+  };
+  __device__ __forceinline__ Row row(int m) const { return {__ldg(s_x + m)}; }
+  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
+    return __fmul_rn(__fmul_rn(r.sx, __ldg(s1 + n)), __int2float_rn(acc));
+  }
+};
+#endif
+
+}  // namespace
+
+#if QC_GROUP == 0
+
+extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
+    QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+              const int32_t* __restrict__ xsum, const uint8_t* __restrict__ B,
+              const float* __restrict__ s_w, const float* __restrict__ zs_w,
+              const __half* __restrict__ bias, __half* __restrict__ C,
+              int32_t* __restrict__ workspace, int M, int N, int K) {
+  extern __shared__ __align__(128) char smem[];
+  const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{B, nullptr, nullptr, np, kp},
+                   EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace);
+}
+
+extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
+    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+                               const int32_t* __restrict__ xsum, const uint8_t* __restrict__ B,
+                               const float* __restrict__ s_w, const float* __restrict__ zs_w,
+                               const __half* __restrict__ bias, __half* __restrict__ C,
+                               int32_t* __restrict__ workspace, int M, int N, int K) {
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C);
+}
+
+#else
+
+extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
+    QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+              const uint8_t* __restrict__ B, const float* __restrict__ s1,
+              const uint8_t* __restrict__ s2, const uint8_t* __restrict__ negzs,
+              const __half* __restrict__ bias, __half* __restrict__ C,
+              int32_t* __restrict__ workspace, int M, int N, int K) {
+  extern __shared__ __align__(128) char smem[];
+  const int np = qc::round_up(N, 32), kp = qc::round_up(K, G);
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{B, s2, negzs, np, kp},
+                   EpiW4A8Group{s_x, s1}, bias, C, workspace);
+}
+
+extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
+    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+                               const uint8_t* __restrict__ B, const float* __restrict__ s1,
+                               const uint8_t* __restrict__ s2, const uint8_t* __restrict__ negzs,
+                               const __half* __restrict__ bias, __half* __restrict__ C,
+                               int32_t* __restrict__ workspace, int M, int N, int K) {
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8Group{s_x, s1}, bias, C);
+}
+
+#endif

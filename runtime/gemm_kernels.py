@@ -1,0 +1,140 @@
+"""CUDA implementations of the quantized GEMM ops: choose the tile config for (M, N, K),
+take its kernel from the loaded kernel table, check the inputs, launch on PyTorch's current
+stream (so CUDA graphs capture it).
+
+`enable(kernel_dir)` loads a kernel table (an artifact's `kernels/<target>/`, or a build
+directory) and registers these implementations for CUDA tensors. A call the table has no
+kernel for (a float32 program, a shape it was not built for) runs the reference
+implementation, counted in `STATS.fallbacks` with the reason, so a benchmark can say what
+it measured.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qcompile.cutlass_templates.configs import padded_k, select_config
+from qcompile.runtime.ops import gemm as ref
+
+
+@dataclass
+class Stats:
+    launches: collections.Counter = field(default_factory=collections.Counter)
+    fallbacks: collections.Counter = field(default_factory=collections.Counter)
+
+
+STATS = Stats()
+
+
+class KernelTable:
+    """name -> loaded CudaKernel, from a directory holding kernels.json and the binaries."""
+
+    def __init__(self, kernel_dir):
+        from qcompile.cutlass_templates.build import read_kernel_table
+        from qcompile.runtime.launcher import CudaModule
+        self.dir = Path(kernel_dir)
+        self.kernels = {}
+        for entry in read_kernel_table(self.dir):
+            module = CudaModule(self.dir / entry["file"])
+            for name in entry["entries"]:
+                kernel = module.function(name)
+                kernel.set_max_dynamic_smem(entry["smem_bytes"])
+                self.kernels[name] = kernel
+
+
+_TABLE: KernelTable | None = None
+
+
+def default_kernel_dir() -> Path:
+    """$QCOMPILE_KERNEL_DIR, else build/kernels_sm<major>0 (where bench/build_kernels.py puts
+    them) for the current GPU."""
+    major = torch.cuda.get_device_capability()[0]
+    return Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
+
+
+def enable(kernel_dir=None) -> KernelTable:
+    """Load the kernels in kernel_dir and route CUDA calls of the GEMM ops to them."""
+    global _TABLE
+    _TABLE = KernelTable(kernel_dir or default_kernel_dir())
+    for op, impl in (("qcompile::gemm_w8a8", _w8a8), ("qcompile::gemm_w4a8", _w4a8),
+                     ("qcompile::gemm_w4a8_group", _w4a8_group)):
+        torch.library.register_kernel(op, "cuda", impl)
+    return _TABLE
+
+
+def _find(kind: str, m: int, n: int, k: int, out_dtype):
+    """(config, kernel), or None with the reason counted (and warned once)."""
+    if out_dtype != torch.float16:
+        reason = f"{kind}: the kernels write float16, the program asks for {out_dtype}"
+    elif _TABLE is None:
+        reason = f"{kind}: no kernel table enabled"
+    else:
+        cfg = select_config(kind, m, n, k)
+        kernel = _TABLE.kernels.get(cfg.name(kind))
+        if kernel is not None:
+            return cfg, kernel
+        reason = f"{kind}: {cfg.name(kind)} is not in {_TABLE.dir}"
+    if not STATS.fallbacks[reason]:
+        warnings.warn(f"qcompile GEMM runs the PyTorch reference: {reason}")
+    STATS.fallbacks[reason] += 1
+    return None
+
+
+def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
+    """Launch the main kernel (and the split-K reduction) into out (fp16 [..., n]; allocated
+    when None: tests pass a poisoned one)."""
+    from qcompile.runtime.launcher import check_tensor, i32, ptr
+    cfg, kernel = found
+    k = xq.shape[-1]
+    m = xq.numel() // k
+    check_tensor(xq, name="x_q", dtype=torch.int8)
+    check_tensor(sx, name="s_x", dtype=torch.float32, align=4)
+    if k % 16 or padded_k(kind, k) != k_packed:
+        raise ValueError(f"x_q has K = {k}: the {kind} kernels need K % 16 == 0 (16-byte "
+                         f"cp.async rows) and K padded as the layout pads it to equal the packed "
+                         f"weight's {k_packed}")
+    if out is None:
+        out = torch.empty((*xq.shape[:-1], n), dtype=torch.float16, device=xq.device)
+    check_tensor(out, name="out", dtype=torch.float16, shape=(*xq.shape[:-1], n), align=4)
+    if m == 0:
+        return out
+    ws = (torch.empty(cfg.workspace_bytes(m, n) // 4, dtype=torch.int32, device=xq.device)
+          if cfg.split_k > 1 else None)
+    args = [ptr(xq), ptr(sx), *map(ptr, operands), ptr(out), ptr(ws), i32(m), i32(n), i32(k)]
+    kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args)
+    if cfg.split_k > 1:
+        grid, block = cfg.reduce_launch(m, n)
+        _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(grid, block, 0, args)
+    STATS.launches[cfg.name(kind)] += 1
+    return out
+
+
+def _m(xq):
+    return xq.numel() // xq.shape[-1]
+
+
+def _w8a8(xq, sx, w, sw, bias, n, out_dtype):
+    found = _find("w8a8", _m(xq), n, xq.shape[-1], out_dtype)
+    if found is None:
+        return ref.gemm_w8a8_ref(xq, sx, w, sw, bias, n, out_dtype)
+    return _run("w8a8", found, xq, sx, (w, sw, bias), n, w.shape[1])
+
+
+def _w4a8(xq, sx, xsum, w, s, zs, bias, n, out_dtype):
+    found = _find("w4a8", _m(xq), n, xq.shape[-1], out_dtype)
+    if found is None:
+        return ref.gemm_w4a8_ref(xq, sx, xsum, w, s, zs, bias, n, out_dtype)
+    return _run("w4a8", found, xq, sx, (xsum, w, s, zs, bias), n, w.shape[1] * 32)
+
+
+def _w4a8_group(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype):
+    kind = f"w4a8_g{group_size}"
+    found = _find(kind, _m(xq), n, xq.shape[-1], out_dtype)
+    if found is None:
+        return ref.gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype)
+    return _run(kind, found, xq, sx, (w, s1, s2, negzs, bias), n, w.shape[1] * 32)

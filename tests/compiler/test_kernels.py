@@ -1,0 +1,58 @@
+"""Which GEMM kernels a lowered graph needs: its (kind, N, K) shapes and the tile configs
+selection can pick for them at any M."""
+import pytest
+import torch
+
+from qcompile.compiler.capture import KVSpec, capture
+from qcompile.compiler.config import PRECISIONS
+from qcompile.compiler.kernels import gemm_shapes, kernel_requests
+from qcompile.compiler.pipeline import run_pipeline
+from qcompile.compiler.config import CompileConfig
+from qcompile.cutlass_templates.configs import select_config
+from qcompile.models.decoder import Decoder
+from qcompile.models.loaders import load_checkpoint
+from qcompile.passes.base import Lowering
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_tiny_checkpoint):
+    return load_checkpoint(make_tiny_checkpoint("llama"))
+
+
+@pytest.mark.parametrize("precision,kind", [("w8a8", "w8a8"), ("w4a8", "w4a8"),
+                                            ("w4a8-g64", "w4a8_g64")])
+def test_graph_gemm_shapes_and_requests(ckpt, precision, kind):
+    cfg = CompileConfig(precision=precision, kv="int4", dtype="float16", kernels="skip")
+    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights, torch.float16),
+                                         KVSpec.of(ckpt.config, "fp16", 16, torch.float16)))
+    run_pipeline(low, cfg)
+    c = ckpt.config
+    want = sorted({(kind, c.q_size + 2 * c.kv_size, c.hidden_size), (kind, c.hidden_size, c.q_size),
+                   (kind, 2 * c.intermediate_size, c.hidden_size),
+                   (kind, c.hidden_size, c.intermediate_size)})
+    assert gemm_shapes(low.gm) == want
+    names = {cfg.name(k) for k, cfg in kernel_requests(want)}
+    for k, n, kk in want:  # every M the runtime may see is served by a shipped kernel
+        for m in (1, 7, 16, 100, 4096):
+            assert select_config(k, m, n, kk).name(k) in names
+
+
+def test_float_graph_needs_no_kernels(ckpt):
+    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights),
+                                         KVSpec.of(ckpt.config, "fp16", 16, torch.float32)))
+    run_pipeline(low, CompileConfig(precision="fp16", kv="fp16", kernels="skip"))
+    assert gemm_shapes(low.gm) == [] and PRECISIONS["fp16"] is None
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc on PATH")
+def test_artifact_ships_the_graphs_kernels(make_tiny_checkpoint, tmp_path):
+    import json
+
+    from qcompile.compiler.compile import compile_model
+    from qcompile.cutlass_templates.build import read_kernel_table
+    cfg = CompileConfig(target="sm80", precision="w4a8", kv="int4")  # kernels="build"
+    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    table = read_kernel_table(art / "kernels" / "sm80")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert table and sorted(e["name"] for e in table) == sorted(manifest["kernels"])
+    assert all(e["kind"] == "w4a8" and e["target"] == "sm80" for e in table)

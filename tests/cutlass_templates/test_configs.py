@@ -1,0 +1,188 @@
+import importlib.util
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from qcompile.cutlass_templates import configs as C
+from qcompile.cutlass_templates.configs import (KINDS, SELECTION, TILE_CONFIGS, TileConfig,
+                                                configs_for, padded_k, parse_defines, parse_name,
+                                                select_config)
+
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (192, 576),
+                (1536, 576), (576, 1536)]
+TEMPLATES = Path(C.__file__).parent
+
+
+def test_names_unique_and_stable():
+    names = [cfg.name(kind) for kind in KINDS for cfg in TILE_CONFIGS]
+    assert len(set(names)) == len(names)
+    assert TileConfig(128, 128, 64, 2, 2, 4).name("w4a8_g128") == \
+        "qc_w4a8_g128_128x128x64_w2x2_s4_k1"
+    assert TileConfig(16, 64, 128, 1, 2, 4, 2).name("w8a8") == "qc_w8a8_16x64x128_w1x2_s4_k2"
+    assert TileConfig(16, 64, 128, 1, 2, 4, 2).reduce_name("w4a8") == \
+        "qc_w4a8_16x64x128_w1x2_s4_k2_reduce"
+    with pytest.raises(ValueError, match="unknown GEMM kind"):
+        TILE_CONFIGS[0].name("w4a4")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_defines_round_trip(kind):
+    for cfg in TILE_CONFIGS:
+        d = cfg.defines(kind)
+        assert parse_defines(d) == (kind, cfg)
+        assert parse_name(cfg.name(kind)) == (kind, cfg)
+        values = dict(x.removeprefix("-D").split("=") for x in d)
+        assert values["QC_KERNEL"] == cfg.name(kind)
+        assert (values["QC_BM"], values["QC_BN"], values["QC_BK"]) == \
+            (str(cfg.bm), str(cfg.bn), str(cfg.bk))
+        assert (values["QC_WARPS_M"], values["QC_WARPS_N"]) == (str(cfg.warps_m), str(cfg.warps_n))
+        assert (values["QC_STAGES"], values["QC_SPLITK"]) == (str(cfg.stages), str(cfg.split_k))
+        group = KINDS[kind][1]
+        assert values.get("QC_GROUP") == (None if group is None else str(group))
+    with pytest.raises(ValueError, match="not a GEMM kernel name"):
+        parse_name("qc_w8a8_16x64_w1x2_s4_k1")
+
+
+def test_invalid_tile_configs_rejected():
+    for bad in [(16, 64, 128, 2, 2, 4), (16, 48, 128, 1, 2, 4), (16, 64, 48, 1, 2, 4),
+                (16, 64, 128, 1, 2, 1), (16, 64, 128, 1, 2, 4, 0)]:
+        with pytest.raises(ValueError, match="invalid TileConfig"):
+            TileConfig(*bad)
+
+
+def test_launch_geometry():
+    cfg = TileConfig(128, 128, 64, 2, 2, 4)
+    assert cfg.threads() == 128
+    assert cfg.grid(129, 192) == (2, 2, 1)
+    assert cfg.reduce_launch(129, 192) is None and cfg.workspace_bytes(129, 192) == 0
+    sk = TileConfig(16, 64, 128, 1, 2, 4, 4)
+    assert sk.threads() == 64
+    assert sk.grid(3, 4096) == (64, 1, 4)
+    assert sk.workspace_bytes(3, 200) == 4 * 3 * 224 * 4  # [split, M, Np] int32
+    grid, block = sk.reduce_launch(3, 4096)
+    assert block == (C.REDUCE_THREADS, 1, 1)
+    assert grid[0] * block[0] * 4 >= 3 * 4096  # one thread per 4 columns
+    assert sk.reduce_launch(1, 1) == ((1, 1, 1), (C.REDUCE_THREADS, 1, 1))
+
+
+def test_smem_bytes():
+    cfg = TileConfig(128, 128, 64, 2, 2, 4)
+    assert cfg.smem_bytes("w8a8") == 4 * (128 * 64 + 128 * 64)
+    assert cfg.smem_bytes("w4a8") == 4 * (128 * 64 + 128 * 64 // 2)
+    assert cfg.smem_bytes("w4a8_g128") == 4 * (128 * 64 + 128 * 64 // 2 + 256)  # s2+negzs row
+    g64 = TileConfig(16, 64, 128, 1, 2, 4)
+    assert g64.smem_bytes("w4a8_g64") == 4 * (16 * 128 + 64 * 128 // 2 + 256)  # 2 group rows
+    for cfg in TILE_CONFIGS:
+        for kind in KINDS:
+            assert cfg.smem_bytes(kind) <= C.MAX_SMEM_BYTES
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_selection_covers_llama_shapes(kind):
+    group = KINDS[kind][1]
+    for n, k in LLAMA_SHAPES:
+        shipped = configs_for(kind, n, k)
+        assert len(set(shipped)) == len(shipped)
+        seen = set()
+        for m in range(1, 8193):
+            cfg = select_config(kind, m, n, k)
+            seen.add(cfg)
+            assert cfg in TILE_CONFIGS
+            assert cfg.smem_bytes(kind) <= C.MAX_SMEM_BYTES
+            if group:
+                assert cfg.bk % group == 0 or group % cfg.bk == 0
+            if cfg.split_k > 1:
+                tiles = -(-padded_k(kind, k) // cfg.bk)
+                assert tiles % cfg.split_k == 0, (kind, m, n, k, cfg)
+                slice_k = tiles // cfg.split_k * cfg.bk
+                assert not group or slice_k % group == 0
+        assert seen == set(shipped), (kind, n, k)
+        assert select_config(kind, 1, n, k).bm <= 16  # decode gets a thin tile
+        assert select_config(kind, 8192, n, k).bm >= 128
+
+
+def test_split_k_used_for_long_k_decode():
+    assert select_config("w4a8_g128", 1, 4096, 14336).split_k > 1
+    assert select_config("w8a8", 4, 4096, 4096).split_k > 1
+    assert select_config("w4a8", 1, 192, 576).split_k == 1
+    assert select_config("w4a8", 4096, 4096, 4096).split_k == 1
+
+
+def test_selection_falls_back_when_split_does_not_divide():
+    # K = 4096 + 128: 33 K tiles of 128 cannot be split in 2 or 4 -> the split-free row.
+    cfg = select_config("w8a8", 1, 4096, 4224)
+    assert cfg.split_k == 1 and cfg.bm == 16
+    # every bucket ends with a split-free row, so any K % 16 == 0 is served
+    buckets = {}
+    for m_max, _, cfg in SELECTION:
+        buckets.setdefault(m_max, []).append(cfg)
+    assert all(cfgs[-1].split_k == 1 for cfgs in buckets.values())
+    for k in (16, 48, 592, 4112, 14352):
+        for kind in KINDS:
+            for m in (1, 17, 33, 200, 5000):
+                select_config(kind, m, 100, k)
+
+
+@pytest.mark.parametrize("k", [1, 8, 577, 4100])
+def test_k_not_multiple_of_16_rejected(k):
+    for kind in KINDS:
+        with pytest.raises(ValueError, match="K % 16 == 0"):
+            select_config(kind, 1, 4096, k)
+        with pytest.raises(ValueError, match="K % 16 == 0"):
+            configs_for(kind, 4096, k)
+
+
+def test_bad_shape_and_kind():
+    with pytest.raises(ValueError, match="positive"):
+        select_config("w8a8", 0, 4096, 4096)
+    with pytest.raises(ValueError, match="unknown GEMM kind"):
+        select_config("fp8", 1, 4096, 4096)
+
+
+def _cutlass_include() -> Path | None:
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    inc = Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
+    return inc if (inc / "cute" / "arch" / "mma_sm80.hpp").exists() else None
+
+
+def test_templates_compile_with_nvcc(tmp_path):
+    """Both templates (w8a8 and w4a8 per channel; the group variant shares the w4a8 source)
+    build for sm_80 with one small split-K config, without local-memory spills, and export
+    both entries."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    inc = _cutlass_include()
+    if inc is None:
+        pytest.skip("CUTLASS/CuTe headers (pip package nvidia-cutlass) not found")
+    cfg = TileConfig(16, 64, 128, 1, 2, 4, 2)
+
+    def build(kind):
+        out = tmp_path / f"{cfg.name(kind)}.cubin"
+        cmd = [nvcc, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-arch=sm_80",
+               "--resource-usage", f"-I{inc}", *cfg.defines(kind), "-o", str(out),
+               str(TEMPLATES / cfg.template(kind))]
+        return kind, out, subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(build, ["w8a8", "w4a8"]))
+    for kind, out, proc in results:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ours = [line for line in proc.stderr.splitlines()
+                if "warning" in line.lower() and cfg.template(kind) in line]
+        assert not ours, "\n".join(ours)
+        usage = [line.strip() for line in proc.stderr.splitlines() if "spill stores" in line]
+        assert len(usage) == 2, proc.stderr[-3000:]  # the GEMM and its _reduce
+        for line in usage:
+            assert line.startswith(
+                "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), line
+        regs = [int(x) for x in re.findall(r"Used (\d+) registers", proc.stderr)]
+        assert len(regs) == 2 and max(regs) <= 255
+        blob = out.read_bytes()
+        assert cfg.name(kind).encode() in blob and cfg.reduce_name(kind).encode() in blob
