@@ -1,0 +1,118 @@
+"""Sweep the GEMM tile configs: for each kind, Llama-3-8B linear shape and M, time every
+candidate config (the table's bases and a few variants, each with split-K 1/2/4/8 where it
+fits) and report the fastest, to tune `cutlass_templates/configs.py:SELECTION` from data.
+
+    python bench/tune_gemm.py --out DIR     (on the GPU; builds its kernels first)
+
+Every candidate is checked against the reference once (a wrong config is reported, never
+picked). Timing is bench/gemm.py's: CUDA graphs over rotated weight copies, median.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_gemm", ROOT / "bench" / "gemm.py")
+bg = importlib.util.module_from_spec(_spec)
+sys.modules["bench_gemm"] = bg
+_spec.loader.exec_module(bg)
+bg.import_qcompile()
+
+from qcompile.compiler.config import W4A8, W4A8_G128, W8A8  # noqa: E402
+from qcompile.cutlass_templates import configs as C  # noqa: E402
+from qcompile.cutlass_templates.build import build_kernels, write_kernel_table  # noqa: E402
+from qcompile.passes.swap_gemm import GEMM_FORMATS  # noqa: E402
+from qcompile.runtime import gemm_kernels  # noqa: E402
+from qcompile.runtime.ops import gemm as ref  # noqa: E402
+from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
+
+KINDS = {"w4a8": W4A8, "w4a8_g128": W4A8_G128, "w8a8": W8A8}
+REFERENCE = {W8A8: ref.gemm_w8a8_ref, W4A8: ref.gemm_w4a8_ref, W4A8_G128: ref.gemm_w4a8_group_ref}
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+BASES = (C.DECODE, C.SMALL, C.MEDIUM, C.LARGE, C.HUGE, C.TileConfig(64, 64, 128, 2, 2, 4),
+         C.TileConfig(32, 64, 128, 1, 2, 4), C.TileConfig(128, 128, 128, 2, 2, 3))
+
+
+def candidates(kind: str, k: int, m: int) -> list:
+    out = []
+    for base in BASES:
+        for split in (1, 2, 4, 8):
+            cfg = base.with_split(split)
+            if cfg.fits(kind, k) and (split == 1 or m <= 256) and base.bm <= max(16, 2 * m):
+                out.append(cfg)
+    return out
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("out/tune"))
+    p.add_argument("--m", default="1,16,32,64,128,256,512,1024,4096")
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args(argv)
+    ms = [int(x) for x in args.m.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = f"sm{torch.cuda.get_device_capability()[0]}0"
+    reqs = {(kind, cfg) for kind in KINDS for _, k in SHAPES.values() for m in ms
+            for cfg in candidates(kind, k, m)}
+    kdir = ROOT / "build" / f"tune_{target}"
+    write_kernel_table(build_kernels(sorted(reqs, key=lambda r: r[1].name(r[0])), target), kdir)
+    table = gemm_kernels.enable(kdir)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    cyc = bg.sleep_cycles_per_us()
+    rows = []
+    for kind, scheme in KINDS.items():
+        for shape, (n, k) in SHAPES.items():
+            g = torch.Generator().manual_seed(n + k)
+            packed = [t.cuda() for t in GEMM_FORMATS[scheme].pack(torch.randn(n, k, generator=g),
+                                                                   scheme).values()]
+            for m in ms:
+                x = (torch.randn(m, k, generator=g) * 3).half().cuda()
+                xq, sx, xsum = quant_a8_ref(x)
+                head = (xq, sx, xsum) if scheme == W4A8 else (xq, sx)
+                extra = (scheme.group_size,) if scheme.group_size else ()
+                want = REFERENCE[scheme](*head, *packed, None, n, *extra, torch.float16)
+                operands = (*head[2:], *packed, None)
+                for cfg in candidates(kind, k, m):
+                    kern = table.kernels[cfg.name(kind)]
+                    kp = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+
+                    def call(xq=xq, sx=sx, operands=operands, cfg=cfg, kern=kern, kp=kp):
+                        return gemm_kernels._run(kind, (cfg, kern), xq, sx, operands, n, kp)
+                    ok = bool((call().float() - want.float()).abs().max() <= 1e-2 *
+                              want.float().abs().max() + 1e-3)
+                    us, _ = bg.time_calls([call] * bg.n_copies(sum(t.nbytes for t in packed), l2),
+                                          args.iters, cyc)
+                    rows.append(dict(kind=kind, shape=shape, N=n, K=k, M=m, config=cfg.name(kind),
+                                     us=round(us, 2), tops=round(bg.tops(m, n, k, us), 1), ok=ok,
+                                     selected=C.select_config(kind, m, n, k) == cfg))
+            _write_csv(rows, args.out / "tune.csv")  # after every shape: a crash keeps data
+            print(f"{kind} {shape} done", flush=True)
+    lines = ["| kind | shape | M | best config | us | selected config | us | best/selected |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["kind"], r["shape"], r["M"]) for r in rows):
+        group = [r for r in rows if (r["kind"], r["shape"], r["M"]) == key and r["ok"]]
+        best = min(group, key=lambda r: r["us"])
+        sel = next(r for r in rows if (r["kind"], r["shape"], r["M"]) == key and r["selected"])
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {best['config']} | {best['us']} | "
+                     f"{sel['config']} | {sel['us']} | {sel['us'] / best['us']:.2f}x |")
+    bad = [r for r in rows if not r["ok"]]
+    lines.append(f"\n{len(bad)} wrong candidates: {sorted({r['config'] for r in bad})}")
+    (args.out / "tune.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
