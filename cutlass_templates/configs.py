@@ -191,26 +191,36 @@ def parse_defines(defines: list[str]) -> tuple[str, TileConfig]:
 
 
 # --- the table -------------------------------------------------------------------------------
-# Decode (M <= 16): a narrow N tile so that a 4096-wide layer still fills the GPU; deep K
-# stages (bk 128) to keep many weight bytes in flight.  Split-K multiplies the CTA count
-# where K is long.  Larger M: square-ish tiles, 64x64 warp tiles at the top.
+# Measured, not guessed: bench/tune_gemm.py timed every base below with split-K 1/2/4/8 on an
+# H100 (bench/results/tune-h100-2026-11-21.md) over the Llama-3-8B linears; each row is the
+# config with the lowest mean time relative to the per-shape best in its (M, K) bucket.
+# Decode needs CTAs (narrow N tiles, split-K over long K); past M = 256 the 128x128x128
+# three-stage tile wins (the 128x256 tile never did).
 DECODE = TileConfig(16, 64, 128, 1, 2, 4)
 SMALL = TileConfig(32, 128, 128, 1, 4, 4)
+MID = TileConfig(64, 64, 128, 2, 2, 4)
+BIG = TileConfig(128, 128, 128, 2, 2, 3)
+# Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
 HUGE = TileConfig(128, 256, 64, 2, 4, 4)
 
 # (largest M of the bucket or None for no bound, smallest K, config): first fitting row wins.
 SELECTION: tuple[tuple[int | None, int, TileConfig], ...] = (
-    (16, 8192, DECODE.with_split(4)),
-    (16, 4096, DECODE.with_split(2)),
+    (16, 8192, DECODE.with_split(8)),
+    (16, 4096, DECODE.with_split(4)),
     (16, 0, DECODE),
-    (32, 8192, SMALL.with_split(4)),
-    (32, 4096, SMALL.with_split(2)),
+    (32, 8192, SMALL.with_split(8)),
+    (32, 4096, SMALL.with_split(4)),
     (32, 0, SMALL),
-    (128, 0, MEDIUM),
-    (1024, 0, LARGE),
-    (None, 0, HUGE),
+    (64, 4096, MID.with_split(4)),
+    (64, 0, MID),
+    (128, 8192, BIG.with_split(4)),
+    (128, 4096, MID.with_split(2)),
+    (128, 0, MID),
+    (256, 8192, BIG.with_split(4)),
+    (256, 0, MID),
+    (None, 0, BIG),
 )
 
 TILE_CONFIGS: tuple[TileConfig, ...] = tuple(dict.fromkeys(cfg for _, _, cfg in SELECTION))
