@@ -46,10 +46,14 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         raise ValueError(f"{ckpt.source} has no tokenizer files; the artifact needs one to serve "
                          "text (add tokenizer.json / tokenizer_config.json next to the weights)")
     mcfg = ckpt.config
+    weights, qoq_report = ckpt.weights, None
+    if cfg.quantizer == "qoq":
+        from .qoq import apply_qoq
+        weights, qoq_report = apply_qoq(ckpt, cfg, progress)
     bar = tqdm(total=4, desc="qcompile", disable=not progress, unit="step")
 
     bar.set_postfix_str("torch.export")
-    decoder = Decoder(mcfg, ckpt.weights, cfg.torch_dtype)
+    decoder = Decoder(mcfg, weights, cfg.torch_dtype)
     lowering = Lowering.from_exported(
         capture(decoder, KVSpec.of(mcfg, "fp16", cfg.kv_block_size, cfg.torch_dtype)))
     del decoder
@@ -88,6 +92,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
             "kernels": [k["name"] for k in kernels],
             "passes": [{"name": r.name, "matches": r.matches, "seconds": round(r.seconds, 3)}
                        for r in results],
+            "qoq": qoq_report,
             "compile_seconds": round(time.perf_counter() - t0, 2),
         })
     bar.update()

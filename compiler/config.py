@@ -41,6 +41,7 @@ PRECISIONS: dict[str, QuantScheme | None] = {
 }
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
+QOQ_STEPS = ("rotate", "smooth_attention", "smooth", "reorder", "clip")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -60,6 +61,16 @@ class CompileConfig:
     kv_block_size: int = _opt("tokens per KV-cache page", default=16)
     max_seq_len: int = _opt("longest sequence (prompt + generation) the artifact serves; "
                             "0 takes the model's max_position_embeddings", default=0)
+    quantizer: str = _opt("rtn: round-to-nearest weights; qoq: QServe's QoQ (rotation, "
+                          "SmoothAttention, smoothing, channel reordering, clipping) on "
+                          "calibration text, then the same rounding", ("rtn", "qoq"),
+                          default="rtn")
+    qoq_steps: str = _opt("comma-separated QoQ steps to apply, in this order (for ablations)",
+                          default="rotate,smooth_attention,smooth,reorder,clip")
+    calib_samples: int = _opt("calibration sequences", default=32)
+    calib_seq_len: int = _opt("tokens per calibration sequence", default=512)
+    calib_text: str | None = _opt("calibration text file (default: pydoc topics after the "
+                                  "evaluation split)", default=None)
     kernels: str = _opt("build: compile the GEMM kernels the graph uses for --target with nvcc "
                         "and ship them; skip: ship none (every op runs its PyTorch reference)",
                         ("build", "skip"), default="build")
@@ -74,12 +85,24 @@ class CompileConfig:
                                  f"got {getattr(self, f.name)!r}")
         if self.kv_block_size <= 0 or self.kv_block_size & (self.kv_block_size - 1):
             raise ValueError(f"--kv-block-size must be a power of two, got {self.kv_block_size}")
+        unknown = set(self.steps) - set(QOQ_STEPS)
+        if unknown:
+            raise ValueError(f"--qoq-steps: unknown steps {sorted(unknown)}; known: "
+                             f"{', '.join(QOQ_STEPS)}")
+        if self.quantizer == "qoq" and self.scheme is None:
+            raise ValueError("--quantizer qoq needs a quantized --precision (w8a8, w4a8, ...)")
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise ValueError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
         if self.max_seq_len < 0:
             raise ValueError(f"--max-seq-len must be >= 0, got {self.max_seq_len}")
 
     @property
     def scheme(self) -> QuantScheme | None:
         return PRECISIONS[self.precision]
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.qoq_steps.split(",") if x.strip())
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,19 +26,21 @@ class Lowering:
     gm: fx.GraphModule
     weights: dict[str, torch.Tensor]  # placeholder name -> value
     inputs: tuple[str, ...]           # user-input placeholder names, in call order
+    origin: dict[str, str] = field(default_factory=dict)  # placeholder -> exported module path
 
     @classmethod
     def from_exported(cls, ep: torch.export.ExportedProgram) -> "Lowering":
         sig = ep.graph_signature
         values = {**ep.state_dict, **ep.constants}
-        weights, inputs = {}, []
+        weights, inputs, origin = {}, [], {}
         for spec in sig.input_specs:
             if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
                 inputs.append(spec.arg.name)
             else:
                 # detached: packing must not record autograd history that pins float weights
                 weights[spec.arg.name] = values[spec.target].detach()
-        return cls(ep.graph_module, weights, tuple(inputs))
+                origin[spec.arg.name] = spec.target
+        return cls(ep.graph_module, weights, tuple(inputs), origin)
 
     def placeholders(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}

@@ -1,0 +1,113 @@
+"""Calibration: run text through the float graph and collect what the QoQ steps need.
+
+An fx.Interpreter walks the canonical (float, canonicalized) graph and records, for every
+linear, its input's per-channel absmax and a subsample of input rows (for smoothing-alpha and
+clipping searches), and for every layer the keys after RoPE (the first argument of
+`kv_encode`) per channel. Statistics are keyed by the linear's canonical weight name
+(`layers.3.wqkv`, ..., `lm_head`/`embed` for the head).
+
+Calibration text defaults to the pydoc topics AFTER the evaluation tokens, so calibration and
+evaluation never share text; any text file can be used instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx
+from tqdm import tqdm
+
+from qcompile.runtime.ops import KV_ENCODE_OPS
+
+
+@dataclass
+class CalibStats:
+    absmax: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> [K] max |x|
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S, K] rows of x
+    key_absmax: list[torch.Tensor] = field(default_factory=list)    # layer -> [Hkv * D] max |k|
+
+
+def calibration_sequences(tokenizer, num_samples: int, seq_len: int,
+                          text_file: str | Path | None = None) -> list[list[int]]:
+    """num_samples windows of seq_len tokens (the pydoc text after the eval split by default)."""
+    from qcompile.runtime.eval import EVAL_TOKENS_RESERVED, pydoc_text
+    if text_file is not None:
+        ids = tokenizer.encode(Path(text_file).read_text())
+    else:
+        ids = tokenizer.encode(pydoc_text())[EVAL_TOKENS_RESERVED:]
+    if len(ids) < num_samples * seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than {num_samples} x "
+                         f"{seq_len}: use fewer or shorter samples, or a longer --calib-text")
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(num_samples)]
+
+
+def canonical_name(module_path: str) -> str:
+    """Exported module path of a Decoder weight -> canonical name (`top.embed` -> `embed`)."""
+    return module_path.removeprefix("top.")
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, names: dict[str, str], stats: CalibStats, rows: int, gen):
+        super().__init__(gm)
+        self.names, self.stats, self.rows, self.gen = names, stats, rows, gen
+        self.layer = 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.target is torch.ops.aten.linear.default and n.args[1].name in self.names:
+            self._linear(self.names[n.args[1].name], self.env[n.args[0]])
+        elif n.target is KV_ENCODE_OPS["fp16"]:
+            k = self.env[n.args[0]].float()
+            k = k.reshape(k.shape[0], -1).abs().amax(0)
+            if len(self.stats.key_absmax) <= self.layer:
+                self.stats.key_absmax.append(k)
+            else:
+                self.stats.key_absmax[self.layer] = torch.maximum(self.stats.key_absmax[self.layer], k)
+            self.layer += 1
+        return out
+
+    def _linear(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        amax = x.abs().amax(0)
+        prev = self.stats.absmax.get(name)
+        self.stats.absmax[name] = amax if prev is None else torch.maximum(prev, amax)
+        pick = x[torch.randperm(x.shape[0], generator=self.gen)[: self.rows]].cpu()
+        old = self.stats.samples.get(name)
+        self.stats.samples[name] = pick if old is None else torch.cat([old, pick])
+
+
+def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int = 64,
+              batch: int = 4, seed: int = 0, progress: bool = True) -> CalibStats:
+    """Statistics of the float graph in `lowering` (canonicalized, before any quantization
+    pass) over the calibration sequences, `batch` sequences per forward."""
+    from .capture import KVSpec  # noqa: F401  (the cache layout the graph reads)
+    names = {ph: canonical_name(path) for ph, path in lowering.origin.items()}
+    stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
+    weights = list(lowering.weights.values())
+    device = weights[0].device
+    for i in tqdm(range(0, len(sequences), batch), desc="calibrate", unit="batch",
+                  disable=not progress):
+        rec = _Recorder(lowering.gm, names, stats, rows_per_batch, gen)
+        with torch.no_grad():
+            rec.run(*weights, *_prefill_inputs(lowering, sequences[i:i + batch], device))
+    return stats
+
+
+def _prefill_inputs(lowering, seqs: list[list[int]], device) -> tuple:
+    """A flat prefill of seqs over an empty paged cache sized for them."""
+    cache_node = lowering.placeholders()["kv_cache"]
+    layers, _, _, block, record = cache_node.meta["val"].shape
+    pages = [-(-len(s) // block) for s in seqs]
+    tables = torch.zeros(len(seqs), max(pages), dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(pages):
+        tables[b, :n] = torch.arange(start, start + n)
+        start += n
+    tokens = torch.tensor([t for s in seqs for t in s])
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    qs = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).to(torch.int32)
+    cache = torch.zeros(int(layers), 2, start, int(block), int(record), dtype=torch.uint8)
+    return tuple(t.to(device) for t in (tokens, positions, cache, tables,
+                                        torch.zeros(len(seqs), dtype=torch.int32), qs,
+                                        qs[1:].long() - 1))
