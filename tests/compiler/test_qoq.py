@@ -1,0 +1,30 @@
+"""The QoQ driver end to end on a tiny checkpoint: every step runs, the choices are reported
+in the manifest, and the artifact serves."""
+import json
+
+import pytest
+
+from qcompile.compiler.compile import compile_model
+from qcompile.compiler.config import CompileConfig
+from qcompile.runtime.engine import Engine
+
+
+@pytest.mark.parametrize("precision", ["w4a8", "w4a8-g64"])
+def test_qoq_compiles_and_serves(make_tiny_checkpoint, tmp_path, precision):
+    cfg = CompileConfig(precision=precision, kv="int4", dtype="float32", quantizer="qoq",
+                        calib_samples=4, calib_seq_len=64, kernels="skip")
+    art = compile_model(make_tiny_checkpoint("llama", tie=True), cfg, tmp_path / "art",
+                        progress=False)
+    report = json.loads((art / "manifest.json").read_text())["qoq"]
+    assert report["steps"] == list(cfg.steps)
+    assert len(report["smooth_alpha"]) == 2 * 2  # wo and w_down of 2 layers
+    assert all(0.5 <= r <= 1.0 for r in report["clip_ratio"].values())
+    out = Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0]
+    assert out.token_ids
+
+
+def test_qoq_needs_a_quantized_precision():
+    with pytest.raises(ValueError, match="quantized --precision"):
+        CompileConfig(precision="fp16", quantizer="qoq")
+    with pytest.raises(ValueError, match="unknown steps"):
+        CompileConfig(quantizer="qoq", qoq_steps="rotate,magic")
