@@ -9,7 +9,6 @@ current step see the same quantized values. The cache input keeps its shape
 """
 from __future__ import annotations
 
-import torch
 
 from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS
 
