@@ -8,18 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qcompile.compiler.kernels import kernel_requests
 from qcompile.cutlass_templates.build import build_kernels, write_kernel_table
-from qcompile.cutlass_templates.configs import KINDS, configs_for
+from qcompile.cutlass_templates.configs import KINDS
 
 # (N, K): the GPU tests' edge shapes and the Llama-3-8B / Llama-2-7B linears of the benchmark.
 TEST_SHAPES = [(n, k) for n in (192, 1536, 4096, 11008) for k in (576, 4096, 14336)]
 BENCH_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (12288, 4096),
                 (22016, 4096), (4096, 11008)]
-
-
-def requests(shapes) -> list[tuple[str, object]]:
-    return sorted({(kind, cfg) for kind in KINDS for n, k in shapes
-                   for cfg in configs_for(kind, n, k)}, key=lambda r: r[1].name(r[0]))
 
 
 def main(argv=None) -> None:
@@ -28,7 +24,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--jobs", type=int)
     args = p.parse_args(argv)
-    binaries = build_kernels(requests(TEST_SHAPES + BENCH_SHAPES), args.target, jobs=args.jobs)
+    shapes = [(kind, n, k) for kind in KINDS for n, k in TEST_SHAPES + BENCH_SHAPES]
+    binaries = build_kernels(kernel_requests(shapes), args.target, jobs=args.jobs)
     print(f"{len(binaries)} kernels -> {write_kernel_table(binaries, args.out)}")
 
 

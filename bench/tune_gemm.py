@@ -33,7 +33,7 @@ from qcompile.runtime.ops import gemm as ref  # noqa: E402
 from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
 
 KINDS = {"w4a8": W4A8, "w4a8_g128": W4A8_G128, "w8a8": W8A8}
-REFERENCE = {W8A8: ref.gemm_w8a8_ref, W4A8: ref.gemm_w4a8_ref, W4A8_G128: ref.gemm_w4a8_group_ref}
+REFERENCE = ref.GEMM_REFERENCES
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
          C.TileConfig(32, 64, 128, 1, 2, 4))

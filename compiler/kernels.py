@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+import qcompile.runtime.ops  # noqa: F401  (registers torch.ops.qcompile)
 from qcompile.cutlass_templates.configs import configs_for
 
 _OPS = {

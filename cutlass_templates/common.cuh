@@ -82,24 +82,33 @@ __device__ __forceinline__ void mma_s8(uint32_t (&d)[4], const uint32_t (&a)[4],
 }
 
 // ---------------------------------------------------------------------------------------------
-// Operand A: [M, K] int8 row-major (row stride K, K % 16 == 0).  Rows >= M and 16-byte chunks at
-// k >= K are zero-filled, so the tile may run past M and past K (K tiles cover Kp >= K).
-template <class T>
-__device__ __forceinline__ void load_a_stage(char* sa, const int8_t* A, int M, int K, int m0,
-                                             int k0, int tid) {
+// ROWS x BK bytes of a row-major int8 matrix X [rows, cols] (row stride cols, cols % 16 == 0)
+// into swizzled shared memory, rows r0.., columns k0..: rows >= `rows` and 16-byte chunks at
+// k >= cols are zero-filled.  Operand A ([M, K]) and the W8A8 B operand ([Np, Kp]) use it.
+template <class T, int ROWS>
+__device__ __forceinline__ void load_rows_stage(char* s, const int8_t* X, int rows, int cols,
+                                                int r0, int k0, int tid) {
   constexpr int CPR = T::BK / 16;  // chunks per row
-  constexpr int CHUNKS = T::BM * CPR;
+  constexpr int CHUNKS = ROWS * CPR;
 #pragma unroll
   for (int i = 0; i < ceil_div(CHUNKS, T::THREADS); ++i) {
     const int c = tid + i * T::THREADS;
     if (CHUNKS % T::THREADS == 0 || c < CHUNKS) {
       const int r = c / CPR, col = c % CPR;
-      const int m = m0 + r, k = k0 + col * 16;
-      const bool p = m < M && k < K;
-      const int8_t* src = p ? A + (size_t)m * K + k : A;
-      cp_async16(sa + swz(r * T::BK + col * 16), src, p);
+      const int row = r0 + r, k = k0 + col * 16;
+      const bool p = row < rows && k < cols;
+      const int8_t* src = p ? X + (size_t)row * cols + k : X;
+      cp_async16(s + swz(r * T::BK + col * 16), src, p);
     }
   }
+}
+
+// Operand A: [M, K] int8 row-major (K % 16 == 0); the tile may run past M and past K (K tiles
+// cover Kp >= K), the excess is zero-filled.
+template <class T>
+__device__ __forceinline__ void load_a_stage(char* sa, const int8_t* A, int M, int K, int m0,
+                                             int k0, int tid) {
+  load_rows_stage<T, T::BM>(sa, A, M, K, m0, k0, tid);
 }
 
 // A fragments of k32 step ks for the warp's MT m16 tiles: ldmatrix.x4 matrices

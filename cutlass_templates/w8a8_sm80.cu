@@ -35,19 +35,7 @@ struct W8Operand {
   int np, kp;
 
   __device__ __forceinline__ void load_stage(char* sb, int n0, int k0, int tid) const {
-    constexpr int CPR = T::BK / 16;
-    constexpr int CHUNKS = T::BN * CPR;
-#pragma unroll
-    for (int i = 0; i < qc::ceil_div(CHUNKS, T::THREADS); ++i) {
-      const int c = tid + i * T::THREADS;
-      if (CHUNKS % T::THREADS == 0 || c < CHUNKS) {
-        const int r = c / CPR, col = c % CPR;
-        const int n = n0 + r, k = k0 + col * 16;
-        const bool p = n < np && k < kp;
-        const int8_t* src = p ? B + (size_t)n * kp + k : B;
-        qc::cp_async16(sb + qc::swz(r * T::BK + col * 16), src, p);
-      }
-    }
+    qc::load_rows_stage<T, T::BN>(sb, B, np, kp, n0, k0, tid);
   }
 
   struct Raw {

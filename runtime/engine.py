@@ -2,6 +2,7 @@
 many prompts with continuous batching on a paged KV cache."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -156,45 +157,42 @@ class Engine:
         return None
 
     def _forward(self, chunks: list[Chunk]):
-        tokens, positions, slots, starts, logit_rows, sampled = [], [], [], [0], [], []
-        for c in chunks:
-            tokens += c.req.tokens[c.start:c.end]
-            positions += range(c.start, c.end)
-            slots += self.cache.slots(c.req.id, c.start, c.end)
-            starts.append(len(tokens))
-            if c.samples:
-                logit_rows.append(len(tokens) - 1)
-                sampled.append(c)
-        logits = self.run(tokens, positions, [c.req.id for c in chunks],
-                          [c.start for c in chunks], starts, logit_rows or [0], slots)
-        return logits[: len(sampled)], sampled
+        pieces = [(c.req.id, c.req.tokens[c.start:c.end], c.start) for c in chunks]
+        ends = itertools.accumulate(c.end - c.start for c in chunks)
+        rows = [end - 1 for c, end in zip(chunks, ends) if c.samples]
+        logits, _ = self.run(pieces, rows or [0])
+        return logits[: len(rows)], [c for c in chunks if c.samples]
 
-    def run(self, tokens, positions, seq_ids, ctx_lens, query_start, logits_indices, slots):
-        """Run the program once on a flat batch and store its KV records."""
+    def run(self, pieces, logits_indices: list[int] | None = None):
+        """Run the program once on a flat batch and store its KV records. pieces: (sequence
+        id, new tokens, tokens already cached) per sequence, pages reserved; logits of the flat
+        rows in logits_indices (all rows when None). Returns (logits, row offsets [B + 1])."""
+        tokens, positions, slots, starts = [], [], [], [0]
+        for seq_id, new, start in pieces:
+            tokens += new
+            positions += range(start, start + len(new))
+            slots += self.cache.slots(seq_id, start, start + len(new))
+            starts.append(len(tokens))
+        if logits_indices is None:
+            logits_indices = list(range(len(tokens)))
         dev, i32 = self.device, torch.int32
         args = (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                self.cache.tensor, self.cache.block_table(seq_ids),
-                torch.tensor(ctx_lens, dtype=i32, device=dev),
-                torch.tensor(query_start, dtype=i32, device=dev),
+                self.cache.tensor, self.cache.block_table([p[0] for p in pieces]),
+                torch.tensor([p[2] for p in pieces], dtype=i32, device=dev),
+                torch.tensor(starts, dtype=i32, device=dev),
                 torch.tensor(logits_indices, device=dev))
         with torch.inference_mode():
             logits, new_kv = self.program(*self.weights, *args)
             self.cache.write(new_kv, torch.tensor(slots, device=dev))
-        return logits
+        return logits, starts
 
     def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Logits [len, V] of every position of each sequence (one prefill, no sampling)."""
         ids = [-(i + 1) for i in range(len(sequences))]  # private ids, never scheduled
         try:
-            tokens, positions, slots, starts = [], [], [], [0]
             for sid, seq in zip(ids, sequences):
                 self.cache.reserve(sid, len(seq))
-                tokens += seq
-                positions += range(len(seq))
-                slots += self.cache.slots(sid, 0, len(seq))
-                starts.append(len(tokens))
-            logits = self.run(tokens, positions, ids, [0] * len(ids), starts,
-                              list(range(len(tokens))), slots)
+            logits, starts = self.run([(sid, seq, 0) for sid, seq in zip(ids, sequences)])
             return [logits[a:b] for a, b in zip(starts, starts[1:])]
         finally:
             for sid in ids:

@@ -126,6 +126,11 @@ gemm_w4a8.register_fake(
 gemm_w4a8_group.register_fake(
     lambda xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype: _fake_out(xq, n, out_dtype))
 
+# scheme -> the plain reference function (callable on any device without dispatch: tests and
+# benchmarks compare kernels with it).
+GEMM_REFERENCES = {W8A8: gemm_w8a8_ref, W4A8: gemm_w4a8_ref, W4A8_G128: gemm_w4a8_group_ref,
+                   W4A8_G64: gemm_w4a8_group_ref}
+
 # scheme -> the op that runs it (rows, not branches: W4A4 adds a row).
 GEMM_OPS = {
     W8A8: torch.ops.qcompile.gemm_w8a8.default,

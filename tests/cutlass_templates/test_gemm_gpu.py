@@ -22,7 +22,7 @@ KS = (576, 4096, 14336)
 NS = (192, 1536, 4096, 11008)
 SCHEMES = {"w8a8": W8A8, "w4a8": W4A8, "w4a8-g128": W4A8_G128}
 # the references, called directly on CUDA tensors (exact: float64 accumulation on the GPU)
-REFERENCE = {W8A8: ref.gemm_w8a8_ref, W4A8: ref.gemm_w4a8_ref, W4A8_G128: ref.gemm_w4a8_group_ref}
+REFERENCE = ref.GEMM_REFERENCES
 
 
 @pytest.fixture(scope="module")

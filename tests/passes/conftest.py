@@ -46,3 +46,37 @@ def decoder_lowering():
         return Lowering(copy.deepcopy(base.gm), dict(base.weights), base.inputs)
 
     return lower
+
+
+class _HFLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture(scope="session")
+def hf_graph(make_tiny_checkpoint):
+    """`export(ids)` -> (fresh, eager logits) for transformers' own tiny LlamaForCausalLM
+    exported for a cache-free prefill of ids; `fresh()` returns a new copy of the
+    canonicalized Lowering."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompile.passes.base import run_pass
+    from qcompile.passes.canonicalize import canonicalize
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_checkpoint("llama"),
+                                                 dtype=torch.float32).eval()
+
+    def export(ids):
+        with torch.no_grad():
+            eager = model(input_ids=ids, use_cache=False).logits
+            base = Lowering.from_exported(torch.export.export(_HFLogits(model), (ids,)))
+        run_pass(canonicalize, base)
+
+        def fresh() -> Lowering:
+            return Lowering(copy.deepcopy(base.gm), dict(base.weights), base.inputs,
+                            dict(base.origin))
+        return fresh, eager
+    return export

@@ -6,7 +6,6 @@ Tiny random Llama (2 layers, hidden 64), prefill of [1, 12] tokens, no cache, fp
 """
 from __future__ import annotations
 
-import copy
 import gc
 import weakref
 from collections import Counter
@@ -17,7 +16,6 @@ import torch
 from qcompile.compiler.config import W4A8, W8A8
 from qcompile.compiler.quantize import dequantize, quantize_weight
 from qcompile.passes.base import Lowering, call_targets, run_pass
-from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fuse_rmsnorm_quant import fuse_rmsnorm_quant
 from qcompile.passes.fuse_swiglu_quant import fuse_swiglu_quant
 from qcompile.passes.swap_gemm import swap_gemm
@@ -41,31 +39,11 @@ FAKE_QUANT_RTOL = 1e-4
 FLOAT_RTOL = {"w8a8": 0.05, "w4a8": 0.45}
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids):
-        return self.m(input_ids=ids, use_cache=False).logits
-
-
 @pytest.fixture(scope="module")
-def hf(make_tiny_checkpoint):
+def hf(hf_graph):
     """(a fresh-copy factory for the canonicalized HF graph, input ids, eager HF logits)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_checkpoint("llama"),
-                                                 dtype=torch.float32).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, 12),
-                        generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = model(input_ids=ids, use_cache=False).logits
-        base = Lowering.from_exported(torch.export.export(_Logits(model), (ids,)))
-    run_pass(canonicalize, base)
-
-    def fresh() -> Lowering:
-        return Lowering(copy.deepcopy(base.gm), dict(base.weights), base.inputs)
-
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    fresh, eager = hf_graph(ids)
     return fresh, ids, eager
 
 
