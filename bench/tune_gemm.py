@@ -36,7 +36,10 @@ KINDS = {"w4a8": W4A8, "w4a8_g128": W4A8_G128, "w8a8": W8A8}
 REFERENCE = ref.GEMM_REFERENCES
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
-         C.TileConfig(32, 64, 128, 1, 2, 4))
+         C.TileConfig(32, 64, 128, 1, 2, 4),
+         # 8-warp tiles with 64x64 warp tiles (fewer L2 bytes per MMA) and a deeper 128x128
+         C.TileConfig(128, 256, 128, 2, 4, 3), C.TileConfig(256, 128, 128, 4, 2, 3),
+         C.TileConfig(128, 128, 128, 2, 4, 4), C.TileConfig(128, 128, 128, 2, 2, 4))
 
 
 def candidates(kind: str, k: int, m: int) -> list:
@@ -61,11 +64,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("out/tune"))
     p.add_argument("--m", default="1,16,32,64,128,256,512,1024,4096")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--shapes", default=",".join(SHAPES))
     args = p.parse_args(argv)
     ms = [int(x) for x in args.m.split(",")]
+    kinds = {kd: KINDS[kd] for kd in args.kinds.split(",")}
+    shapes = {sh: SHAPES[sh] for sh in args.shapes.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     target = f"sm{torch.cuda.get_device_capability()[0]}0"
-    reqs = {(kind, cfg) for kind in KINDS for _, k in SHAPES.values() for m in ms
+    reqs = {(kind, cfg) for kind in kinds for _, k in shapes.values() for m in ms
             for cfg in candidates(kind, k, m)}
     kdir = ROOT / "build" / f"tune_{target}"
     write_kernel_table(build_kernels(sorted(reqs, key=lambda r: r[1].name(r[0])), target), kdir)
@@ -73,8 +80,8 @@ def main(argv=None) -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     cyc = bg.sleep_cycles_per_us()
     rows = []
-    for kind, scheme in KINDS.items():
-        for shape, (n, k) in SHAPES.items():
+    for kind, scheme in kinds.items():
+        for shape, (n, k) in shapes.items():
             g = torch.Generator().manual_seed(n + k)
             packed = [t.cuda() for t in GEMM_FORMATS[scheme].pack(torch.randn(n, k, generator=g),
                                                                    scheme).values()]

@@ -2,7 +2,7 @@
 
 Each template in this folder (`KINDS` in `configs.py`: kind -> (template file, group)) is
 compiled with `config.defines(kind)` into one binary holding the `extern "C"` entry
-`config.name(kind)` and, when `config.split_k > 1`, `config.name(kind) + "_reduce"`.
+`config.name(kind)` (split-K configs too: their slices meet inside the kernel).
 
 Binaries are **fatbins** (`nvcc -fatbin`), which `cuModuleLoadData` loads like a cubin:
 
@@ -62,7 +62,7 @@ class KernelTableError(ValueError):
 @dataclass(frozen=True)
 class KernelBinary:
     path: Path               # the fatbin (in the cache)
-    entries: tuple[str, ...]  # extern "C" names: the kernel, then "<name>_reduce" if split_k > 1
+    entries: tuple[str, ...]  # extern "C" names (one: the kernel)
     kind: str
     config: Any              # a configs.TileConfig
     target: str
@@ -217,7 +217,7 @@ def _compile(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def _build(job: _Job) -> KernelBinary:
     name = job.config.name(job.kind)
-    entries = (name, f"{name}_reduce") if job.config.split_k > 1 else (name,)
+    entries = (name,)
     key = _key(job)
     path = job.cache_dir / job.target / f"{name}-{key[:20]}{SUFFIX}"
     if not path.is_file():

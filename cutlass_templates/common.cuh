@@ -7,8 +7,10 @@
 //   shared --BOp (operand policy of the .cu: ldmatrix or LDS.128 + unpack/dequant)--> B fragments
 //   mma.sync.m16n8k32.row.col.s32.s8.s8.s32 -> int32 accumulators (exact)
 //   epilogue: fp32 math with explicit _rn intrinsics (no FMA contraction, so the rounding
-//   sequence is that of the PyTorch reference), one rounding to fp16; or, with split-K, raw
-//   int32 partial sums to a workspace that the *_reduce entry sums and finishes.
+//   sequence is that of the PyTorch reference), one rounding to fp16.  With split-K, every
+//   slice publishes its raw int32 sums to a workspace and the last slice of each tile to arrive
+//   (a per-tile arrival counter) adds the others' into its registers and runs the epilogue:
+//   one launch, no separate reduction kernel.
 //
 // Shared memory (dynamic, 128-byte aligned), STAGES stages of [A stage][B stage]:
 //   [A_0 .. A_{S-1}][B_0 .. B_{S-1}], A stage = BM x BK int8 rows with the 16-byte chunks of
@@ -34,9 +36,6 @@
 #define QC_CAT(a, b) QC_CAT_(a, b)
 
 namespace qc {
-
-// Threads per block of every *_reduce entry (configs.py REDUCE_THREADS mirrors it).
-constexpr int kReduceThreads = 256;
 
 template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, int SPLITK_>
 struct Tile {
@@ -160,6 +159,70 @@ __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::
 }
 
 // ---------------------------------------------------------------------------------------------
+// Split-K "last slice finishes" (the fixup of stream-K GEMMs, here with a fixed split):
+//   1. every slice stores its raw int32 sums for rows < M, columns < N to ws[z, m, n]
+//      (ws: [SPLITK, M, Np] int32, Np = N rounded up to 32; no zeroing needed);
+//   2. __threadfence + barrier, then one thread counts the slice in at flags[tile]
+//      (tile = blockIdx.y * gridDim.x + blockIdx.x) with atomicAdd;
+//   3. the slice that sees SPLITK - 1 arrivals before it is the last: it resets the counter to
+//      0 (every slice of this launch has counted, so the next launch on the stream finds it
+//      zeroed), adds the other slices' sums (L2 loads, __ldcg) into its own accumulators and
+//      returns true: it runs the epilogue.  The others return false and exit.
+// flags must be zero before the first launch (the runtime allocates them zeroed, once per
+// device); kernels leave them zero.  Two split-K GEMMs running concurrently on different
+// streams must not share flags.  int32 sums wrap exactly like the unsplit accumulation
+// (unsigned adds), so the result is bitwise that of SPLITK = 1.
+template <class T>
+__device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], int M, int N,
+                                             int32_t* ws, uint32_t* flags, int warp_m,
+                                             int warp_n, int lane) {
+  const int n0 = blockIdx.x * T::BN, m0 = blockIdx.y * T::BM;
+  const int np = round_up(N, 32);
+  auto visit = [&](auto&& f) {  // f(mt, nt, h, offset of (m, n) in a slice), in range
+#pragma unroll
+    for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h;
+        if (m >= M) continue;
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt) {
+          const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
+          // n even and np % 32 == 0: n + 1 < np, the int2 stays in the row
+          if (n < N) f(mt, nt, h, (size_t)m * np + n);
+        }
+      }
+  };
+  int32_t* mine = ws + (size_t)blockIdx.z * M * np;
+  visit([&](int mt, int nt, int h, size_t off) {
+    __stcg(reinterpret_cast<int2*>(mine + off),
+           make_int2((int)acc[mt][nt][2 * h], (int)acc[mt][nt][2 * h + 1]));
+  });
+  __threadfence();
+  __syncthreads();
+  __shared__ uint32_t last;
+  if (threadIdx.x == 0) {
+    uint32_t* flag = flags + blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(flag, 1u) == T::SPLITK - 1;
+    if (last) atomicExch(flag, 0u);
+  }
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+#pragma unroll 1
+  for (int z = 0; z < T::SPLITK; ++z) {
+    if (z == (int)blockIdx.z) continue;
+    const int32_t* other = ws + (size_t)z * M * np;
+    visit([&](int mt, int nt, int h, size_t off) {
+      const int2 v = __ldcg(reinterpret_cast<const int2*>(other + off));
+      acc[mt][nt][2 * h] += (uint32_t)v.x;
+      acc[mt][nt][2 * h + 1] += (uint32_t)v.y;
+    });
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The GEMM body.  BOp (operand B policy) provides:
 //   static constexpr int kStageBytes;                      shared bytes of one B stage (x128)
 //   void load_stage(char* sb, int n0, int k0, int tid) const;   cp.async of one stage
@@ -169,12 +232,12 @@ __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::
 // may be partial: the policies zero-fill past kp, load_a_stage past K).
 //
 // Split-K (T::SPLITK > 1): blockIdx.z takes K tiles [z*per, min((z+1)*per, tiles)) with
-// per = ceil(tiles / SPLITK) and stores its raw int32 sums for rows < M, columns < N to
-// ws[z, m, n] (ws is [SPLITK, M, Np] int32, Np = N rounded up to 32); the *_reduce entry sums.
+// per = ceil(tiles / SPLITK); see splitk_fixup for how the slices meet.
 template <class T, class BOp, class Epi>
 __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, int N, int K,
                                           int kp, const BOp& bop, const Epi& epi,
-                                          const __half* bias, __half* C, int32_t* ws) {
+                                          const __half* bias, __half* C, int32_t* ws,
+                                          uint32_t* flags) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_n = warp % T::WARPS_N, warp_m = warp / T::WARPS_N;
   const int n0 = blockIdx.x * T::BN, m0 = blockIdx.y * T::BM;
@@ -252,61 +315,25 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   }
   cute::cp_async_wait<0>();  // only empty groups can be left; drain before exit
 
+  if constexpr (T::SPLITK > 1) {
+    if (!splitk_fixup<T>(acc, M, N, ws, flags, warp_m, warp_n, lane)) return;
+  }
   // Epilogue straight from the accumulator fragments.
-  const int np = round_up(N, 32);
 #pragma unroll
   for (int mt = 0; mt < T::MT; ++mt) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int m = m0 + warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h;
       if (m >= M) continue;
-      if constexpr (T::SPLITK > 1) {
-        int32_t* wrow = ws + ((size_t)blockIdx.z * M + m) * np;
+      const typename Epi::Row row = epi.row(m);
 #pragma unroll
-        for (int nt = 0; nt < T::NT; ++nt) {
-          const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
-          if (n < N)  // n even and np % 32 == 0: n + 1 < np, the int2 stays in the row
-            *reinterpret_cast<int2*>(wrow + n) =
-                make_int2((int)acc[mt][nt][2 * h], (int)acc[mt][nt][2 * h + 1]);
-        }
-      } else {
-        const typename Epi::Row row = epi.row(m);
-#pragma unroll
-        for (int nt = 0; nt < T::NT; ++nt) {
-          const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
-          if (n < N)
-            finish_pair(epi, row, bias, C, N, m, n, (int)acc[mt][nt][2 * h],
-                        (int)acc[mt][nt][2 * h + 1]);
-        }
+      for (int nt = 0; nt < T::NT; ++nt) {
+        const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
+        if (n < N)
+          finish_pair(epi, row, bias, C, N, m, n, (int)acc[mt][nt][2 * h],
+                      (int)acc[mt][nt][2 * h + 1]);
       }
     }
-  }
-}
-
-// Split-K reduction: C[m, n] = epilogue(sum_z ws[z, m, n]).  One thread per 4 columns of a
-// row (one 16-byte load per slice), grid-stride over M * ceil(N / 4) quads.
-template <int SPLITK, class Epi>
-__device__ __forceinline__ void splitk_reduce(const int32_t* ws, int M, int N, const Epi& epi,
-                                              const __half* bias, __half* C) {
-  const int np = round_up(N, 32);
-  const int nq = ceil_div(N, 4);
-  const long long total = (long long)M * nq;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const int m = (int)(i / nq), n = (int)(i % nq) * 4;
-    int4 s = make_int4(0, 0, 0, 0);
-#pragma unroll
-    for (int z = 0; z < SPLITK; ++z) {
-      const int4 v = __ldcg(reinterpret_cast<const int4*>(ws + ((size_t)z * M + m) * np + n));
-      // unsigned: int32 wrap-around, like the slices' own accumulation, without UB
-      s.x = (int)((uint32_t)s.x + (uint32_t)v.x);
-      s.y = (int)((uint32_t)s.y + (uint32_t)v.y);
-      s.z = (int)((uint32_t)s.z + (uint32_t)v.z);
-      s.w = (int)((uint32_t)s.w + (uint32_t)v.w);
-    }
-    const typename Epi::Row row = epi.row(m);
-    finish_pair(epi, row, bias, C, N, m, n, s.x, s.y);
-    if (n + 2 < N) finish_pair(epi, row, bias, C, N, m, n + 2, s.z, s.w);
   }
 }
 

@@ -2,18 +2,19 @@
 
 A :class:`TileConfig` is one instantiation of a template (``w8a8_sm80.cu`` or ``w4a8_sm80.cu``):
 nvcc compiles the template once per (kind, config) with the ``-D`` defines of
-:meth:`TileConfig.defines` into one cubin holding two ``extern "C"`` entries, ``name`` (the
-GEMM) and ``name + "_reduce"`` (the split-K reduction, launched only when ``split_k > 1``).
-Both take the same arguments:
+:meth:`TileConfig.defines` into one binary holding the ``extern "C"`` entry ``name``:
 
-* ``w8a8``:  ``(A, s_x, B, s_w, bias, C, workspace, M, N, K)``
-* ``w4a8``:  ``(A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, M, N, K)``
-* ``w4a8_g128`` / ``w4a8_g64``: ``(A, s_x, B, s1, s2, negzs, bias, C, workspace, M, N, K)``
+* ``w8a8``:  ``(A, s_x, B, s_w, bias, C, workspace, flags, M, N, K)``
+* ``w4a8``:  ``(A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, flags, M, N, K)``
+* ``w4a8_g128`` / ``w4a8_g64``: ``(A, s_x, B, s1, s2, negzs, bias, C, workspace, flags, M, N,
+  K)``
 
 Launch: ``grid(m, n)``, ``threads()``, ``smem_bytes(kind)`` of dynamic shared memory (set
-``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` when above 48 KB), and, with split-K, a
+``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` when above 48 KB). With split-K, a
 ``workspace_bytes(m, n)`` int32 buffer [split_k, m, Np] (no zeroing needed: every slice
-writes its part) and then the reduce entry with ``reduce_launch(m, n)``.
+writes its part) and ``flag_count(m, n)`` uint32 arrival counters, zero before the launch and
+left zero by it (allocate them zeroed once; see common.cuh): the last slice of each output
+tile to finish sums the others' parts and runs the epilogue, in the same launch.
 
 Selection (:func:`select_config`) is a lookup in :data:`SELECTION`: the first row whose M
 bucket holds ``m``, whose ``k_min`` is <= ``k`` and whose config fits the kind and ``k``
@@ -33,7 +34,6 @@ KINDS: dict[str, tuple[str, int | None]] = {
     "w4a8_g64": ("w4a8_sm80.cu", 64),
 }
 
-REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
 N_ALIGN = 32  # every weight layout pads N to 32 (Np)
 
@@ -95,9 +95,6 @@ class TileConfig:
         return (f"qc_{kind}_{self.bm}x{self.bn}x{self.bk}_w{self.warps_m}x{self.warps_n}"
                 f"_s{self.stages}_k{self.split_k}")
 
-    def reduce_name(self, kind: str) -> str:
-        return self.name(kind) + "_reduce"
-
     def template(self, kind: str) -> str:
         return _kind(kind)[0]
 
@@ -131,12 +128,12 @@ class TileConfig:
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
         return (_ceil_div(n, self.bn), _ceil_div(m, self.bm), self.split_k)
 
-    def reduce_launch(self, m: int, n: int) -> tuple[tuple, tuple] | None:
-        """(grid, block) of the ``_reduce`` entry; one thread per 4 columns of a row."""
+    def flag_count(self, m: int, n: int) -> int:
+        """Split-K arrival counters the launch uses: one per output tile (0 without split)."""
         if self.split_k == 1:
-            return None
-        quads = m * _ceil_div(n, 4)
-        return (max(1, _ceil_div(quads, REDUCE_THREADS)), 1, 1), (REDUCE_THREADS, 1, 1)
+            return 0
+        gx, gy, _ = self.grid(m, n)
+        return gx * gy
 
     def workspace_bytes(self, m: int, n: int) -> int:
         if self.split_k == 1:

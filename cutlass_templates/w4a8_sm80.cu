@@ -8,20 +8,21 @@
 // QC_GROUP == 0, per channel (layout w4a8_pc_sm80, Kp = K up to 32):
 //   acc = sum_k A[m, k] q[n, k] with the codes q in 0..15 as s8;
 //   C = fp16( ((s_x * s_w) * acc - zs_w * (s_x * xsum)) (+ bias) )      [gemm_w4a8]
-//   entry (A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, M, N, K)
+//   entry (A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, flags, M, N, K)
 // QC_GROUP == 64 / 128, progressive group (layout w4a8_g{G}_sm80, Kp = K up to G):
 //   w8 = q * s2 + negzs per byte mod 256 (one 32-bit IMUL, q*s2 <= 240 never carries, then
 //   one per-byte add __vadd4: subtraction after multiplication); acc = sum_k A w8;
 //   C = fp16( (s_x * s1) * acc (+ bias) )                                [gemm_w4a8_group]
-//   entry (A, s_x, B, s1, s2, negzs, bias, C, workspace, M, N, K)
+//   entry (A, s_x, B, s1, s2, negzs, bias, C, workspace, flags, M, N, K)
 //   s2, negzs [Kp/G, Np/32, 32] uint8: byte [g, t, 4c + j] serves n = 32t + c + 8j, so lane
 //   4c + f reads one word whose byte j belongs to its n8 tile j.
 //
 // A [M, K] int8 (K % 16 == 0), s_x [M] f32, xsum [M] int32 (sum_k A[m, k]), s_w/zs_w/s1 [Np]
-// f32, bias [N] fp16 or nullptr, C [M, N] fp16, workspace [QC_SPLITK, M, Np] int32 when
-// QC_SPLITK > 1.  Entries: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block
-// WARPS_M*WARPS_N*32, dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel and
-// round_up(2*max(1, BK/G)*BN, 128) for groups) and, same arguments, QC_KERNEL##_reduce.
+// f32, bias [N] fp16 or nullptr, C [M, N] fp16, workspace [QC_SPLITK, M, Np] int32 and
+// flags [grid tiles] uint32 (zeroed once, left zero) when QC_SPLITK > 1 (common.cuh).
+// Entry: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block WARPS_M*WARPS_N*32,
+// dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel and
+// round_up(2*max(1, BK/G)*BN, 128) for groups).
 #include "common.cuh"
 
 #include <type_traits>
@@ -198,20 +199,12 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
               const int32_t* __restrict__ xsum, const uint8_t* __restrict__ B,
               const float* __restrict__ s_w, const float* __restrict__ zs_w,
               const __half* __restrict__ bias, __half* __restrict__ C,
-              int32_t* __restrict__ workspace, int M, int N, int K) {
+              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
+              int N, int K) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
   qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{B, nullptr, nullptr, np, kp},
-                   EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace);
-}
-
-extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
-    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
-                               const int32_t* __restrict__ xsum, const uint8_t* __restrict__ B,
-                               const float* __restrict__ s_w, const float* __restrict__ zs_w,
-                               const __half* __restrict__ bias, __half* __restrict__ C,
-                               int32_t* __restrict__ workspace, int M, int N, int K) {
-  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C);
+                   EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace, flags);
 }
 
 #else
@@ -221,20 +214,12 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
               const uint8_t* __restrict__ B, const float* __restrict__ s1,
               const uint8_t* __restrict__ s2, const uint8_t* __restrict__ negzs,
               const __half* __restrict__ bias, __half* __restrict__ C,
-              int32_t* __restrict__ workspace, int M, int N, int K) {
+              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
+              int N, int K) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, G);
   qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{B, s2, negzs, np, kp},
-                   EpiW4A8Group{s_x, s1}, bias, C, workspace);
-}
-
-extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
-    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
-                               const uint8_t* __restrict__ B, const float* __restrict__ s1,
-                               const uint8_t* __restrict__ s2, const uint8_t* __restrict__ negzs,
-                               const __half* __restrict__ bias, __half* __restrict__ C,
-                               int32_t* __restrict__ workspace, int M, int N, int K) {
-  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8Group{s_x, s1}, bias, C);
+                   EpiW4A8Group{s_x, s1}, bias, C, workspace, flags);
 }
 
 #endif

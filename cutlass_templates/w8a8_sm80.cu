@@ -3,7 +3,8 @@
 // A   [M, K] int8 row-major (K % 16 == 0), s_x [M] f32 (per token)
 // B   [Np, Kp] int8 row-major, layout w8a8_rm (Np = N up to 32, Kp = K up to 32, zero padded)
 // s_w [Np] f32, bias [N] fp16 or nullptr, C [M, N] fp16 (row stride N)
-// workspace [QC_SPLITK, M, Np] int32 when QC_SPLITK > 1 (else unused, may be nullptr)
+// workspace [QC_SPLITK, M, Np] int32 and flags [grid tiles] uint32 (zeroed once, left zero)
+// when QC_SPLITK > 1 (else unused, may be nullptr): split-K as in common.cuh
 //
 // Epilogue rounding sequence = the reference (runtime/ops/gemm.py gemm_w8a8):
 //   y = fp32(acc) * s_x ; y = y * s_w ; y = y + fp32(bias) ; fp16(y)
@@ -13,8 +14,7 @@
 //        -DQC_KERNEL=qc_w8a8_... -DQC_BM=.. -DQC_BN=.. -DQC_BK=.. -DQC_WARPS_M=.. \
 //        -DQC_WARPS_N=.. -DQC_STAGES=.. -DQC_SPLITK=.. w8a8_sm80.cu
 // Entries: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block WARPS_M*WARPS_N*32,
-// dynamic smem STAGES*(BM*BK + BN*BK)) and, same arguments, QC_KERNEL##_reduce
-// (block 256, any grid; only launched when QC_SPLITK > 1).
+// dynamic smem STAGES*(BM*BK + BN*BK)).
 #include "common.cuh"
 
 #if !defined(QC_KERNEL) || !defined(QC_BM) || !defined(QC_BN) || !defined(QC_BK) || \
@@ -84,17 +84,11 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
     QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
               const int8_t* __restrict__ B, const float* __restrict__ s_w,
               const __half* __restrict__ bias, __half* __restrict__ C,
-              int32_t* __restrict__ workspace, int M, int N, int K) {
+              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
+              int N, int K) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
   qc::gemm_body<T>(smem, A, M, N, K, kp, W8Operand{B, np, kp}, EpiW8A8{s_x, s_w}, bias, C,
-                   workspace);
+                   workspace, flags);
 }
 
-extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
-    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
-                               const int8_t* __restrict__ B, const float* __restrict__ s_w,
-                               const __half* __restrict__ bias, __half* __restrict__ C,
-                               int32_t* __restrict__ workspace, int M, int N, int K) {
-  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW8A8{s_x, s_w}, bias, C);
-}

@@ -49,6 +49,31 @@ class KernelTable:
 
 _TABLE: KernelTable | None = None
 
+# Split-K arrival counters (common.cuh), one zeroed buffer per device that every split-K launch
+# on it shares: kernels leave them zero, and launches on one stream run one after another.
+# Allocated outside any CUDA-graph capture (graphs keep the address); replaced buffers are
+# kept alive for graphs captured with them.
+FLAG_SLOTS = 1 << 16
+_FLAGS: dict[int, torch.Tensor] = {}
+_RETIRED_FLAGS: list[torch.Tensor] = []
+
+
+def split_k_flags(device: torch.device, count: int = FLAG_SLOTS) -> torch.Tensor:
+    """The device's zeroed split-K counters, at least `count` of them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _FLAGS.get(index)
+    if buf is None or buf.numel() < count:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"split-K GEMM needs {count} arrival counters on cuda:{index} but "
+                f"{0 if buf is None else buf.numel()} were allocated before this CUDA-graph "
+                "capture; run the GEMM once eagerly (warm-up) before capturing")
+        if buf is not None:
+            _RETIRED_FLAGS.append(buf)
+        _FLAGS[index] = buf = torch.zeros(max(count, FLAG_SLOTS), dtype=torch.int32,
+                                          device=f"cuda:{index}")
+    return buf
+
 
 def default_kernel_dir() -> Path:
     """$QCOMPILE_KERNEL_DIR, else build/kernels_sm<major>0 (where bench/build_kernels.py puts
@@ -61,6 +86,7 @@ def enable(kernel_dir=None) -> KernelTable:
     """Load the kernels in kernel_dir and route CUDA calls of the GEMM ops to them."""
     global _TABLE
     _TABLE = KernelTable(kernel_dir or default_kernel_dir())
+    split_k_flags(torch.device("cuda"))
     for op, impl in (("qcompile::gemm_w8a8", _w8a8), ("qcompile::gemm_w4a8", _w4a8),
                      ("qcompile::gemm_w4a8_group", _w4a8_group)):
         torch.library.register_kernel(op, "cuda", impl)
@@ -86,8 +112,8 @@ def _find(kind: str, m: int, n: int, k: int, out_dtype):
 
 
 def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
-    """Launch the main kernel (and the split-K reduction) into out (fp16 [..., n]; allocated
-    when None: tests pass a poisoned one)."""
+    """Launch the kernel into out (fp16 [..., n]; allocated when None: tests pass a poisoned
+    one)."""
     from qcompile.runtime.launcher import check_tensor, i32, ptr
     cfg, kernel = found
     k = xq.shape[-1]
@@ -103,13 +129,13 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
     check_tensor(out, name="out", dtype=torch.float16, shape=(*xq.shape[:-1], n), align=4)
     if m == 0:
         return out
-    ws = (torch.empty(cfg.workspace_bytes(m, n) // 4, dtype=torch.int32, device=xq.device)
-          if cfg.split_k > 1 else None)
-    args = [ptr(xq), ptr(sx), *map(ptr, operands), ptr(out), ptr(ws), i32(m), i32(n), i32(k)]
-    kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args)
+    ws = flags = None
     if cfg.split_k > 1:
-        grid, block = cfg.reduce_launch(m, n)
-        _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(grid, block, 0, args)
+        ws = torch.empty(cfg.workspace_bytes(m, n) // 4, dtype=torch.int32, device=xq.device)
+        flags = split_k_flags(xq.device, cfg.flag_count(m, n))
+    args = [ptr(xq), ptr(sx), *map(ptr, operands), ptr(out), ptr(ws), ptr(flags), i32(m),
+            i32(n), i32(k)]
+    kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args)
     STATS.launches[cfg.name(kind)] += 1
     return out
 

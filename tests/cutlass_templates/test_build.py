@@ -29,9 +29,6 @@ extern "C" __global__ void QC_NAME(float* y, const float* x, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) y[i] = qc_scale(x[i]) + QC_BM;
 }
-#if QC_SPLIT_K > 1
-extern "C" __global__ void QC_PASTE(QC_NAME, _reduce)(float* y, int n) {}
-#endif
 """
 
 
@@ -85,7 +82,7 @@ def test_build_targets(templates, cache, target):
     b = _build(templates, cache, cfg, target)
     data = b.path.read_bytes()
     assert b.path.suffix == ".fatbin" and b.path.parent == cache / target
-    assert b.entries == (cfg.name("axpb"), cfg.name("axpb") + "_reduce")
+    assert b.entries == (cfg.name("axpb"),)
     assert b.threads == 128 and b.smem_bytes == cfg.smem_bytes("axpb") and b.target == target
     assert "release 13" in b.nvcc or "release 12" in b.nvcc
     for entry in b.entries:  # the SASS's ELF names each entry's section
@@ -179,7 +176,7 @@ def test_parallel_build_dedup_and_table(templates, tmp_path):
     table = read_kernel_table(out)
     assert [e["name"] for e in table] == [b.name for b in bins]
     e = table[1]
-    assert e["entries"] == [bins[1].name, bins[1].name + "_reduce"]
+    assert e["entries"] == [bins[1].name]
     assert e["config"] == {"bm": 32, "bn": 64, "bk": 32, "warps_m": 2, "warps_n": 2,
                            "stages": 3, "split_k": 2}
     assert (e["kind"], e["target"], e["file"]) == ("axpb", "sm90", bins[1].name + ".fatbin")

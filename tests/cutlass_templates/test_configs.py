@@ -23,8 +23,6 @@ def test_names_unique_and_stable():
     assert TileConfig(128, 128, 64, 2, 2, 4).name("w4a8_g128") == \
         "qc_w4a8_g128_128x128x64_w2x2_s4_k1"
     assert TileConfig(16, 64, 128, 1, 2, 4, 2).name("w8a8") == "qc_w8a8_16x64x128_w1x2_s4_k2"
-    assert TileConfig(16, 64, 128, 1, 2, 4, 2).reduce_name("w4a8") == \
-        "qc_w4a8_16x64x128_w1x2_s4_k2_reduce"
     with pytest.raises(ValueError, match="unknown GEMM kind"):
         TILE_CONFIGS[0].name("w4a4")
 
@@ -58,15 +56,13 @@ def test_launch_geometry():
     cfg = TileConfig(128, 128, 64, 2, 2, 4)
     assert cfg.threads() == 128
     assert cfg.grid(129, 192) == (2, 2, 1)
-    assert cfg.reduce_launch(129, 192) is None and cfg.workspace_bytes(129, 192) == 0
+    assert cfg.flag_count(129, 192) == 0 and cfg.workspace_bytes(129, 192) == 0
     sk = TileConfig(16, 64, 128, 1, 2, 4, 4)
     assert sk.threads() == 64
     assert sk.grid(3, 4096) == (64, 1, 4)
     assert sk.workspace_bytes(3, 200) == 4 * 3 * 224 * 4  # [split, M, Np] int32
-    grid, block = sk.reduce_launch(3, 4096)
-    assert block == (C.REDUCE_THREADS, 1, 1)
-    assert grid[0] * block[0] * 4 >= 3 * 4096  # one thread per 4 columns
-    assert sk.reduce_launch(1, 1) == ((1, 1, 1), (C.REDUCE_THREADS, 1, 1))
+    assert sk.flag_count(3, 4096) == 64  # one arrival counter per output tile
+    assert TileConfig(32, 128, 128, 1, 4, 4, 2).flag_count(33, 200) == 2 * 2
 
 
 def test_smem_bytes():
@@ -178,11 +174,11 @@ def test_templates_compile_with_nvcc(tmp_path):
                 if "warning" in line.lower() and cfg.template(kind) in line]
         assert not ours, "\n".join(ours)
         usage = [line.strip() for line in proc.stderr.splitlines() if "spill stores" in line]
-        assert len(usage) == 2, proc.stderr[-3000:]  # the GEMM and its _reduce
+        assert len(usage) == 1, proc.stderr[-3000:]  # the GEMM (split-K fixup inside)
         for line in usage:
             assert line.startswith(
                 "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), line
         regs = [int(x) for x in re.findall(r"Used (\d+) registers", proc.stderr)]
-        assert len(regs) == 2 and max(regs) <= 255
+        assert len(regs) == 1 and max(regs) <= 255
         blob = out.read_bytes()
-        assert cfg.name(kind).encode() in blob and cfg.reduce_name(kind).encode() in blob
+        assert cfg.name(kind).encode() in blob

@@ -102,3 +102,26 @@ def test_cuda_graph_capture_and_replay(kernels):
     graph.replay()
     want = op(new_x, head[1], *packed, bias, 4096, 128, torch.float16)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
+    """The in-kernel split-K fixup sums exact int32 parts, so it must equal the same tile
+    without split bit for bit, launch after launch (the arrival counters reset themselves)."""
+    from qcompile.cutlass_templates.configs import select_config
+    scheme, kind = SCHEMES[name], name.replace("-", "_")
+    m, n, k = 3, 4096, 14336
+    head, packed, bias, extra = _operands(scheme, m, n, k, seed=11)
+    k_packed = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+    cfg = select_config(kind, m, n, k)
+    assert cfg.split_k > 1
+    outs = []
+    for c in (cfg.with_split(1), cfg, cfg, cfg):
+        kernel = kernels._TABLE.kernels.get(c.name(kind))
+        assert kernel is not None, f"{c.name(kind)} not built"
+        outs.append(kernels._run(kind, (c, kernel), head[0], head[1],
+                                 (*head[2:], *packed, bias), n, k_packed))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    torch.cuda.synchronize()
+    assert kernels.split_k_flags(torch.device("cuda")).count_nonzero().item() == 0

@@ -1,0 +1,67 @@
+"""Run one GEMM kernel a few times, for a profiler to look at (Nsight Compute):
+
+    ncu --clock-control none --set full -k regex:qc_w4a8 -s 2 -c 1 \\
+        python bench/profile_gemm.py --kind w4a8 --n 6144 --k 4096 --m 4096 [--config NAME]
+
+The kernel is the one `select_config` picks, or --config (a kernel name in the table). It
+checks the result against the reference first, so a profile is never of a wrong kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_gemm", ROOT / "bench" / "gemm.py")
+bg = importlib.util.module_from_spec(_spec)
+sys.modules["bench_gemm"] = bg
+_spec.loader.exec_module(bg)
+bg.import_qcompile()
+
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8  # noqa: E402
+from qcompile.cutlass_templates import configs as C  # noqa: E402
+from qcompile.passes.swap_gemm import GEMM_FORMATS  # noqa: E402
+from qcompile.runtime import gemm_kernels  # noqa: E402
+from qcompile.runtime.ops import gemm as ref  # noqa: E402
+from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
+
+SCHEMES = {"w4a8": W4A8, "w4a8_g128": W4A8_G128, "w4a8_g64": W4A8_G64, "w8a8": W8A8}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", default="w4a8", choices=sorted(SCHEMES))
+    p.add_argument("--n", type=int, default=6144)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--m", type=int, default=4096)
+    p.add_argument("--config", help="kernel name (default: the selected config)")
+    p.add_argument("--kernel-dir", type=Path)
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args(argv)
+    kind, scheme, n, k, m = args.kind, SCHEMES[args.kind], args.n, args.k, args.m
+    table = gemm_kernels.enable(args.kernel_dir)
+    cfg = C.parse_name(args.config)[1] if args.config else C.select_config(kind, m, n, k)
+    kern = table.kernels[cfg.name(kind)]
+    g = torch.Generator().manual_seed(0)
+    packed = [t.cuda() for t in GEMM_FORMATS[scheme].pack(torch.randn(n, k, generator=g),
+                                                           scheme).values()]
+    xq, sx, xsum = quant_a8_ref((torch.randn(m, k, generator=g) * 3).half().cuda())
+    head = (xq, sx, xsum) if scheme == W4A8 else (xq, sx)
+    extra = (scheme.group_size,) if scheme.group_size else ()
+    kp = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+    out = gemm_kernels._run(kind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp)
+    want = ref.GEMM_REFERENCES[scheme](*head, *packed, None, n, *extra, torch.float16)
+    err = (out.float() - want.float()).abs().max().item()
+    assert err <= 1e-2 * want.float().abs().max().item() + 1e-3, f"wrong result: {err}"
+    for _ in range(args.iters):
+        gemm_kernels._run(kind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp, out)
+    torch.cuda.synchronize()
+    print(f"{cfg.name(kind)} M={m} N={n} K={k}: ok (max err {err:.2e})")
+
+
+if __name__ == "__main__":
+    main()
