@@ -46,10 +46,10 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         raise ValueError(f"{ckpt.source} has no tokenizer files; the artifact needs one to serve "
                          "text (add tokenizer.json / tokenizer_config.json next to the weights)")
     mcfg = ckpt.config
-    weights, qoq_report = ckpt.weights, None
+    weights, quantized, qoq_report = ckpt.weights, {}, None
     if cfg.quantizer == "qoq":
         from .qoq import apply_qoq
-        weights, qoq_report = apply_qoq(ckpt, cfg, progress)
+        weights, quantized, qoq_report = apply_qoq(ckpt, cfg, progress)
     bar = tqdm(total=4, desc="qcompile", disable=not progress, unit="step")
 
     bar.set_postfix_str("torch.export")
@@ -60,7 +60,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     bar.update()
 
     bar.set_postfix_str("passes")
-    results = run_pipeline(lowering, cfg)
+    results = run_pipeline(lowering, cfg, quantized)  # GPTQ's codes packed as they are
     bar.update()
 
     bar.set_postfix_str("export lowered program")

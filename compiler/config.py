@@ -40,7 +40,7 @@ PRECISIONS: dict[str, QuantScheme | None] = {
 }
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
-QOQ_STEPS = ("rotate", "smooth_attention", "smooth", "reorder", "clip")
+QOQ_STEPS = ("rotate", "smooth_attention", "smooth", "reorder", "clip", "gptq")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -62,7 +62,8 @@ class CompileConfig:
                             "0 takes the model's max_position_embeddings", default=0)
     quantizer: str = _opt("rtn: round-to-nearest weights; qoq: QServe's QoQ (rotation, "
                           "SmoothAttention, smoothing, channel reordering, clipping) on "
-                          "calibration text, then the same rounding", ("rtn", "qoq"),
+                          "calibration text, then the same rounding (or GPTQ's, on the same "
+                          "grid, with the qoq step gptq)", ("rtn", "qoq"),
                           default="rtn")
     qoq_steps: str = _opt("comma-separated QoQ steps to apply, in this order (for ablations)",
                           default="rotate,smooth_attention,smooth,reorder,clip")

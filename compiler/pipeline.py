@@ -15,12 +15,18 @@ from qcompile.passes.swap_gemm import swap_gemm
 from .config import CompileConfig
 
 
-def build_pipeline(cfg: CompileConfig) -> list[Callable[[Lowering], int]]:
+def build_pipeline(cfg: CompileConfig, quantized: dict | None = None
+                   ) -> list[Callable[[Lowering], int]]:
+    """quantized: integer weights chosen before the passes (GPTQ), by canonical weight name;
+    swap_gemm packs them instead of rounding those linears itself."""
+    if quantized and cfg.scheme is None:
+        raise ValueError(f"integer weights given for a float --precision {cfg.precision}")
     steps: list[Callable[[Lowering], int]] = [canonicalize]
     if cfg.kv != "fp16":
         steps.append(_named(rewrite_attention, fmt=cfg.kv))
     if cfg.scheme is not None:
-        steps += [_named(swap_gemm, scheme=cfg.scheme, include_head=cfg.quantize_lm_head),
+        steps += [_named(swap_gemm, scheme=cfg.scheme, include_head=cfg.quantize_lm_head,
+                         quantized=quantized),
                   fuse_rmsnorm_quant, fuse_swiglu_quant]
     return steps
 
@@ -31,5 +37,6 @@ def _named(fn, **kwargs):
     return bound
 
 
-def run_pipeline(lowering: Lowering, cfg: CompileConfig) -> list[PassResult]:
-    return [run_pass(step, lowering) for step in build_pipeline(cfg)]
+def run_pipeline(lowering: Lowering, cfg: CompileConfig,
+                 quantized: dict | None = None) -> list[PassResult]:
+    return [run_pass(step, lowering) for step in build_pipeline(cfg, quantized)]

@@ -3,13 +3,23 @@
 Order: rotate (fold norms, randomized Hadamard on the residual stream and per head on v/o),
 SmoothAttention (key outliers into the queries), smoothing of the o_proj / down_proj inputs
 (alpha searched per layer), channel reordering (group schemes), clipping (ratio searched per
-layer). Statistics come from calibration text run through the float graph, recollected after
-the steps that change what a later step measures. Every step keeps the float model's outputs
-(but clipping, which is part of the rounding). The compiler then quantizes the transformed
-weights by round-to-nearest exactly as without QoQ.
+layer), and optionally GPTQ (codes chosen with error feedback on the grid clipping defined).
+Statistics come from calibration text run through the float graph, recollected after the
+steps that change what a later step measures. Every step keeps the float model's outputs
+(but clipping and GPTQ, which are part of the rounding). The compiler then quantizes the
+transformed weights by round-to-nearest exactly as without QoQ, except the linears GPTQ
+rounded: their integer weights are handed to the compiler as they are (`swap_gemm`'s
+`quantized`), since RTN of their dequantized values would recompute the scales and need not
+give the same codes back.
+
+GPTQ is not sequential: its Hessians come from the same calibration pass as clipping's samples,
+through the float model after the earlier steps (rotated, smoothed, reordered, unclipped), not
+through the already-quantized earlier layers as in the paper's sequential mode. It costs one
+K x K GEMM per linear input per batch in that pass plus the GPTQ loop itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -31,18 +41,22 @@ class _FloatGraph:
         self.low = Lowering.from_exported(capture(dec, KVSpec.of(cfg, "fp16", 16, torch.float32)))
         run_pass(canonicalize, self.low)
 
-    def stats(self, weights, seqs, progress):
+    def stats(self, weights, seqs, progress, hessian=False):
         for ph, path in self.low.origin.items():
             name = canonical_name(path)
             if name in weights:
                 self.low.weights[ph] = weights[name].to(self.low.weights[ph])
-        return calibrate(self.low, seqs, progress=progress)
+        return calibrate(self.low, seqs, hessian=hessian, progress=progress)
 
 
-def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Transformed float32 weights (canonical names, head untied) and a report of the
-    choices made, for the manifest and the ablation table."""
+def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, dict, dict]:
+    """(weights, quantized, report): transformed float32 weights (canonical names, head
+    untied; the GPTQ-rounded linears hold their dequantized values), the integer weights
+    GPTQ chose ({canonical name: W4Weights | ...}; empty without the `gptq` step), which the
+    compiler must pack as they are, and a report of the choices made, for the manifest and
+    the ablation table."""
     from .clip import clip_weights
+    from .gptq import gptq_weights
     from .reorder import reorder_channels
     from .rotate import rotate
     from .smooth import smooth_attention, smooth_linear
@@ -63,7 +77,23 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
             w, report["smooth_alpha"] = smooth_linear(cfg, w, st, scheme)
     if "reorder" in steps and scheme.group_size:
         w, _ = reorder_channels(cfg, w, graph.stats(w, seqs, progress))
-    if "clip" in steps:
-        w, report["clip_ratio"] = clip_weights(cfg, w, graph.stats(w, seqs, progress), scheme)
+    quantized, gptq = {}, "gptq" in steps
+    if "clip" in steps or gptq:
+        st = graph.stats(w, seqs, progress, hessian=gptq)
+        clipped = w
+        if "clip" in steps:
+            clipped, report["clip_ratio"] = clip_weights(cfg, w, st, scheme)
+        if gptq:  # the unclipped weights are the target; the clipped ones define the grid
+            quantized, floats, report["gptq"] = gptq_weights(cfg, w, st, scheme, clipped,
+                                                             progress=progress)
+            clipped = {**clipped, **floats}
+        w = clipped
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    return {k: v.cpu() for k, v in w.items()}, report
+    return ({k: v.cpu() for k, v in w.items()},
+            {k: _to_cpu(q) for k, q in quantized.items()}, report)
+
+
+def _to_cpu(qw):
+    return dataclasses.replace(qw, **{f.name: getattr(qw, f.name).cpu()
+                                      for f in dataclasses.fields(qw)
+                                      if torch.is_tensor(getattr(qw, f.name))})

@@ -5,8 +5,11 @@ The LM head (a linear whose result reaches the graph output through casts and vi
 is left in floating point unless asked. Emits: one `qcompile::quant_a8(x)` per distinct
 input x, placed right after x's producer (q/k/v sharing a norm share one quantization), and
 the GEMM op of the scheme with W quantized by round-to-nearest and packed in the kernel
-layout (new weight placeholders `<W>_q`, `<W>_s`, ...). Node walking, not a pattern: the
-replacement creates weight placeholders, which a pattern cannot.
+layout (new weight placeholders `<W>_q`, `<W>_s`, ...). `quantized` gives integer weights
+chosen earlier (GPTQ), keyed by canonical weight name: those are packed as they are, since
+RTN of their dequantized values recomputes the scales and need not give the same codes back.
+Node walking, not a pattern: the replacement creates weight placeholders, which a pattern
+cannot.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm import tqdm
 
+from qcompile.compiler.calibrate import canonical_name
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8, QuantScheme
 from qcompile.compiler.quantize import quantize_weight
 from qcompile.cutlass_templates.w4a8_layout import (W4A8_PER_CHANNEL, pack_group_params,
@@ -36,21 +40,21 @@ def _pad(v: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(v.float(), (0, n - v.shape[0]))
 
 
-def _pack_w8a8(w, scheme):
-    qw = quantize_weight(w, scheme)
+def _pack_w8a8(w, scheme, qw=None):
+    qw = quantize_weight(w, scheme) if qw is None else qw
     q = W8A8_ROW_MAJOR.pack(qw.q)
     return {"q": q, "s": _pad(qw.scale, q.shape[0])}
 
 
-def _pack_w4a8(w, scheme):
-    qw = quantize_weight(w, scheme)
+def _pack_w4a8(w, scheme, qw=None):
+    qw = quantize_weight(w, scheme) if qw is None else qw
     q = W4A8_PER_CHANNEL.pack(qw.q)
     np_ = q.shape[0] * 32
     return {"q": q, "s": _pad(qw.scale, np_), "zs": _pad(qw.zero * qw.scale, np_)}
 
 
-def _pack_w4a8_group(w, scheme):
-    qw = quantize_weight(w, scheme)
+def _pack_w4a8_group(w, scheme, qw=None):
+    qw = quantize_weight(w, scheme) if qw is None else qw
     q = w4a8_group_layout(scheme.group_size).pack(qw.q)
     s2, negzs = pack_group_params(qw.s2, qw.z2)
     return {"q": q, "s1": _pad(qw.s1, q.shape[0] * 32), "s2": s2, "negzs": negzs}
@@ -103,16 +107,37 @@ def _quantize_input(lowering: Lowering, x: fx.Node, memo: dict) -> tuple:
     return memo[x]
 
 
-def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = False) -> int:
+def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, scheme: QuantScheme,
+           quantized: dict):
+    """(W's canonical name, the integer weights given for it or None), checked against W
+    and the scheme."""
+    name = canonical_name(lowering.origin.get(wnode.name, wnode.name))
+    qw = quantized.get(name)
+    if qw is not None and (tuple(qw.q.shape) != tuple(w.shape)
+                           or type(qw) is not type(quantize_weight(w[:1], scheme))
+                           or getattr(qw, "group_size", None) != scheme.group_size):
+        raise ValueError(f"swap_gemm: the integer weights given for {name} "
+                         f"({type(qw).__name__} {tuple(qw.q.shape)}) do not fit its weight "
+                         f"{tuple(w.shape)} in {scheme.name}")
+    return name, qw
+
+
+def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = False,
+              quantized: dict | None = None) -> int:
     fmt, op = GEMM_FORMATS[scheme], GEMM_OPS[scheme]
-    memo, count = {}, 0
+    memo, count, quantized, used = {}, 0, quantized or {}, set()
     todo = list(_linears(lowering, include_head))
     for node, w in tqdm(todo, desc=f"quantize + pack ({scheme.name})", unit="linear",
                         leave=False, disable=None):  # disable=None: only on a terminal
         x, wnode = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
         xq, sx, xsum = _quantize_input(lowering, x, memo)
-        packed = fmt.pack(w.detach(), scheme)
+        name, qw = _given(lowering, wnode, w, scheme, quantized)
+        if qw is None:
+            packed = fmt.pack(w.detach(), scheme)
+        else:
+            packed = fmt.pack(w.detach(), scheme, qw)
+            used.add(name)
         wnodes = [lowering.add_weight(f"{wnode.name}_{k}", v) for k, v in packed.items()]
         out = node.meta["val"]
         args = (xq, sx, *((xsum,) if fmt.uses_sum else ()), *wnodes, bias, w.shape[0],
@@ -122,4 +147,7 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
         node.replace_all_uses_with(gemm)
         lowering.gm.graph.erase_node(node)
         count += 1
+    if set(quantized) - used:
+        raise ValueError(f"swap_gemm: integer weights given for linears it did not swap: "
+                         f"{sorted(set(quantized) - used)}")
     return count

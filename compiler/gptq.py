@@ -1,0 +1,181 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): round a linear's weights column by column, each rounding error fed
+back into the columns not yet rounded, so that the layer's OUTPUT stays close on calibration
+inputs rather than each weight separately.
+
+For a linear with weight W [N, K] and calibration inputs X [n, K], the objective is the squared
+output error ||X W^T - X Q^T||_F^2 / n = tr((W - Q) H (W - Q)^T) / 2 with H = 2 X^T X / n
+(`CalibStats.hessian`). Rows are independent under it and share H. Rounding column q to Q_q
+and re-optimizing the columns F not yet rounded (the OBS update) moves them by
+
+    dW_F = -(W_q - Q_q) / [H_F^-1]_qq * [H_F^-1]_{q,F}
+
+where H_F^-1 is the inverse Hessian of the columns still free, q included. Going left to right
+(no act-order), H_F^-1 after columns 0..q-1 are fixed is the Schur complement of the full H^-1,
+and row q of the upper Cholesky factor U of H^-1 (H^-1 = U^T U) is exactly
+[H_F^-1]_{q,q:} / sqrt([H_F^-1]_qq). So with U computed once:
+
+    err_q = (W_q - Q_q) / U_qq,    W_{:, q+1:} -= err_q U_{q, q+1:}.
+
+Lazy batches: the update of a column only matters when it is rounded, so within a block of
+`block` (128) columns the rank-1 updates touch the block only, and the columns to its right
+get all of them at once as one GEMM, E [N, B] @ U[block, right], at the end of the block
+(same result, cache-friendly).
+
+Numerics (as the paper): H is made positive definite by dampening, H + percdamp * mean(diag H)
+* I (percdamp 0.01); a dead input channel (diag 0: always zero on the calibration text) gets
+diag 1 and weight 0, which every grid here holds exactly (its code is the zero point). H and
+its Cholesky factors are float64, the weight updates float32.
+
+The grid. GPTQ only chooses the CODES: the quantization grid is exactly the scheme's
+round-to-nearest grid (`quantize.py`), computed ONCE, before the error feedback, from
+`grid_from` (the clipped weights when QoQ clipping ran, so the ratios `clip` chose define the
+grid; by default the weights themselves), and the rounding of each column is the scheme's own:
+
+* W8 (symmetric per channel): q = clamp(round(w / s), -127, 127);
+* W4 per channel: q = clamp(round(w / s) + z, 0, 15), z integer;
+* W4 progressive group: w8 = clamp(round(w / s1), -119, 119), q = clamp(round(w8 / s2) + z2,
+  0, 15) with the level-1 s1 of the row and the level-2 integer s2, z2 of the column's group.
+
+Grid parameters (s, z, s1, s2, z2) are thus bitwise those of RTN on `grid_from`, and with a
+diagonal H (no correlation between inputs: no feedback) GPTQ returns RTN's codes (tested).
+For groups the static grid is a choice: GPTQ's reference groupwise mode measures each group's
+range on the error-updated weights when the group starts. Those weights are no longer clipped,
+so that mode would undo the level-2 clip ratio searched by `clip`; a static grid keeps it (and
+would make act-order free to add). The target W need not lie on the grid's range: by default
+QoQ passes the UNCLIPPED weights as W, so the error of a clipped outlier is fed back too, and
+GPTQ minimizes the output error with respect to the float model, not to the clipped one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from tqdm import tqdm
+
+from .calibrate import CalibStats
+from .config import QuantScheme
+from .quantize import (PROTECTIVE_RANGE, W4GroupWeights, W4Weights, W8Weights, dequantize,
+                       quantize_weight)
+
+PERCDAMP = 0.01
+BLOCK = 128
+LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")  # the decoder linears QoQ transforms
+
+
+class _Rounder:
+    """The scheme's rounding with its grid fixed (taken from RTN integer weights `grid`):
+    codes and values of one column j of the weights."""
+
+    def __init__(self, grid):
+        if isinstance(grid, W8Weights):
+            self.s, self.z, self.qmin, self.qmax = grid.scale, torch.zeros_like(grid.scale), -127, 127
+        elif isinstance(grid, W4Weights):
+            self.s, self.z, self.qmin, self.qmax = grid.scale, grid.zero, 0, 15
+        elif isinstance(grid, W4GroupWeights):
+            k = grid.q.shape[1]
+            self.s1 = grid.s1
+            # [K, N]: row j holds column j's level-2 scale and zero (contiguous per column)
+            self.s2 = grid.s2.float().repeat_interleave(grid.group_size, dim=1)[:, :k].T.contiguous()
+            self.z2 = grid.z2.float().repeat_interleave(grid.group_size, dim=1)[:, :k].T.contiguous()
+        else:
+            raise TypeError(f"GPTQ has no grid for {type(grid).__name__}")
+        self.group = isinstance(grid, W4GroupWeights)
+
+    def __call__(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [N] (column j) -> (codes [N], the values they stand for [N]), both float32."""
+        if self.group:  # the same op order as quantize_w4_group / dequantize: bitwise RTN
+            s2, z2 = self.s2[j], self.z2[j]
+            w8 = torch.clamp(torch.round(w / self.s1), -PROTECTIVE_RANGE, PROTECTIVE_RANGE)
+            q = torch.clamp(torch.round(w8 / s2) + z2, 0, 15)
+            return q, (q - z2) * s2 * self.s1
+        q = torch.clamp(torch.round(w / self.s) + self.z, self.qmin, self.qmax)
+        return q, (q - self.z) * self.s
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): U [K, K] float64 upper triangular with U^T U = (H')^-1, H' = H with dead
+    channels' diagonal set to 1, dampened by percdamp * mean(diag); dead [K] bool."""
+    h = h.detach().to(torch.float64, copy=True)
+    if h.dim() != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"Hessian must be square [K, K], got {tuple(h.shape)}")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("Hessian has non-finite entries (inf/nan in the calibration inputs?)")
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info:
+        raise ValueError(f"Hessian not positive definite after dampening {percdamp} (leading "
+                         f"minor {int(info)}): raise percdamp or calibrate on more tokens")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True), dead
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, *,
+                  grid_from: torch.Tensor | None = None, percdamp: float = PERCDAMP,
+                  block: int = BLOCK) -> W8Weights | W4Weights | W4GroupWeights:
+    """Integer weights of w [N, K] for `scheme`, chosen by GPTQ under H [K, K] on the RTN grid
+    of `grid_from` (default w; same shape): see the module docstring."""
+    src = w if grid_from is None else grid_from
+    if src.shape != w.shape or h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"shapes do not match: w {tuple(w.shape)}, grid_from "
+                         f"{tuple(src.shape)}, H {tuple(h.shape)}")
+    grid = quantize_weight(src.detach().float(), scheme)  # the grid: RTN's parameters
+    rnd = _Rounder(grid)
+    u, dead = inverse_hessian_factor(h.to(w.device), percdamp)
+    u = u.float()
+    w = w.detach().float().clone()
+    w[:, dead] = 0.0  # never seen: 0 is on every grid, and no error to feed back
+    n, k = w.shape
+    codes = torch.empty(n, k, dtype=torch.float32, device=w.device)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, ub = w[:, b0:b1].T.contiguous(), u[b0:b1, b0:b1]  # [B, N]: a column per row
+        err = torch.empty_like(wb)
+        for i in range(b1 - b0):
+            q, v = rnd(wb[i], b0 + i)
+            codes[:, b0 + i] = q
+            err[i] = (wb[i] - v) / ub[i, i]
+            wb[i + 1:] -= ub[i, i + 1:, None] * err[i]  # rank-1 update of the block's rest
+        w[:, b1:] -= err.T @ u[b0:b1, b1:]  # the block's updates, lazily, to the columns right
+    return dataclasses.replace(grid, q=codes.to(grid.q.dtype))
+
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T): with H = 2 X^T X / n, twice the mean squared output error of
+    the linear over the calibration tokens (float64)."""
+    d = (w.double() - wq.double()).to(h.device)
+    return float(((d @ h.double()) * d).sum())
+
+
+@torch.no_grad()
+def gptq_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, scheme: QuantScheme,
+                 grid_weights: dict[str, torch.Tensor] | None = None, *,
+                 percdamp: float = PERCDAMP, progress: bool = False) -> tuple[dict, dict, dict]:
+    """GPTQ every decoder linear (the LM head keeps its own rounding, like `clip`).
+
+    weights: the float weights to approximate (canonical names); grid_weights: the weights
+    whose RTN grid is used (the clipped ones; default `weights`). Returns (integer weights
+    {name: W8Weights | ...}, their dequantized float weights {name: [N, K]} in the weights'
+    dtype, report). The report has, per linear, the output error of GPTQ relative to RTN on
+    the same grid, tr(dW H dW^T) of each against `weights` (Hessian of all calibration
+    tokens), and its mean."""
+    grid_weights = weights if grid_weights is None else grid_weights
+    names = [f"layers.{i}.{lin}" for i in range(cfg.num_layers) for lin in LINEARS]
+    quantized, floats, ratio, t0 = {}, {}, {}, time.perf_counter()
+    for name in tqdm(names, desc="gptq", disable=not progress, unit="linear"):
+        h, w, wg = stats.hessian(name), weights[name], grid_weights[name]
+        qw = gptq_quantize(w, h, scheme, grid_from=wg, percdamp=percdamp)
+        wq = dequantize(qw)
+        e_rtn = output_error(w, dequantize(quantize_weight(wg.float(), scheme)), h)
+        ratio[name] = round(output_error(w, wq, h) / e_rtn, 4) if e_rtn > 0 else 1.0
+        quantized[name], floats[name] = qw, wq.to(w.dtype)
+    report = {"error_vs_rtn": ratio,
+              "mean_error_reduction": round(1 - sum(ratio.values()) / len(ratio), 4),
+              "hessian_tokens": max(stats.tokens.values(), default=0),
+              "percdamp": percdamp, "seconds": round(time.perf_counter() - t0, 1)}
+    return quantized, floats, report
