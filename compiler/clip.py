@@ -61,7 +61,7 @@ from qcompile.runtime.ops.quant import quant_a8_ref
 
 from .calibrate import CalibStats
 from .config import QuantScheme
-from .quantize import PROTECTIVE_RANGE, _safe, dequantize, quantize_weight
+from .quantize import PROTECTIVE_RANGE, _safe, dequantize, fp16_scale, quantize_weight
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 MAX_ELEMENTS = 1 << 21  # per [R, n, K] / [S, R * n] intermediate (8 MiB in float32: cache-sized)
@@ -141,13 +141,19 @@ def _fake_quant_clipped(w: torch.Tensor, ratios: torch.Tensor,
             qlo, qhi = -z, 15 - z
         out = torch.clamp(w[None], lo, hi).div_(s).round_()
         return out.clamp_(qlo, qhi).mul_(s)
+    wg = _groups(w, scheme.group_size)[None]
+    if scheme.act_bits >= 16:  # quantize_w4_group_fp: float16 scale, integer zero per group
+        s = fp16_scale(lo, hi)
+        z = torch.clamp(torch.round(-lo / s), 0, 15)
+        out = torch.clamp(wg, lo, hi).div_(s).round_().clamp_(-z, 15 - z).mul_(s).view(nr, n, -1)
+        return out[..., :k] if out.shape[-1] != k else out
     # quantize_w4_group: level 1 symmetric INT8 per row, level 2 UINT4 per group
     s1 = _safe(torch.maximum(-lo, hi).amax(dim=2, keepdim=True) / PROTECTIVE_RANGE)
     lo8 = torch.clamp(torch.round(lo / s1), -PROTECTIVE_RANGE, PROTECTIVE_RANGE).clamp(max=0)
     hi8 = torch.clamp(torch.round(hi / s1), -PROTECTIVE_RANGE, PROTECTIVE_RANGE).clamp(min=0)
     s2 = torch.clamp(torch.round((hi8 - lo8) / 15), min=1)
     z2 = torch.clamp(torch.round(-lo8 / s2), 0, 15)
-    out = torch.clamp(_groups(w, scheme.group_size)[None], lo, hi).div_(s1).round_()
+    out = torch.clamp(wg, lo, hi).div_(s1).round_()
     out = out.clamp_(-PROTECTIVE_RANGE, PROTECTIVE_RANGE).div_(s2).round_()
     out = out.clamp_(-z2, 15 - z2).mul_(s2).mul_(s1).view(nr, n, -1)
     return out[..., :k] if out.shape[-1] != k else out

@@ -29,6 +29,8 @@ W8A8 = QuantScheme(8, 8, None, True)
 W4A8 = QuantScheme(4, 8, None, False)
 W4A8_G128 = QuantScheme(4, 8, 128, False)
 W4A8_G64 = QuantScheme(4, 8, 64, False)
+# Weight-only baseline (AWQ/GPTQ-style): activations stay in the program dtype (act_bits 16).
+W4A16_G128 = QuantScheme(4, 16, 128, False)
 
 # --precision value -> weight/activation scheme (None: keep floating-point linears).
 PRECISIONS: dict[str, QuantScheme | None] = {
@@ -37,6 +39,7 @@ PRECISIONS: dict[str, QuantScheme | None] = {
     "w4a8": W4A8,
     "w4a8-g128": W4A8_G128,
     "w4a8-g64": W4A8_G64,
+    "w4a16-g128": W4A16_G128,
 }
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")

@@ -14,6 +14,9 @@ from torch import fx
 import qcompile.runtime.ops  # noqa: F401  (registers torch.ops.qcompile)
 from qcompile.cutlass_templates.configs import configs_for
 
+# op -> kernel kind. `qcompile::gemm_w4a16` (the weight-only baseline) is deliberately absent:
+# it has no kernel and runs its reference on every device, so it asks for nothing here and
+# runtime/gemm_kernels.py registers no CUDA implementation for it (no fallback is counted).
 _OPS = {
     torch.ops.qcompile.gemm_w8a8.default: lambda a: "w8a8",
     torch.ops.qcompile.gemm_w4a8.default: lambda a: "w4a8",

@@ -38,6 +38,15 @@ class W4GroupWeights:
     group_size: int
 
 
+@dataclass
+class W4FloatGroupWeights:
+    """W4A16 (weight-only): w ~ (q - z) * s per group of g input channels."""
+    q: torch.Tensor      # [N, K] uint8 in [0, 15]
+    scale: torch.Tensor  # [N, K/g] float16 (the stored scale; codes are rounded against it)
+    zero: torch.Tensor   # [N, K/g] uint8 in [0, 15], integer zero point
+    group_size: int
+
+
 def _safe(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
@@ -78,6 +87,30 @@ def quantize_w4_group(w: torch.Tensor, group_size: int) -> W4GroupWeights:
     return W4GroupWeights(q, s1, s2.to(torch.uint8), z2.to(torch.uint8), group_size)
 
 
+def fp16_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """W4A16 group scale (hi - lo) / 15 rounded to float16, as stored, returned as float32
+    (clipping's search reuses it, so its fake quantization is bitwise the quantizer's)."""
+    s = ((hi - lo) / 15).clamp(max=torch.finfo(torch.float16).max).half().float()
+    return _safe(s)
+
+
+def quantize_w4_group_fp(w: torch.Tensor, group_size: int) -> W4FloatGroupWeights:
+    """Weight-only W4 (AWQ/GPTQ checkpoint format): asymmetric UINT4 per group of g input
+    channels with a float16 scale and an integer zero, over the zero-including range as
+    `quantize_w4_per_channel`. No INT8 constraint (activations stay float), so no level 1."""
+    w = w.float()
+    n, k = w.shape
+    if k % group_size:
+        w = torch.nn.functional.pad(w, (0, group_size - k % group_size))
+    g = w.view(n, -1, group_size)
+    lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+    s = fp16_scale(lo, hi)
+    z = torch.clamp(torch.round(-lo / s), 0, 15)
+    q = torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, 15)
+    q = q.view(n, -1)[:, :k].to(torch.uint8)
+    return W4FloatGroupWeights(q, s.half(), z.to(torch.uint8), group_size)
+
+
 def dequantize(qw) -> torch.Tensor:
     """Float weight [N, K] the integer weights stand for (for tests and fake quant)."""
     if isinstance(qw, W8Weights):
@@ -85,6 +118,10 @@ def dequantize(qw) -> torch.Tensor:
     if isinstance(qw, W4Weights):
         return (qw.q.float() - qw.zero[:, None]) * qw.scale[:, None]
     k = qw.q.shape[1]
+    if isinstance(qw, W4FloatGroupWeights):
+        s = qw.scale.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
+        z = qw.zero.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
+        return (qw.q.float() - z) * s
     s2 = qw.s2.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
     z2 = qw.z2.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
     return (qw.q.float() - z2) * s2 * qw.s1[:, None]
@@ -95,4 +132,6 @@ def quantize_weight(w: torch.Tensor, scheme: QuantScheme):
         return quantize_w8(w)
     if scheme.group_size is None:
         return quantize_w4_per_channel(w)
+    if scheme.act_bits >= 16:  # weight-only: float scales, no INT8 tensor-core input to fit
+        return quantize_w4_group_fp(w, scheme.group_size)
     return quantize_w4_group(w, scheme.group_size)

@@ -22,7 +22,8 @@ input dict and its tensors are never modified. Math is float32; each tensor keep
   s_j = max|X_j| ** a / max|W_:,j| ** (1 - a), clamped to [1e-5, 1e5]. The migration
   strength a is searched per layer and per linear over a grid: the one minimizing the
   squared output error of the fake-quantized linear on the calibration samples,
-  || X W^T - Q_a(X / s) Q_w(W diag(s))^T ||_F^2, Q_a per-token INT8 (`quant_a8_ref`),
+  || X W^T - Q_a(X / s) Q_w(W diag(s))^T ||_F^2, Q_a per-token INT8 (`quant_a8_ref`; the
+  identity for weight-only schemes, which makes this AWQ's activation-aware scale search),
   Q_w round-to-nearest of the scheme (`quantize_weight` + `dequantize`). Ties go to the
   smaller a.
 """
@@ -31,9 +32,9 @@ from __future__ import annotations
 import torch
 
 from qcompile.models.config import ModelConfig
-from qcompile.runtime.ops.quant import quant_a8_ref
 
 from .calibrate import CalibStats
+from .clip import fake_quant_act
 from .config import QuantScheme
 from .quantize import dequantize, quantize_weight
 
@@ -93,12 +94,6 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
     return (xa.pow(alpha) / wa.pow(1 - alpha)).clamp(*SCALE_RANGE)
 
 
-def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Per-token INT8 quantize-dequantize (`quant_a8_ref` semantics: x_q * s_x)."""
-    xq, s, _ = quant_a8_ref(x)
-    return xq.float() * s
-
-
 def quantized_output_error(samples: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                            scheme: QuantScheme) -> float:
     """|| X W^T - Q_a(X / s) Q_w(W diag(s))^T ||_F^2 over the sample rows X [S, K]; w [N, K],
@@ -110,7 +105,7 @@ def quantized_output_error(samples: torch.Tensor, w: torch.Tensor, s: torch.Tens
     for x in samples.split(_ROWS_PER_CHUNK):
         x = x.float().to(w.device)
         ref = x @ w.T
-        got = fake_quant_act(x / s) @ wq.T
+        got = fake_quant_act(x / s, scheme.act_bits) @ wq.T
         err += (ref - got).pow(2).sum().item()
     return err
 

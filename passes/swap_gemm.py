@@ -2,8 +2,9 @@
 
 Matches: `aten.linear(x, W[, b])` where W is a weight (placeholder with a known value).
 The LM head (a linear whose result reaches the graph output through casts and views only)
-is left in floating point unless asked. Emits: one `qcompile::quant_a8(x)` per distinct
-input x, placed right after x's producer (q/k/v sharing a norm share one quantization), and
+is left in floating point unless asked. Emits: for schemes with quantized activations, one
+`qcompile::quant_a8(x)` per distinct input x, placed right after x's producer (q/k/v sharing a
+norm share one quantization; weight-only schemes, act_bits 16, read x itself), and
 the GEMM op of the scheme with W quantized by round-to-nearest and packed in the kernel
 layout (new weight placeholders `<W>_q`, `<W>_s`, ...). `quantized` gives integer weights
 chosen earlier (GPTQ), keyed by canonical weight name: those are packed as they are, since
@@ -23,10 +24,11 @@ from torch import fx
 from tqdm import tqdm
 
 from qcompile.compiler.calibrate import canonical_name
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8, QuantScheme
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8, QuantScheme
 from qcompile.compiler.quantize import quantize_weight
 from qcompile.cutlass_templates.w4a8_layout import (W4A8_PER_CHANNEL, pack_group_params,
                                                      w4a8_group_layout)
+from qcompile.cutlass_templates.w4a16_layout import w4a16_layout
 from qcompile.cutlass_templates.w8a8_layout import W8A8_ROW_MAJOR
 from qcompile.runtime.ops import GEMM_OPS
 
@@ -60,10 +62,17 @@ def _pack_w4a8_group(w, scheme, qw=None):
     return {"q": q, "s1": _pad(qw.s1, q.shape[0] * 32), "s2": s2, "negzs": negzs}
 
 
+def _pack_w4a16(w, scheme, qw=None):
+    qw = quantize_weight(w, scheme) if qw is None else qw
+    layout = w4a16_layout(scheme.group_size)
+    s, z = layout.pack_params(qw.scale, qw.zero)
+    return {"q": layout.pack(qw.q), "s": s, "z": z}
+
+
 @dataclass(frozen=True)
 class GemmFormat:
     """How a scheme's GEMM op is called: (x_q, s_x, [sum x_q], *weights, bias, n, *extra,
-    out_dtype)."""
+    out_dtype), or (x, *weights, ...) for weight-only schemes (act_bits 16)."""
     pack: Callable[[torch.Tensor, QuantScheme], dict]
     uses_sum: bool
     extra: Callable[[QuantScheme], tuple] = lambda s: ()
@@ -74,6 +83,7 @@ GEMM_FORMATS = {
     W4A8: GemmFormat(_pack_w4a8, uses_sum=True),
     W4A8_G128: GemmFormat(_pack_w4a8_group, uses_sum=False, extra=lambda s: (s.group_size,)),
     W4A8_G64: GemmFormat(_pack_w4a8_group, uses_sum=False, extra=lambda s: (s.group_size,)),
+    W4A16_G128: GemmFormat(_pack_w4a16, uses_sum=False, extra=lambda s: (s.group_size,)),
 }
 
 
@@ -107,6 +117,16 @@ def _quantize_input(lowering: Lowering, x: fx.Node, memo: dict) -> tuple:
     return memo[x]
 
 
+def _activation_args(lowering: Lowering, x: fx.Node, scheme: QuantScheme, fmt: GemmFormat,
+                     memo: dict) -> tuple:
+    """The GEMM's activation operands: x itself for weight-only schemes, else
+    (x_q, s_x[, sum x_q]) of x's one quant_a8."""
+    if scheme.act_bits >= 16:
+        return (x,)
+    xq, sx, xsum = _quantize_input(lowering, x, memo)
+    return (xq, sx, *((xsum,) if fmt.uses_sum else ()))
+
+
 def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, scheme: QuantScheme,
            quantized: dict):
     """(W's canonical name, the integer weights given for it or None), checked against W
@@ -131,7 +151,7 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
                         leave=False, disable=None):  # disable=None: only on a terminal
         x, wnode = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
-        xq, sx, xsum = _quantize_input(lowering, x, memo)
+        xargs = _activation_args(lowering, x, scheme, fmt, memo)
         name, qw = _given(lowering, wnode, w, scheme, quantized)
         if qw is None:
             packed = fmt.pack(w.detach(), scheme)
@@ -140,8 +160,7 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
             used.add(name)
         wnodes = [lowering.add_weight(f"{wnode.name}_{k}", v) for k, v in packed.items()]
         out = node.meta["val"]
-        args = (xq, sx, *((xsum,) if fmt.uses_sum else ()), *wnodes, bias, w.shape[0],
-                *fmt.extra(scheme), out.dtype)
+        args = (*xargs, *wnodes, bias, w.shape[0], *fmt.extra(scheme), out.dtype)
         with lowering.gm.graph.inserting_before(node):
             gemm = lowering.call(op, args)
         node.replace_all_uses_with(gemm)

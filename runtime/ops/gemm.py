@@ -1,4 +1,5 @@
 """Quantized GEMM ops: y[..., n] = dequant(x_q . w_q) in the activation dtype.
+The weight-only W4A16 op takes x itself: y = x . dequant(w_q).
 
 Weights arrive packed in their kernel layout (`cutlass_templates/`); the references unpack
 them, so a CPU run checks the artifact's bytes, layout included. K is zero-padded to the
@@ -11,8 +12,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8
 from qcompile.cutlass_templates.w4a8_layout import unpack_group_params, unpack_w4
+from qcompile.cutlass_templates.w4a16_layout import dequantize_packed
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,6 +96,17 @@ def gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n: int, group_size: int,
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
 
 
+def gemm_w4a16_ref(x, w, s, z, bias, n: int, group_size: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only W4 (no kernel: this runs on every device). w [Np, Kp/2] uint8, s [Np, Kp/g]
+    float16, z [Np, Kp/g] uint8 (w4a16_g{g}_rm). The weight (q - z) * s is rounded to the
+    activation dtype, as a dequantizing kernel feeding fp16 tensor cores does; the product
+    accumulates in float32."""
+    wf = _decoded(w, dequantize_packed, s, z, group_size).to(x.dtype)
+    y = _flat(x, w.shape[1] * 2).float() @ wf.float().t()
+    return _finish(y, bias, x.shape[:-1], n, out_dtype)
+
+
 # The ops. Their default implementation is the reference, on any device; runtime/gemm_kernels.py
 # registers the CUDA kernels for CUDA tensors.
 @torch.library.custom_op("qcompile::gemm_w8a8", mutates_args=())
@@ -116,6 +129,13 @@ def gemm_w4a8_group(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, s1: tor
     return gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype)
 
 
+@torch.library.custom_op("qcompile::gemm_w4a16", mutates_args=())
+def gemm_w4a16(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+               bias: torch.Tensor | None, n: int, group_size: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w4a16_ref(x, w, s, z, bias, n, group_size, out_dtype)
+
+
 def _fake_out(xq, n, out_dtype):
     return xq.new_empty(xq.shape[:-1] + (n,), dtype=out_dtype)
 
@@ -125,11 +145,13 @@ gemm_w4a8.register_fake(
     lambda xq, sx, xsum, w, s, zs, bias, n, out_dtype: _fake_out(xq, n, out_dtype))
 gemm_w4a8_group.register_fake(
     lambda xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype: _fake_out(xq, n, out_dtype))
+gemm_w4a16.register_fake(
+    lambda x, w, s, z, bias, n, group_size, out_dtype: _fake_out(x, n, out_dtype))
 
 # scheme -> the plain reference function (callable on any device without dispatch: tests and
 # benchmarks compare kernels with it).
 GEMM_REFERENCES = {W8A8: gemm_w8a8_ref, W4A8: gemm_w4a8_ref, W4A8_G128: gemm_w4a8_group_ref,
-                   W4A8_G64: gemm_w4a8_group_ref}
+                   W4A8_G64: gemm_w4a8_group_ref, W4A16_G128: gemm_w4a16_ref}
 
 # scheme -> the op that runs it (rows, not branches: W4A4 adds a row).
 GEMM_OPS = {
@@ -137,4 +159,5 @@ GEMM_OPS = {
     W4A8: torch.ops.qcompile.gemm_w4a8.default,
     W4A8_G128: torch.ops.qcompile.gemm_w4a8_group.default,
     W4A8_G64: torch.ops.qcompile.gemm_w4a8_group.default,
+    W4A16_G128: torch.ops.qcompile.gemm_w4a16.default,  # reference only: no kernel is built
 }

@@ -9,14 +9,14 @@ from qcompile.compiler.capture import KVSpec
 from qcompile.compiler.clip import (DEFAULT_RATIOS, _clip_many, _fake_quant_clipped, _ratios,
                                     clip_weight, clip_weights, row_errors,
                                     search_clip_ratio)
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8
 from qcompile.compiler.quantize import dequantize, quantize_weight
 from qcompile.compiler.reorder import permute_stats, reorder_channels
 from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import load_checkpoint
 from qcompile.runtime.ops.quant import quant_a8_ref
 
-SCHEMES = [W4A8, W4A8_G128, W4A8_G64, W8A8]
+SCHEMES = [W4A8, W4A8_G128, W4A8_G64, W8A8, W4A16_G128]
 LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
@@ -123,10 +123,11 @@ def test_permute_stats_matches_reordered_activations(ckpt):
 
 def _out_err(w, x, scheme, wc=None):
     """|| X W^T - Q_a(X) Q_w(Wc)^T ||^2 (Wc: the clipped W, default W), computed directly from
-    the runtime's quantizers."""
+    the runtime's quantizers (Q_a the identity for weight-only schemes)."""
     xq, s, _ = quant_a8_ref(x)
+    xa = x if scheme.act_bits >= 16 else xq.float() * s
     wq = dequantize(quantize_weight(w if wc is None else wc, scheme))
-    return (x @ w.T - (xq.float() * s) @ wq.T).pow(2).sum().item()
+    return (x @ w.T - xa @ wq.T).pow(2).sum().item()
 
 
 @pytest.mark.parametrize("k", [256, 200])  # 200: a partial last group

@@ -37,6 +37,15 @@ def test_graph_gemm_shapes_and_requests(ckpt, precision, kind):
             assert select_config(k, m, n, kk).name(k) in names
 
 
+def test_weight_only_graph_needs_no_kernels(ckpt):
+    """gemm_w4a16 has no kernel (its reference runs everywhere): no shape, no request."""
+    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights),
+                                         KVSpec.of(ckpt.config, "fp16", 16, torch.float32)))
+    run_pipeline(low, CompileConfig(precision="w4a16-g128", kv="fp16", kernels="skip"))
+    assert any(n.target == torch.ops.qcompile.gemm_w4a16.default for n in low.gm.graph.nodes)
+    assert gemm_shapes(low.gm) == [] and kernel_requests(gemm_shapes(low.gm)) == []
+
+
 def test_float_graph_needs_no_kernels(ckpt):
     low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights),
                                          KVSpec.of(ckpt.config, "fp16", 16, torch.float32)))

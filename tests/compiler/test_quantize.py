@@ -3,7 +3,7 @@ format's guarantee that (q - z2) * s2 fits in int8."""
 import pytest
 import torch
 
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8
 from qcompile.compiler.quantize import (PROTECTIVE_RANGE, dequantize, quantize_w4_group,
                                         quantize_weight)
 
@@ -21,7 +21,8 @@ def _sqnr_db(ref, got):
     return 10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum()).item()
 
 
-@pytest.mark.parametrize("scheme,min_db", [(W8A8, 38), (W4A8, 15), (W4A8_G128, 17), (W4A8_G64, 18)])
+@pytest.mark.parametrize("scheme,min_db", [(W8A8, 38), (W4A8, 15), (W4A8_G128, 17), (W4A8_G64, 18),
+                                            (W4A16_G128, 19)])
 def test_dequantized_weights_are_close(w, scheme, min_db):
     qw = quantize_weight(w, scheme)
     deq = dequantize(qw)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from qcompile.compiler.calibrate import CalibStats
 from qcompile.compiler.capture import KVSpec
-from qcompile.compiler.config import W4A8, W4A8_G128, W8A8
+from qcompile.compiler.config import W4A8, W4A8_G128, W4A16_G128, W8A8
 from qcompile.compiler.smooth import (ALPHAS, attention_lambdas, fake_quant_act,
                                       quantized_output_error, search_alpha, smooth_attention,
                                       smooth_linear)
@@ -260,7 +260,7 @@ def test_smooth_keeps_dtypes(model):
 # ------------------------------------------------------------------------ synthetic alpha search
 
 
-@pytest.mark.parametrize("scheme", [W4A8, W4A8_G128, W8A8])
+@pytest.mark.parametrize("scheme", [W4A8, W4A8_G128, W8A8, W4A16_G128])
 def test_alpha_search_beats_no_smoothing_on_outlier_channels(scheme):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 256, generator=g)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qcompile.cutlass_templates.layouts import LAYOUTS, get_layout
+from qcompile.cutlass_templates.w4a16_layout import dequantize_packed, unpack_codes, w4a16_layout
 from qcompile.cutlass_templates.w4a8_layout import (
     W4A8_PER_CHANNEL,
     pack_group_params,
@@ -32,7 +33,8 @@ def _ref_coord(lane, word, byte, nibble):
 
 
 def test_registry():
-    assert set(LAYOUTS) == {"w4a8_pc_sm80", "w4a8_g64_sm80", "w4a8_g128_sm80", "w8a8_rm"}
+    assert set(LAYOUTS) == {"w4a8_pc_sm80", "w4a8_g64_sm80", "w4a8_g128_sm80", "w8a8_rm",
+                            "w4a16_g128_rm"}
     assert get_layout("w4a8_g128_sm80").k_multiple == 128
     with pytest.raises(KeyError, match="w8a8_rm"):
         get_layout("nope")
@@ -163,3 +165,39 @@ def test_bad_inputs():
         pack_group_params(torch.ones(4, 2, dtype=torch.uint8), torch.full((4, 2), 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="int8"):
         W8A8_ROW_MAJOR.pack(torch.zeros(4, 4, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (33, 576), (192, 200), (64, 1536)])
+def test_w4a16_round_trip_and_padding(n, k):
+    """Two codes a byte, low nibble = even k; scales/zeros row-major [Np, Kp/g]; padded rows
+    dequantize to 0."""
+    layout = get_layout("w4a16_g128_rm")
+    gen = torch.Generator().manual_seed(n + k)
+    q = _rand_q(n, k, seed=n + k)
+    groups = -(-k // 128)
+    scale = torch.rand(n, groups, generator=gen) + 0.01
+    zero = torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
+    packed = layout.pack(q)
+    np_, kp = layout.padded_shape(n, k)
+    assert np_ % 32 == 0 and kp % 128 == 0
+    assert packed.dtype == torch.uint8 and packed.shape == (np_, kp // 2)
+    assert torch.equal(packed[:n, 0] & 0xF, q[:, 0]) and torch.equal(packed[:n, 0] >> 4, q[:, 1])
+    assert torch.equal(layout.unpack(packed, n, k), q)
+    full = unpack_codes(packed)
+    assert full.shape == (np_, kp) and not full[n:].any() and not full[:, k:].any()
+    s, z = layout.pack_params(scale, zero)
+    assert s.dtype == torch.float16 and z.dtype == torch.uint8 and s.shape == z.shape == (np_, groups)
+    assert torch.equal(s[:n], scale.half()) and torch.equal(z[:n], zero)
+    w = dequantize_packed(packed, s, z, 128)
+    g = torch.arange(k) // 128
+    want = (q.float() - zero[:, g].float()) * scale.half().float()[:, g]
+    assert torch.equal(w[:n, :k], want) and not w[n:].any()
+
+
+def test_w4a16_bad_inputs():
+    with pytest.raises(ValueError, match="uint8"):
+        get_layout("w4a16_g128_rm").pack(torch.zeros(4, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="above 15"):
+        get_layout("w4a16_g128_rm").pack(torch.full((4, 4), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="even"):
+        w4a16_layout(33)

@@ -1,5 +1,6 @@
 """passes/swap_gemm.py: every linear with a weight placeholder (LM head excluded) becomes
-`quant_a8(x)` + the scheme's GEMM op on packed weights; the bias is carried.
+`quant_a8(x)` + the scheme's GEMM op on packed weights; the bias is carried. The weight-only
+W4A16 scheme gets no `quant_a8`: its GEMM reads x itself (`test_swap_weight_only`).
 
 Numerics, three ways:
 * per GEMM (exact up to float32 rounding): run the swapped graph, and for every GEMM node check
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.compiler.capture import KVSpec, example_inputs
-from qcompile.compiler.config import PRECISIONS, W8A8
+from qcompile.compiler.config import PRECISIONS, W4A16_G128, W8A8
 from qcompile.compiler.quantize import dequantize, quantize_weight
 from qcompile.models.loaders import load_checkpoint
 from qcompile.passes.base import Lowering, call_targets, run_pass
@@ -30,7 +31,7 @@ from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
 
 aten = torch.ops.aten
 QUANT_A8 = torch.ops.qcompile.quant_a8.default
-SCHEMES = {name: s for name, s in PRECISIONS.items() if s is not None}
+SCHEMES = {name: s for name, s in PRECISIONS.items() if s is not None and s.act_bits < 16}
 LINEARS = 8  # 4 per layer (wqkv, wo, w_gate_up, w_down) x 2 layers; the LM head stays float
 
 # Per GEMM, max |y - y_ref| relative to the largest |y_ref| of that GEMM: float32 rounding only
@@ -42,7 +43,8 @@ FAKE_QUANT_RTOL = 1e-4
 # Logits against the float graph (relative L2). W8A8: measured 1.9-2.1% on the tiny models,
 # bound 5%. 4-bit: round-to-nearest over K = 64/96 puts ~9% error on each weight (DESIGN.md
 # numerics, no QoQ transforms here); 8 GEMMs compound to 20-31% measured; bound 40%.
-FLOAT_RTOL = {"w8a8": 0.05, "w4a8": 0.40, "w4a8-g128": 0.40, "w4a8-g64": 0.40}
+FLOAT_RTOL = {"w8a8": 0.05, "w4a8": 0.40, "w4a8-g128": 0.40, "w4a8-g64": 0.40,
+              "w4a16-g128": 0.40}
 
 
 def _dequant(w: torch.Tensor, scheme) -> torch.Tensor:
@@ -169,6 +171,43 @@ def test_swap(tiny_qwen2, qwen2_canonical, precision):
     out = _check_gemm_numerics(low, op, inputs, origin, float_weights, scheme)
     assert _rel(out[0], fq_logits) < FAKE_QUANT_RTOL
     assert _rel(out[0], float_logits) < FLOAT_RTOL[precision]
+
+
+def test_swap_weight_only(tiny_qwen2, qwen2_canonical):
+    """w4a16-g128: no quant_a8 anywhere; each GEMM reads its linear's input x and computes
+    x @ dequant(W)^T + b; the logits equal the graph with dequantized weights."""
+    scheme, op = W4A16_G128, GEMM_OPS[W4A16_G128]
+    inputs = example_inputs(KVSpec.of(tiny_qwen2.config, "fp16", 16, torch.float32))
+    low = qwen2_canonical()
+    float_logits = low(*inputs)[0]
+    origin = {name: (n.args[0].name, n.args[2].name if len(n.args) > 2 else None)
+              for name, n in _linears(low).items()}
+    float_weights = dict(low.weights)
+    ref = qwen2_canonical()
+    for name in origin:
+        if name != "b_top_lm_head":
+            ref.weights[name] = _dequant(ref.weights[name], scheme)
+    dequant_logits = ref(*inputs)[0]
+
+    res = run_pass(swap_gemm, low, scheme)
+
+    assert res.matches == LINEARS
+    ops = Counter(call_targets(low.gm))
+    assert ops[op] == LINEARS and ops[QUANT_A8] == 0 and ops[aten.linear.default] == 1
+    rec = _GemmRecorder(low.gm, op)
+    out = rec.run(*low.weights.values(), *inputs)
+    assert len(rec.seen) == LINEARS
+    for gemm, (args, y) in rec.seen.items():
+        name = _gemm_weight_name(gemm, low)
+        x_name, bias = origin[name]
+        assert gemm.args[0].name == x_name and name not in low.weights
+        y_ref = args[0].double() @ _dequant(float_weights[name], scheme).double().t()
+        if bias is not None:
+            y_ref = y_ref + float_weights[bias].double()
+        err = (y.double() - y_ref).abs().max() / y_ref.abs().max()
+        assert y.dtype == torch.float32 and err < GEMM_RTOL, f"{gemm.name} ({name}): {err:.2e}"
+    assert _rel(out[0], dequant_logits) < FAKE_QUANT_RTOL
+    assert _rel(out[0], float_logits) < FLOAT_RTOL["w4a16-g128"]
 
 
 def test_float16_graph_matches(tiny_qwen2, decoder_lowering):
