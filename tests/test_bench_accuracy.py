@@ -1,0 +1,62 @@
+"""bench/accuracy.py on a tiny checkpoint: two rows, both KV formats, a few short sequences.
+The table, chart and cache are written, the numbers are finite, and a rerun is all cache."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_rows_are_data(bench):
+    from qcompile.compiler.config import CompileConfig
+    names = [r.name for r in bench.ROWS]
+    assert len(names) == len(set(names)) and "FP16" in names and "W4A16 g128 RTN" in names
+    pc = [r for r in bench.ROWS if r.table == "ablation W4A8 per-channel KV4"]
+    assert [r.name.split(": ")[1] for r in pc][:2] == ["RTN", "+smooth_attention"]
+    assert not any("reorder" in r.name for r in pc)  # reordering only acts on groups
+    assert pc[-2].options == bench.qoq("w4a8")  # all steps = the recipe
+    for row in bench.ROWS:  # every row either builds a config or says why not
+        cfg = bench.config_of(row, "int4")
+        assert isinstance(cfg, CompileConfig) or cfg.startswith("not implemented")
+        if isinstance(cfg, CompileConfig):
+            assert (cfg.dtype, cfg.kernels) == ("float32", "skip")
+
+
+def test_runner_on_tiny_checkpoint(bench, make_tiny_checkpoint, tmp_path, capsys):
+    model = make_tiny_checkpoint("llama", num_hidden_layers=1)
+    argv = ["--model", str(model), "--rows", "^(FP16|W4A16 g128 RTN)$", "--num-seqs", "2",
+            "--seq-len", "32", "--out", str(tmp_path), "--stem", "acc"]
+
+    assert bench.main(argv) == 0
+
+    results = json.loads((tmp_path / "acc.json").read_text())["results"]
+    assert len(results) == 4  # 2 rows x 2 KV formats
+    for r in results.values():
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and r["tokens"] == 62
+        assert r["compile_seconds"] > 0
+    table = (tmp_path / "acc.md").read_text()
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    fp16 = next(r for r in results.values() if r["row"] == "FP16" and r["kv"] == "fp16")
+    assert f"{fp16['perplexity']:.2f}" in lines["| FP16"] and "+0.0%" in lines["| FP16"]
+    assert "W4A16 g128 RTN" in table
+    assert (tmp_path / "acc.png").stat().st_size > 10_000
+    capsys.readouterr()
+
+    assert bench.main(argv) == 0  # everything cached: no compile
+    assert capsys.readouterr().out.count("cached") == 4
