@@ -81,34 +81,60 @@ __device__ __forceinline__ void mma_s8(uint32_t (&d)[4], const uint32_t (&a)[4],
 }
 
 // ---------------------------------------------------------------------------------------------
-// ROWS x BK bytes of a row-major int8 matrix X [rows, cols] (row stride cols, cols % 16 == 0)
-// into swizzled shared memory, rows r0.., columns k0..: rows >= `rows` and 16-byte chunks at
-// k >= cols are zero-filled.  Operand A ([M, K]) and the W8A8 B operand ([Np, Kp]) use it.
+// cp.async of ROWS x BK bytes of a row-major int8 matrix X [rows, cols] (row stride cols,
+// cols % 16 == 0) into swizzled shared memory, rows r0.., columns k0..: rows >= `rows` and
+// 16-byte chunks at k >= cols are zero-filled.  Operand A ([M, K]) and the W8A8 B operand
+// ([Np, Kp]) use it.
+//
+// The addressing is hoisted out of the K loop: chunk i of a thread is chunk tid + i * THREADS
+// of the stage, so all of a thread's chunks share one column (tid % CPR) and step down by
+// RSTEP = THREADS / CPR rows; the constructor computes the first chunk's pointer, the row
+// bounds of all of them (a bit mask) and the swizzled shared offset once, and a stage only
+// adds k0.  When RSTEP rows span whole periods of the swizzle (8 lines of 128 bytes), the
+// shared offsets of the chunks differ by constants.
 template <class T, int ROWS>
-__device__ __forceinline__ void load_rows_stage(char* s, const int8_t* X, int rows, int cols,
-                                                int r0, int k0, int tid) {
-  constexpr int CPR = T::BK / 16;  // chunks per row
-  constexpr int CHUNKS = ROWS * CPR;
+struct RowLoader {
+  static constexpr int CPR = T::BK / 16;  // chunks per row
+  static constexpr int CHUNKS = ROWS * CPR;
+  static constexpr int ITERS = ceil_div(CHUNKS, T::THREADS);
+  static constexpr int RSTEP = T::THREADS / CPR;
+  static constexpr bool kLinear = (RSTEP * T::BK) % 1024 == 0;
+  static_assert(T::THREADS % CPR == 0, "a CTA must cover whole rows");
+  static_assert(ITERS <= 32, "row mask holds 32 chunks");
+
+  const int8_t* base;  // X
+  uint32_t off;        // bytes from X to the thread's first chunk at k0 = 0
+  uint32_t step;       // bytes between a thread's chunks (RSTEP rows)
+  int k, cols, r;      // the thread's column (bytes), the row length, its first tile row
+  uint32_t ok;         // bit i: chunk i exists and its row is < rows
+
+  // Offsets are 32-bit (the runtime refuses operands of 2^31 bytes or more) from the
+  // kernel-uniform base, so a chunk address is one add; a predicated-off chunk keeps its
+  // (possibly out-of-range) address: cp.async with src-size 0 reads no byte of it.
+  __device__ __forceinline__ RowLoader(const int8_t* X, int rows, int cols_, int r0, int tid)
+      : base(X), step((uint32_t)(RSTEP * cols_)), k((tid % CPR) * 16), cols(cols_),
+        r(tid / CPR), ok(0u) {
+    off = (uint32_t)((r0 + r) * cols + k);
 #pragma unroll
-  for (int i = 0; i < ceil_div(CHUNKS, T::THREADS); ++i) {
-    const int c = tid + i * T::THREADS;
-    if (CHUNKS % T::THREADS == 0 || c < CHUNKS) {
-      const int r = c / CPR, col = c % CPR;
-      const int row = r0 + r, k = k0 + col * 16;
-      const bool p = row < rows && k < cols;
-      const int8_t* src = p ? X + (size_t)row * cols + k : X;
-      cp_async16(s + swz(r * T::BK + col * 16), src, p);
+    for (int i = 0; i < ITERS; ++i) {
+      const bool exists = CHUNKS % T::THREADS == 0 || tid + i * T::THREADS < CHUNKS;
+      ok |= (uint32_t)(exists && r0 + r + i * RSTEP < rows) << i;
     }
   }
-}
 
-// Operand A: [M, K] int8 row-major (K % 16 == 0); the tile may run past M and past K (K tiles
-// cover Kp >= K), the excess is zero-filled.
-template <class T>
-__device__ __forceinline__ void load_a_stage(char* sa, const int8_t* A, int M, int K, int m0,
-                                             int k0, int tid) {
-  load_rows_stage<T, T::BM>(sa, A, M, K, m0, k0, tid);
-}
+  __device__ __forceinline__ void load(char* s, int k0, int tid) const {
+    const bool in_k = k0 + k < cols;
+    const uint32_t o = off + (uint32_t)k0;
+    const uint32_t s0 = swz(r * T::BK + k);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      if (CHUNKS % T::THREADS == 0 || i + 1 < ITERS || tid + i * T::THREADS < CHUNKS) {
+        const uint32_t so = kLinear ? s0 + i * RSTEP * T::BK : swz((r + i * RSTEP) * T::BK + k);
+        cp_async16(s + so, base + (o + i * step), in_k && (ok >> i & 1u));
+      }
+    }
+  }
+};
 
 // A fragments of k32 step ks for the warp's MT m16 tiles: ldmatrix.x4 matrices
 // (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31) = a0..a3;
@@ -117,11 +143,14 @@ template <class T>
 __device__ __forceinline__ void load_a_frag(const char* sa, int warp_m, int lane, int ks,
                                             uint32_t (&a)[T::MT][4]) {
   const int kb = ks * 32 + (lane >> 4) * 16;
+  const int row0 = warp_m * T::WM + (lane & 15);
+  // 16 rows further is 16 * BK bytes: a whole number of swizzle periods (8 lines of 128 bytes)
+  // when BK >= 64, so the m16 tiles' addresses differ by immediates (no per-tile swizzle math)
+  constexpr bool kLinear = (16 * T::BK) % 1024 == 0;
+  const uint32_t off0 = swz(row0 * T::BK + kb);
 #pragma unroll
-  for (int mt = 0; mt < T::MT; ++mt) {
-    const int row = warp_m * T::WM + mt * 16 + (lane & 15);
-    ldsm_x4(sa + swz(row * T::BK + kb), a[mt]);
-  }
+  for (int mt = 0; mt < T::MT; ++mt)
+    ldsm_x4(sa + (kLinear ? off0 + mt * 16 * T::BK : swz((row0 + mt * 16) * T::BK + kb)), a[mt]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,11 +254,12 @@ __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], i
 // ---------------------------------------------------------------------------------------------
 // The GEMM body.  BOp (operand B policy) provides:
 //   static constexpr int kStageBytes;                      shared bytes of one B stage (x128)
-//   void load_stage(char* sb, int n0, int k0, int tid) const;   cp.async of one stage
+//   Loader loader(int n0, int tid) const;   hoisted per-thread addressing (see RowLoader), with
+//     void load(char* sb, int k0, int tid) const;   cp.async of one stage
 //   struct Raw; void load_raw(const char* sb, int warp_n, int lane, int ks, Raw&) const;
 //   void convert(const Raw&, uint32_t (&b)[T::NT][2]) const;   -> s8 B fragments
 // kp: K padded as the B layout pads it; the K tiles cover [0, kp) in steps of BK (the last one
-// may be partial: the policies zero-fill past kp, load_a_stage past K).
+// may be partial: the policies zero-fill past kp, the A loader past K).
 //
 // Split-K (T::SPLITK > 1): blockIdx.z takes K tiles [z*per, min((z+1)*per, tiles)) with
 // per = ceil(tiles / SPLITK); see splitk_fixup for how the slices meet.
@@ -252,6 +282,8 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
 
   char* const sa0 = smem;
   char* const sb0 = smem + T::STAGES * T::A_STAGE;
+  const RowLoader<T, T::BM> aload(A, M, K, m0, tid);
+  const auto bload = bop.loader(n0, tid);
 
   uint32_t acc[T::MT][T::NT][4];
 #pragma unroll
@@ -266,8 +298,8 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   for (int s = 0; s < T::STAGES - 1; ++s) {
     if (s < nk) {
       const int k0 = (kt0 + s) * T::BK;
-      load_a_stage<T>(sa0 + s * T::A_STAGE, A, M, K, m0, k0, tid);
-      bop.load_stage(sb0 + s * BOp::kStageBytes, n0, k0, tid);
+      aload.load(sa0 + s * T::A_STAGE, k0, tid);
+      bload.load(sb0 + s * BOp::kStageBytes, k0, tid);
     }
     cute::cp_async_fence();
   }
@@ -283,8 +315,8 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
       const int nxt = it + T::STAGES - 1;
       if (nxt < nk) {
         const int k0 = (kt0 + nxt) * T::BK;
-        load_a_stage<T>(sa0 + write_stage * T::A_STAGE, A, M, K, m0, k0, tid);
-        bop.load_stage(sb0 + write_stage * BOp::kStageBytes, n0, k0, tid);
+        aload.load(sa0 + write_stage * T::A_STAGE, k0, tid);
+        bload.load(sb0 + write_stage * BOp::kStageBytes, k0, tid);
       }
       cute::cp_async_fence();
       write_stage = write_stage + 1 == T::STAGES ? 0 : write_stage + 1;

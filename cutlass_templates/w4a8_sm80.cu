@@ -51,54 +51,83 @@ constexpr int kScaleBytes = qc::round_up(2 * kGroupRows * T::BN, 128);  // s2 ro
 
 constexpr uint32_t kLo = 0x0F0F0F0Fu;
 
-struct W4Operand {
-  static constexpr int kStageBytes = kWeightBytes + kScaleBytes;
+// The operand's buffers (what a stage loader needs).
+struct W4Buffers {
   const uint8_t* B;
   const uint8_t* s2;     // group only
   const uint8_t* negzs;  // group only
   int np, kp;
 
-  __device__ __forceinline__ void load_stage(char* sb, int n0, int k0, int tid) const {
-    // Weights: for each of the BN/32 column tiles, its BK/32 K tiles are contiguous in global.
-    constexpr int CHUNKS = kWeightBytes / 16;
-    const int nt_total = np / 32, kt_total = kp / 32;
-    const int nt0 = n0 / 32, kt0 = k0 / 32;
+  // kGroupRows rows of BN bytes of s2, then as many of negzs; row g of s2 is
+  // s2[g * np + n0 .. + BN) (interleaved order kept).
+  __device__ __forceinline__ void load_scales(char* ss, int n0, int k0, int tid) const {
+    constexpr int CPR = T::BN / 16;
+    constexpr int SCHUNKS = 2 * kGroupRows * CPR;
+    const int g_total = kp / kG, g0 = k0 / kG;
 #pragma unroll
-    for (int i = 0; i < qc::ceil_div(CHUNKS, T::THREADS); ++i) {
+    for (int i = 0; i < qc::ceil_div(SCHUNKS, T::THREADS); ++i) {
       const int c = tid + i * T::THREADS;
-      if (CHUNKS % T::THREADS == 0 || c < CHUNKS) {
-        const int t = c / 32, part = c % 32;  // tile of the stage, 16-byte part of the tile
-        const int ntl = t / kKT, ktl = t % kKT;
-        const int nt = nt0 + ntl, kt = kt0 + ktl;
-        const bool p = nt < nt_total && kt < kt_total;
-        const uint8_t* src = p ? B + ((size_t)nt * kt_total + kt) * kTileBytes + part * 16 : B;
-        qc::cp_async16(sb + c * 16, src, p);
-      }
-    }
-    if constexpr (G > 0) {
-      // kGroupRows rows of BN bytes of s2, then as many of negzs; row g of s2 is
-      // s2[g * np + n0 .. + BN) (interleaved order kept).
-      constexpr int CPR = T::BN / 16;
-      constexpr int SCHUNKS = 2 * kGroupRows * CPR;
-      const int g_total = kp / kG, g0 = k0 / kG;
-      char* ss = sb + kWeightBytes;
-#pragma unroll
-      for (int i = 0; i < qc::ceil_div(SCHUNKS, T::THREADS); ++i) {
-        const int c = tid + i * T::THREADS;
-        if (SCHUNKS % T::THREADS == 0 || c < SCHUNKS) {
-          constexpr int kRowChunks = (kGroupRows > 0 ? kGroupRows : 1) * CPR;
-          const int which = c / kRowChunks;  // 0: s2, 1: negzs
-          const int rc = c % kRowChunks;
-          const int gr = rc / CPR, col = rc % CPR;
-          const int g = g0 + gr, n = n0 + col * 16;
-          const bool p = g < g_total && n < np;
-          const uint8_t* base = which ? negzs : s2;
-          const uint8_t* src = p ? base + (size_t)g * np + n : base;
-          qc::cp_async16(ss + c * 16, src, p);
-        }
+      if (SCHUNKS % T::THREADS == 0 || c < SCHUNKS) {
+        constexpr int kRowChunks = (kGroupRows > 0 ? kGroupRows : 1) * CPR;
+        const int which = c / kRowChunks;  // 0: s2, 1: negzs
+        const int rc = c % kRowChunks;
+        const int gr = rc / CPR, col = rc % CPR;
+        const int g = g0 + gr, n = n0 + col * 16;
+        const bool p = g < g_total && n < np;
+        const uint8_t* base = which ? negzs : s2;
+        const uint8_t* src = p ? base + (size_t)g * np + n : base;
+        qc::cp_async16(ss + c * 16, src, p);
       }
     }
   }
+};
+
+struct W4Operand : W4Buffers {
+  static constexpr int kStageBytes = kWeightBytes + kScaleBytes;
+
+  // cp.async of one stage, addressing hoisted out of the K loop (as qc::RowLoader).  Weights:
+  // chunk i of a thread is 16-byte part `lane` of stage tile t = warp + i * NWARPS, i.e. n tile
+  // t / kKT, k tile t % kKT of the stage; for each of the BN/32 column tiles the BK/32 K tiles
+  // are contiguous in global, so a chunk's address is B + kt0 * 512 + off[i].
+  struct Loader {
+    static constexpr int CHUNKS = kWeightBytes / 16;
+    static constexpr int ITERS = qc::ceil_div(CHUNKS, T::THREADS);
+    static constexpr int NWARPS = T::THREADS / 32;
+    W4Buffers op;
+    uint32_t off[ITERS];  // bytes from B of chunk i at kt0 = 0 (32-bit: as qc::RowLoader)
+    int ktl[ITERS];       // k tile of chunk i within the stage
+    uint32_t ok;          // bit i: chunk i exists and its n tile is < Np / 32
+    int n0;
+
+    __device__ __forceinline__ Loader(const W4Buffers& op_, int n0_, int tid)
+        : op(op_), ok(0u), n0(n0_) {
+      const int nt_total = op.np / 32, kt_total = op.kp / 32;
+      const int p = (n0 / 32) * kt_total * kTileBytes + (tid & 31) * 16;
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) {
+        const int t = (tid >> 5) + i * NWARPS;
+        const bool exists = CHUNKS % T::THREADS == 0 || tid + i * T::THREADS < CHUNKS;
+        ktl[i] = t % kKT;
+        off[i] = (uint32_t)(p + ((t / kKT) * kt_total + ktl[i]) * kTileBytes);
+        ok |= (uint32_t)(exists && n0 / 32 + t / kKT < nt_total) << i;
+      }
+    }
+
+    __device__ __forceinline__ void load(char* sb, int k0, int tid) const {
+      const int kt0 = k0 / 32, kt_left = op.kp / 32 - kt0;
+      const uint32_t o = (uint32_t)(kt0 * kTileBytes);
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) {
+        if (CHUNKS % T::THREADS == 0 || i + 1 < ITERS || tid + i * T::THREADS < CHUNKS) {
+          const bool pred = (ok >> i & 1u) && ktl[i] < kt_left;
+          qc::cp_async16(sb + (tid + i * T::THREADS) * 16, op.B + (o + off[i]), pred);
+        }
+      }
+      if constexpr (G > 0) op.load_scales(sb + kWeightBytes, n0, k0, tid);
+    }
+  };
+
+  __device__ __forceinline__ Loader loader(int n0, int tid) const { return Loader(*this, n0, tid); }
 
   struct RawPC {
     uint4 w[kWT32];
@@ -203,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
               int N, int K) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
-  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{B, nullptr, nullptr, np, kp},
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}},
                    EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace, flags);
 }
 
@@ -218,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
               int N, int K) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, G);
-  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{B, s2, negzs, np, kp},
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, s2, negzs, np, kp}},
                    EpiW4A8Group{s_x, s1}, bias, C, workspace, flags);
 }
 

@@ -34,8 +34,9 @@ struct W8Operand {
   const int8_t* B;
   int np, kp;
 
-  __device__ __forceinline__ void load_stage(char* sb, int n0, int k0, int tid) const {
-    qc::load_rows_stage<T, T::BN>(sb, B, np, kp, n0, k0, tid);
+  using Loader = qc::RowLoader<T, T::BN>;
+  __device__ __forceinline__ Loader loader(int n0, int tid) const {
+    return Loader(B, np, kp, n0, tid);
   }
 
   struct Raw {

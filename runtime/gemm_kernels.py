@@ -124,6 +124,10 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
         raise ValueError(f"x_q has K = {k}: the {kind} kernels need K % 16 == 0 (16-byte "
                          f"cp.async rows) and K padded as the layout pads it to equal the packed "
                          f"weight's {k_packed}")
+    big = [t.nbytes for t in (xq, *operands) if t is not None and t.nbytes >= 1 << 31]
+    if big:
+        raise ValueError(f"{kind}: an operand of {big[0]} bytes: the kernels address operands "
+                         "with 32-bit offsets (< 2 GiB each); split the batch or the layer")
     if out is None:
         out = torch.empty((*xq.shape[:-1], n), dtype=torch.float16, device=xq.device)
     check_tensor(out, name="out", dtype=torch.float16, shape=(*xq.shape[:-1], n), align=4)

@@ -178,11 +178,16 @@ class CudaKernel:
     """One entry point of a CudaModule."""
 
     def __init__(self, handle, name: str, module: CudaModule):
+        from cuda.bindings import driver
         self.handle, self.name, self.module = handle, name, module
-        self.max_dynamic_smem = _DEFAULT_SMEM_LIMIT
+        # without opting in, static + dynamic shared memory must fit in 48 KB
+        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+        self.static_smem = _check(f"cuFuncGetAttribute({name}, SHARED_SIZE_BYTES)",
+                                  driver.cuFuncGetAttribute(attr, handle))
+        self.max_dynamic_smem = _DEFAULT_SMEM_LIMIT - self.static_smem
 
     def set_max_dynamic_smem(self, nbytes: int) -> None:
-        """Opt in to more than 48 KB of dynamic shared memory (once; a no-op below that)."""
+        """Opt in to more than 48 KB of shared memory, static + dynamic (once; a no-op below)."""
         from cuda.bindings import driver
         if nbytes <= self.max_dynamic_smem:
             return
