@@ -195,8 +195,8 @@ __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::
 //      (tile = blockIdx.y * gridDim.x + blockIdx.x) with atomicAdd;
 //   3. the slice that sees SPLITK - 1 arrivals before it is the last: it resets the counter to
 //      0 (every slice of this launch has counted, so the next launch on the stream finds it
-//      zeroed), adds the other slices' sums (L2 loads, __ldcg) into its own accumulators and
-//      returns true: it runs the epilogue.  The others return false and exit.
+//      zeroed), sums every slice's part (L2 loads, __ldcg, all issued at once) into its
+//      accumulators and returns true: it runs the epilogue.  The others return false and exit.
 // flags must be zero before the first launch (the runtime allocates them zeroed, once per
 // device); kernels leave them zero.  Two split-K GEMMs running concurrently on different
 // streams must not share flags.  int32 sums wrap exactly like the unsplit accumulation
@@ -238,16 +238,27 @@ __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], i
   __syncthreads();
   if (!last) return false;
   __threadfence();
-#pragma unroll 1
+  // every slice's part is read at once (unrolled: one round trip to L2, not SPLITK - 1); the
+  // own slice reads its own part back instead of branching on blockIdx.z, which costs an L2
+  // hit but keeps the loads independent
+  int2 parts[T::SPLITK][T::MT][T::NT][2];
+#pragma unroll
   for (int z = 0; z < T::SPLITK; ++z) {
-    if (z == (int)blockIdx.z) continue;
-    const int32_t* other = ws + (size_t)z * M * np;
+    const int32_t* slice = ws + (size_t)z * M * np;
     visit([&](int mt, int nt, int h, size_t off) {
-      const int2 v = __ldcg(reinterpret_cast<const int2*>(other + off));
-      acc[mt][nt][2 * h] += (uint32_t)v.x;
-      acc[mt][nt][2 * h + 1] += (uint32_t)v.y;
+      parts[z][mt][nt][h] = __ldcg(reinterpret_cast<const int2*>(slice + off));
     });
   }
+  visit([&](int mt, int nt, int h, size_t) {
+    uint32_t x = 0u, y = 0u;
+#pragma unroll
+    for (int z = 0; z < T::SPLITK; ++z) {
+      x += (uint32_t)parts[z][mt][nt][h].x;
+      y += (uint32_t)parts[z][mt][nt][h].y;
+    }
+    acc[mt][nt][2 * h] = x;
+    acc[mt][nt][2 * h + 1] = y;
+  });
   return true;
 }
 
@@ -275,6 +286,12 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   const int tiles = ceil_div(kp, T::BK);
   int kt0 = 0, nk = tiles;
   if constexpr (T::SPLITK > 1) {
+    // the arrival counter is touched once, at the end: bring its line into L2 now so that the
+    // atomic does not wait on DRAM on the critical path (decode runs with a cold L2)
+    if (tid == 0) {
+      const uint32_t* flag = flags + blockIdx.y * gridDim.x + blockIdx.x;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(flag));
+    }
     const int per = ceil_div(tiles, T::SPLITK);
     kt0 = blockIdx.z * per;
     nk = max(0, min(tiles, kt0 + per) - kt0);

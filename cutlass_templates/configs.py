@@ -17,10 +17,10 @@ left zero by it (allocate them zeroed once; see common.cuh): the last slice of e
 tile to finish sums the others' parts and runs the epilogue, in the same launch.
 
 Selection (:func:`select_config`) is a lookup in :data:`SELECTION`: the first row whose M
-bucket holds ``m``, whose ``k_min`` is <= ``k`` and whose config fits the kind and ``k``
-(BK and group size divide one another; split-K only when it splits the K tiles evenly, each
-slice a whole number of groups).  Every M bucket ends with a split-free row, so a row always
-fits.  This module is pure Python (no torch, no CUDA): the compiler imports it on any host.
+bucket holds ``m``, whose ``k_min`` is <= ``k``, whose ``n_max`` (if any) is >= ``n``, whose
+``kinds`` (if any) hold the kind and whose config fits the kind and ``k`` (BK and group size
+divide one another; split-K only when every slice gets K tiles, each slice a whole number of
+groups).  Every M bucket ends with an unconditional split-free row, so a row always fits.  This module is pure Python (no torch, no CUDA): the compiler imports it on any host.
 """
 from __future__ import annotations
 
@@ -153,11 +153,13 @@ class TileConfig:
             return False
         if self.split_k == 1:
             return True
+        # slices of ceil(tiles / split) K tiles (the last may be shorter), none empty, each a
+        # whole number of groups
         tiles = self.k_tiles(kind, k)
-        if tiles % self.split_k:
+        per = _ceil_div(tiles, self.split_k)
+        if (self.split_k - 1) * per >= tiles:
             return False
-        slice_k = tiles // self.split_k * self.bk
-        return not group or slice_k % group == 0
+        return not group or per * self.bk % group == 0
 
     def with_split(self, split_k: int) -> TileConfig:
         return replace(self, split_k=split_k)
@@ -189,38 +191,61 @@ def parse_defines(defines: list[str]) -> tuple[str, TileConfig]:
 
 # --- the table -------------------------------------------------------------------------------
 # Measured, not guessed: bench/tune_gemm.py timed every base below with split-K 1/2/4/8 on an
-# H100 (bench/results/tune-h100-2026-11-21.md) over the Llama-3-8B linears; each row is the
-# config with the lowest mean time relative to the per-shape best in its (M, K) bucket.
-# Decode needs CTAs (narrow N tiles, split-K over long K); past M = 256 the 128x128x128
-# three-stage tile wins (the 128x256 tile never did).
+# H100 over the Llama-3-8B linears (bench/results/tune-h100-2026-11-21*.md); each row is the
+# config with the lowest time relative to the per-shape best in its bucket. Decode needs CTAs
+# (thin tiles, split-K over long K, but not when N alone gives hundreds of tiles: gate_up);
+# from M = 512 the 128x128x128 tile wins, with 4 stages for the 4-bit kinds (their B stage is
+# half the size; W8A8 at 4 stages fits one CTA per SM and loses 40%).
 DECODE = TileConfig(16, 64, 128, 1, 2, 4)
 SMALL = TileConfig(32, 128, 128, 1, 4, 4)
 MID = TileConfig(64, 64, 128, 2, 2, 4)
 BIG = TileConfig(128, 128, 128, 2, 2, 3)
+BIG4 = TileConfig(128, 128, 128, 2, 2, 4)
 # Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
 HUGE = TileConfig(128, 256, 64, 2, 4, 4)
 
-# (largest M of the bucket or None for no bound, smallest K, config): first fitting row wins.
-SELECTION: tuple[tuple[int | None, int, TileConfig], ...] = (
-    (16, 8192, DECODE.with_split(8)),
-    (16, 4096, DECODE.with_split(4)),
-    (16, 0, DECODE),
-    (32, 8192, SMALL.with_split(8)),
-    (32, 4096, SMALL.with_split(4)),
-    (32, 0, SMALL),
-    (64, 4096, MID.with_split(4)),
-    (64, 0, MID),
-    (128, 8192, BIG.with_split(4)),
-    (128, 4096, MID.with_split(2)),
-    (128, 0, MID),
-    (256, 8192, BIG.with_split(4)),
-    (256, 0, MID),
-    (None, 0, BIG),
+W4_KINDS = ("w4a8", "w4a8_g128", "w4a8_g64")
+WIDE_N = 16384  # above this many output columns a thin tile has CTAs enough without split-K
+
+
+@dataclass(frozen=True)
+class Row:
+    """One selection rule: M <= m_max (None: any), K >= k_min, N <= n_max (None: any),
+    kind in kinds (None: any) -> config."""
+    m_max: int | None
+    k_min: int
+    config: TileConfig
+    n_max: int | None = None
+    kinds: tuple[str, ...] | None = None
+
+    def matches(self, kind: str, m: int, n: int, k: int) -> bool:
+        return ((self.m_max is None or m <= self.m_max) and k >= self.k_min
+                and (self.n_max is None or n <= self.n_max)
+                and (self.kinds is None or kind in self.kinds) and self.config.fits(kind, k))
+
+
+SELECTION: tuple[Row, ...] = (
+    Row(16, 8192, DECODE.with_split(4)),
+    Row(16, 4096, DECODE.with_split(4), n_max=WIDE_N),
+    Row(16, 0, DECODE),
+    Row(32, 8192, SMALL.with_split(8)),
+    Row(32, 4096, SMALL.with_split(4), n_max=WIDE_N),
+    Row(32, 0, SMALL),
+    Row(64, 8192, MID.with_split(4)),
+    Row(64, 0, DECODE, n_max=4096),
+    Row(64, 0, MID),
+    Row(128, 8192, BIG.with_split(4)),
+    Row(128, 4096, MID.with_split(2)),
+    Row(128, 0, MID),
+    Row(256, 0, MID),
+    Row(1024, 0, BIG),
+    Row(None, 0, BIG4, kinds=W4_KINDS),
+    Row(None, 0, BIG),
 )
 
-TILE_CONFIGS: tuple[TileConfig, ...] = tuple(dict.fromkeys(cfg for _, _, cfg in SELECTION))
+TILE_CONFIGS: tuple[TileConfig, ...] = tuple(dict.fromkeys(row.config for row in SELECTION))
 
 
 def _check_shape(kind: str, m: int, n: int, k: int) -> None:
@@ -236,15 +261,15 @@ def _check_shape(kind: str, m: int, n: int, k: int) -> None:
 def select_config(kind: str, m: int, n: int, k: int) -> TileConfig:
     """The tile config for an (m, n, k) GEMM of this kind (pure table lookup)."""
     _check_shape(kind, m, n, k)
-    for m_max, k_min, cfg in SELECTION:
-        if (m_max is None or m <= m_max) and k >= k_min and cfg.fits(kind, k):
-            return cfg
+    for row in SELECTION:
+        if row.matches(kind, m, n, k):
+            return row.config
     raise ValueError(f"no tile config fits {kind} m={m} n={n} k={k}")  # table is broken
 
 
 def configs_for(kind: str, n: int, k: int) -> list[TileConfig]:
     """Every config :func:`select_config` can return for this (n, k), any M."""
     _check_shape(kind, 1, n, k)
-    bounds = sorted({m_max for m_max, _, _ in SELECTION if m_max is not None})
+    bounds = sorted({row.m_max for row in SELECTION if row.m_max is not None})
     reps = bounds + [bounds[-1] + 1]  # each bucket's largest M, then the unbounded one
     return list(dict.fromkeys(select_config(kind, m, n, k) for m in reps))

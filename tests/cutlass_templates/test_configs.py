@@ -101,6 +101,19 @@ def test_selection_covers_llama_shapes(kind):
         assert select_config(kind, 8192, n, k).bm >= 128
 
 
+def test_split_k_only_where_n_gives_too_few_tiles():
+    assert select_config("w4a8", 1, 6144, 4096).split_k > 1    # qkv: 96 thin tiles
+    assert select_config("w4a8", 1, 28672, 4096).split_k == 1  # gate_up: 448 tiles
+    assert select_config("w4a8", 1, 28672, 14336).split_k > 1  # long K still splits
+
+
+def test_four_stage_big_tile_only_for_4bit_weights():
+    assert select_config("w4a8", 4096, 4096, 4096).stages == 4
+    assert select_config("w4a8_g128", 4096, 4096, 4096).stages == 4
+    assert select_config("w8a8", 4096, 4096, 4096).stages == 3
+    assert select_config("w4a8", 1024, 4096, 4096).stages == 3
+
+
 def test_split_k_used_for_long_k_decode():
     assert select_config("w4a8_g128", 1, 4096, 14336).split_k > 1
     assert select_config("w8a8", 4, 4096, 4096).split_k > 1
@@ -109,14 +122,22 @@ def test_split_k_used_for_long_k_decode():
 
 
 def test_selection_falls_back_when_split_does_not_divide():
-    # K = 4096 + 128: 33 K tiles of 128 cannot be split in 2 or 4 -> the split-free row.
+    # K = 4096 + 128: 33 K tiles of 128 split in 4 as 9 + 9 + 9 + 6 (uneven is fine)
     cfg = select_config("w8a8", 1, 4096, 4224)
-    assert cfg.split_k == 1 and cfg.bm == 16
-    # every bucket ends with a split-free row, so any K % 16 == 0 is served
+    assert cfg.split_k == 4 and cfg.bm == 16
+    # K = 4 tiles of 128 cannot feed 8 slices (empty ones): 4 x 1 tile
+    assert not TileConfig(16, 64, 128, 1, 2, 4, 8).fits("w4a8", 512)
+    assert TileConfig(16, 64, 128, 1, 2, 4, 4).fits("w4a8", 512)
+    # an uneven K: llama-2 down (K = 11008, 86 tiles) still splits
+    assert select_config("w4a8", 1, 4096, 11008).split_k == 4
+    # every bucket ends with an unconditional split-free row, so any K % 16 == 0 is served
     buckets = {}
-    for m_max, _, cfg in SELECTION:
-        buckets.setdefault(m_max, []).append(cfg)
-    assert all(cfgs[-1].split_k == 1 for cfgs in buckets.values())
+    for row in SELECTION:
+        buckets.setdefault(row.m_max, []).append(row)
+    for rows in buckets.values():
+        last = rows[-1]
+        assert last.config.split_k == 1 and last.k_min == 0
+        assert last.n_max is None and last.kinds is None
     for k in (16, 48, 592, 4112, 14352):
         for kind in KINDS:
             for m in (1, 17, 33, 200, 5000):

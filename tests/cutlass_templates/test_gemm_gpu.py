@@ -111,7 +111,7 @@ def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
     from qcompile.cutlass_templates.configs import select_config
     scheme, kind = SCHEMES[name], name.replace("-", "_")
     m, n, k = 3, 4096, 14336
-    head, packed, bias, extra = _operands(scheme, m, n, k, seed=11)
+    head, packed, bias, _ = _operands(scheme, m, n, k, seed=11)
     k_packed = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
     cfg = select_config(kind, m, n, k)
     assert cfg.split_k > 1
