@@ -35,7 +35,9 @@ grid; by default the weights themselves), and the rounding of each column is the
 * W8 (symmetric per channel): q = clamp(round(w / s), -127, 127);
 * W4 per channel: q = clamp(round(w / s) + z, 0, 15), z integer;
 * W4 progressive group: w8 = clamp(round(w / s1), -119, 119), q = clamp(round(w8 / s2) + z2,
-  0, 15) with the level-1 s1 of the row and the level-2 integer s2, z2 of the column's group.
+  0, 15) with the level-1 s1 of the row and the level-2 integer s2, z2 of the column's group;
+* W4A16 group (weight-only): q = clamp(round(w / s) + z, 0, 15), the float16 s and integer z of
+  the column's group (GPTQ's own checkpoint format).
 
 Grid parameters (s, z, s1, s2, z2) are thus bitwise those of RTN on `grid_from`, and with a
 diagonal H (no correlation between inputs: no feedback) GPTQ returns RTN's codes (tested).
@@ -73,8 +75,8 @@ from tqdm import tqdm
 
 from .calibrate import CalibStats
 from .config import QuantScheme
-from .quantize import (PROTECTIVE_RANGE, W4GroupWeights, W4Weights, W8Weights, dequantize,
-                       quantize_weight)
+from .quantize import (PROTECTIVE_RANGE, W4FloatGroupWeights, W4GroupWeights, W4Weights,
+                       W8Weights, dequantize, quantize_weight)
 
 PERCDAMP = 0.01
 BLOCK = 128
@@ -86,34 +88,39 @@ class _Rounder:
     codes and values of one column j of the weights."""
 
     def __init__(self, grid):
+        self.progressive = self.per_group = False
         if isinstance(grid, W8Weights):
             self.s, self.z = grid.scale, torch.zeros_like(grid.scale)
             self.qmin, self.qmax = -127, 127
         elif isinstance(grid, W4Weights):
             self.s, self.z, self.qmin, self.qmax = grid.scale, grid.zero, 0, 15
+        elif isinstance(grid, W4FloatGroupWeights):  # W4A16: (q - z) * s, s and z per group
+            self.s, self.z = (self._per_column(t, grid) for t in (grid.scale, grid.zero))
+            self.qmin, self.qmax, self.per_group = 0, 15, True
         elif isinstance(grid, W4GroupWeights):
-            self.s1 = grid.s1
-            # [K, N]: row j holds column j's level-2 scale and zero (contiguous per column)
+            self.s1, self.progressive = grid.s1, True
             self.s2, self.z2 = (self._per_column(t, grid) for t in (grid.s2, grid.z2))
         else:
             raise TypeError(f"GPTQ has no grid for {type(grid).__name__}")
-        self.group = isinstance(grid, W4GroupWeights)
 
     @staticmethod
-    def _per_column(t: torch.Tensor, grid: W4GroupWeights) -> torch.Tensor:
-        """[N, K/g] per-group values -> [K, N] float32, row j for input channel j."""
+    def _per_column(t: torch.Tensor, grid) -> torch.Tensor:
+        """[N, K/g] per-group values -> [K, N] float32, row j for input channel j (each
+        column's parameters contiguous)."""
         k = grid.q.shape[1]
         return t.float().repeat_interleave(grid.group_size, dim=1)[:, :k].T.contiguous()
 
     def __call__(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """w [N] (column j) -> (codes [N], the values they stand for [N]), both float32."""
-        if self.group:  # the same op order as quantize_w4_group / dequantize: bitwise RTN
+        # the same op order as quantize.py's quantizers and dequantize: bitwise RTN
+        if self.progressive:
             s2, z2 = self.s2[j], self.z2[j]
             w8 = torch.clamp(torch.round(w / self.s1), -PROTECTIVE_RANGE, PROTECTIVE_RANGE)
             q = torch.clamp(torch.round(w8 / s2) + z2, 0, 15)
             return q, (q - z2) * s2 * self.s1
-        q = torch.clamp(torch.round(w / self.s) + self.z, self.qmin, self.qmax)
-        return q, (q - self.z) * self.s
+        s, z = (self.s[j], self.z[j]) if self.per_group else (self.s, self.z)
+        q = torch.clamp(torch.round(w / s) + z, self.qmin, self.qmax)
+        return q, (q - z) * s
 
 
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP

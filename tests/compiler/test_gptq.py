@@ -12,10 +12,10 @@ from qcompile.compiler.calibrate import calibrate
 from qcompile.compiler.capture import KVSpec, capture
 from qcompile.compiler.clip import clip_weight
 from qcompile.compiler.compile import compile_model
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8, CompileConfig
+from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8, CompileConfig
 from qcompile.compiler.gptq import gptq_quantize, output_error
-from qcompile.compiler.quantize import (W4GroupWeights, W4Weights, W8Weights, dequantize,
-                                        quantize_weight)
+from qcompile.compiler.quantize import (W4FloatGroupWeights, W4GroupWeights, W4Weights,
+                                        W8Weights, dequantize, quantize_weight)
 from qcompile.compiler.qoq import apply_qoq
 from qcompile.models.decoder import Decoder, rms_norm
 from qcompile.models.loaders import load_checkpoint
@@ -24,7 +24,7 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.swap_gemm import GEMM_FORMATS, swap_gemm
 from qcompile.runtime.engine import Engine
 
-SCHEMES = [W4A8, W4A8_G128, W4A8_G64, W8A8]
+SCHEMES = [W4A8, W4A8_G128, W4A8_G64, W8A8, W4A16_G128]
 
 
 def _correlated(k: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -43,7 +43,7 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
 def _params(qw) -> list[torch.Tensor]:
     if isinstance(qw, W8Weights):
         return [qw.scale]
-    if isinstance(qw, W4Weights):
+    if isinstance(qw, (W4Weights, W4FloatGroupWeights)):
         return [qw.scale, qw.zero]
     return [qw.s1, qw.s2, qw.z2]
 
@@ -254,7 +254,7 @@ def test_swap_gemm_rejects_weights_it_cannot_use(ckpt):
 
 # ----------------------------------------------------------------------------- end to end
 
-@pytest.mark.parametrize("precision", ["w4a8", "w4a8-g64"])
+@pytest.mark.parametrize("precision", ["w4a8", "w4a8-g64", "w4a16-g128"])
 def test_qoq_with_gptq_compiles_packs_exactly_and_serves(make_tiny_checkpoint, tmp_path,
                                                          precision):
     cfg = CompileConfig(precision=precision, kv="int4", dtype="float32", quantizer="qoq",
