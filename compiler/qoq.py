@@ -15,7 +15,9 @@ give the same codes back.
 GPTQ is not sequential: its Hessians come from the same calibration pass as clipping's samples,
 through the float model after the earlier steps (rotated, smoothed, reordered, unclipped), not
 through the already-quantized earlier layers as in the paper's sequential mode. It costs one
-K x K GEMM per linear input per batch in that pass plus the GPTQ loop itself.
+K x K GEMM per linear input per batch in that pass plus the GPTQ loop itself: on SmolLM2-135M
+(32 x 512 calibration tokens, one CPU thread) the pass takes 88 s instead of 54 s and GPTQ 17 s
+for its 120 linears; the whole w4a8 compile with every step goes from 167 s to 218 s.
 """
 from __future__ import annotations
 
