@@ -9,17 +9,15 @@ checks the result against the reference first, so a profile is never of a wrong 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_gemm", ROOT / "bench" / "gemm.py")
-bg = importlib.util.module_from_spec(_spec)
-sys.modules["bench_gemm"] = bg
-_spec.loader.exec_module(bg)
+sys.path.insert(0, str(ROOT / "bench"))
+import gemm as bg  # noqa: E402  (bench/gemm.py: timing, shapes, import_qcompile)
+
 bg.import_qcompile()
 
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8  # noqa: E402
