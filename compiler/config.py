@@ -43,7 +43,7 @@ PRECISIONS: dict[str, QuantScheme | None] = {
 }
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
-QOQ_STEPS = ("rotate", "smooth_attention", "smooth", "reorder", "clip", "gptq")
+QOQ_STEPS = ("rotate", "smooth_attention", "smoothquant", "smooth", "reorder", "clip", "gptq")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

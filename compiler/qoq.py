@@ -1,8 +1,9 @@
 """QoQ (QServe): the weight transforms that make W4A8KV4 accurate, run before rounding.
 
 Order: rotate (fold norms, randomized Hadamard on the residual stream and per head on v/o),
-SmoothAttention (key outliers into the queries), smoothing of the o_proj / down_proj inputs
-(alpha searched per layer), channel reordering (group schemes), clipping (ratio searched per
+SmoothAttention (key outliers into the queries), SmoothQuant's smoothing of the q/k/v and
+gate/up inputs into the RMSNorm gains (`smoothquant`, the W8A8 baseline; alpha searched per
+layer), smoothing of the o_proj / down_proj inputs (alpha searched per layer), channel reordering (group schemes), clipping (ratio searched per
 layer), and optionally GPTQ (codes chosen with error feedback on the grid clipping defined).
 Statistics come from calibration text run through the float graph, recollected after the
 steps that change what a later step measures. Every step keeps the float model's outputs
@@ -61,7 +62,7 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
     from .gptq import gptq_weights
     from .reorder import reorder_channels
     from .rotate import rotate
-    from .smooth import smooth_attention, smooth_linear
+    from .smooth import smooth_attention, smooth_linear, smooth_norm_inputs
     t0, cfg, steps, scheme = time.perf_counter(), ckpt.config, ccfg.steps, ccfg.scheme
     w = {k: v.float() for k, v in ckpt.weights.items()}
     w.setdefault("lm_head", w["embed"].clone())  # untied: rotation moves them differently
@@ -71,10 +72,13 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
     graph, report = _FloatGraph(cfg, w, device), {"steps": list(steps)}
     if "rotate" in steps:
         w = rotate(cfg, w)
-    if {"smooth_attention", "smooth"} & set(steps):
+    if {"smooth_attention", "smoothquant", "smooth"} & set(steps):
+        # one calibration: no step below changes an input or key another one measures
         st = graph.stats(w, seqs, progress)
         if "smooth_attention" in steps:
             w = smooth_attention(cfg, w, st.key_absmax)
+        if "smoothquant" in steps:
+            w, report["smoothquant_alpha"] = smooth_norm_inputs(cfg, w, st, scheme)
         if "smooth" in steps:
             w, report["smooth_alpha"] = smooth_linear(cfg, w, st, scheme)
     if "reorder" in steps and scheme.group_size:

@@ -1,6 +1,7 @@
-"""QoQ smoothing: SmoothAttention for the keys, and smoothing of the o_proj / down_proj inputs.
+"""QoQ smoothing: SmoothAttention for the keys, smoothing of the o_proj / down_proj inputs, and
+SmoothQuant's smoothing of the RMSNorm-fed q/k/v and gate/up inputs.
 
-Both steps rescale a channel of an intermediate value and undo the scale in the next linear,
+All steps rescale a channel of an intermediate value and undo the scale in the next linear,
 so the float model computes the same function while the quantized operand gets milder
 outliers. They work on canonical weights (models/decoder.py names) and return a new dict; the
 input dict and its tensors are never modified. Math is float32; each tensor keeps its dtype.
@@ -26,6 +27,12 @@ input dict and its tensors are never modified. Math is float32; each tensor keep
   identity for weight-only schemes, which makes this AWQ's activation-aware scale search),
   Q_w round-to-nearest of the scheme (`quantize_weight` + `dequantize`). Ties go to the
   smaller a.
+
+* `smooth_norm_inputs` (SmoothQuant, the W8A8 baseline's step `smoothquant`): the inputs of
+  `wqkv` and `w_gate_up` are RMSNorm outputs x_hat * g, so the scale goes into the gain:
+  g <- g / s, W <- W diag(s). One s per norm serves every linear it feeds (q, k and v are one
+  fused `wqkv`, gate and up one `w_gate_up`), so max |W_:,j| is over all their rows. a is
+  searched per layer and per norm as above. After `rotate` the gains are ones and become 1 / s.
 """
 from __future__ import annotations
 
@@ -150,6 +157,33 @@ def _input_stats(stats: CalibStats, name: str) -> tuple[torch.Tensor, torch.Tens
     return absmax, samples
 
 
+def _scale(t: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
+    """t with slice j along `dim` multiplied by s[j] (float32 math, dtype kept)."""
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return (t.float() * s.to(t.device).reshape(shape)).to(t.dtype)
+
+
+def smooth_norm_inputs(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: CalibStats,
+                       scheme: QuantScheme, alphas=ALPHAS, *, device=None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """SmoothQuant: smooth the inputs of every layer's `wqkv` and `w_gate_up` into the RMSNorm
+    gain that produces them, alpha searched per linear; returns (new weights, {linear name:
+    chosen alpha}). Search on `device` (default: where the weights are)."""
+    out: dict[str, torch.Tensor] = dict(weights)
+    chosen: dict[str, float] = {}
+    for i in range(cfg.num_layers):
+        for norm, lin in (("attn_norm", "wqkv"), ("mlp_norm", "w_gate_up")):
+            name, gain = f"layers.{i}.{lin}", f"layers.{i}.{norm}"
+            w = weights[name]
+            x_absmax, samples = _input_stats(stats, name)
+            chosen[name], s, _ = search_alpha(x_absmax, w.to(device or w.device), samples,
+                                              scheme, alphas)
+            out[name] = _scale(w, s, 1)
+            out[gain] = _scale(weights[gain], 1.0 / s, 0)
+    return out, chosen
+
+
 def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: CalibStats,
                   scheme: QuantScheme, alphas=ALPHAS, *, device=None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -171,10 +205,8 @@ def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Cal
         a, s, _ = search_alpha(x_absmax, w_down.to(device or w_down.device), samples, scheme,
                                alphas)
         chosen[name] = a
-        s = s.to(w_down.device)
-        out[name] = (w_down.float() * s[None, :]).to(w_down.dtype)
-        row = torch.cat([torch.ones(inter, device=s.device), 1.0 / s]).to(w_gu.device)
-        out[p + "w_gate_up"] = (w_gu.float() * row[:, None]).to(w_gu.dtype)
+        out[name] = _scale(w_down, s, 1)
+        out[p + "w_gate_up"] = _scale(w_gu, torch.cat([s.new_ones(inter), 1.0 / s]), 0)
 
         # o_proj: X = attention output [Hq * D], producer = v; s tied per (kv head, channel).
         name = p + "wo"
@@ -190,13 +222,9 @@ def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Cal
         a, s_kv, _ = search_alpha(x_kv, wo.to(dev), samples, scheme, alphas,
                                   w_absmax=w_kv.to(dev), expand=expand)
         chosen[name] = a
-        s_kv = s_kv.to(wo.device)
-        out[name] = (wo.float() * expand(s_kv)[None, :]).to(wo.dtype)
-        wname, bname = p + "wqkv", p + "bqkv"
-        wqkv = weights[wname]
-        row = torch.cat([torch.ones(q + kv, device=s_kv.device), 1.0 / s_kv])
-        out[wname] = (wqkv.float() * row.to(wqkv.device)[:, None]).to(wqkv.dtype)
-        if bname in weights:
-            b = weights[bname]
-            out[bname] = (b.float() * row.to(b.device)).to(b.dtype)
+        out[name] = _scale(wo, expand(s_kv), 1)
+        row = torch.cat([s_kv.new_ones(q + kv), 1.0 / s_kv])  # v rows (and bias) / s
+        for t in ("wqkv", "bqkv"):
+            if p + t in weights:
+                out[p + t] = _scale(weights[p + t], row, 0)
     return out, chosen

@@ -23,6 +23,19 @@ def test_qoq_compiles_and_serves(make_tiny_checkpoint, tmp_path, precision):
     assert out.token_ids
 
 
+def test_smoothquant_step_compiles(make_tiny_checkpoint, tmp_path):
+    """The W8A8 baseline's `smoothquant` step: one alpha per wqkv and w_gate_up."""
+    cfg = CompileConfig(precision="w8a8", kv="fp16", dtype="float32", quantizer="qoq",
+                        qoq_steps="smoothquant", calib_samples=4, calib_seq_len=64,
+                        kernels="skip")
+    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    report = json.loads((art / "manifest.json").read_text())["qoq"]
+    assert sorted(report["smoothquant_alpha"]) == [f"layers.{i}.{n}" for i in range(2)
+                                                   for n in ("w_gate_up", "wqkv")]
+    assert "smooth_alpha" not in report
+    assert Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0].token_ids
+
+
 def test_qoq_needs_a_quantized_precision():
     with pytest.raises(ValueError, match="quantized --precision"):
         CompileConfig(precision="fp16", quantizer="qoq")

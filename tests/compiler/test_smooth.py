@@ -1,6 +1,7 @@
 """QoQ smoothing (compiler/smooth.py): SmoothAttention and o_proj/down_proj input smoothing
-keep the float model's logits, tie their scales where the graph requires it (RoPE pairs, GQA
-groups), shrink the outliers they target, and the alpha search lowers the quantized error."""
+and SmoothQuant's q/k/v and gate/up input smoothing keep the float model's logits, tie their
+scales where the graph requires it (RoPE pairs, GQA groups, one scale per RMSNorm), shrink the
+outliers they target, and the alpha search lowers the quantized error."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from qcompile.compiler.capture import KVSpec
 from qcompile.compiler.config import W4A8, W4A8_G128, W4A16_G128, W8A8
 from qcompile.compiler.smooth import (ALPHAS, attention_lambdas, fake_quant_act,
                                       quantized_output_error, search_alpha, smooth_attention,
-                                      smooth_linear)
+                                      smooth_linear, smooth_norm_inputs)
 from qcompile.compiler.quantize import dequantize, quantize_weight
 from qcompile.models.decoder import Decoder, rms_norm
 from qcompile.models.loaders import load_checkpoint
@@ -66,7 +67,7 @@ def decoder_logits(cfg, weights, tokens):
 @torch.no_grad()
 def forward_collect(cfg, w, tokens):
     """A plain causal forward of the decoder's layer functions that records what calibration
-    records: (logits, CalibStats of the wo / w_down inputs + key absmax, keys [L][T, Hkv, D])."""
+    records: (logits, CalibStats of every layer linear's input + key absmax, keys [L][T, Hkv, D])."""
     n, hq, hkv, d = len(tokens), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     stats, keys = CalibStats(), []
@@ -80,6 +81,7 @@ def forward_collect(cfg, w, tokens):
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         x = rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps)
+        record(p + "wqkv", x)
         qkv = F.linear(x, w[p + "wqkv"], w.get(p + "bqkv"))
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rope(q.reshape(n, hq, d), cos, sin)
@@ -94,6 +96,7 @@ def forward_collect(cfg, w, tokens):
         record(p + "wo", o)
         h = h + F.linear(o, w[p + "wo"])
         x = rms_norm(h, w[p + "mlp_norm"], cfg.rms_norm_eps)
+        record(p + "w_gate_up", x)
         gate, up = F.linear(x, w[p + "w_gate_up"]).split(cfg.intermediate_size, dim=-1)
         act = F.silu(gate) * up
         record(p + "w_down", act)
@@ -248,12 +251,72 @@ def test_smooth_linear_scales_tied_across_gqa_and_moved_into_producers(model):
         assert s[[5, 40]].min() > s.median()
 
 
+# ------------------------------------------------------------ SmoothQuant (RMSNorm-fed linears)
+
+
+NORM_OUTLIER = {"attn_norm": 1, "mlp_norm": 6}  # residual channel made an outlier per norm
+
+
+@pytest.fixture
+def norm_model(model):
+    """`model` with an outlier channel in every RMSNorm output (the wqkv / w_gate_up inputs)."""
+    cfg, w, tokens = model
+    w = dict(w)
+    for i in range(cfg.num_layers):
+        for norm, c in NORM_OUTLIER.items():
+            g = w[f"layers.{i}.{norm}"].clone()
+            g[c] *= 30
+            w[f"layers.{i}.{norm}"] = g
+    return cfg, w, tokens
+
+
+@pytest.mark.parametrize("scheme", [W8A8, W4A8_G128])
+def test_smooth_norm_inputs_keeps_logits_and_shrinks_outliers(norm_model, scheme):
+    cfg, w, tokens = norm_model
+    _, stats, _ = forward_collect(cfg, w, tokens)
+    before = snapshot(w)
+    new, alphas = smooth_norm_inputs(cfg, w, stats, scheme)
+    assert_same(w, before)
+    names = {f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in ("wqkv", "w_gate_up")}
+    assert set(alphas) == names and all(a in ALPHAS for a in alphas.values()), alphas
+    assert rel(decoder_logits(cfg, new, tokens), decoder_logits(cfg, w, tokens)) < 1e-5
+    changed = {k for k in w if not torch.equal(new[k], w[k])}
+    assert changed <= names | {f"layers.{i}.{n}" for i in range(cfg.num_layers)
+                               for n in ("attn_norm", "mlp_norm")}
+
+    _, stats_new, _ = forward_collect(cfg, new, tokens)
+    for name in names:
+        x, x_new = stats.samples[name], stats_new.samples[name]
+        # the injected outlier channel shrinks against the others (W8A8: by over half)
+        peak = lambda t: (t.abs().amax(0).max() / t.abs().amax(0).median()).item()  # noqa: E731
+        assert peak(x_new) < (0.5 if scheme == W8A8 else 1.0) * peak(x), name
+        exact = x @ w[name].T
+        plain = fake_quant_act(x) @ dequantize(quantize_weight(w[name], scheme)).T
+        smoothed = fake_quant_act(x_new) @ dequantize(quantize_weight(new[name], scheme)).T
+        assert (exact - smoothed).norm() < (exact - plain).norm(), name
+
+
+def test_smooth_norm_inputs_one_scale_per_norm(norm_model):
+    cfg, w, tokens = norm_model
+    _, stats, _ = forward_collect(cfg, w, tokens)
+    new, _ = smooth_norm_inputs(cfg, w, stats, W8A8)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for norm, lin in (("attn_norm", "wqkv"), ("mlp_norm", "w_gate_up")):
+            s = w[p + norm] / new[p + norm]  # gain / s
+            # every row of the fused linear (q, k and v; gate and up) gets the same columns x s
+            torch.testing.assert_close(new[p + lin], w[p + lin] * s[None, :], rtol=1e-5,
+                                       atol=0)
+            assert s[NORM_OUTLIER[norm]] > 4 * s.median()
+
+
 def test_smooth_keeps_dtypes(model):
     cfg, w, tokens = model
     _, stats, _ = forward_collect(cfg, w, tokens)
     half = {k: v.to(torch.bfloat16) for k, v in w.items()}
     out = smooth_attention(cfg, half, stats.key_absmax)
     out, _ = smooth_linear(cfg, out, stats, W8A8, alphas=(0.5,))
+    out, _ = smooth_norm_inputs(cfg, out, stats, W8A8, alphas=(0.5,))
     assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in half.items()}
 
 
