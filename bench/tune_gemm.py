@@ -1,6 +1,6 @@
 """Sweep the GEMM tile configs: for each kind, Llama-3-8B linear shape and M, time every
 candidate config (the table's bases and a few variants, each with split-K 1/2/4/8 where it
-fits) and report the fastest, to tune `cutlass_templates/configs.py:SELECTION` from data.
+fits, split-K with either reduction) and report the fastest, to tune `cutlass_templates/configs.py:SELECTION` from data.
 
     python bench/tune_gemm.py --out DIR     (on the GPU; builds its kernels first)
 
@@ -38,7 +38,10 @@ BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
          C.TileConfig(32, 64, 128, 1, 2, 4),
          # 8-warp tiles with 64x64 warp tiles (fewer L2 bytes per MMA) and a deeper 128x128
          C.TileConfig(128, 256, 128, 2, 4, 3), C.TileConfig(256, 128, 128, 4, 2, 3),
-         C.TileConfig(128, 128, 128, 2, 4, 4), C.BIG4)
+         C.TileConfig(128, 128, 128, 2, 4, 4), C.BIG4,
+         # decode: more bytes in flight per SM (deeper pipeline, longer K tiles, 1-warp CTAs)
+         C.TileConfig(16, 64, 128, 1, 2, 8), C.TileConfig(16, 64, 256, 1, 2, 4),
+         C.TileConfig(16, 32, 128, 1, 1, 8), C.TileConfig(16, 128, 128, 1, 4, 6))
 
 
 def candidates(kind: str, k: int, m: int) -> list:
@@ -48,6 +51,8 @@ def candidates(kind: str, k: int, m: int) -> list:
             cfg = base.with_split(split)
             if cfg.fits(kind, k) and (split == 1 or m <= 256) and base.bm <= max(16, 2 * m):
                 out.append(cfg)
+                if split > 1:  # both reductions: one binary, a launch choice
+                    out.append(base.with_split(split, "separate"))
     return out
 
 
@@ -104,9 +109,11 @@ def main(argv=None) -> None:
                     ok = bool((calls[0]().float() - want.float()).abs().max() <= 1e-2 *
                               want.float().abs().max() + 1e-3)
                     us, _ = bg.time_calls(calls, args.iters, cyc)
-                    rows.append(dict(kind=kind, shape=shape, N=n, K=k, M=m, config=cfg.name(kind),
-                                     us=round(us, 2), tops=round(bg.tops(m, n, k, us), 1), ok=ok,
-                                     selected=C.select_config(kind, m, n, k) == cfg))
+                    sel = C.select_config(kind, m, n, k)
+                    rows.append(dict(kind=kind, shape=shape, N=n, K=k, M=m,
+                                     config=cfg.label(kind), us=round(us, 2),
+                                     tops=round(bg.tops(m, n, k, us), 1), ok=ok,
+                                     selected=sel.label(kind) == cfg.label(kind)))
             _write_csv(rows, args.out / "tune.csv")  # after every shape: a crash keeps data
             print(f"{kind} {shape} done", flush=True)
     lines = ["| kind | shape | M | best config | us | selected config | us | best/selected |",

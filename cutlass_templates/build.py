@@ -2,7 +2,7 @@
 
 Each template in this folder (`KINDS` in `configs.py`: kind -> (template file, group)) is
 compiled with `config.defines(kind)` into one binary holding the `extern "C"` entry
-`config.name(kind)` (split-K configs too: their slices meet inside the kernel).
+`config.name(kind)` (split-K configs also `config.name(kind) + "_reduce"`, `config.entries`).
 
 Binaries are **fatbins** (`nvcc -fatbin`), which `cuModuleLoadData` loads like a cubin:
 
@@ -62,7 +62,7 @@ class KernelTableError(ValueError):
 @dataclass(frozen=True)
 class KernelBinary:
     path: Path               # the fatbin (in the cache)
-    entries: tuple[str, ...]  # extern "C" names (one: the kernel)
+    entries: tuple[str, ...]  # extern "C" names (the kernel first)
     kind: str
     config: Any              # a configs.TileConfig
     target: str
@@ -217,7 +217,7 @@ def _compile(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def _build(job: _Job) -> KernelBinary:
     name = job.config.name(job.kind)
-    entries = (name,)
+    entries = job.config.entries(job.kind) if hasattr(job.config, "entries") else (name,)
     key = _key(job)
     path = job.cache_dir / job.target / f"{name}-{key[:20]}{SUFFIX}"
     if not path.is_file():
@@ -276,7 +276,11 @@ def build_kernels(requests: Iterable[tuple[str, Any]], target: str, jobs: int | 
 
 
 def _entry(b: KernelBinary) -> dict:
-    return {"name": b.name, "kind": b.kind, "config": dataclasses.asdict(b.config),
+    # the config's identity only (fields that take part in equality): launch choices such as
+    # TileConfig.reduce are not properties of the binary
+    config = {f.name: getattr(b.config, f.name) for f in dataclasses.fields(b.config)
+              if f.compare}
+    return {"name": b.name, "kind": b.kind, "config": config,
             "target": b.target, "file": f"{b.name}{SUFFIX}", "entries": list(b.entries),
             "smem_bytes": b.smem_bytes, "threads": b.threads, "sha256": b.sha256, "nvcc": b.nvcc}
 

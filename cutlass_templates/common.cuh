@@ -8,9 +8,18 @@
 //   mma.sync.m16n8k32.row.col.s32.s8.s8.s32 -> int32 accumulators (exact)
 //   epilogue: fp32 math with explicit _rn intrinsics (no FMA contraction, so the rounding
 //   sequence is that of the PyTorch reference), one rounding to fp16.  With split-K, every
-//   slice publishes its raw int32 sums to a workspace and the last slice of each tile to arrive
-//   (a per-tile arrival counter) adds the others' into its registers and runs the epilogue:
-//   one launch, no separate reduction kernel.
+//   slice publishes its raw int32 sums to a workspace; then either the last slice of each tile
+//   to arrive (a per-tile arrival counter) adds the others' into its registers and runs the
+//   epilogue in the same launch ("fixup"), or, when the launch passes no counters, the
+//   *_reduce entry sums the workspace and runs the epilogue in a second launch ("separate").
+//   Which is faster depends on the shape (the fixup puts three dependent L2 round trips on
+//   the tail of the critical path, a second launch about one); the tile table chooses.
+//
+// CTA order (tile_origin): blockIdx.x walks N fastest, but in bands of kRasterM tile rows, so
+// that the CTAs resident at once share a few A row blocks and a few dozen B column blocks
+// instead of one A row block and every B column block: for wide N (gate_up, N = 28672, whose
+// int8 weights are 117 MB, more than L2) the plain order re-reads all of B from DRAM for every
+// row block.
 //
 // Shared memory (dynamic, 128-byte aligned), STAGES stages of [A stage][B stage]:
 //   [A_0 .. A_{S-1}][B_0 .. B_{S-1}], A stage = BM x BK int8 rows with the 16-byte chunks of
@@ -58,6 +67,26 @@ struct Tile {
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
+
+// Threads per block of every *_reduce entry (configs.py REDUCE_THREADS mirrors it).
+constexpr int kReduceThreads = 256;
+
+// Tile rows per raster band (see the header).
+constexpr int kRasterM = 8;
+
+// (m0, n0) of this CTA's output tile: the linear CTA index blockIdx.y * gridDim.x + blockIdx.x
+// enumerates bands of kRasterM tile rows (the last band may be thinner) column by column,
+// each column of a band top to bottom.  A bijection of the grid; slices of one split-K tile
+// share blockIdx.x/y and so their tile.
+template <class T>
+__device__ __forceinline__ int2 tile_origin() {
+  const int tiles_n = gridDim.x, tiles_m = gridDim.y;
+  const int id = blockIdx.y * tiles_n + blockIdx.x;
+  const int band = id / (kRasterM * tiles_n), in_band = id % (kRasterM * tiles_n);
+  const int rows = min(kRasterM, tiles_m - band * kRasterM);
+  const int tm = band * kRasterM + in_band % rows, tn = in_band / rows;
+  return make_int2(tm * T::BM, tn * T::BN);
+}
 
 // 16-byte chunk index within each 128-byte line XOR the line index (mod 8).
 __device__ __forceinline__ uint32_t swz(uint32_t off) { return off ^ (((off >> 7) & 7u) << 4); }
@@ -197,15 +226,16 @@ __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::
 //      0 (every slice of this launch has counted, so the next launch on the stream finds it
 //      zeroed), sums every slice's part (L2 loads, __ldcg, all issued at once) into its
 //      accumulators and returns true: it runs the epilogue.  The others return false and exit.
+// flags == nullptr ("separate" reduction): step 1 only; the *_reduce entry (splitk_reduce)
+// launched next on the stream sums and finishes.
 // flags must be zero before the first launch (the runtime allocates them zeroed, once per
 // device); kernels leave them zero.  Two split-K GEMMs running concurrently on different
 // streams must not share flags.  int32 sums wrap exactly like the unsplit accumulation
 // (unsigned adds), so the result is bitwise that of SPLITK = 1.
 template <class T>
 __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], int M, int N,
-                                             int32_t* ws, uint32_t* flags, int warp_m,
-                                             int warp_n, int lane) {
-  const int n0 = blockIdx.x * T::BN, m0 = blockIdx.y * T::BM;
+                                             int m0, int n0, int32_t* ws, uint32_t* flags,
+                                             int warp_m, int warp_n, int lane) {
   const int np = round_up(N, 32);
   auto visit = [&](auto&& f) {  // f(mt, nt, h, offset of (m, n) in a slice), in range
 #pragma unroll
@@ -227,6 +257,7 @@ __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], i
     __stcg(reinterpret_cast<int2*>(mine + off),
            make_int2((int)acc[mt][nt][2 * h], (int)acc[mt][nt][2 * h + 1]));
   });
+  if (flags == nullptr) return false;  // separate reduction
   __threadfence();
   __syncthreads();
   __shared__ uint32_t last;
@@ -262,6 +293,35 @@ __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], i
   return true;
 }
 
+// The separate reduction: C[m, n] = epilogue(sum_z ws[z, m, n]).  One thread per 4 columns of
+// a row (one 16-byte load per slice, all issued before the adds), grid-stride over
+// M * ceil(N / 4) quads.
+template <int SPLITK, class Epi>
+__device__ __forceinline__ void splitk_reduce(const int32_t* ws, int M, int N, const Epi& epi,
+                                              const __half* bias, __half* C) {
+  const int np = round_up(N, 32), nq = ceil_div(N, 4);
+  const long long total = (long long)M * nq;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int m = (int)(i / nq), n = (int)(i % nq) * 4;
+    int4 v[SPLITK];
+#pragma unroll
+    for (int z = 0; z < SPLITK; ++z)
+      v[z] = __ldcg(reinterpret_cast<const int4*>(ws + ((size_t)z * M + m) * np + n));
+    uint32_t s0 = 0u, s1 = 0u, s2 = 0u, s3 = 0u;  // unsigned: int32 wrap-around, no UB
+#pragma unroll
+    for (int z = 0; z < SPLITK; ++z) {
+      s0 += (uint32_t)v[z].x;
+      s1 += (uint32_t)v[z].y;
+      s2 += (uint32_t)v[z].z;
+      s3 += (uint32_t)v[z].w;
+    }
+    const typename Epi::Row row = epi.row(m);
+    finish_pair(epi, row, bias, C, N, m, n, (int)s0, (int)s1);
+    if (n + 2 < N) finish_pair(epi, row, bias, C, N, m, n + 2, (int)s2, (int)s3);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The GEMM body.  BOp (operand B policy) provides:
 //   static constexpr int kStageBytes;                      shared bytes of one B stage (x128)
@@ -273,7 +333,8 @@ __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], i
 // may be partial: the policies zero-fill past kp, the A loader past K).
 //
 // Split-K (T::SPLITK > 1): blockIdx.z takes K tiles [z*per, min((z+1)*per, tiles)) with
-// per = ceil(tiles / SPLITK); see splitk_fixup for how the slices meet.
+// per = ceil(tiles / SPLITK); see splitk_fixup for how the slices meet (flags == nullptr:
+// they do not; the *_reduce entry runs next).
 template <class T, class BOp, class Epi>
 __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, int N, int K,
                                           int kp, const BOp& bop, const Epi& epi,
@@ -281,14 +342,15 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
                                           uint32_t* flags) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_n = warp % T::WARPS_N, warp_m = warp / T::WARPS_N;
-  const int n0 = blockIdx.x * T::BN, m0 = blockIdx.y * T::BM;
+  const int2 origin = tile_origin<T>();
+  const int m0 = origin.x, n0 = origin.y;
 
   const int tiles = ceil_div(kp, T::BK);
   int kt0 = 0, nk = tiles;
   if constexpr (T::SPLITK > 1) {
     // the arrival counter is touched once, at the end: bring its line into L2 now so that the
     // atomic does not wait on DRAM on the critical path (decode runs with a cold L2)
-    if (tid == 0) {
+    if (tid == 0 && flags != nullptr) {
       const uint32_t* flag = flags + blockIdx.y * gridDim.x + blockIdx.x;
       asm volatile("prefetch.global.L2 [%0];" ::"l"(flag));
     }
@@ -365,7 +427,7 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   cute::cp_async_wait<0>();  // only empty groups can be left; drain before exit
 
   if constexpr (T::SPLITK > 1) {
-    if (!splitk_fixup<T>(acc, M, N, ws, flags, warp_m, warp_n, lane)) return;
+    if (!splitk_fixup<T>(acc, M, N, m0, n0, ws, flags, warp_m, warp_n, lane)) return;
   }
   // Epilogue straight from the accumulator fragments.
 #pragma unroll

@@ -2,7 +2,8 @@
 
 A :class:`TileConfig` is one instantiation of a template (``w8a8_sm80.cu`` or ``w4a8_sm80.cu``):
 nvcc compiles the template once per (kind, config) with the ``-D`` defines of
-:meth:`TileConfig.defines` into one binary holding the ``extern "C"`` entry ``name``:
+:meth:`TileConfig.defines` into one binary holding the ``extern "C"`` entry ``name`` (and,
+with split-K, ``name + "_reduce"``; :meth:`TileConfig.entries`), all taking the same arguments:
 
 * ``w8a8``:  ``(A, s_x, B, s_w, bias, C, workspace, flags, M, N, K)``
 * ``w4a8``:  ``(A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, flags, M, N, K)``
@@ -13,8 +14,12 @@ Launch: ``grid(m, n)``, ``threads()``, ``smem_bytes(kind)`` of dynamic shared me
 ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` when above 48 KB). With split-K, a
 ``workspace_bytes(m, n)`` int32 buffer [split_k, m, Np] (no zeroing needed: every slice
 writes its part) and ``flag_count(m, n)`` uint32 arrival counters, zero before the launch and
-left zero by it (allocate them zeroed once; see common.cuh): the last slice of each output
-tile to finish sums the others' parts and runs the epilogue, in the same launch.
+left zero by it (allocate them zeroed once; see common.cuh). ``reduce`` says how the slices
+meet: ``"fixup"``, the last slice of each output tile to finish sums the others' parts and runs
+the epilogue, in the same launch; ``"separate"``, the launch gets no counters (nullptr) and the
+``_reduce`` entry runs next with :meth:`TileConfig.reduce_launch`. Both modes live in the same
+binary, so ``reduce`` is a launch choice, not part of the kernel: it is left out of the name and
+of equality (a config and its other-mode twin build one binary).
 
 Selection (:func:`select_config`) is a lookup in :data:`SELECTION`: the first row whose M
 bucket holds ``m``, whose ``k_min`` is <= ``k``, whose ``n_max`` (if any) is >= ``n``, whose
@@ -24,7 +29,7 @@ groups).  Every M bucket ends with an unconditional split-free row, so a row alw
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 # kind -> (template file in this folder, group size: None = W8A8, 0 = per channel).
 KINDS: dict[str, tuple[str, int | None]] = {
@@ -34,6 +39,8 @@ KINDS: dict[str, tuple[str, int | None]] = {
     "w4a8_g64": ("w4a8_sm80.cu", 64),
 }
 
+REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
+REDUCE_MODES = ("fixup", "separate")
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
 N_ALIGN = 32  # every weight layout pads N to 32 (Np)
 
@@ -62,7 +69,8 @@ def padded_k(kind: str, k: int) -> int:
 @dataclass(frozen=True)
 class TileConfig:
     """One tile shape: CTA tile bm x bn x bk, warps_m x warps_n warps, a cp.async pipeline of
-    ``stages`` stages, K split over ``split_k`` CTAs (1: no split)."""
+    ``stages`` stages, K split over ``split_k`` CTAs (1: no split) whose parts meet by
+    ``reduce`` (see the module docstring; not part of the kernel, so not of equality)."""
 
     bm: int
     bn: int
@@ -71,6 +79,7 @@ class TileConfig:
     warps_n: int
     stages: int
     split_k: int = 1
+    reduce: str = field(default="fixup", compare=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,6 +95,8 @@ class TileConfig:
             problems.append("stages must be >= 2")
         if self.split_k < 1:
             problems.append("split_k must be >= 1")
+        if self.reduce not in REDUCE_MODES:
+            problems.append(f"reduce must be one of {REDUCE_MODES}")
         if problems:
             raise ValueError(f"invalid TileConfig {self}: " + "; ".join(problems))
 
@@ -94,6 +105,15 @@ class TileConfig:
         _kind(kind)
         return (f"qc_{kind}_{self.bm}x{self.bn}x{self.bk}_w{self.warps_m}x{self.warps_n}"
                 f"_s{self.stages}_k{self.split_k}")
+
+    def entries(self, kind: str) -> tuple[str, ...]:
+        """The binary's ``extern "C"`` entries: the GEMM, and the reduction with split-K."""
+        name = self.name(kind)
+        return (name, name + "_reduce") if self.split_k > 1 else (name,)
+
+    def label(self, kind: str) -> str:
+        """The name, plus the reduction mode where it is not the default (for reports)."""
+        return self.name(kind) + ("_sep" if self.split_k > 1 and self.reduce == "separate" else "")
 
     def template(self, kind: str) -> str:
         return _kind(kind)[0]
@@ -129,11 +149,20 @@ class TileConfig:
         return (_ceil_div(n, self.bn), _ceil_div(m, self.bm), self.split_k)
 
     def flag_count(self, m: int, n: int) -> int:
-        """Split-K arrival counters the launch uses: one per output tile (0 without split)."""
-        if self.split_k == 1:
+        """Split-K arrival counters the launch uses: one per output tile (0 without split or
+        with the separate reduction)."""
+        if self.split_k == 1 or self.reduce == "separate":
             return 0
         gx, gy, _ = self.grid(m, n)
         return gx * gy
+
+    def reduce_launch(self, m: int, n: int) -> tuple[tuple, tuple] | None:
+        """(grid, block) of the ``_reduce`` entry (one thread per 4 columns of a row), or None
+        when there is none to launch."""
+        if self.split_k == 1 or self.reduce != "separate":
+            return None
+        quads = m * _ceil_div(n, 4)
+        return (max(1, _ceil_div(quads, REDUCE_THREADS)), 1, 1), (REDUCE_THREADS, 1, 1)
 
     def workspace_bytes(self, m: int, n: int) -> int:
         if self.split_k == 1:
@@ -161,8 +190,8 @@ class TileConfig:
             return False
         return not group or per * self.bk % group == 0
 
-    def with_split(self, split_k: int) -> TileConfig:
-        return replace(self, split_k=split_k)
+    def with_split(self, split_k: int, reduce: str | None = None) -> TileConfig:
+        return replace(self, split_k=split_k, reduce=reduce or self.reduce)
 
 
 def parse_name(name: str) -> tuple[str, TileConfig]:

@@ -22,7 +22,8 @@
 // flags [grid tiles] uint32 (zeroed once, left zero) when QC_SPLITK > 1 (common.cuh).
 // Entry: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block WARPS_M*WARPS_N*32,
 // dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel and
-// round_up(2*max(1, BK/G)*BN, 128) for groups).
+// round_up(2*max(1, BK/G)*BN, 128) for groups) and, when QC_SPLITK > 1, QC_KERNEL##_reduce
+// (same arguments; block qc::kReduceThreads, any grid) for launches with flags == nullptr.
 #include "common.cuh"
 
 #include <type_traits>
@@ -236,6 +237,18 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
                    EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace, flags);
 }
 
+#if QC_SPLITK > 1
+extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
+    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+                               const int32_t* __restrict__ xsum, const uint8_t* __restrict__ B,
+                               const float* __restrict__ s_w, const float* __restrict__ zs_w,
+                               const __half* __restrict__ bias, __half* __restrict__ C,
+                               int32_t* __restrict__ workspace, uint32_t* __restrict__ flags,
+                               int M, int N, int K) {
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C);
+}
+#endif
+
 #else
 
 extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
@@ -250,5 +263,17 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
   qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, s2, negzs, np, kp}},
                    EpiW4A8Group{s_x, s1}, bias, C, workspace, flags);
 }
+
+#if QC_SPLITK > 1
+extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
+    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+                               const uint8_t* __restrict__ B, const float* __restrict__ s1,
+                               const uint8_t* __restrict__ s2, const uint8_t* __restrict__ negzs,
+                               const __half* __restrict__ bias, __half* __restrict__ C,
+                               int32_t* __restrict__ workspace, uint32_t* __restrict__ flags,
+                               int M, int N, int K) {
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8Group{s_x, s1}, bias, C);
+}
+#endif
 
 #endif

@@ -14,7 +14,8 @@
 //        -DQC_KERNEL=qc_w8a8_... -DQC_BM=.. -DQC_BN=.. -DQC_BK=.. -DQC_WARPS_M=.. \
 //        -DQC_WARPS_N=.. -DQC_STAGES=.. -DQC_SPLITK=.. w8a8_sm80.cu
 // Entries: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block WARPS_M*WARPS_N*32,
-// dynamic smem STAGES*(BM*BK + BN*BK)).
+// dynamic smem STAGES*(BM*BK + BN*BK)) and, when QC_SPLITK > 1, QC_KERNEL##_reduce (same
+// arguments; block qc::kReduceThreads, any grid) for launches with flags == nullptr.
 #include "common.cuh"
 
 #if !defined(QC_KERNEL) || !defined(QC_BM) || !defined(QC_BN) || !defined(QC_BK) || \
@@ -92,4 +93,15 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
   qc::gemm_body<T>(smem, A, M, N, K, kp, W8Operand{B, np, kp}, EpiW8A8{s_x, s_w}, bias, C,
                    workspace, flags);
 }
+
+#if QC_SPLITK > 1
+extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
+    QC_CAT(QC_KERNEL, _reduce)(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+                               const int8_t* __restrict__ B, const float* __restrict__ s_w,
+                               const __half* __restrict__ bias, __half* __restrict__ C,
+                               int32_t* __restrict__ workspace, uint32_t* __restrict__ flags,
+                               int M, int N, int K) {
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW8A8{s_x, s_w}, bias, C);
+}
+#endif
 

@@ -112,8 +112,8 @@ def _find(kind: str, m: int, n: int, k: int, out_dtype):
 
 
 def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
-    """Launch the kernel into out (fp16 [..., n]; allocated when None: tests pass a poisoned
-    one)."""
+    """Launch the kernel (and, for a split-K config with the separate reduction, its _reduce
+    entry) into out (fp16 [..., n]; allocated when None: tests pass a poisoned one)."""
     from qcompile.runtime.launcher import check_tensor, i32, ptr
     cfg, kernel = found
     k = xq.shape[-1]
@@ -136,11 +136,15 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
     ws = flags = None
     if cfg.split_k > 1:
         ws = torch.empty(cfg.workspace_bytes(m, n) // 4, dtype=torch.int32, device=xq.device)
-        flags = split_k_flags(xq.device, cfg.flag_count(m, n))
+        if cfg.reduce == "fixup":
+            flags = split_k_flags(xq.device, cfg.flag_count(m, n))
     args = [ptr(xq), ptr(sx), *map(ptr, operands), ptr(out), ptr(ws), ptr(flags), i32(m),
             i32(n), i32(k)]
     kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args)
-    STATS.launches[cfg.name(kind)] += 1
+    reduce = cfg.reduce_launch(m, n)
+    if reduce is not None:  # the separate split-K reduction, next on the same stream
+        _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(*reduce, 0, args)
+    STATS.launches[cfg.label(kind)] += 1
     return out
 
 

@@ -195,11 +195,37 @@ def test_templates_compile_with_nvcc(tmp_path):
                 if "warning" in line.lower() and cfg.template(kind) in line]
         assert not ours, "\n".join(ours)
         usage = [line.strip() for line in proc.stderr.splitlines() if "spill stores" in line]
-        assert len(usage) == 1, proc.stderr[-3000:]  # the GEMM (split-K fixup inside)
+        assert len(usage) == 2, proc.stderr[-3000:]  # the GEMM and its _reduce entry
         for line in usage:
             assert line.startswith(
                 "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), line
         regs = [int(x) for x in re.findall(r"Used (\d+) registers", proc.stderr)]
-        assert len(regs) == 1 and max(regs) <= 255
+        assert len(regs) == 2 and max(regs) <= 255
         blob = out.read_bytes()
-        assert cfg.name(kind).encode() in blob
+        for entry in cfg.entries(kind):
+            assert entry.encode() in blob
+
+
+def test_reduce_mode_is_a_launch_choice_not_a_kernel():
+    fix = TileConfig(16, 64, 128, 1, 2, 4, 4)
+    sep = fix.with_split(4, "separate")
+    assert sep.reduce == "separate" and fix.reduce == "fixup"
+    # one binary serves both: same name, equal (one build), both entries in it
+    assert sep == fix and sep.name("w4a8") == fix.name("w4a8")
+    assert fix.entries("w4a8") == (fix.name("w4a8"), fix.name("w4a8") + "_reduce")
+    assert TileConfig(16, 64, 128, 1, 2, 4).entries("w4a8") == ("qc_w4a8_16x64x128_w1x2_s4_k1",)
+    assert sep.label("w4a8") == fix.name("w4a8") + "_sep" and fix.label("w4a8") == fix.name("w4a8")
+    # the fixup uses counters and no second launch; the separate mode the reverse
+    assert fix.flag_count(3, 4096) == 64 and fix.reduce_launch(3, 4096) is None
+    assert sep.flag_count(3, 4096) == 0
+    assert sep.reduce_launch(3, 4096) == ((12, 1, 1), (C.REDUCE_THREADS, 1, 1))  # 3*1024 quads
+    assert TileConfig(16, 64, 128, 1, 2, 4, 1, "separate").reduce_launch(3, 4096) is None
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        TileConfig(16, 64, 128, 1, 2, 4, 2, "atomic")
+    # the row the table picks keeps its mode
+    assert all(r.config.reduce in C.REDUCE_MODES for r in SELECTION)
+
+
+def test_reduce_threads_match_common_cuh():
+    src = (TEMPLATES / "common.cuh").read_text()
+    assert f"constexpr int kReduceThreads = {C.REDUCE_THREADS};" in src

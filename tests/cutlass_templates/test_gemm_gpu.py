@@ -106,8 +106,9 @@ def test_cuda_graph_capture_and_replay(kernels):
 
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
-    """The in-kernel split-K fixup sums exact int32 parts, so it must equal the same tile
-    without split bit for bit, launch after launch (the arrival counters reset themselves)."""
+    """Both split-K reductions (the in-kernel fixup and the separate _reduce launch) sum exact
+    int32 parts, so they must equal the same tile without split bit for bit, launch after
+    launch (the fixup's arrival counters reset themselves)."""
     from qcompile.cutlass_templates.configs import select_config
     scheme, kind = SCHEMES[name], name.replace("-", "_")
     m, n, k = 3, 4096, 14336
@@ -116,7 +117,8 @@ def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
     cfg = select_config(kind, m, n, k)
     assert cfg.split_k > 1
     outs = []
-    for c in (cfg.with_split(1), cfg, cfg, cfg):
+    sep = cfg.with_split(cfg.split_k, "separate")
+    for c in (cfg.with_split(1), cfg, cfg, cfg, sep, sep):
         kernel = kernels._TABLE.kernels.get(c.name(kind))
         assert kernel is not None, f"{c.name(kind)} not built"
         outs.append(kernels._run(kind, (c, kernel), head[0], head[1],
@@ -125,3 +127,24 @@ def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
         assert torch.equal(out, outs[0])
     torch.cuda.synchronize()
     assert kernels.split_k_flags(torch.device("cuda")).count_nonzero().item() == 0
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_raster_bands_cover_every_tile_once(kernels, name):
+    """CTAs walk bands of 8 tile rows (common.cuh tile_origin): with 10 tile rows (a full band
+    and a thin one) and 12 tile columns every output element is written, and right."""
+    from qcompile.cutlass_templates.configs import select_config
+    scheme, kind = SCHEMES[name], name.replace("-", "_")
+    n, k = 1536, 576
+    head, packed, bias, extra = _operands(scheme, 1, n, k, seed=5)
+    cfg = select_config(kind, 1157, n, k)
+    m = 9 * cfg.bm + 5  # 10 tile rows
+    head = _acts(scheme, m, k, seed=6)
+    assert cfg.grid(m, n)[:2] == (n // cfg.bn, 10)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+    k_packed = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+    got = kernels._run(kind, (cfg, kernels._TABLE.kernels[cfg.name(kind)]), head[0], head[1],
+                       (*head[2:], *packed, bias), n, k_packed, out=out)
+    want = REFERENCE[scheme](*head, *packed, bias, n, *extra, torch.float16)
+    assert torch.isfinite(got).all()
+    assert _sqnr_db(want, got) > 60
