@@ -219,13 +219,20 @@ def parse_defines(defines: list[str]) -> tuple[str, TileConfig]:
 
 
 # --- the table -------------------------------------------------------------------------------
-# Measured, not guessed: bench/tune_gemm.py timed every base below with split-K 1/2/4/8 on an
-# H100 over the Llama-3-8B linears (bench/results/tune-h100-2026-11-21*.md); each row is the
-# config with the lowest time relative to the per-shape best in its bucket. Decode needs CTAs
-# (thin tiles, split-K over long K, but not when N alone gives hundreds of tiles: gate_up);
-# from M = 512 the 128x128x128 tile wins, with 4 stages for the 4-bit kinds (their B stage is
-# half the size; W8A8 at 4 stages fits one CTA per SM and loses 40%).
+# Measured, not guessed: bench/tune_gemm.py timed every base below with split-K 1/2/4/8 (and,
+# split, both reductions) on an H100 over the Llama-3-8B linears with L2-cold weights
+# (bench/results/tune-h100-*.csv); each row is the config with the lowest worst-case time
+# relative to the per-(kind, shape, M) best over w4a8, w4a8_g128 and w8a8 (within 1-5% of the
+# best at M = 1..64). Decode needs bytes in flight: thin tiles, split-K over long K with the
+# separate reduction (the in-kernel fixup was 8-20% slower at M <= 64: its three dependent L2
+# round trips sit on the tail), an 8-stage pipeline where N is small, but no split where N
+# alone gives hundreds of tiles (gate_up). From M = 512 the 128x128x128 tile wins, with 4
+# stages for the 4-bit kinds (their B stage is half the size; W8A8 at 4 stages fits one CTA
+# per SM and loses 40%). M = 17..63 and 65..256 were not in the last sweep (between rows).
 DECODE = TileConfig(16, 64, 128, 1, 2, 4)
+DECODE8 = TileConfig(16, 64, 128, 1, 2, 8)   # 8 of a slice's K tiles in flight at once
+WIDE = TileConfig(16, 128, 128, 1, 4, 6)     # decode over N > WIDE_N: no split
+THIN32 = TileConfig(32, 64, 128, 1, 2, 4)
 SMALL = TileConfig(32, 128, 128, 1, 4, 4)
 MID = TileConfig(64, 64, 128, 2, 2, 4)
 BIG = TileConfig(128, 128, 128, 2, 2, 3)
@@ -237,6 +244,7 @@ HUGE = TileConfig(128, 256, 64, 2, 4, 4)
 
 W4_KINDS = ("w4a8", "w4a8_g128", "w4a8_g64")
 WIDE_N = 16384  # above this many output columns a thin tile has CTAs enough without split-K
+SEP = "separate"
 
 
 @dataclass(frozen=True)
@@ -256,13 +264,15 @@ class Row:
 
 
 SELECTION: tuple[Row, ...] = (
-    Row(16, 8192, DECODE.with_split(4)),
-    Row(16, 4096, DECODE.with_split(4), n_max=WIDE_N),
+    Row(16, 8192, DECODE8.with_split(4, SEP)),                   # down
+    Row(16, 4096, DECODE8.with_split(4, SEP), n_max=4096),       # o
+    Row(16, 4096, DECODE.with_split(4, SEP), n_max=WIDE_N),      # qkv
+    Row(16, 4096, WIDE),                                         # gate_up
     Row(16, 0, DECODE),
-    Row(32, 8192, SMALL.with_split(8)),
-    Row(32, 4096, SMALL.with_split(4), n_max=WIDE_N),
-    Row(32, 0, SMALL),
-    Row(64, 8192, MID.with_split(4)),
+    Row(64, 8192, THIN32.with_split(4, SEP)),
+    Row(64, 4096, THIN32.with_split(4, SEP), n_max=4096),
+    Row(64, 4096, THIN32.with_split(2, SEP), n_max=WIDE_N),
+    Row(64, 4096, SMALL),
     Row(64, 0, DECODE, n_max=4096),
     Row(64, 0, MID),
     Row(128, 8192, BIG.with_split(4)),
