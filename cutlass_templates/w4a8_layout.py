@@ -35,10 +35,12 @@ Why this order (lane L = 4c + f, c = groupID, f = threadID_in_group):
   Hence ``word & 0x0F0F0F0F`` is the s8 B register r of n8-tile a and
   ``(word >> 4) & 0x0F0F0F0F`` that of n8-tile a + 2: unpacking is 2 LOP3s.
 * The four bytes of a word have one n and one group, so the dequant
-  ``w8 = q*s2 + negzs`` is a single 32-bit IMUL (q*s2 <= 15*16 = 240 never
-  carries into the next byte) and one per-byte add (``__vadd4``), i.e.
-  subtraction after multiplication.  s2/negzs are interleaved so that lane
-  4c+f reads one 32-bit word whose byte j serves n8-tile j (rows c+8j).
+  ``w8 = q*s2 + negzs`` (subtraction after multiplication) is one 32-bit IMAD
+  and one XOR for all four: with every ``(q - z2)*s2`` in [-128, 127]
+  (:func:`check_group_codes`), ``q*s2 + 0x80808080 - z2*s2*0x01010101`` holds
+  each ``w8 + 128`` in its own byte without carries (w4a8_sm80.cu,
+  ``zero_word``).  s2/negzs are interleaved so that lane 4c+f reads one 32-bit
+  word whose byte j serves n8-tile j (rows c+8j).
 
 Padding is q = 0.  Padded channels get s2 = 0 and negzs = 0 (w8 = 0); padded
 K entries of a real channel dequantize to -z2*s2, which is harmless because
@@ -137,6 +139,23 @@ def pack_group_params(s2: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
     np_ = _ceil_to(s2.shape[0], TILE)
     # Padded channels: s2 = 0, negzs = 0 -> w8 = 0 (weights there are 0 anyway).
     return _interleave_cols(_pad2d(s2, np_, s2.shape[1])), _interleave_cols(_pad2d(negzs, np_, s2.shape[1]))
+
+
+def check_group_codes(q: Tensor, s2: Tensor, z2: Tensor, group_size: int) -> None:
+    """Every dequantized level-1 weight ``(q - z2) * s2`` must fit int8 ([-128, 127]): the
+    kernels compute it exactly for four weights per 32-bit operation, which relies on it
+    (progressive quantization guarantees |.| <= 119 + s2/2 <= 127; arbitrary codes need not).
+    q [N, K] codes, s2 / z2 [N, ceil(K / group_size)]."""
+    k = q.shape[1]
+    s2f = s2.to(torch.int32).repeat_interleave(group_size, dim=1)[:, :k]
+    w8 = (q.to(torch.int32) - z2.to(torch.int32).repeat_interleave(group_size, dim=1)[:, :k]) * s2f
+    if w8.numel() and (int(w8.min()) < -128 or int(w8.max()) > 127):
+        bad = ((w8 < -128) | (w8 > 127)).nonzero()[0].tolist()
+        raise ValueError(
+            f"group codes dequantize outside int8: (q - z2) * s2 = {int(w8[bad[0], bad[1]])} at "
+            f"[n={bad[0]}, k={bad[1]}]; level-2 codes must keep (q - z2) * s2 in [-128, 127] "
+            "(quantize with compiler.quantize.quantize_w4_group, whose protective range "
+            "guarantees it)")
 
 
 def unpack_group_params(s2_packed: Tensor, negzs_packed: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -10,8 +10,9 @@
 //   C = fp16( ((s_x * s_w) * acc - zs_w * (s_x * xsum)) (+ bias) )      [gemm_w4a8]
 //   entry (A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, flags, M, N, K)
 // QC_GROUP == 64 / 128, progressive group (layout w4a8_g{G}_sm80, Kp = K up to G):
-//   w8 = q * s2 + negzs per byte mod 256 (one 32-bit IMUL, q*s2 <= 240 never carries, then
-//   one per-byte add __vadd4: subtraction after multiplication); acc = sum_k A w8;
+//   w8 = (q - z2) * s2 = q * s2 + negzs, subtraction after multiplication, for the four k of
+//   a register in one IMAD and one XOR (W4Operand::zero_word: exact, since every w8 fits
+//   int8); acc = sum_k A w8;
 //   C = fp16( (s_x * s1) * acc (+ bias) )                                [gemm_w4a8_group]
 //   entry (A, s_x, B, s1, s2, negzs, bias, C, workspace, flags, M, N, K)
 //   s2, negzs [Kp/G, Np/32, 32] uint8: byte [g, t, 4c + j] serves n = 32t + c + 8j, so lane
@@ -159,6 +160,21 @@ struct W4Operand : W4Buffers {
     }
   }
 
+  // The group dequant w8 = (q - z2) * s2 of the four k of one column in one IMAD and one
+  // LOP3, exact (no per-byte add): with d_i = q_i*s2 - z2*s2 in [-127, 127] (the packer checks
+  // it), q*s2 + (0x80808080 - z2*s2 * 0x01010101) = sum_i (d_i + 128) * 256^i has every
+  // digit in [0, 255], so no byte carries into the next, and XOR 0x80 turns each offset
+  // digit d + 128 into the two's-complement byte of d.  zero_word(nz, j) is that constant for
+  // n8 tile j from the stored negzs byte (-(z2*s2)) mod 256; zero-filled stages (s2 = nz = 0)
+  // give d = 0.  (The emulated __vadd4 it replaces cost four instructions per register.)
+  // (In asm so that nvcc cannot split the constant back out of it into a VIADD per register.)
+  __device__ __forceinline__ static uint32_t zero_word(uint32_t nz, int j) {
+    const uint32_t zs = (0u - (nz >> (8 * j))) & 0xFFu;  // z2 * s2, 0..240
+    uint32_t out;
+    asm("mad.lo.u32 %0, %1, 0xFEFEFEFF, 0x80808080;" : "=r"(out) : "r"(zs));  // -0x01010101
+    return out;
+  }
+
   template <class R>
   __device__ __forceinline__ void convert(const R& raw, uint32_t (&b)[T::NT][2]) const {
 #pragma unroll
@@ -177,10 +193,8 @@ struct W4Operand : W4Buffers {
             // byte j of the s2 / negzs words belongs to n8 tile j
             const uint32_t s_lo = (raw.s2[q] >> (8 * a)) & 0xFFu;
             const uint32_t s_hi = (raw.s2[q] >> (8 * (a + 2))) & 0xFFu;
-            const uint32_t z_lo = __byte_perm(raw.nz[q], 0u, 0x1111u * a);
-            const uint32_t z_hi = __byte_perm(raw.nz[q], 0u, 0x1111u * (a + 2));
-            b[4 * q + a][r] = __vadd4(lo * s_lo, z_lo);
-            b[4 * q + a + 2][r] = __vadd4(hi * s_hi, z_hi);
+            b[4 * q + a][r] = (lo * s_lo + zero_word(raw.nz[q], a)) ^ 0x80808080u;
+            b[4 * q + a + 2][r] = (hi * s_hi + zero_word(raw.nz[q], a + 2)) ^ 0x80808080u;
           }
         }
       }

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from qcompile.compiler.calibrate import canonical_name
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8, QuantScheme
 from qcompile.compiler.quantize import quantize_weight
-from qcompile.cutlass_templates.w4a8_layout import (W4A8_PER_CHANNEL, pack_group_params,
-                                                     w4a8_group_layout)
+from qcompile.cutlass_templates.w4a8_layout import (W4A8_PER_CHANNEL, check_group_codes,
+                                                    pack_group_params, w4a8_group_layout)
 from qcompile.cutlass_templates.w4a16_layout import w4a16_layout
 from qcompile.cutlass_templates.w8a8_layout import W8A8_ROW_MAJOR
 from qcompile.runtime.ops import GEMM_OPS
@@ -57,6 +57,7 @@ def _pack_w4a8(w, scheme, qw=None):
 
 def _pack_w4a8_group(w, scheme, qw=None):
     qw = quantize_weight(w, scheme) if qw is None else qw
+    check_group_codes(qw.q, qw.s2, qw.z2, scheme.group_size)
     q = w4a8_group_layout(scheme.group_size).pack(qw.q)
     s2, negzs = pack_group_params(qw.s2, qw.z2)
     return {"q": q, "s1": _pad(qw.s1, q.shape[0] * 32), "s2": s2, "negzs": negzs}

@@ -7,6 +7,7 @@ from qcompile.cutlass_templates.layouts import LAYOUTS, get_layout
 from qcompile.cutlass_templates.w4a16_layout import dequantize_packed, unpack_codes, w4a16_layout
 from qcompile.cutlass_templates.w4a8_layout import (
     W4A8_PER_CHANNEL,
+    check_group_codes,
     pack_group_params,
     pack_w4,
     unpack_group_params,
@@ -83,7 +84,8 @@ def _ref_tables():
 
 
 def _simulate_kernel_dequant(packed, s2p, negzsp, group_size):
-    """Emulate the kernel: 128-bit load, LOP3 unpack, IMUL by s2, __vadd4 negzs."""
+    """Emulate the kernel: 128-bit load, LOP3 unpack, then per 32-bit register one IMAD
+    (q * s2 + zero_word) and one XOR 0x80808080 (w4a8_sm80.cu W4Operand::zero_word)."""
     nt, kt, _ = packed.shape
     n_idx, k_idx, j_idx = _ref_tables()
     by = packed.view(nt, kt, 32, 4, 4).to(torch.int64)  # [Nt, Kt, lane, word, byte]
@@ -92,10 +94,10 @@ def _simulate_kernel_dequant(packed, s2p, negzsp, group_size):
     grp = torch.arange(kt) * 32 // group_size  # group of each K tile
     s2 = s2p[grp].transpose(0, 1)[:, :, j_idx].to(torch.int64)  # [Nt, Kt, lane, word, h]
     nz = negzsp[grp].transpose(0, 1)[:, :, j_idx].to(torch.int64)
-    prod = nib * s2  # one 32-bit multiply per register: bytes never carry
-    assert int(prod.max()) < 2**32
-    out_bytes = ((prod.unsqueeze(-1) >> (8 * torch.arange(4))) & 0xFF) + nz.unsqueeze(-1)
-    w8 = (out_bytes & 0xFF).to(torch.uint8).view(torch.int8)  # [Nt, Kt, lane, word, h, byte]
+    zero_word = (0x80808080 - ((-nz) & 0xFF) * 0x01010101) & 0xFFFFFFFF
+    reg = ((nib * s2 + zero_word) & 0xFFFFFFFF) ^ 0x80808080  # uint32 arithmetic
+    out_bytes = (reg.unsqueeze(-1) >> (8 * torch.arange(4))) & 0xFF
+    w8 = out_bytes.to(torch.uint8).view(torch.int8)  # [Nt, Kt, lane, word, h, byte]
     full = torch.zeros(nt * 32, kt * 32, dtype=torch.int8)
     rows = torch.arange(nt).view(nt, 1, 1, 1, 1, 1) * 32 + n_idx
     cols = torch.arange(kt).view(1, kt, 1, 1, 1, 1) * 32 + k_idx
@@ -103,22 +105,50 @@ def _simulate_kernel_dequant(packed, s2p, negzsp, group_size):
     return full
 
 
+def _valid_group_codes(n, kp, group_size, seed):
+    """Random s2 (1..16), z2 (0..15) and codes q with every (q - z2) * s2 in [-128, 127],
+    extremes included."""
+    gen = torch.Generator().manual_seed(seed)
+    s2 = torch.randint(1, 17, (n, kp // group_size), generator=gen, dtype=torch.uint8)
+    z2 = torch.randint(0, 16, (n, kp // group_size), generator=gen, dtype=torch.uint8)
+    s2f = s2.to(torch.int32).repeat_interleave(group_size, dim=1)
+    z2f = z2.to(torch.int32).repeat_interleave(group_size, dim=1)
+    lo = torch.clamp(z2f - torch.div(128, s2f, rounding_mode="floor"), min=0)
+    hi = torch.clamp(z2f + torch.div(127, s2f, rounding_mode="floor"), max=15)
+    u = torch.rand(n, kp, generator=gen)
+    u[:, ::7], u[:, 3::7] = 0.0, 1.0  # hit both ends of the valid range
+    q = (lo + torch.floor(u * (hi - lo + 1)).clamp(max=(hi - lo).float())).to(torch.uint8)
+    return q, s2, z2
+
+
 @pytest.mark.parametrize("n,k,group_size", [(33, 576, 128), (96, 256, 64), (64, 128, 128)])
 def test_simulated_kernel_dequant(n, k, group_size):
     layout = w4a8_group_layout(group_size)
     kp = layout.padded_shape(n, k)[1]
-    gen = torch.Generator().manual_seed(3)
-    q = _rand_q(n, k, seed=4)
-    s2 = torch.randint(1, 17, (n, kp // group_size), generator=gen, dtype=torch.uint8)
-    z2 = torch.randint(0, 16, (n, kp // group_size), generator=gen, dtype=torch.uint8)
+    q, s2, z2 = _valid_group_codes(n, kp, group_size, seed=3)
+    q = q[:, :k]
+    check_group_codes(q, s2, z2, group_size)
     s2p, nzp = pack_group_params(s2, z2)
     got = _simulate_kernel_dequant(layout.pack(q), s2p, nzp, group_size)[:n, :k].to(torch.int32)
     s2_full = s2.to(torch.int32).repeat_interleave(group_size, dim=1)[:, :k]
     z2_full = z2.to(torch.int32).repeat_interleave(group_size, dim=1)[:, :k]
     want = (q.to(torch.int32) - z2_full) * s2_full
-    valid = want.abs() <= 127
-    assert valid.float().mean() > 0.3
-    assert torch.equal(got[valid], want[valid])
+    assert int(want.min()) <= -112 and int(want.max()) >= 112  # near both int8 ends
+    assert torch.equal(got, want)
+
+
+def test_group_codes_outside_int8_are_refused():
+    q = torch.full((2, 128), 15, dtype=torch.uint8)
+    s2 = torch.full((2, 1), 16, dtype=torch.uint8)
+    z2 = torch.zeros(2, 1, dtype=torch.uint8)  # (15 - 0) * 16 = 240
+    with pytest.raises(ValueError, match=r"outside int8.*240.*\[-128, 127\]"):
+        check_group_codes(q, s2, z2, 128)
+    z2[:] = 7  # (15 - 7) * 16 = 128: still one too many
+    with pytest.raises(ValueError, match="outside int8"):
+        check_group_codes(q, s2, z2, 128)
+    z2[:] = 8  # 112 .. -128
+    check_group_codes(q, s2, z2, 128)
+    check_group_codes(torch.zeros_like(q), s2, z2, 128)
 
 
 @pytest.mark.parametrize("n,g", [(1, 1), (31, 3), (33, 5), (576, 12)])
