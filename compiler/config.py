@@ -58,6 +58,11 @@ class CompileConfig:
                           default="w4a8")
     kv: str = _opt("KV-cache format: fp16 keeps K/V in the activation dtype; int4 stores "
                    "per-(token, head) asymmetric 4-bit values", KV_FORMATS, default="int4")
+    kv_rotation: str = _opt("int4 KV only (fp16 stores keys as they are): hadamard rotates "
+                            "keys and queries per head by a randomized Hadamard matrix after "
+                            "RoPE (exact in float, spreads key outlier channels before the "
+                            "4-bit encoding; passes/rotate_kv.py); none: no rotation",
+                            ("hadamard", "none"), default="hadamard")
     dtype: str = _opt("activation dtype of the program (float32 for exact CPU checks)",
                       tuple(DTYPES), default="float16")
     kv_block_size: int = _opt("tokens per KV-cache page", default=16)
@@ -120,4 +125,4 @@ class CompileConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown compile options in artifact: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"kv_rotation": "none", **d})  # artifacts older than the option

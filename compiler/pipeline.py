@@ -10,6 +10,7 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fuse_rmsnorm_quant import fuse_rmsnorm_quant
 from qcompile.passes.fuse_swiglu_quant import fuse_swiglu_quant
 from qcompile.passes.rewrite_attention import rewrite_attention
+from qcompile.passes.rotate_kv import rotate_kv
 from qcompile.passes.swap_gemm import swap_gemm
 
 from .config import CompileConfig
@@ -24,6 +25,8 @@ def build_pipeline(cfg: CompileConfig, quantized: dict | None = None
     steps: list[Callable[[Lowering], int]] = [canonicalize]
     if cfg.kv != "fp16":
         steps.append(_named(rewrite_attention, fmt=cfg.kv))
+        if cfg.kv_rotation == "hadamard":
+            steps.append(rotate_kv)
     if cfg.scheme is not None:
         steps += [_named(swap_gemm, scheme=cfg.scheme, include_head=cfg.quantize_lm_head,
                          quantized=quantized),

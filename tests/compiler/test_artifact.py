@@ -1,5 +1,6 @@
 """A tiny checkpoint compiled end to end: the artifact's contents, atomic writes, and every
 way loading it must fail clearly."""
+import dataclasses
 import json
 import shutil
 import zipfile
@@ -34,9 +35,11 @@ def test_manifest_lists_every_file_with_its_hash(artifact):
     assert m["compile"] == CFG.to_json() and m["format_version"] == 1
     assert {WEIGHTS, PROGRAM, "kernels/sm80/kernels.json"} <= set(m["files"])
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
-    assert [p["name"] for p in m["passes"]] == ["canonicalize", "rewrite_attention", "swap_gemm",
-                                              "fuse_rmsnorm_quant", "fuse_swiglu_quant"]
-    assert m["passes"][2]["matches"] == 8
+    assert [p["name"] for p in m["passes"]] == ["canonicalize", "rewrite_attention", "rotate_kv",
+                                              "swap_gemm", "fuse_rmsnorm_quant",
+                                              "fuse_swiglu_quant"]
+    assert m["passes"][2]["matches"] == 2 and m["passes"][3]["matches"] == 8
+    assert "kv_rotation" in m["program"]["weights"]  # the key rotation travels as a weight
 
 
 def test_program_holds_graph_only(artifact):
@@ -80,6 +83,21 @@ def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, 
         compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp dir left behind
     assert (out / "keep.txt").read_text() == "previous artifact"
+
+
+def test_artifact_older_than_kv_rotation_loads(make_tiny_checkpoint, tmp_path):
+    """A manifest written before the kv_rotation option (no such key, no rotation in the
+    program) reads as kv_rotation none and serves as it did."""
+    cfg = dataclasses.replace(CFG, kv_rotation="none")
+    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    want = Engine.load(art).generate(["import os"], max_new_tokens=6)[0].token_ids
+    m = json.loads((art / MANIFEST).read_text())
+    assert "kv_rotation" not in m["program"]["weights"]
+    del m["compile"]["kv_rotation"]
+    (art / MANIFEST).write_text(json.dumps(m))
+    engine = Engine.load(art)
+    assert engine.artifact.compile == cfg
+    assert engine.generate(["import os"], max_new_tokens=6)[0].token_ids == want
 
 
 def _edit_manifest(path, **changes):

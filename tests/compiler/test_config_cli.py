@@ -25,6 +25,14 @@ def test_config_round_trips_through_json():
         CompileConfig.from_json({**cfg.to_json(), "bogus": 1})
 
 
+def test_kv_rotation_option():
+    """On by default, off with --kv-rotation none; manifests older than the option had none."""
+    assert build_parser().parse_args(["m.gguf"]).kv_rotation == "hadamard"
+    assert build_parser().parse_args(["m.gguf", "--kv-rotation", "none"]).kv_rotation == "none"
+    old = {k: v for k, v in CompileConfig().to_json().items() if k != "kv_rotation"}
+    assert CompileConfig.from_json(old).kv_rotation == "none"
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(precision="w3a8"), "--precision must be one of"),
     (dict(target="sm75"), "--target must be one of"),
