@@ -52,7 +52,7 @@ def candidates(kind: str, k: int, m: int) -> list:
             if cfg.fits(kind, k) and (split == 1 or m <= 256) and base.bm <= max(16, 2 * m):
                 out.append(cfg)
                 if split > 1:  # both reductions: one binary, a launch choice
-                    out.append(base.with_split(split, "separate"))
+                    out.append(base.with_split(split, "fixup"))
     return out
 
 

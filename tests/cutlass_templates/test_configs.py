@@ -61,8 +61,10 @@ def test_launch_geometry():
     assert sk.threads() == 64
     assert sk.grid(3, 4096) == (64, 1, 4)
     assert sk.workspace_bytes(3, 200) == 4 * 3 * 224 * 4  # [split, M, Np] int32
-    assert sk.flag_count(3, 4096) == 64  # one arrival counter per output tile
-    assert TileConfig(32, 128, 128, 1, 4, 4, 2).flag_count(33, 200) == 2 * 2
+    assert sk.flag_count(3, 4096) == 0  # the separate reduction needs no counters
+    fix = sk.with_split(4, "fixup")
+    assert fix.flag_count(3, 4096) == 64  # one arrival counter per output tile
+    assert TileConfig(32, 128, 128, 1, 4, 4, 2, "fixup").flag_count(33, 200) == 2 * 2
 
 
 def test_smem_bytes():
@@ -207,22 +209,21 @@ def test_templates_compile_with_nvcc(tmp_path):
 
 
 def test_reduce_mode_is_a_launch_choice_not_a_kernel():
-    fix = TileConfig(16, 64, 128, 1, 2, 4, 4)
-    sep = fix.with_split(4, "separate")
-    assert sep.reduce == "separate" and fix.reduce == "fixup"
+    sep = TileConfig(16, 64, 128, 1, 2, 4, 4)
+    fix = sep.with_split(4, "fixup")
+    assert sep.reduce == "separate" and fix.reduce == "fixup"  # separate is the default
     # one binary serves both: same name, equal (one build), both entries in it
     assert sep == fix and sep.name("w4a8") == fix.name("w4a8")
     assert fix.entries("w4a8") == (fix.name("w4a8"), fix.name("w4a8") + "_reduce")
     assert TileConfig(16, 64, 128, 1, 2, 4).entries("w4a8") == ("qc_w4a8_16x64x128_w1x2_s4_k1",)
-    assert sep.label("w4a8") == fix.name("w4a8") + "_sep" and fix.label("w4a8") == fix.name("w4a8")
+    assert fix.label("w4a8") == fix.name("w4a8") + "_fixup" and sep.label("w4a8") == sep.name("w4a8")
     # the fixup uses counters and no second launch; the separate mode the reverse
     assert fix.flag_count(3, 4096) == 64 and fix.reduce_launch(3, 4096) is None
     assert sep.flag_count(3, 4096) == 0
     assert sep.reduce_launch(3, 4096) == ((12, 1, 1), (C.REDUCE_THREADS, 1, 1))  # 3*1024 quads
-    assert TileConfig(16, 64, 128, 1, 2, 4, 1, "separate").reduce_launch(3, 4096) is None
+    assert TileConfig(16, 64, 128, 1, 2, 4, 1).reduce_launch(3, 4096) is None
     with pytest.raises(ValueError, match="reduce must be one of"):
         TileConfig(16, 64, 128, 1, 2, 4, 2, "atomic")
-    # the row the table picks keeps its mode
     assert all(r.config.reduce in C.REDUCE_MODES for r in SELECTION)
 
 
