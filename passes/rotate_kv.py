@@ -4,7 +4,7 @@ Matches: every `qcompile::kv_encode_<fmt>(k, v)` (any format) and the
 `paged_attention_<fmt>(q, records, ...)` nodes that read its records.
 Emits: one weight placeholder `kv_rotation` H [D, D] (activation dtype; a randomized Hadamard
 matrix of order head_dim from `compiler.rotate.rotation_matrix`, shared by every layer and
-head), `aten.matmul(k, H)` before each encode and `aten.matmul(q, H)` before each attention.
+head), `k @ H` before each encode and `q @ H` before each attention (view, mm, view).
 `(q H) . (k H)^T = q . k^T` for an orthogonal H, so the float model is unchanged (to rounding);
 the cache stores rotated keys.
 
@@ -67,10 +67,21 @@ def rotate_kv(lowering: Lowering, seed: int = 0) -> int:
     h = lowering.add_weight(ROTATION, kv_rotation_matrix(k0.shape[-1], seed).to(k0.dtype))
     for enc in encodes:
         with graph.inserting_before(enc):
-            k = lowering.call(aten.matmul.default, (enc.args[0], h))
+            k = _rotate(lowering, enc.args[0], h)
         enc.args = (k, *enc.args[1:])
     for attn in attns:
         with graph.inserting_before(attn):
-            q = lowering.call(aten.matmul.default, (attn.args[0], h))
+            q = _rotate(lowering, attn.args[0], h)
         attn.args = (q, *attn.args[1:])
     return len(encodes)
+
+
+def _rotate(lowering: Lowering, x, h):
+    """x [T, H, D] @ h as view [T*H, D] -> mm -> view [T, H, D]: core ATen ops only (the
+    composite aten.matmul fails on symbolic token counts under torch 2.11's fake tensors, and
+    is not in the core opset ONNX export expects). H and D must be static."""
+    rest = list(x.meta["val"].shape[1:])
+    if not all(isinstance(d, int) for d in rest):
+        raise ValueError(f"rotate_kv: expected static head and head_dim sizes, got {rest}")
+    flat = lowering.call(aten.view.default, (x, [-1, rest[-1]]))
+    return lowering.call(aten.view.default, (lowering.call(aten.mm.default, (flat, h)), [-1, *rest]))

@@ -17,7 +17,7 @@ from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS
 from qcompile.runtime.ops.kv import decode_float
 
 aten = torch.ops.aten
-MATMUL = aten.matmul.default
+MM = aten.mm.default
 # Relative L2 of the logits, rotated against plain graph, fp32 float cache: rounding only
 # (measured 4e-7 on the tiny llama, prefill + 3 decode steps).
 FLOAT_RTOL = 1e-5
@@ -42,22 +42,24 @@ def _outlier_keys(ckpt, factor=8.0):
 @pytest.mark.parametrize("fmt", ["fp16", "int4"])
 def test_rotation_is_exact_with_a_float_cache(tiny_llama, decoder_lowering, fmt):
     """fp32 activations, float cache: same logits; the records hold k H; one rotation
-    weight, one matmul per encode and per attention."""
+    weight, one mm (between views) per encode and per attention."""
     cfg, dt = tiny_llama.config, torch.float32
     ref, ref_kv = _serve(_lowered(tiny_llama, decoder_lowering, dt, "fp16"), cfg, "fp16", dt,
                          _prompts(cfg.vocab_size), steps=3)
     low = _lowered(tiny_llama, decoder_lowering, dt, fmt)
-    n_before = Counter(call_targets(low.gm))[MATMUL]
+    n_before = Counter(call_targets(low.gm))[MM]
 
     res = run_pass(rotate_kv, low)
 
     assert res.matches == cfg.num_layers
     ops = Counter(call_targets(low.gm))
-    assert ops[MATMUL] - n_before == 2 * cfg.num_layers
+    assert ops[MM] - n_before == 2 * cfg.num_layers
     assert ops[KV_ENCODE_OPS[fmt]] == ops[ATTENTION_OPS[fmt]] == cfg.num_layers
     for node in low.gm.graph.nodes:
         if node.target in (KV_ENCODE_OPS[fmt], ATTENTION_OPS[fmt]):
-            assert node.args[0].target == MATMUL and node.args[0].args[1].name == ROTATION
+            view = node.args[0]
+            assert view.target == aten.view.default and view.args[0].target == MM
+            assert view.args[0].args[1].name == ROTATION
     h = low.weights[ROTATION]
     assert torch.allclose(h @ h.T, torch.eye(cfg.head_dim), atol=1e-6)
     if fmt == "fp16":
@@ -127,4 +129,5 @@ def test_rewrite_after_rotation_keeps_it(tiny_llama, decoder_lowering):
     assert run_pass(rewrite_attention, low, "int4").matches == tiny_llama.config.num_layers
     for node in low.gm.graph.nodes:
         if node.target in (KV_ENCODE_OPS["int4"], ATTENTION_OPS["int4"]):
-            assert node.args[0].target == MATMUL
+            assert node.args[0].target == aten.view.default
+            assert node.args[0].args[0].target == MM
