@@ -1,6 +1,6 @@
 """Sweep the GEMM tile configs: for each kind, Llama-3-8B linear shape and M, time every
 candidate config (the table's bases and a few variants, each with split-K 1/2/4/8 where it
-fits, split-K with either reduction) and report the fastest, to tune `cutlass_templates/configs.py:SELECTION` from data.
+fits, split-K with each reduction the GPU has) and report the fastest, to tune `cutlass_templates/configs.py:SELECTION` from data.
 
     python bench/tune_gemm.py --out DIR     (on the GPU; builds its kernels first)
 
@@ -44,6 +44,9 @@ BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
          C.TileConfig(16, 32, 128, 1, 1, 8), C.TileConfig(16, 128, 128, 1, 4, 6))
 
 
+CLUSTERS = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
 def candidates(kind: str, k: int, m: int) -> list:
     out = []
     for base in BASES:
@@ -51,8 +54,10 @@ def candidates(kind: str, k: int, m: int) -> list:
             cfg = base.with_split(split)
             if cfg.fits(kind, k) and (split == 1 or m <= 256) and base.bm <= max(16, 2 * m):
                 out.append(cfg)
-                if split > 1:  # both reductions: one binary, a launch choice
-                    out.append(base.with_split(split, "fixup"))
+                if split > 1:  # every reduction: one binary, a launch choice
+                    for mode in ("fixup", "cluster")[:1 + CLUSTERS]:
+                        if base.with_split(split, mode).fits(kind, k):
+                            out.append(base.with_split(split, mode))
     return out
 
 

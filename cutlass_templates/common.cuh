@@ -11,7 +11,9 @@
 //   slice publishes its raw int32 sums to a workspace; then either the last slice of each tile
 //   to arrive (a per-tile arrival counter) adds the others' into its registers and runs the
 //   epilogue in the same launch ("fixup"), or, when the launch passes no counters, the
-//   *_reduce entry sums the workspace and runs the epilogue in a second launch ("separate").
+//   *_reduce entry sums the workspace and runs the epilogue in a second launch ("separate"),
+//   or, on sm_90 when the launch makes the SPLITK slices of a tile one thread-block cluster
+//   ("cluster"), the slices meet in distributed shared memory: no workspace, no second launch.
 //   Which is faster depends on the shape (the fixup puts three dependent L2 round trips on
 //   the tail of the critical path, a second launch about one); the tile table chooses.
 //
@@ -297,6 +299,83 @@ __device__ __forceinline__ bool splitk_fixup(uint32_t (&acc)[T::MT][T::NT][4], i
   return true;
 }
 
+// Split-K in a thread-block cluster (sm_90; the launch's cluster dims are (1, 1, SPLITK), so
+// the slices of one output tile are the cluster's CTAs, rank = blockIdx.z):
+//   1. every CTA stores its int32 accumulators to its own shared memory (the drained pipeline
+//      buffers; BM*BN*4 bytes, uint4 per MMA tile and thread, thread-contiguous: no conflicts);
+//   2. cluster barrier (release/acquire: the stores are visible cluster-wide);
+//   3. rank 0 loads every other rank's accumulators through distributed shared memory (mapa +
+//      ld.shared::cluster, all issued before the adds) and adds them to its registers;
+//   4. cluster barrier again, so that no CTA exits while rank 0 still reads its shared memory;
+//   rank 0 returns true and runs the epilogue, the others false.
+// int32 wrap-around adds as in splitk_fixup: bitwise the unsplit result.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define QC_HAS_CLUSTER 1
+__device__ __forceinline__ uint32_t cluster_ctas() {
+  uint32_t n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+  return n;
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+               ::: "memory");
+}
+
+__device__ __forceinline__ uint4 ld_dsmem_u4(const void* local, uint32_t rank) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  uint4 v;
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(remote) : "memory");
+  return v;
+}
+
+template <class T>
+__device__ __forceinline__ bool splitk_cluster(uint32_t (&acc)[T::MT][T::NT][4], char* smem) {
+  uint4* mine = reinterpret_cast<uint4*>(smem);
+  __syncthreads();  // every warp is done with the pipeline buffers
+#pragma unroll
+  for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < T::NT; ++nt)
+      mine[(mt * T::NT + nt) * T::THREADS + threadIdx.x] =
+          make_uint4(acc[mt][nt][0], acc[mt][nt][1], acc[mt][nt][2], acc[mt][nt][3]);
+  cluster_barrier();
+  const bool first = cluster_rank() == 0;
+  if (first) {
+    uint4 parts[T::SPLITK - 1][T::MT][T::NT];
+#pragma unroll
+    for (int r = 1; r < T::SPLITK; ++r)
+#pragma unroll
+      for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt)
+          parts[r - 1][mt][nt] = ld_dsmem_u4(&mine[(mt * T::NT + nt) * T::THREADS + threadIdx.x], r);
+#pragma unroll
+    for (int r = 0; r < T::SPLITK - 1; ++r)
+#pragma unroll
+      for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt) {
+          acc[mt][nt][0] += parts[r][mt][nt].x;
+          acc[mt][nt][1] += parts[r][mt][nt].y;
+          acc[mt][nt][2] += parts[r][mt][nt].z;
+          acc[mt][nt][3] += parts[r][mt][nt].w;
+        }
+  }
+  cluster_barrier();
+  return first;
+}
+#endif
+
 // The separate reduction: C[m, n] = epilogue(sum_z ws[z, m, n]).  One thread per 4 columns of
 // a row (one 16-byte load per slice, all issued before the adds), grid-stride over
 // M * ceil(N / 4) quads.
@@ -431,6 +510,16 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   cute::cp_async_wait<0>();  // only empty groups can be left; drain before exit
 
   if constexpr (T::SPLITK > 1) {
+#ifdef QC_HAS_CLUSTER
+    // the shared memory holds the accumulators only if BM*BN*4 fits in it (configs.py fits())
+    if constexpr (T::BM * T::BN * 4 <= T::STAGES * (T::A_STAGE + BOp::kStageBytes)) {
+      if (cluster_ctas() > 1) {
+        if (!splitk_cluster<T>(acc, smem)) return;
+      } else if (!splitk_fixup<T>(acc, M, N, m0, n0, ws, flags, warp_m, warp_n, lane)) {
+        return;
+      }
+    } else
+#endif
     if (!splitk_fixup<T>(acc, M, N, m0, n0, ws, flags, warp_m, warp_n, lane)) return;
   }
   // Epilogue straight from the accumulator fragments.

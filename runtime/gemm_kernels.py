@@ -11,6 +11,7 @@ it measured.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -75,6 +76,17 @@ def split_k_flags(device: torch.device, count: int = FLAG_SLOTS) -> torch.Tensor
     return buf
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def has_clusters(device: torch.device) -> bool:
+    """Thread-block clusters (the "cluster" split-K reduction): sm_90 and newer."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
 def default_kernel_dir() -> Path:
     """$QCOMPILE_KERNEL_DIR, else build/kernels_sm<major>0 (where bench/build_kernels.py puts
     them) for the current GPU."""
@@ -133,14 +145,17 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
     check_tensor(out, name="out", dtype=torch.float16, shape=(*xq.shape[:-1], n), align=4)
     if m == 0:
         return out
+    if cfg.reduce == "cluster" and not has_clusters(xq.device):
+        cfg = cfg.with_split(cfg.split_k, "separate")  # same binary, sm_80/sm_86/sm_89
     ws = flags = None
-    if cfg.split_k > 1:
+    if cfg.workspace_bytes(m, n):
         ws = torch.empty(cfg.workspace_bytes(m, n) // 4, dtype=torch.int32, device=xq.device)
-        if cfg.reduce == "fixup":
-            flags = split_k_flags(xq.device, cfg.flag_count(m, n))
+    if cfg.flag_count(m, n):
+        flags = split_k_flags(xq.device, cfg.flag_count(m, n))
     args = [ptr(xq), ptr(sx), *map(ptr, operands), ptr(out), ptr(ws), ptr(flags), i32(m),
             i32(n), i32(k)]
-    kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args)
+    kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args,
+                  cluster=cfg.cluster_dims())
     reduce = cfg.reduce_launch(m, n)
     if reduce is not None:  # the separate split-K reduction, next on the same stream
         _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(*reduce, 0, args)

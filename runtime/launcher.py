@@ -203,11 +203,17 @@ class CudaKernel:
                                   "block, static shared memory included)", e.result) from None
         self.max_dynamic_smem = nbytes
 
-    def launch(self, grid: Sequence[int], block: Sequence[int], smem: int, args: Sequence) -> None:
+    def launch(self, grid: Sequence[int], block: Sequence[int], smem: int, args: Sequence,
+               cluster: Sequence[int] | None = None) -> None:
         """Launch on torch.cuda.current_stream() of the module's device. `args`: ptr()/i32()/
-        i64()/f32() values in the order of the kernel's parameters."""
+        i64()/f32() values in the order of the kernel's parameters. `cluster`: thread-block
+        cluster dims (sm_90+; cuLaunchKernelEx), each dividing the grid's."""
         from cuda.bindings import driver
         grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        if cluster is not None:
+            cluster = _dim3(cluster, "cluster")
+            if any(g % c for g, c in zip(grid, cluster)):
+                raise ValueError(f"{self.name}: cluster {cluster} does not divide grid {grid}")
         if smem > self.max_dynamic_smem:
             raise ValueError(f"{self.name}: launch asks for {smem} bytes of dynamic shared "
                              f"memory, above the {self.max_dynamic_smem} allowed; call "
@@ -218,9 +224,22 @@ class CudaKernel:
         if current is None or int(current) != int(ctx):  # e.g. a thread PyTorch has not used
             _check("cuCtxSetCurrent", driver.cuCtxSetCurrent(ctx))
         stream = driver.CUstream(torch.cuda.current_stream(self.module.device).cuda_stream)
-        _check(f"cuLaunchKernel({self.name}, grid={grid}, block={block}, smem={smem})",
-               driver.cuLaunchKernel(self.handle, *grid, *block, smem, stream,
-                                     ctypes.addressof(array), 0))
+        if cluster is None:
+            _check(f"cuLaunchKernel({self.name}, grid={grid}, block={block}, smem={smem})",
+                   driver.cuLaunchKernel(self.handle, *grid, *block, smem, stream,
+                                         ctypes.addressof(array), 0))
+        else:
+            config = driver.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid
+            config.blockDimX, config.blockDimY, config.blockDimZ = block
+            config.sharedMemBytes, config.hStream = smem, stream
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
+            config.attrs, config.numAttrs = [attr], 1
+            _check(f"cuLaunchKernelEx({self.name}, grid={grid}, block={block}, smem={smem}, "
+                   f"cluster={cluster})",
+                   driver.cuLaunchKernelEx(config, self.handle, ctypes.addressof(array), 0))
         del values  # kept alive until here: the driver copies the values during the call
 
     def __repr__(self) -> str:

@@ -227,6 +227,19 @@ def test_reduce_mode_is_a_launch_choice_not_a_kernel():
     assert all(r.config.reduce in C.REDUCE_MODES for r in SELECTION)
 
 
+def test_cluster_reduce_needs_smem_for_the_tile_and_at_most_8_slices():
+    clu = TileConfig(16, 64, 128, 1, 2, 8, 4, "cluster")
+    assert clu.cluster_dims() == (1, 1, 4) and clu.label("w4a8").endswith("_k4_cluster")
+    assert clu.workspace_bytes(3, 4096) == 0 and clu.flag_count(3, 4096) == 0
+    assert clu.reduce_launch(3, 4096) is None and clu.fits("w4a8", 4096)
+    assert TileConfig(16, 64, 128, 1, 2, 8, 4).cluster_dims() is None
+    assert not clu.with_split(16).fits("w4a8", 14336)  # clusters hold at most 8 CTAs
+    # 128x256 int32 accumulators (128 KB) do not fit a 96 KB pipeline
+    huge = TileConfig(128, 256, 64, 2, 4, 4, 2, "cluster")
+    assert huge.smem_bytes("w4a8") < 128 * 256 * 4 and not huge.fits("w4a8", 4096)
+    assert huge.with_split(2, "separate").fits("w4a8", 4096)
+
+
 def test_reduce_threads_match_common_cuh():
     src = (TEMPLATES / "common.cuh").read_text()
     assert f"constexpr int kReduceThreads = {C.REDUCE_THREADS};" in src

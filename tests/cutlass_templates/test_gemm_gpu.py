@@ -106,9 +106,10 @@ def test_cuda_graph_capture_and_replay(kernels):
 
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
-    """Both split-K reductions (the in-kernel fixup and the separate _reduce launch) sum exact
-    int32 parts, so they must equal the same tile without split bit for bit, launch after
-    launch (the fixup's arrival counters reset themselves)."""
+    """Every split-K reduction (the separate _reduce launch, the in-kernel fixup and, on sm_90,
+    the cluster's distributed shared memory) sums exact int32 parts, so each must equal the
+    same tile without split bit for bit, launch after launch (the fixup's arrival counters
+    reset themselves)."""
     from qcompile.cutlass_templates.configs import select_config
     scheme, kind = SCHEMES[name], name.replace("-", "_")
     m, n, k = 3, 4096, 14336
@@ -126,8 +127,12 @@ def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
     binary = build_kernel(kind, one, f"sm{torch.cuda.get_device_capability()[0]}0")
     unsplit = CudaModule(binary.path).function(one.name(kind))
     unsplit.set_max_dynamic_smem(one.smem_bytes(kind))
-    for c, kern in ((one, unsplit), (cfg, kernel), (cfg, kernel), (fix, kernel), (fix, kernel),
-                    (fix, kernel)):
+    runs = [(one, unsplit), (cfg, kernel), (cfg, kernel), (fix, kernel), (fix, kernel),
+            (fix, kernel)]
+    clu = cfg.with_split(cfg.split_k, "cluster")
+    if kernels.has_clusters(torch.device("cuda")) and clu.fits(kind, k):
+        runs += [(clu, kernel), (clu, kernel)]
+    for c, kern in runs:
         outs.append(kernels._run(kind, (c, kern), head[0], head[1],
                                  (*head[2:], *packed, bias), n, k_packed))
     for out in outs[1:]:
