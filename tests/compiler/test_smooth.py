@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from qcompile.compiler.calibrate import CalibStats
 from qcompile.compiler.capture import KVSpec
 from qcompile.compiler.config import W4A8, W4A8_G128, W4A16_G128, W8A8
-from qcompile.compiler.smooth import (ALPHAS, attention_lambdas, fake_quant_act,
-                                      quantized_output_error, search_alpha, smooth_attention,
-                                      smooth_linear, smooth_norm_inputs)
+from qcompile.compiler.smooth import (ALPHAS, SMOOTHQUANT_ALPHAS, attention_lambdas,
+                                      fake_quant_act, quantized_output_error, search_alpha,
+                                      smooth_attention, smooth_linear, smooth_norm_inputs)
 from qcompile.compiler.quantize import dequantize, quantize_weight
 from qcompile.models.decoder import Decoder, rms_norm
 from qcompile.models.loaders import load_checkpoint
@@ -270,15 +270,15 @@ def norm_model(model):
     return cfg, w, tokens
 
 
-@pytest.mark.parametrize("scheme", [W8A8, W4A8_G128])
-def test_smooth_norm_inputs_keeps_logits_and_shrinks_outliers(norm_model, scheme):
+@pytest.mark.parametrize("scheme, grid", [(W8A8, SMOOTHQUANT_ALPHAS), (W4A8_G128, ALPHAS)])
+def test_smooth_norm_inputs_keeps_logits_and_shrinks_outliers(norm_model, scheme, grid):
     cfg, w, tokens = norm_model
     _, stats, _ = forward_collect(cfg, w, tokens)
     before = snapshot(w)
-    new, alphas = smooth_norm_inputs(cfg, w, stats, scheme)
+    new, alphas = smooth_norm_inputs(cfg, w, stats, scheme, grid)
     assert_same(w, before)
     names = {f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in ("wqkv", "w_gate_up")}
-    assert set(alphas) == names and all(a in ALPHAS for a in alphas.values()), alphas
+    assert set(alphas) == names and all(a in grid for a in alphas.values()), alphas
     assert rel(decoder_logits(cfg, new, tokens), decoder_logits(cfg, w, tokens)) < 1e-5
     changed = {k for k in w if not torch.equal(new[k], w[k])}
     assert changed <= names | {f"layers.{i}.{n}" for i in range(cfg.num_layers)
