@@ -8,7 +8,7 @@ Every row is compiled with qcompile's Python API (`compile_checkpoint`, `Compile
 `runtime/eval.py:perplexity`, by default on 24 x 512 tokens of pydoc text, as `qeval` does.
 Rows are data (`MAIN`, `ablation`): a name and CompileConfig keyword arguments; the QoQ recipe
 of each scheme is `QOQ_RECIPE`. A row whose options this checkout does not have (e.g. a
-`smoothquant` or `gptq` step not in `compiler.config.QOQ_STEPS`) is shown as "not implemented".
+step not in `compiler.config.QOQ_STEPS`) is shown as "not implemented".
 
 Results are cached in <out>/<stem>.json, one entry per (row config, KV format, eval size,
 model, qcompile git commit): a rerun skips what is done and recomputes after a new commit.
@@ -38,10 +38,11 @@ FIXED = dict(dtype="float32", kernels="skip")  # every row: reference ops, exact
 
 # The full QoQ recipe per W4A8 scheme: edit here. `reorder` only acts on group schemes.
 QOQ_RECIPE = {
-    "w4a8": "rotate,smooth_attention,smooth,clip",
-    "w4a8-g128": "rotate,smooth_attention,smooth,reorder,clip",
-    "w4a8-g64": "rotate,smooth_attention,smooth,reorder,clip",
+    "w4a8": "rotate,smooth_attention,smooth,clip,gptq",
+    "w4a8-g128": "rotate,smooth_attention,smooth,reorder,clip,gptq",
+    "w4a8-g64": "rotate,smooth_attention,smooth,reorder,clip,gptq",
 }
+LAST_IN_ABLATION = ("rotate", "gptq")  # added after the others, in this order
 # (label, perplexity, KV format it applies to) drawn as dashed lines on the chart.
 TARGETS = (("W8A8 KV16 target", 14.5, "fp16"), ("W4A8KV4 group target", 15.6, "int4"),
            ("W4A8KV4 per-channel target", 16.5, "int4"))
@@ -72,16 +73,16 @@ MAIN = [
 
 
 def ablation(precision: str, label: str) -> list[Row]:
-    """KV4 rows adding the recipe's steps one at a time (rotation last), then GPTQ on top."""
+    """KV4 rows adding the recipe's steps one at a time, rotation and then GPTQ last; the
+    last row is the whole recipe."""
     recipe = QOQ_RECIPE[precision].split(",")
     table = f"ablation {label}"
     rows, steps = [Row(f"{table}: RTN", dict(precision=precision), ("int4",), table)], []
-    for step in [s for s in recipe if s != "rotate"] + ["rotate"] * ("rotate" in recipe):
+    late = [s for s in LAST_IN_ABLATION if s in recipe]
+    for step in [s for s in recipe if s not in late] + late:
         steps.append(step)
         order = [s for s in recipe if s in steps]  # the recipe's order
         rows.append(Row(f"{table}: +{step}", qoq(precision, ",".join(order)), ("int4",), table))
-    rows.append(Row(f"{table}: +gptq", qoq(precision, QOQ_RECIPE[precision] + ",gptq"),
-                    ("int4",), table))
     return rows
 
 

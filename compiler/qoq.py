@@ -2,9 +2,10 @@
 
 Order: rotate (fold norms, randomized Hadamard on the residual stream and per head on v/o),
 SmoothAttention (key outliers into the queries), SmoothQuant's smoothing of the q/k/v and
-gate/up inputs into the RMSNorm gains (`smoothquant`, the W8A8 baseline; alpha searched per
-layer), smoothing of the o_proj / down_proj inputs (alpha searched per layer), channel reordering (group schemes), clipping (ratio searched per
-layer), and optionally GPTQ (codes chosen with error feedback on the grid clipping defined).
+gate/up inputs into the RMSNorm gains (`smoothquant`, the W8A8 baseline, not in the default
+steps), smoothing of the o_proj / down_proj inputs (alpha searched per layer), channel
+reordering (group schemes), clipping (ratio searched per layer), and GPTQ (codes chosen with
+error feedback on the grid clipping defined).
 Statistics come from calibration text run through the float graph, recollected after the
 steps that change what a later step measures. Every step keeps the float model's outputs
 (but clipping and GPTQ, which are part of the rounding). The compiler then quantizes the

@@ -30,7 +30,8 @@ def test_rows_are_data(bench):
     pc = [r for r in bench.ROWS if r.table == "ablation W4A8 per-channel KV4"]
     assert [r.name.split(": ")[1] for r in pc][:2] == ["RTN", "+smooth_attention"]
     assert not any("reorder" in r.name for r in pc)  # reordering only acts on groups
-    assert pc[-2].options == bench.qoq("w4a8")  # all steps = the recipe
+    assert pc[-1].options == bench.qoq("w4a8")  # all steps = the recipe
+    assert [r.name.split(": ")[1] for r in pc][-2:] == ["+rotate", "+gptq"]
     for row in bench.ROWS:  # every row either builds a config or says why not
         cfg = bench.config_of(row, "int4")
         assert isinstance(cfg, CompileConfig) or cfg.startswith("not implemented")
