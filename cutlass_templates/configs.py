@@ -23,7 +23,11 @@ thread-block cluster and they meet in distributed shared memory (no workspace, o
 needs ``bm * bn * 4`` bytes of the stage buffers, and at most 8 slices). On the H100 the
 separate reduction won every split shape of the sweep (by 5-20% at M <= 64, and 4x for a
 128x128 tile split 4 at M = 128, where the fixup serializes 64 KB partial reads on the last
-slice); the fixup stays selectable for the sweep and for GPUs where launches cost more. Both modes live in the same
+slice); the fixup stays selectable for the sweep and for GPUs where launches cost more. The
+cluster reduction, bitwise right, measured slower than the separate one everywhere on the H100
+(decode +0.5-1.5 us, e.g. o M=1 8.9 vs 7.8 us; 1.5-3x at M >= 64): a cluster's CTAs must be
+co-scheduled on one GPC and the acquire barrier invalidates L1, which costs more than a
+graph-launched reduction kernel; it is kept for the sweep and for wgmma-era tiles. Both modes live in the same
 binary, so ``reduce`` is a launch choice, not part of the kernel: it is left out of the name and
 of equality (a config and its other-mode twin build one binary).
 
@@ -292,6 +296,7 @@ SELECTION: tuple[Row, ...] = (
     Row(128, 8192, BIG4.with_split(8), kinds=W4_KINDS),
     Row(128, 8192, BIG.with_split(4)),
     Row(128, 4096, MID.with_split(2), n_max=WIDE_N),
+    Row(128, 4096, BIG, kinds=("w8a8", "w4a8_g128", "w4a8_g64")),
     Row(128, 0, MID),
     Row(256, 8192, BIG.with_split(4)),
     Row(256, 4096, MID, n_max=WIDE_N),
