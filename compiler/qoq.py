@@ -83,7 +83,8 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
         if "smooth" in steps:
             w, report["smooth_alpha"] = smooth_linear(cfg, w, st, scheme)
     if "reorder" in steps and scheme.group_size:
-        w, _ = reorder_channels(cfg, w, graph.stats(w, seqs, progress))
+        w, perms = reorder_channels(cfg, w, graph.stats(w, seqs, progress), scheme)
+        report["reordered"] = sorted(perms)  # the others' order lost on calibration error
     quantized, gptq = {}, "gptq" in steps
     if "clip" in steps or gptq:
         st = graph.stats(w, seqs, progress, hessian=gptq)

@@ -100,6 +100,34 @@ def test_perms_sorted_by_salience(ckpt):
             assert (s[:-1] >= s[1:]).all()
 
 
+def test_reorder_only_where_it_lowers_the_quantized_error(ckpt):
+    """Layer 0: two massive activation channels whose w_down weights have opposite signs sit in
+    different groups; clustering them doubles their group's range (hurts: kept in order).
+    Layer 1: one weight-outlier column per group spoils both groups' steps; clustering the
+    salient activation channels away from them helps (reordered)."""
+    cfg, g = ckpt.config, torch.Generator().manual_seed(5)
+    w, st = dict(ckpt.weights), _stats(cfg)
+    n, k = cfg.hidden_size, cfg.intermediate_size  # g64: groups [0, 64), [64, 96)
+    x_scale = {0: torch.ones(k), 1: torch.ones(k)}
+    w_down = {i: torch.randn(n, k, generator=g) * 0.02 for i in (0, 1)}
+    x_scale[0][[10, 70]] = 100.0
+    w_down[0][:, 10], w_down[0][:, 70] = 0.05, -0.05
+    x_scale[1][[30, 80]] = 50.0
+    x_scale[1][[1, 65]] = 0.1
+    w_down[1][:, [1, 65]] = torch.randn(n, 2, generator=g).sign()
+    for i in (0, 1):
+        name = f"layers.{i}.w_down"
+        x = torch.randn(256, k, generator=g) * x_scale[i]
+        st.samples[name], st.absmax[name], w[name] = x, x.abs().amax(0), w_down[i]
+    _, always = reorder_channels(cfg, w, st, heads=False)
+    new, perms = reorder_channels(cfg, w, st, W4A8_G64, heads=False)
+    assert set(always) == {"layers.0.w_down", "layers.1.w_down"}
+    assert set(perms) == {"layers.1.w_down"}
+    assert new["layers.0.w_down"] is w["layers.0.w_down"]
+    ref = _logits(cfg, w)
+    assert ((_logits(cfg, new) - ref).norm() / ref.norm()) < 1e-5
+
+
 def test_permute_stats_matches_reordered_activations(ckpt):
     cfg, w = ckpt.config, ckpt.weights
     st = _stats(cfg)
