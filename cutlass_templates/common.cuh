@@ -379,9 +379,15 @@ __device__ __forceinline__ bool splitk_cluster(uint32_t (&acc)[T::MT][T::NT][4],
 // The separate reduction: C[m, n] = epilogue(sum_z ws[z, m, n]).  One thread per 4 columns of
 // a row (one 16-byte load per slice, all issued before the adds), grid-stride over
 // M * ceil(N / 4) quads.
+// Launched with programmatic dependent launch on sm_90 (runtime/gemm_kernels.py PDL), it may
+// start while the GEMM still runs: griddepcontrol.wait blocks until the GEMM grid has finished
+// and its writes are visible (a no-op without PDL).
 template <int SPLITK, class Epi>
 __device__ __forceinline__ void splitk_reduce(const int32_t* ws, int M, int N, const Epi& epi,
                                               const __half* bias, __half* C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const int np = round_up(N, 32), nq = ceil_div(N, 4);
   const long long total = (long long)M * nq;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -437,6 +443,10 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
       const uint32_t* flag = flags + blockIdx.y * gridDim.x + blockIdx.x;
       asm volatile("prefetch.global.L2 [%0];" ::"l"(flag));
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // a PDL-launched _reduce may be scheduled now (it waits for this grid to finish)
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
     const int per = ceil_div(tiles, T::SPLITK);
     kt0 = blockIdx.z * per;
     nk = max(0, min(tiles, kt0 + per) - kt0);

@@ -81,8 +81,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+# Launch the separate split-K reduction with programmatic dependent launch on sm_90+: its
+# launch overlaps the GEMM's tail and it waits for the GEMM in-kernel (griddepcontrol.wait);
+# the GEMM lets it launch once every CTA has started its main loop (launch_dependents).
+PDL = os.environ.get("QCOMPILE_PDL", "1") != "0"
+
+
 def has_clusters(device: torch.device) -> bool:
-    """Thread-block clusters (the "cluster" split-K reduction): sm_90 and newer."""
+    """sm_90 and newer: thread-block clusters (the "cluster" split-K reduction) and
+    programmatic dependent launch."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (9, 0)
 
@@ -158,7 +165,8 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
                   cluster=cfg.cluster_dims())
     reduce = cfg.reduce_launch(m, n)
     if reduce is not None:  # the separate split-K reduction, next on the same stream
-        _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(*reduce, 0, args)
+        _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(
+            *reduce, 0, args, pdl=PDL and has_clusters(xq.device))
     STATS.launches[cfg.label(kind)] += 1
     return out
 

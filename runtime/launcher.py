@@ -204,10 +204,12 @@ class CudaKernel:
         self.max_dynamic_smem = nbytes
 
     def launch(self, grid: Sequence[int], block: Sequence[int], smem: int, args: Sequence,
-               cluster: Sequence[int] | None = None) -> None:
+               cluster: Sequence[int] | None = None, pdl: bool = False) -> None:
         """Launch on torch.cuda.current_stream() of the module's device. `args`: ptr()/i32()/
-        i64()/f32() values in the order of the kernel's parameters. `cluster`: thread-block
-        cluster dims (sm_90+; cuLaunchKernelEx), each dividing the grid's."""
+        i64()/f32() values in the order of the kernel's parameters. sm_90+ only (through
+        cuLaunchKernelEx): `cluster`, thread-block cluster dims, each dividing the grid's;
+        `pdl`, programmatic dependent launch: the kernel may start before the previous one on
+        the stream finishes, and must wait for it itself (`griddepcontrol.wait`)."""
         from cuda.bindings import driver
         grid, block = _dim3(grid, "grid"), _dim3(block, "block")
         if cluster is not None:
@@ -224,7 +226,7 @@ class CudaKernel:
         if current is None or int(current) != int(ctx):  # e.g. a thread PyTorch has not used
             _check("cuCtxSetCurrent", driver.cuCtxSetCurrent(ctx))
         stream = driver.CUstream(torch.cuda.current_stream(self.module.device).cuda_stream)
-        if cluster is None:
+        if cluster is None and not pdl:
             _check(f"cuLaunchKernel({self.name}, grid={grid}, block={block}, smem={smem})",
                    driver.cuLaunchKernel(self.handle, *grid, *block, smem, stream,
                                          ctypes.addressof(array), 0))
@@ -233,12 +235,21 @@ class CudaKernel:
             config.gridDimX, config.gridDimY, config.gridDimZ = grid
             config.blockDimX, config.blockDimY, config.blockDimZ = block
             config.sharedMemBytes, config.hStream = smem, stream
-            attr = driver.CUlaunchAttribute()
-            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
-            config.attrs, config.numAttrs = [attr], 1
+            attrs = []
+            if cluster is not None:
+                attr = driver.CUlaunchAttribute()
+                attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+                attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
+                attrs.append(attr)
+            if pdl:
+                attr = driver.CUlaunchAttribute()
+                attr.id = (driver.CUlaunchAttributeID
+                           .CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+                attr.value.programmaticStreamSerializationAllowed = 1
+                attrs.append(attr)
+            config.attrs, config.numAttrs = attrs, len(attrs)
             _check(f"cuLaunchKernelEx({self.name}, grid={grid}, block={block}, smem={smem}, "
-                   f"cluster={cluster})",
+                   f"cluster={cluster}, pdl={pdl})",
                    driver.cuLaunchKernelEx(config, self.handle, ctypes.addressof(array), 0))
         del values  # kept alive until here: the driver copies the values during the call
 
