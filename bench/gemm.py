@@ -307,6 +307,46 @@ def build_ours(scheme, probe: Callable):
     return build
 
 
+def build_wgmma(cfg, min_m: int = 256):
+    """The Hopper wgmma W8A8 template (w8a8_sm90.cu; not in the selection table yet) with tile
+    `cfg`, launched directly; built on first use (sm_90 only; rows below min_m are skipped)."""
+    def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
+        if torch.cuda.get_device_capability() < (9, 0):
+            raise Skip("wgmma needs sm_90")
+        if x.shape[0] < min_m:
+            raise Skip(f"M < {min_m}")
+        from qcompile.compiler.config import W8A8
+        from qcompile.cutlass_templates.build import build_kernel
+        from qcompile.passes.swap_gemm import GEMM_FORMATS
+        from qcompile.runtime import gemm_kernels
+        from qcompile.runtime.launcher import CudaModule
+        from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
+
+        def load():
+            fn = CudaModule(build_kernel("w8a8_sm90", cfg, "sm90").path).function(
+                cfg.name("w8a8_sm90"))
+            fn.set_max_dynamic_smem(cfg.smem_bytes("w8a8_sm90"))
+            return fn
+
+        fn = ctx.get(f"wgmma-fn-{cfg.name('w8a8_sm90')}", load)
+        cpu = ctx.get(W8A8.name, lambda: GEMM_FORMATS[W8A8].pack(ctx.w, W8A8))
+        dev = ctx.get(W8A8.name + "@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
+        xq, sx, _ = quant_a8_ref(x)
+        w, sw = dev.values()
+        op = lambda xq, sx, w, sw: gemm_kernels._run("w8a8_sm90", (cfg, fn), xq, sx,  # noqa
+                                                     (w, sw, None), ctx.n, w.shape[1])
+        ref_op = GEMM_OPS[W8A8]
+        cpu_args = (xq.cpu(), sx.cpu(), *cpu.values(), None, ctx.n, torch.float16)
+        idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], 32)).round().long().unique()
+        got = op(xq, sx, w, sw)[idx.cuda()].float().cpu()
+        want = ref_op(cpu_args[0][idx], cpu_args[1][idx], *cpu_args[2:]).float()
+        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        status = "FAIL" if not err <= REL_TOL else "ok"
+        return Case(op, (xq, sx, w, sw), w.nbytes + sw.nbytes, f"rel err {err:.1e}; wgmma",
+                    status)
+    return build
+
+
 def make_probe(stats) -> Callable:
     """A probe over gemm_kernels.STATS (Counters of kernel launches and of reference fallbacks
     by reason): the call ran our kernel iff it launched one and fell back nowhere."""
@@ -444,6 +484,9 @@ def main(argv=None) -> None:
     from qcompile.compiler.config import W4A8, W4A8_G128, W8A8
     probe = enable_kernels()
     impls = {f"ours-{s.name}": build_ours(s, probe) for s in (W4A8, W4A8_G128, W8A8)}
+    from qcompile.cutlass_templates.configs import WGMMA, WGMMA_WIDE
+    impls["ours-w8a8-wgmma"] = build_wgmma(WGMMA)
+    impls["ours-w8a8-wgmma256"] = build_wgmma(WGMMA_WIDE)
     impls.update(zip(PEERS, (build_fp16, build_int8, build_fp8, build_tinygemm)))
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20

@@ -150,8 +150,8 @@ def _defines(config, kind: str) -> list[str]:
 
 
 def _default_kinds() -> Mapping[str, tuple]:
-    from qcompile.cutlass_templates.configs import KINDS
-    return KINDS
+    from qcompile.cutlass_templates.configs import ALL_KINDS
+    return ALL_KINDS
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,20 @@ __device__ __forceinline__ void store_pair(__half* C, int N, int m, int n, float
   }
 }
 
+// The W8A8 epilogue (w8a8_sm80.cu, w8a8_sm90.cu): y = fp32(acc) * s_x[m] * s_w[n], the
+// reference's rounding sequence (runtime/ops/gemm.py gemm_w8a8).
+struct EpiW8A8 {
+  const float* s_x;
+  const float* s_w;
+  struct Row {
+    float sx;
+  };
+  __device__ __forceinline__ Row row(int m) const { return {__ldg(s_x + m)}; }
+  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
+    return __fmul_rn(__fmul_rn(__int2float_rn(acc), r.sx), __ldg(s_w + n));
+  }
+};
+
 template <class Epi>
 __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::Row& row,
                                             const __half* bias, __half* C, int N, int m, int n,

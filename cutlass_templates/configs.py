@@ -52,6 +52,13 @@ KINDS: dict[str, tuple[str, int | None]] = {
 REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
 REDUCE_MODES = ("separate", "fixup", "cluster")
 MAX_CLUSTER = 8  # portable thread-block cluster size
+# Hopper-only templates (wgmma; built for an sm90 target, not in the selection table yet: bench
+# and tests launch them directly). Same arguments as their sm80 kind.
+SM90_KINDS: dict[str, tuple[str, int | None]] = {
+    "w8a8_sm90": ("w8a8_sm90.cu", None),
+}
+ALL_KINDS = {**KINDS, **SM90_KINDS}
+
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
 N_ALIGN = 32  # every weight layout pads N to 32 (Np)
 
@@ -66,9 +73,9 @@ def _round_up(a: int, b: int) -> int:
 
 def _kind(kind: str) -> tuple[str, int | None]:
     try:
-        return KINDS[kind]
+        return ALL_KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown GEMM kind {kind!r}; known kinds: {sorted(KINDS)}") from None
+        raise ValueError(f"unknown GEMM kind {kind!r}; known kinds: {sorted(ALL_KINDS)}") from None
 
 
 def padded_k(kind: str, k: int) -> int:
@@ -194,6 +201,10 @@ class TileConfig:
         group = _kind(kind)[1]
         if group and self.bk % group and group % self.bk:
             return False
+        if kind in SM90_KINDS and not (self.bk == 128 and self.warps_n == 1 and self.split_k == 1
+                                       and self.warps_m * 16 == self.bm and self.bm % 64 == 0
+                                       and self.bn <= 256):
+            return False  # one warpgroup per 64 rows, 128-byte swizzled rows (w8a8_sm90.cu)
         if self.smem_bytes(kind) > MAX_SMEM_BYTES:
             return False
         if self.split_k == 1:
@@ -217,7 +228,7 @@ def parse_name(name: str) -> tuple[str, TileConfig]:
     """Inverse of :meth:`TileConfig.name`: ``qc_<kind>_<bm>x<bn>x<bk>_w<wm>x<wn>_s<st>_k<sk>``."""
     try:
         head, tile, warps, stages, split = name.rsplit("_", 4)
-        if not head.startswith("qc_") or head[3:] not in KINDS:
+        if not head.startswith("qc_") or head[3:] not in ALL_KINDS:
             raise ValueError
         bm, bn, bk = (int(v) for v in tile.split("x"))
         wm, wn = (int(v) for v in warps.removeprefix("w").split("x"))
@@ -256,6 +267,9 @@ SMALL = TileConfig(32, 128, 128, 1, 4, 4)
 MID = TileConfig(64, 64, 128, 2, 2, 4)
 BIG = TileConfig(128, 128, 128, 2, 2, 3)
 BIG4 = TileConfig(128, 128, 128, 2, 2, 4)
+# wgmma tiles of the sm90 kinds: two warpgroups of 64 x BN, 128-byte K rows.
+WGMMA = TileConfig(128, 128, 128, 8, 1, 5)
+WGMMA_WIDE = TileConfig(128, 256, 128, 8, 1, 4)
 # Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
@@ -323,6 +337,9 @@ def _check_shape(kind: str, m: int, n: int, k: int) -> None:
 def select_config(kind: str, m: int, n: int, k: int) -> TileConfig:
     """The tile config for an (m, n, k) GEMM of this kind (pure table lookup)."""
     _check_shape(kind, m, n, k)
+    if kind not in KINDS:
+        raise ValueError(f"{kind} is not selectable yet (no rows in SELECTION): launch it with "
+                         "an explicit config (WGMMA, WGMMA_WIDE)")
     for row in SELECTION:
         if row.matches(kind, m, n, k):
             return row.config

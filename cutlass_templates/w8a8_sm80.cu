@@ -68,18 +68,6 @@ struct W8Operand {
   }
 };
 
-struct EpiW8A8 {
-  const float* s_x;
-  const float* s_w;
-  struct Row {
-    float sx;
-  };
-  __device__ __forceinline__ Row row(int m) const { return {__ldg(s_x + m)}; }
-  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
-    return __fmul_rn(__fmul_rn(__int2float_rn(acc), r.sx), __ldg(s_w + n));
-  }
-};
-
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
@@ -90,7 +78,7 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
               int N, int K) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
-  qc::gemm_body<T>(smem, A, M, N, K, kp, W8Operand{B, np, kp}, EpiW8A8{s_x, s_w}, bias, C,
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W8Operand{B, np, kp}, qc::EpiW8A8{s_x, s_w}, bias, C,
                    workspace, flags);
 }
 
@@ -101,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
                                const __half* __restrict__ bias, __half* __restrict__ C,
                                int32_t* __restrict__ workspace, uint32_t* __restrict__ flags,
                                int M, int N, int K) {
-  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW8A8{s_x, s_w}, bias, C);
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, qc::EpiW8A8{s_x, s_w}, bias, C);
 }
 #endif
 

@@ -243,3 +243,17 @@ def test_cluster_reduce_needs_smem_for_the_tile_and_at_most_8_slices():
 def test_reduce_threads_match_common_cuh():
     src = (TEMPLATES / "common.cuh").read_text()
     assert f"constexpr int kReduceThreads = {C.REDUCE_THREADS};" in src
+
+
+def test_sm90_kinds_name_and_fit_only_wgmma_tiles():
+    from qcompile.cutlass_templates.configs import SM90_KINDS, WGMMA, WGMMA_WIDE
+    assert "w8a8_sm90" in SM90_KINDS and "w8a8_sm90" not in KINDS  # not selectable yet
+    for cfg in (WGMMA, WGMMA_WIDE):
+        assert cfg.fits("w8a8_sm90", 4096) and cfg.fits("w8a8_sm90", 576)
+        assert parse_name(cfg.name("w8a8_sm90")) == ("w8a8_sm90", cfg)
+        assert cfg.template("w8a8_sm90") == "w8a8_sm90.cu"
+        assert cfg.smem_bytes("w8a8_sm90") == cfg.stages * (cfg.bm + cfg.bn) * 128
+    assert not C.BIG.fits("w8a8_sm90", 4096)            # mma.sync warp layout
+    assert not WGMMA.with_split(2).fits("w8a8_sm90", 4096)
+    with pytest.raises(ValueError, match="not selectable|unknown GEMM kind"):
+        select_config("w8a8_sm90", 1, 4096, 4096)

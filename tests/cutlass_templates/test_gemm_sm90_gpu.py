@@ -1,0 +1,44 @@
+"""The Hopper wgmma W8A8 template (w8a8_sm90.cu) against the sm80 W8A8 kernel and the
+reference: the int32 accumulation is exact and the epilogue code is shared, so the two kernels
+must agree bit for bit, at tile, row and K edges. Needs an sm_90 GPU and nvcc (the test builds
+the kernels it launches; cached)."""
+import pytest
+import torch
+
+from qcompile.compiler.config import W8A8
+from qcompile.runtime.ops import gemm as ref
+
+from test_gemm_gpu import _operands, _sqnr_db, kernels  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def wgmma_kernels():
+    from qcompile.cutlass_templates.build import build_kernel
+    from qcompile.cutlass_templates.configs import WGMMA, WGMMA_WIDE
+    from qcompile.runtime.launcher import CudaModule
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("wgmma needs an sm_90 GPU")
+    out = {}
+    for cfg in (WGMMA, WGMMA_WIDE):
+        fn = CudaModule(build_kernel("w8a8_sm90", cfg, "sm90").path).function(cfg.name("w8a8_sm90"))
+        fn.set_max_dynamic_smem(cfg.smem_bytes("w8a8_sm90"))
+        out[cfg] = fn
+    return out
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 4096), (77, 1536, 576), (128, 4096, 4096),
+                                   (300, 200, 4096), (1000, 11008, 14336), (4096, 4096, 4096)])
+def test_wgmma_w8a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):  # noqa: F811
+    from qcompile.cutlass_templates.configs import select_config
+    head, packed, bias, _ = _operands(W8A8, m, n, k, seed=m + n)
+    sm80 = select_config("w8a8", m, n, k)
+    want = kernels._run("w8a8", (sm80, kernels._TABLE.kernels[sm80.name("w8a8")]), head[0],
+                        head[1], (*packed, bias), n, packed[0].shape[1])
+    assert _sqnr_db(ref.gemm_w8a8_ref(*head, *packed, bias, n, torch.float16), want) > 60
+    for cfg, fn in wgmma_kernels.items():
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        got = kernels._run("w8a8_sm90", (cfg, fn), head[0], head[1], (*packed, bias), n,
+                           packed[0].shape[1], out=out)
+        assert torch.equal(got, want), (cfg, (got.float() - want.float()).abs().max())
