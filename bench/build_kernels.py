@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int)
     args = p.parse_args(argv)
     shapes = [(kind, n, k) for kind in KINDS for n, k in TEST_SHAPES + BENCH_SHAPES]
-    binaries = build_kernels(kernel_requests(shapes), args.target, jobs=args.jobs)
+    binaries = build_kernels(kernel_requests(shapes, args.target), args.target, jobs=args.jobs)
     print(f"{len(binaries)} kernels -> {write_kernel_table(binaries, args.out)}")
 
 

@@ -75,7 +75,8 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         torch.export.save(program, tmp / PROGRAM)
         ckpt.tokenizer.save_pretrained(tmp / "tokenizer")
         kdir = tmp / "kernels" / cfg.target
-        requests = kernel_requests(gemm_shapes(lowering.gm)) if cfg.kernels == "build" else []
+        requests = (kernel_requests(gemm_shapes(lowering.gm), cfg.target)
+                    if cfg.kernels == "build" else [])
         kernels = write_kernels(requests, cfg.target, kdir, progress)
         write_manifest(tmp, {
             "qcompile_version": qcompile_version(),

@@ -1,7 +1,8 @@
 """The GEMM kernels a lowered graph needs, built for the artifact's target.
 
-Every quantized GEMM node gives (kind, N, K); each needs the tile configs that selection can
-pick for it at any M (`configs_for`), because M (tokens per step) is only known at run time.
+Every quantized GEMM node gives (kind, N, K); each needs the kernels that selection can pick
+for it at any M on the target (`kernels_for`), because M (tokens per step) is only known at
+run time.
 The binaries and their table go to the artifact's `kernels/<target>/`.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import fx
 
 import qcompile.runtime.ops  # noqa: F401  (registers torch.ops.qcompile)
-from qcompile.cutlass_templates.configs import configs_for
+from qcompile.cutlass_templates.configs import kernels_for
 
 # op -> kernel kind. `qcompile::gemm_w4a16` (the weight-only baseline) is deliberately absent:
 # it has no kernel and runs its reference on every device, so it asks for nothing here and
@@ -39,8 +40,10 @@ def gemm_shapes(gm: fx.GraphModule) -> list[tuple[str, int, int]]:
     return sorted(shapes)
 
 
-def kernel_requests(shapes) -> list[tuple[str, object]]:
-    reqs = {(kind, cfg) for kind, n, k in shapes for cfg in configs_for(kind, n, k)}
+def kernel_requests(shapes, target: str = "sm80") -> list[tuple[str, object]]:
+    """(kernel kind, config) of every kernel the runtime may launch for these (kind, N, K) on
+    `target` (sm90 adds its wgmma templates)."""
+    reqs = {req for kind, n, k in shapes for req in kernels_for(kind, n, k, target)}
     return sorted(reqs, key=lambda r: r[1].name(r[0]))
 
 

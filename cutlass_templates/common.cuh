@@ -17,8 +17,8 @@
 //   Which is faster depends on the shape (the fixup puts three dependent L2 round trips on
 //   the tail of the critical path, a second launch about one); the tile table chooses.
 //
-// CTA order (tile_origin): blockIdx.x walks N fastest; where N has many tiles (at least
-// kRasterMinTilesN) the grid is walked in bands of kRasterM tile rows instead, column by
+// CTA order (tile_origin): blockIdx.x walks N fastest; where N is wide (tile columns x BN at
+// least kRasterMinN) the grid is walked in bands of kRasterM tile rows instead, column by
 // column, so that the CTAs resident at once share a few A row blocks and a few dozen B column
 // blocks instead of one A row block and every B column block: for wide N (gate_up, N = 28672,
 // whose int8 weights are 117 MB, more than L2) the plain order re-reads all of B from DRAM for
@@ -75,18 +75,18 @@ __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b)
 // Threads per block of every *_reduce entry (configs.py REDUCE_THREADS mirrors it).
 constexpr int kReduceThreads = 256;
 
-// Tile rows per raster band, and the tile columns from which bands are used (see the header).
+// Tile rows per raster band, and the output width from which bands are used (see the header).
 constexpr int kRasterM = 8;
-constexpr int kRasterMinTilesN = 128;
+constexpr int kRasterMinN = 16384;
 
-// (m0, n0) of this CTA's output tile.  With gridDim.x >= kRasterMinTilesN, the linear CTA
+// (m0, n0) of this CTA's output tile.  With gridDim.x * BN >= kRasterMinN, the linear CTA
 // index blockIdx.y * gridDim.x + blockIdx.x enumerates bands of kRasterM tile rows (the last
 // band may be thinner) column by column, each column of a band top to bottom.  A bijection of the grid; slices of one split-K tile
 // share blockIdx.x/y and so their tile.
 template <class T>
 __device__ __forceinline__ int2 tile_origin() {
   const int tiles_n = gridDim.x, tiles_m = gridDim.y;
-  if (tiles_n < kRasterMinTilesN) return make_int2(blockIdx.y * T::BM, blockIdx.x * T::BN);
+  if (tiles_n * T::BN < kRasterMinN) return make_int2(blockIdx.y * T::BM, blockIdx.x * T::BN);
   const int id = blockIdx.y * tiles_n + blockIdx.x;
   const int band = id / (kRasterM * tiles_n), in_band = id % (kRasterM * tiles_n);
   const int rows = min(kRasterM, tiles_m - band * kRasterM);

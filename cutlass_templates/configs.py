@@ -346,6 +346,40 @@ def select_config(kind: str, m: int, n: int, k: int) -> TileConfig:
     raise ValueError(f"no tile config fits {kind} m={m} n={n} k={k}")  # table is broken
 
 
+# Target-specific rows, tried before SELECTION: base kind -> (m_min, k_min, n_max, kernel
+# kind, config). sm90: the wgmma W8A8 template from M = 513 (H100 sweep,
+# bench/results/gemm-h100-2026-11-21g-wgmma.md: 1.1-1.65x the mma.sync kernel at M >= 1024;
+# at M = 256 it is not faster): 128 x 256 tiles for long K or M >= 2048, 128 x 128 otherwise.
+TARGET_ROWS: dict[str, dict[str, tuple]] = {
+    "sm90": {
+        "w8a8": ((513, 8192, None, "w8a8_sm90", WGMMA_WIDE),
+                 (2048, 0, None, "w8a8_sm90", WGMMA_WIDE),
+                 (513, 0, None, "w8a8_sm90", WGMMA)),
+    },
+}
+
+
+def select_kernel(kind: str, m: int, n: int, k: int,
+                  target: str = "sm80") -> tuple[str, TileConfig]:
+    """(kernel kind, config) for an (m, n, k) GEMM of `kind` on `target`: a target-specific
+    template where TARGET_ROWS has one (e.g. wgmma on sm90), else `kind` and select_config."""
+    _check_shape(kind, m, n, k)
+    for m_min, k_min, n_max, kkind, cfg in TARGET_ROWS.get(target, {}).get(kind, ()):
+        if m >= m_min and k >= k_min and (n_max is None or n <= n_max) and cfg.fits(kkind, k):
+            return kkind, cfg
+    return kind, select_config(kind, m, n, k)
+
+
+def kernels_for(kind: str, n: int, k: int, target: str = "sm80") -> list[tuple[str, TileConfig]]:
+    """Every (kernel kind, config) select_kernel can return for this (n, k, target), any M:
+    what an artifact for `target` must ship."""
+    out = [(kind, cfg) for cfg in configs_for(kind, n, k)]
+    for m_min, k_min, n_max, kkind, cfg in TARGET_ROWS.get(target, {}).get(kind, ()):
+        if k >= k_min and (n_max is None or n <= n_max) and cfg.fits(kkind, k):
+            out.append((kkind, cfg))
+    return list(dict.fromkeys(out))
+
+
 def configs_for(kind: str, n: int, k: int) -> list[TileConfig]:
     """Every config :func:`select_config` can return for this (n, k), any M."""
     _check_shape(kind, 1, n, k)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qcompile.cutlass_templates.configs import padded_k, select_config
+from qcompile.cutlass_templates.configs import padded_k, select_config, select_kernel
 from qcompile.runtime.ops import gemm as ref
 
 
@@ -87,6 +87,11 @@ def _capability(index: int) -> tuple[int, int]:
 PDL = os.environ.get("QCOMPILE_PDL", "1") != "0"
 
 
+def device_target(device: torch.device) -> str:
+    """The kernel target whose templates run best on this device: sm90 from Hopper on."""
+    return "sm90" if has_clusters(device) else "sm80"
+
+
 def has_clusters(device: torch.device) -> bool:
     """sm_90 and newer: thread-block clusters (the "cluster" split-K reduction) and
     programmatic dependent launch."""
@@ -113,21 +118,32 @@ def enable(kernel_dir=None) -> KernelTable:
 
 
 def _find(kind: str, m: int, n: int, k: int, out_dtype):
-    """(config, kernel), or None with the reason counted (and warned once)."""
+    """(kernel kind, config, kernel), or None with the reason counted (and warned once)."""
     if out_dtype != torch.float16:
         reason = f"{kind}: the kernels write float16, the program asks for {out_dtype}"
     elif _TABLE is None:
         reason = f"{kind}: no kernel table enabled"
     else:
-        cfg = select_config(kind, m, n, k)
-        kernel = _TABLE.kernels.get(cfg.name(kind))
+        # the target's own template first (wgmma on sm90), if the table has it (an artifact
+        # built for sm80 running on an H100 has not), else the portable mma.sync kernel
+        kkind, cfg = select_kernel(kind, m, n, k, device_target(torch.device("cuda")))
+        kernel = _TABLE.kernels.get(cfg.name(kkind))
+        if kernel is None and kkind != kind:
+            kkind, cfg = kind, select_config(kind, m, n, k)
+            kernel = _TABLE.kernels.get(cfg.name(kind))
         if kernel is not None:
-            return cfg, kernel
+            return kkind, cfg, kernel
         reason = f"{kind}: {cfg.name(kind)} is not in {_TABLE.dir}"
     if not STATS.fallbacks[reason]:
         warnings.warn(f"qcompile GEMM runs the PyTorch reference: {reason}")
     STATS.fallbacks[reason] += 1
     return None
+
+
+def _launch(found, xq, sx, operands, n, k_packed, out=None):
+    """_run with what _find returned: (kernel kind, config, kernel)."""
+    kind, cfg, kernel = found
+    return _run(kind, (cfg, kernel), xq, sx, operands, n, k_packed, out)
 
 
 def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
@@ -179,14 +195,14 @@ def _w8a8(xq, sx, w, sw, bias, n, out_dtype):
     found = _find("w8a8", _m(xq), n, xq.shape[-1], out_dtype)
     if found is None:
         return ref.gemm_w8a8_ref(xq, sx, w, sw, bias, n, out_dtype)
-    return _run("w8a8", found, xq, sx, (w, sw, bias), n, w.shape[1])
+    return _launch(found, xq, sx, (w, sw, bias), n, w.shape[1])
 
 
 def _w4a8(xq, sx, xsum, w, s, zs, bias, n, out_dtype):
     found = _find("w4a8", _m(xq), n, xq.shape[-1], out_dtype)
     if found is None:
         return ref.gemm_w4a8_ref(xq, sx, xsum, w, s, zs, bias, n, out_dtype)
-    return _run("w4a8", found, xq, sx, (xsum, w, s, zs, bias), n, w.shape[1] * 32)
+    return _launch(found, xq, sx, (xsum, w, s, zs, bias), n, w.shape[1] * 32)
 
 
 def _w4a8_group(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype):
@@ -194,4 +210,4 @@ def _w4a8_group(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype):
     found = _find(kind, _m(xq), n, xq.shape[-1], out_dtype)
     if found is None:
         return ref.gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype)
-    return _run(kind, found, xq, sx, (w, s1, s2, negzs, bias), n, w.shape[1] * 32)
+    return _launch(found, xq, sx, (w, s1, s2, negzs, bias), n, w.shape[1] * 32)

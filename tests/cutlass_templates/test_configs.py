@@ -257,3 +257,19 @@ def test_sm90_kinds_name_and_fit_only_wgmma_tiles():
     assert not WGMMA.with_split(2).fits("w8a8_sm90", 4096)
     with pytest.raises(ValueError, match="not selectable|unknown GEMM kind"):
         select_config("w8a8_sm90", 1, 4096, 4096)
+
+
+def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
+    from qcompile.cutlass_templates.configs import (WGMMA, WGMMA_WIDE, kernels_for,
+                                                    select_kernel)
+    assert select_kernel("w8a8", 4096, 4096, 4096, "sm80") == ("w8a8", select_config("w8a8", 4096, 4096, 4096))
+    assert select_kernel("w8a8", 4096, 4096, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
+    assert select_kernel("w8a8", 1024, 4096, 14336, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
+    assert select_kernel("w8a8", 1024, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
+    assert select_kernel("w8a8", 512, 6144, 4096, "sm90")[0] == "w8a8"   # M <= 512: mma.sync
+    assert select_kernel("w4a8", 4096, 4096, 4096, "sm90")[0] == "w4a8"  # no W4 wgmma yet
+    sm90 = kernels_for("w8a8", 4096, 4096, "sm90")
+    assert ("w8a8_sm90", WGMMA) in sm90 and ("w8a8_sm90", WGMMA_WIDE) in sm90
+    assert kernels_for("w8a8", 4096, 4096, "sm80") == [("w8a8", c) for c in configs_for("w8a8", 4096, 4096)]
+    for m in (1, 600, 3000):  # whatever is selected is shipped
+        assert select_kernel("w8a8", m, 4096, 4096, "sm90") in sm90
