@@ -347,14 +347,17 @@ def select_config(kind: str, m: int, n: int, k: int) -> TileConfig:
 
 
 # Target-specific rows, tried before SELECTION: base kind -> (m_min, k_min, n_max, kernel
-# kind, config). sm90: the wgmma W8A8 template from M = 513 (H100 sweep,
-# bench/results/gemm-h100-2026-11-21g-wgmma.md: 1.1-1.65x the mma.sync kernel at M >= 1024;
-# at M = 256 it is not faster): 128 x 256 tiles for long K or M >= 2048, 128 x 128 otherwise.
+# kind, config). sm90: the wgmma W8A8 template from M = 513 (H100,
+# bench/results/gemm-h100-2026-11-21g.md: up to 1.4x cuBLAS int8 and 1.5x our mma.sync kernel
+# at M >= 1024; at M = 256 it is not faster): 128 x 256 tiles, except 128 x 128 where N <= 8192
+# and M < 2048 (a 256-wide tile leaves under two waves of CTAs there: qkv M=1024 69.8 vs 82.5
+# us; o within 3%).
 TARGET_ROWS: dict[str, dict[str, tuple]] = {
     "sm90": {
         "w8a8": ((513, 8192, None, "w8a8_sm90", WGMMA_WIDE),
                  (2048, 0, None, "w8a8_sm90", WGMMA_WIDE),
-                 (513, 0, None, "w8a8_sm90", WGMMA)),
+                 (513, 0, 8192, "w8a8_sm90", WGMMA),
+                 (513, 0, None, "w8a8_sm90", WGMMA_WIDE)),
     },
 }
 
