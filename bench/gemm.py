@@ -307,43 +307,45 @@ def build_ours(scheme, probe: Callable):
     return build
 
 
-def build_wgmma(cfg, min_m: int = 256):
-    """The Hopper wgmma W8A8 template (w8a8_sm90.cu; not in the selection table yet) with tile
-    `cfg`, launched directly; built on first use (sm_90 only; rows below min_m are skipped)."""
+def build_wgmma(kind: str, cfg, min_m: int = 256):
+    """A Hopper wgmma template (w8a8_sm90 / w4a8_sm90) with tile `cfg`, launched directly,
+    whatever the selection table says; built on first use (sm_90 only; M < min_m skipped)."""
     def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
         if torch.cuda.get_device_capability() < (9, 0):
             raise Skip("wgmma needs sm_90")
         if x.shape[0] < min_m:
             raise Skip(f"M < {min_m}")
-        from qcompile.compiler.config import W8A8
+        from qcompile.compiler.config import W4A8, W8A8
         from qcompile.cutlass_templates.build import build_kernel
         from qcompile.passes.swap_gemm import GEMM_FORMATS
         from qcompile.runtime import gemm_kernels
         from qcompile.runtime.launcher import CudaModule
         from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
+        scheme = W8A8 if kind == "w8a8_sm90" else W4A8
 
         def load():
-            fn = CudaModule(build_kernel("w8a8_sm90", cfg, "sm90").path).function(
-                cfg.name("w8a8_sm90"))
-            fn.set_max_dynamic_smem(cfg.smem_bytes("w8a8_sm90"))
+            fn = CudaModule(build_kernel(kind, cfg, "sm90").path).function(cfg.name(kind))
+            fn.set_max_dynamic_smem(cfg.smem_bytes(kind))
             return fn
 
-        fn = ctx.get(f"wgmma-fn-{cfg.name('w8a8_sm90')}", load)
-        cpu = ctx.get(W8A8.name, lambda: GEMM_FORMATS[W8A8].pack(ctx.w, W8A8))
-        dev = ctx.get(W8A8.name + "@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
-        xq, sx, _ = quant_a8_ref(x)
-        w, sw = dev.values()
-        op = lambda xq, sx, w, sw: gemm_kernels._run("w8a8_sm90", (cfg, fn), xq, sx,  # noqa
-                                                     (w, sw, None), ctx.n, w.shape[1])
-        ref_op = GEMM_OPS[W8A8]
-        cpu_args = (xq.cpu(), sx.cpu(), *cpu.values(), None, ctx.n, torch.float16)
+        fn = ctx.get(f"wgmma-fn-{cfg.name(kind)}", load)
+        fmt = GEMM_FORMATS[scheme]
+        cpu = ctx.get(scheme.name, lambda: fmt.pack(ctx.w, scheme))
+        dev = ctx.get(scheme.name + "@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
+        xq, sx, xsum = quant_a8_ref(x)
+        head = (xq, sx, xsum) if fmt.uses_sum else (xq, sx)
+        w = list(dev.values())
+        kp = w[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+        op = lambda *a: gemm_kernels._run(kind, (cfg, fn), a[0], a[1],  # noqa: E731
+                                          (*a[2:], None), ctx.n, kp)
+        args = (*head, *w)
         idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], 32)).round().long().unique()
-        got = op(xq, sx, w, sw)[idx.cuda()].float().cpu()
-        want = ref_op(cpu_args[0][idx], cpu_args[1][idx], *cpu_args[2:]).float()
+        got = op(*args)[idx.cuda()].float().cpu()
+        want = GEMM_OPS[scheme](*(t.cpu()[idx] for t in head), *cpu.values(), None, ctx.n,
+                                torch.float16).float()
         err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-        status = "FAIL" if not err <= REL_TOL else "ok"
-        return Case(op, (xq, sx, w, sw), w.nbytes + sw.nbytes, f"rel err {err:.1e}; wgmma",
-                    status)
+        status = "ok" if err <= REL_TOL else "FAIL"
+        return Case(op, args, sum(t.nbytes for t in w), f"rel err {err:.1e}; wgmma", status)
     return build
 
 
@@ -485,8 +487,9 @@ def main(argv=None) -> None:
     probe = enable_kernels()
     impls = {f"ours-{s.name}": build_ours(s, probe) for s in (W4A8, W4A8_G128, W8A8)}
     from qcompile.cutlass_templates.configs import WGMMA, WGMMA_WIDE
-    impls["ours-w8a8-wgmma"] = build_wgmma(WGMMA)
-    impls["ours-w8a8-wgmma256"] = build_wgmma(WGMMA_WIDE)
+    for kind in ("w4a8_sm90", "w8a8_sm90"):
+        for suffix, cfg in (("", WGMMA), ("256", WGMMA_WIDE)):
+            impls[f"ours-{kind[:4]}-wgmma{suffix}"] = build_wgmma(kind, cfg)
     impls.update(zip(PEERS, (build_fp16, build_int8, build_fp8, build_tinygemm)))
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20

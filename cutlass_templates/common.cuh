@@ -227,6 +227,26 @@ struct EpiW8A8 {
   }
 };
 
+// The W4A8 per-channel epilogue (w4a8_sm80.cu, w4a8_sm90.cu): the codes q in 0..15 went into
+// the MMA unshifted, so C = (s_x * s_w) * acc - zs_w * (s_x * sum_k x_q) (zs_w = z * s_w).
+struct EpiW4A8 {
+  const float* s_x;
+  const int32_t* xsum;
+  const float* s_w;
+  const float* zs_w;
+  struct Row {
+    float sx, sx_sum;  // s_x, s_x * sum_k x_q
+  };
+  __device__ __forceinline__ Row row(int m) const {
+    const float sx = __ldg(s_x + m);
+    return {sx, __fmul_rn(sx, __int2float_rn(__ldg(xsum + m)))};
+  }
+  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
+    return __fsub_rn(__fmul_rn(__fmul_rn(r.sx, __ldg(s_w + n)), __int2float_rn(acc)),
+                     __fmul_rn(__ldg(zs_w + n), r.sx_sum));
+  }
+};
+
 template <class Epi>
 __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::Row& row,
                                             const __half* bias, __half* C, int N, int m, int n,

@@ -202,25 +202,7 @@ struct W4Operand : W4Buffers {
   }
 };
 
-#if QC_GROUP == 0
-struct EpiW4A8 {
-  const float* s_x;
-  const int32_t* xsum;
-  const float* s_w;
-  const float* zs_w;
-  struct Row {
-    float sx, sx_sum;  // s_x, s_x * sum_k x_q
-  };
-  __device__ __forceinline__ Row row(int m) const {
-    const float sx = __ldg(s_x + m);
-    return {sx, __fmul_rn(sx, __int2float_rn(__ldg(xsum + m)))};
-  }
-  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
-    return __fsub_rn(__fmul_rn(__fmul_rn(r.sx, __ldg(s_w + n)), __int2float_rn(acc)),
-                     __fmul_rn(__ldg(zs_w + n), r.sx_sum));
-  }
-};
-#else
+#if QC_GROUP != 0
 struct EpiW4A8Group {
   const float* s_x;
   const float* s1;
@@ -248,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
   qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}},
-                   EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace, flags);
+                   qc::EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C, workspace, flags);
 }
 
 #if QC_SPLITK > 1
@@ -259,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
                                const __half* __restrict__ bias, __half* __restrict__ C,
                                int32_t* __restrict__ workspace, uint32_t* __restrict__ flags,
                                int M, int N, int K) {
-  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C);
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, qc::EpiW4A8{s_x, xsum, s_w, zs_w}, bias, C);
 }
 #endif
 

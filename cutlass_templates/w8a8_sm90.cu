@@ -5,17 +5,9 @@
 // while wgmma s8 has about 1979 TOP/s dense.  This is the first Hopper-native template: a
 // cp.async multistage pipeline feeding warpgroup MMAs from shared memory (both operands "SS").
 //
-// Shared memory: STAGES x [A stage: BM rows][B stage: BN rows], rows of BK = 128 bytes with the
-// 16-byte chunks XOR-swizzled by the row index mod 8 (qc::swz, filled by qc::RowLoader exactly
-// as the sm80 kernels do).  That is the canonical K-major 128-byte-swizzle layout of wgmma:
-// 8-row x 128-byte core groups of 1024 bytes stacked along M (N), so one descriptor (start
-// address, stride byte offset 1024, SWIZZLE_128B) describes a whole 64-row (BN-row) operand and
-// a k32 step is a 32-byte advance of the start address inside the swizzle atom.
-//
-// Warpgroup w (128 threads) computes rows 64w..64w+63 of the tile over all BN columns with one
-// m64nBNk32 wgmma per k32 step; its accumulator fragment is mma.sync's m16n8 one repeated: warp
-// w%4 holds rows 16(w%4)..+15, lane 4g+t rows g and g+8, columns 8j+2t and 8j+2t+1 of n8 tile j
-// in registers 4j..4j+3.
+// Shared memory: STAGES x [A stage: BM rows][B stage: BN rows] of 128-byte swizzled rows,
+// filled by qc::RowLoader exactly as the sm80 kernels do: wgmma's canonical K-major layout
+// (wgmma_sm90.cuh).  Warpgroup w computes rows 64w..64w+63 of the tile over all BN columns.
 //
 // Pipeline (one wgmma batch in flight): prologue loads tiles 0..S-3; iteration kt waits for
 // tile kt (cp.async), fences the generic->async proxy, barrier, refills the stage of tile kt-2
@@ -26,12 +18,7 @@
 //        -DQC_WARPS_N=1 -DQC_STAGES=5 -DQC_SPLITK=1 w8a8_sm90.cu
 // Entry: QC_KERNEL(A, s_x, B, s_w, bias, C, workspace, flags, M, N, K) (workspace, flags
 // unused), grid (ceil(N/BN), ceil(M/BM)), block 2*BM threads, dynamic smem STAGES*(BM+BN)*128.
-#include "common.cuh"
-
-#include <cute/arch/mma_sm90.hpp>
-#include <cute/arch/mma_sm90_gmma.hpp>
-
-#include <utility>
+#include "wgmma_sm90.cuh"
 
 #if !defined(QC_KERNEL) || !defined(QC_BM) || !defined(QC_BN) || !defined(QC_BK) || \
     !defined(QC_WARPS_M) || !defined(QC_WARPS_N) || !defined(QC_STAGES) || !defined(QC_SPLITK)
@@ -48,35 +35,8 @@ static_assert(T::WARPS_N == 1 && T::WARPS_M * 16 == T::BM && T::BM % 64 == 0,
 static_assert(T::BN % 8 == 0 && T::BN <= 256, "wgmma N: a multiple of 8 up to 256");
 static_assert(T::STAGES >= 3, "one stage in flight for the MMA, one landing, one loading");
 
-using Mma = decltype(cute::SM90::GMMA::ss_op_selector<int8_t, int8_t, int32_t,
-                                                       cute::Shape<cute::_64, cute::Int<T::BN>,
-                                                                   cute::_32>>());
 constexpr int kAcc = T::BN / 2;  // 64 x BN int32 over 128 threads
 constexpr int B_STAGE = T::BN * T::BK;
-
-__device__ __forceinline__ uint64_t desc_sw128(const char* p) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  return static_cast<uint64_t>((a & 0x3FFFF) >> 4)  // start address
-         | (1ull << 16)                              // leading byte offset: unused with swizzle
-         | (static_cast<uint64_t>(1024 >> 4) << 32)  // stride byte offset: 8 rows of 128 B
-         | (1ull << 62);                             // SWIZZLE_128B
-}
-
-template <size_t... I>
-__device__ __forceinline__ void wgmma(uint64_t da, uint64_t db, uint32_t (&d)[kAcc],
-                                      std::index_sequence<I...>) {
-  Mma::fma(da, db, d[I]..., cute::SM90::GMMA::ScaleOut::One);
-}
-
-__device__ __forceinline__ void fence_async_proxy() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void fence_operands(uint32_t (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
 
 }  // namespace
 
@@ -115,7 +75,7 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
   }
   for (int kt = 0; kt < tiles; ++kt) {
     cute::cp_async_wait<T::STAGES - 3>();  // tile kt has landed (this thread's chunks)
-    fence_async_proxy();                    // ... and is visible to wgmma's async proxy
+    qc::sm90::fence_async_proxy();          // ... and is visible to wgmma's async proxy
     __syncthreads();                        // ... for every thread's chunks
     if (kt + T::STAGES - 2 < tiles) load(kt + T::STAGES - 2);
     cute::cp_async_fence();
@@ -123,35 +83,18 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
     const int s = kt % T::STAGES;
     const char* sa = sa0 + s * T::A_STAGE + wg * 64 * T::BK;
     const char* sb = sb0 + s * B_STAGE;
-    fence_operands(acc);
+    qc::sm90::fence_operands(acc);
     cute::warpgroup_arrive();
-#pragma unroll
-    for (int ks = 0; ks < T::BK / 32; ++ks)
-      wgmma(desc_sw128(sa + ks * 32), desc_sw128(sb + ks * 32), acc,
-            std::make_index_sequence<kAcc>{});
+    qc::sm90::wgmma_k128<T::BN>(sa, sb, acc);
     cute::warpgroup_commit_batch();
     cute::warpgroup_wait<1>();  // the batch of tile kt-1 is done: its stage may be refilled
-    fence_operands(acc);
+    qc::sm90::fence_operands(acc);
   }
   cute::warpgroup_wait<0>();
-  fence_operands(acc);
+  qc::sm90::fence_operands(acc);
   cute::cp_async_wait<0>();
 
-  const qc::EpiW8A8 epi{s_x, s_w};
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int m = m0 + wg * 64 + warp * 16 + g + 8 * h;
-    if (m >= M) continue;
-    const qc::EpiW8A8::Row row = epi.row(m);
-#pragma unroll
-    for (int j = 0; j < T::BN / 8; ++j) {
-      const int n = n0 + 8 * j + 2 * t;
-      if (n < N)
-        qc::finish_pair(epi, row, bias, C, N, m, n, (int)acc[4 * j + 2 * h],
-                        (int)acc[4 * j + 2 * h + 1]);
-    }
-  }
+  qc::sm90::store<T::BN>(qc::EpiW8A8{s_x, s_w}, acc, bias, C, M, N, m0, n0, wg, warp, lane);
 #else
   __trap();  // built for an architecture without wgmma: the runtime never selects it there
 #endif

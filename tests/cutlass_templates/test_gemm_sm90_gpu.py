@@ -21,10 +21,11 @@ def wgmma_kernels():
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("wgmma needs an sm_90 GPU")
     out = {}
-    for cfg in (WGMMA, WGMMA_WIDE):
-        fn = CudaModule(build_kernel("w8a8_sm90", cfg, "sm90").path).function(cfg.name("w8a8_sm90"))
-        fn.set_max_dynamic_smem(cfg.smem_bytes("w8a8_sm90"))
-        out[cfg] = fn
+    for kind in ("w8a8_sm90", "w4a8_sm90"):
+        for cfg in (WGMMA, WGMMA_WIDE):
+            fn = CudaModule(build_kernel(kind, cfg, "sm90").path).function(cfg.name(kind))
+            fn.set_max_dynamic_smem(cfg.smem_bytes(kind))
+            out[kind, cfg] = fn
     return out
 
 
@@ -37,7 +38,9 @@ def test_wgmma_w8a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):
     want = kernels._run("w8a8", (sm80, kernels._TABLE.kernels[sm80.name("w8a8")]), head[0],
                         head[1], (*packed, bias), n, packed[0].shape[1])
     assert _sqnr_db(ref.gemm_w8a8_ref(*head, *packed, bias, n, torch.float16), want) > 60
-    for cfg, fn in wgmma_kernels.items():
+    for (kind, cfg), fn in wgmma_kernels.items():
+        if kind != "w8a8_sm90":
+            continue
         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
         got = kernels._run("w8a8_sm90", (cfg, fn), head[0], head[1], (*packed, bias), n,
                            packed[0].shape[1], out=out)
@@ -55,3 +58,25 @@ def test_w8a8_op_dispatches_to_wgmma_on_sm90(kernels, wgmma_kernels):  # noqa: F
     after = sum(v for name, v in kernels.STATS.launches.items() if "w8a8_sm90" in name)
     assert after == before + 1
     assert _sqnr_db(ref.gemm_w8a8_ref(*head, *packed, bias, n, torch.float16), got) > 60
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 4096), (77, 1536, 576), (128, 4096, 4096),
+                                   (300, 192, 4096), (1000, 11008, 14336), (4096, 4096, 4096)])
+def test_wgmma_w4a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):  # noqa: F811
+    """The per-channel W4A8 wgmma template unpacks the compute-aware nibble tiles into s8 rows
+    in shared memory; exact int32 sums and the shared epilogue: bit for bit the sm80 kernel."""
+    from qcompile.compiler.config import W4A8
+    from qcompile.cutlass_templates.configs import select_config
+    head, packed, bias, _ = _operands(W4A8, m, n, k, seed=m + n + 1)
+    sm80 = select_config("w4a8", m, n, k)
+    kp = packed[0].shape[1] * 32
+    want = kernels._run("w4a8", (sm80, kernels._TABLE.kernels[sm80.name("w4a8")]), head[0],
+                        head[1], (head[2], *packed, bias), n, kp)
+    assert _sqnr_db(ref.gemm_w4a8_ref(*head, *packed, bias, n, torch.float16), want) > 60
+    for (kind, cfg), fn in wgmma_kernels.items():
+        if kind != "w4a8_sm90":
+            continue
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        got = kernels._run(kind, (cfg, fn), head[0], head[1], (head[2], *packed, bias), n, kp,
+                           out=out)
+        assert torch.equal(got, want), (cfg, (got.float() - want.float()).abs().max())
