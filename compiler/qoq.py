@@ -19,7 +19,9 @@ through the float model after the earlier steps (rotated, smoothed, reordered, u
 through the already-quantized earlier layers as in the paper's sequential mode. It costs one
 K x K GEMM per linear input per batch in that pass plus the GPTQ loop itself: on SmolLM2-135M
 (32 x 512 calibration tokens, one CPU thread) the pass takes 88 s instead of 54 s and GPTQ 17 s
-for its 120 linears; the whole w4a8 compile with every step goes from 167 s to 218 s.
+for its 120 linears; the whole w4a8 compile with every step goes from 167 s to 218 s. The
+default `qcompile smollm2 --quantizer qoq` (gptq included, OMP_NUM_THREADS=1, 2-core machine
+shared at load ~2) measured 251 s (manifest), 276 s wall with loading and kernel build.
 """
 from __future__ import annotations
 
