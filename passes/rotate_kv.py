@@ -11,13 +11,15 @@ the cache stores rotated keys.
 Why: keys have a few large channels, fixed per head and layer (both members of a RoPE pair),
 and the int4 cache quantizes each (token, head) over the head dim, so those channels set the
 step for all D. H spreads every channel over all of them (QuaRot's online key rotation; QServe
-only smooths keys offline with SmoothAttention). SmolLM2-135M, fp16 weights, 24 x 512 pydoc
-tokens: perplexity 14.20 with a float cache, 16.57 with int4, 15.17 with int4 and this pass
-(keys alone in int4: 16.38 -> 15.07; values alone cost 14.20 -> 14.30, and rotating them as
-well measured 15.17 too, so only keys are rotated). It must be online: RoPE, a position-
-dependent rotation, lies between k_proj and the cache and does not commute with H, so unlike
-the values' rotation (QoQ's `rotate` step folds one into v_proj / o_proj) it cannot go into
-the weights.
+only smooths keys offline with SmoothAttention). SmolLM2-135M, 24 x 512 pydoc tokens, float32,
+perplexity with a float cache / int4 / int4 and this pass: fp16 weights 14.20 / 16.57 / 15.17,
+W8A8 14.64 / 17.03 / 15.74, W4A8 g64 QoQ with GPTQ 15.04 / 17.38 / 16.53. Keys carry the
+loss (fp16 weights, keys alone in int4: 16.38 -> 15.07 rotated; values alone: 14.30), and
+rotating the values as well measured 15.17 again, so only keys are rotated. With the rotation,
+SmoothAttention stops paying: the g64 recipe without it measured 16.26 at KV4. It must be
+online: RoPE, a position-dependent rotation, lies between k_proj and the cache and does not
+commute with H, so unlike the values' rotation (QoQ's `rotate` step folds one into v_proj /
+o_proj) it cannot go into the weights.
 
 Why explicit matmul nodes rather than a rotation inside the kv ops: the encode and attention
 ops keep their signatures and the int4 record its meaning, so a fused KV4 paged-attention
