@@ -361,6 +361,10 @@ TARGET_ROWS: dict[str, dict[str, tuple]] = {
                  (2048, 0, None, "w8a8_sm90", WGMMA_WIDE),
                  (513, 0, 8192, "w8a8_sm90", WGMMA),
                  (513, 0, None, "w8a8_sm90", WGMMA_WIDE)),
+        # W4A8 per channel: the wgmma template wins only for long K (down: 1.13-1.19x our
+        # mma.sync kernel at M >= 1024, bench/results/gemm-h100-2026-11-21h-wgmma-w4.md);
+        # with K = 4096 its unpack and per-tile barriers (one CTA per SM) lose 5-20%.
+        "w4a8": ((513, 8192, None, "w4a8_sm90", WGMMA_WIDE),),
     },
 }
 

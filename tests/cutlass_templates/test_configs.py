@@ -268,7 +268,9 @@ def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
     assert select_kernel("w8a8", 1024, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
     assert select_kernel("w8a8", 1024, 28672, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
     assert select_kernel("w8a8", 512, 6144, 4096, "sm90")[0] == "w8a8"   # M <= 512: mma.sync
-    assert select_kernel("w4a8", 4096, 4096, 4096, "sm90")[0] == "w4a8"  # no W4 wgmma yet
+    assert select_kernel("w4a8", 4096, 4096, 4096, "sm90")[0] == "w4a8"  # short K: mma.sync
+    assert select_kernel("w4a8", 4096, 4096, 14336, "sm90") == ("w4a8_sm90", WGMMA_WIDE)
+    assert select_kernel("w4a8_g128", 4096, 4096, 14336, "sm90")[0] == "w4a8_g128"
     sm90 = kernels_for("w8a8", 4096, 4096, "sm90")
     assert ("w8a8_sm90", WGMMA) in sm90 and ("w8a8_sm90", WGMMA_WIDE) in sm90
     assert kernels_for("w8a8", 4096, 4096, "sm80") == [("w8a8", c) for c in configs_for("w8a8", 4096, 4096)]
