@@ -315,13 +315,13 @@ def build_wgmma(kind: str, cfg, min_m: int = 256):
             raise Skip("wgmma needs sm_90")
         if x.shape[0] < min_m:
             raise Skip(f"M < {min_m}")
-        from qcompile.compiler.config import W4A8, W8A8
+        from qcompile.compiler.config import W4A8, W4A8_G128, W8A8
         from qcompile.cutlass_templates.build import build_kernel
         from qcompile.passes.swap_gemm import GEMM_FORMATS
         from qcompile.runtime import gemm_kernels
         from qcompile.runtime.launcher import CudaModule
         from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
-        scheme = W8A8 if kind == "w8a8_sm90" else W4A8
+        scheme = {"w8a8_sm90": W8A8, "w4a8_sm90": W4A8, "w4a8_g128_sm90": W4A8_G128}[kind]
 
         def load():
             fn = CudaModule(build_kernel(kind, cfg, "sm90").path).function(cfg.name(kind))
@@ -339,10 +339,11 @@ def build_wgmma(kind: str, cfg, min_m: int = 256):
         op = lambda *a: gemm_kernels._run(kind, (cfg, fn), a[0], a[1],  # noqa: E731
                                           (*a[2:], None), ctx.n, kp)
         args = (*head, *w)
+        extra = fmt.extra(scheme)
         idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], 32)).round().long().unique()
         got = op(*args)[idx.cuda()].float().cpu()
         want = GEMM_OPS[scheme](*(t.cpu()[idx] for t in head), *cpu.values(), None, ctx.n,
-                                torch.float16).float()
+                                *extra, torch.float16).float()
         err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         status = "ok" if err <= REL_TOL else "FAIL"
         return Case(op, args, sum(t.nbytes for t in w), f"rel err {err:.1e}; wgmma", status)
@@ -490,6 +491,7 @@ def main(argv=None) -> None:
     for kind in ("w4a8_sm90", "w8a8_sm90"):
         for suffix, cfg in (("", WGMMA), ("256", WGMMA_WIDE)):
             impls[f"ours-{kind[:4]}-wgmma{suffix}"] = build_wgmma(kind, cfg)
+    impls["ours-w4a8-g128-wgmma256"] = build_wgmma("w4a8_g128_sm90", WGMMA_WIDE)
     impls.update(zip(PEERS, (build_fp16, build_int8, build_fp8, build_tinygemm)))
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20

@@ -247,6 +247,30 @@ struct EpiW4A8 {
   }
 };
 
+// The W4A8 progressive-group epilogue: the MMA ran on w8 = (q - z2) * s2, so C = s_x * s1 * acc.
+struct EpiW4A8Group {
+  const float* s_x;
+  const float* s1;
+  struct Row {
+    float sx;
+  };
+  __device__ __forceinline__ Row row(int m) const { return {__ldg(s_x + m)}; }
+  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
+    return __fmul_rn(__fmul_rn(r.sx, __ldg(s1 + n)), __int2float_rn(acc));
+  }
+};
+
+// Group dequant constant: for the stored negzs byte (low 8 bits of nz) = (-(z2*s2)) mod 256,
+// 0x80808080 - z2*s2 * 0x01010101, so that (q4 * s2 + it) ^ 0x80808080 is the four s8 weights
+// (q - z2) * s2 of a 32-bit register of codes, exactly (w4a8_sm80.cu W4Operand::convert).
+// (In asm so that nvcc cannot split the constant back out of it into a VIADD per register.)
+__device__ __forceinline__ uint32_t group_zero_word(uint32_t nz) {
+  const uint32_t zs = (0u - nz) & 0xFFu;  // z2 * s2, 0..240
+  uint32_t out;
+  asm("mad.lo.u32 %0, %1, 0xFEFEFEFF, 0x80808080;" : "=r"(out) : "r"(zs));  // -0x01010101
+  return out;
+}
+
 template <class Epi>
 __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::Row& row,
                                             const __half* bias, __half* C, int N, int m, int n,

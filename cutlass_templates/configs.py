@@ -57,6 +57,8 @@ MAX_CLUSTER = 8  # portable thread-block cluster size
 SM90_KINDS: dict[str, tuple[str, int | None]] = {
     "w8a8_sm90": ("w8a8_sm90.cu", None),
     "w4a8_sm90": ("w4a8_sm90.cu", 0),
+    "w4a8_g128_sm90": ("w4a8_sm90.cu", 128),
+    "w4a8_g64_sm90": ("w4a8_sm90.cu", 64),
 }
 ALL_KINDS = {**KINDS, **SM90_KINDS}
 
@@ -160,11 +162,11 @@ class TileConfig:
             b = self.bn * self.bk
         else:
             b = self.bn * self.bk // 2
-            if kind in SM90_KINDS:  # + the double-buffered unpacked s8 operand (w4a8_sm90.cu)
-                return self.stages * (a + b) + 2 * self.bn * self.bk
             if group:
                 rows = self.bk // group if self.bk > group else 1
                 b += _round_up(2 * rows * self.bn, 128)  # s2 and negzs rows of the stage
+            if kind in SM90_KINDS:  # + the double-buffered unpacked s8 operand (w4a8_sm90.cu)
+                return self.stages * (a + b) + 2 * self.bn * self.bk
         return self.stages * (a + b)
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:

@@ -167,12 +167,8 @@ struct W4Operand : W4Buffers {
   // digit d + 128 into the two's-complement byte of d.  zero_word(nz, j) is that constant for
   // n8 tile j from the stored negzs byte (-(z2*s2)) mod 256; zero-filled stages (s2 = nz = 0)
   // give d = 0.  (The emulated __vadd4 it replaces cost four instructions per register.)
-  // (In asm so that nvcc cannot split the constant back out of it into a VIADD per register.)
   __device__ __forceinline__ static uint32_t zero_word(uint32_t nz, int j) {
-    const uint32_t zs = (0u - (nz >> (8 * j))) & 0xFFu;  // z2 * s2, 0..240
-    uint32_t out;
-    asm("mad.lo.u32 %0, %1, 0xFEFEFEFF, 0x80808080;" : "=r"(out) : "r"(zs));  // -0x01010101
-    return out;
+    return qc::group_zero_word(nz >> (8 * j));
   }
 
   template <class R>
@@ -202,19 +198,6 @@ struct W4Operand : W4Buffers {
   }
 };
 
-#if QC_GROUP != 0
-struct EpiW4A8Group {
-  const float* s_x;
-  const float* s1;
-  struct Row {
-    float sx;
-  };
-  __device__ __forceinline__ Row row(int m) const { return {__ldg(s_x + m)}; }
-  __device__ __forceinline__ float apply(const Row& r, int n, int acc) const {
-    return __fmul_rn(__fmul_rn(r.sx, __ldg(s1 + n)), __int2float_rn(acc));
-  }
-};
-#endif
 
 }  // namespace
 
@@ -257,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, G);
   qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, s2, negzs, np, kp}},
-                   EpiW4A8Group{s_x, s1}, bias, C, workspace, flags);
+                   qc::EpiW4A8Group{s_x, s1}, bias, C, workspace, flags);
 }
 
 #if QC_SPLITK > 1
@@ -268,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(qc::kReduceThreads)
                                const __half* __restrict__ bias, __half* __restrict__ C,
                                int32_t* __restrict__ workspace, uint32_t* __restrict__ flags,
                                int M, int N, int K) {
-  qc::splitk_reduce<T::SPLITK>(workspace, M, N, EpiW4A8Group{s_x, s1}, bias, C);
+  qc::splitk_reduce<T::SPLITK>(workspace, M, N, qc::EpiW4A8Group{s_x, s1}, bias, C);
 }
 #endif
 

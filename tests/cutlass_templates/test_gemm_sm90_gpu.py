@@ -21,7 +21,7 @@ def wgmma_kernels():
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("wgmma needs an sm_90 GPU")
     out = {}
-    for kind in ("w8a8_sm90", "w4a8_sm90"):
+    for kind in ("w8a8_sm90", "w4a8_sm90", "w4a8_g128_sm90"):
         for cfg in (WGMMA, WGMMA_WIDE):
             fn = CudaModule(build_kernel(kind, cfg, "sm90").path).function(cfg.name(kind))
             fn.set_max_dynamic_smem(cfg.smem_bytes(kind))
@@ -79,4 +79,27 @@ def test_wgmma_w4a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):
         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
         got = kernels._run(kind, (cfg, fn), head[0], head[1], (head[2], *packed, bias), n, kp,
                            out=out)
+        assert torch.equal(got, want), (cfg, (got.float() - want.float()).abs().max())
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 4096), (77, 1536, 576), (300, 192, 4096),
+                                   (1000, 11008, 14336), (4096, 4096, 4096)])
+def test_wgmma_w4a8_g128_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):  # noqa: F811
+    """Progressive groups: the unpack dequantizes (q - z2) * s2 exactly (one IMAD + XOR per
+    four weights, scales from the stage); bit for bit the sm80 g128 kernel, K = 576 included
+    (a partial group, padded to 640)."""
+    from qcompile.compiler.config import W4A8_G128
+    from qcompile.cutlass_templates.configs import select_config
+    head, packed, bias, extra = _operands(W4A8_G128, m, n, k, seed=m + n + 2)
+    sm80 = select_config("w4a8_g128", m, n, k)
+    kp = packed[0].shape[1] * 32
+    want = kernels._run("w4a8_g128", (sm80, kernels._TABLE.kernels[sm80.name("w4a8_g128")]),
+                        head[0], head[1], (*packed, bias), n, kp)
+    assert _sqnr_db(ref.gemm_w4a8_group_ref(*head, *packed, bias, n, *extra, torch.float16),
+                    want) > 60
+    for (kind, cfg), fn in wgmma_kernels.items():
+        if kind != "w4a8_g128_sm90":
+            continue
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        got = kernels._run(kind, (cfg, fn), head[0], head[1], (*packed, bias), n, kp, out=out)
         assert torch.equal(got, want), (cfg, (got.float() - want.float()).abs().max())
