@@ -80,18 +80,28 @@ __device__ __forceinline__ void load_raw(char* raw, const uint8_t* B, const uint
   }
 }
 
-// With groups: the dequantized register of n8 tile j (byte j of the lane's interleaved s2 /
-// negzs words: n = 32 ti + c + 8 j) from its four codes.
-__device__ __forceinline__ uint32_t dequant(uint32_t q4, const char* raw, int ti, int tj, int c,
-                                            int j) {
+// With groups: the lane's interleaved s2 / negzs words for a unit (byte j serves n8 tile j,
+// n = 32 ti + c + 8 j), one 32-bit load each, and the dequantized register of tile j.
+struct Scales {
+  uint32_t s2, nz;
+};
+
+__device__ __forceinline__ Scales scales(const char* raw, int ti, int tj, int c) {
+  if constexpr (G == 0) {
+    return {0u, 0u};
+  } else {
+    const int off = NIB_STAGE + (tj * 32 / G) * T::BN + ti * 32 + 4 * c;
+    return {*reinterpret_cast<const uint32_t*>(raw + off),
+            *reinterpret_cast<const uint32_t*>(raw + off + kGroupRows * T::BN)};
+  }
+}
+
+__device__ __forceinline__ uint32_t dequant(uint32_t q4, const Scales& sc, int j) {
   if constexpr (G == 0) {
     return q4;
   } else {
-    const int gr = tj * 32 / G;  // group row of this K tile within the stage
-    const int off = NIB_STAGE + gr * T::BN + ti * 32 + 4 * c + j;
-    const uint32_t s = static_cast<uint8_t>(raw[off]);
-    const uint32_t nz = static_cast<uint8_t>(raw[off + kGroupRows * T::BN]);
-    return (q4 * s + qc::group_zero_word(nz)) ^ 0x80808080u;
+    const uint32_t s = (sc.s2 >> (8 * j)) & 0xFFu;
+    return (q4 * s + qc::group_zero_word(sc.nz >> (8 * j))) ^ 0x80808080u;
   }
 }
 
@@ -103,15 +113,16 @@ __device__ __forceinline__ void unpack(const char* raw, char* s8, int tid) {
     const int c = lane >> 2, f = lane & 3, ti = t / kKT, tj = t % kKT;
     const int n_base = ti * 32 + c, k_base = tj * 32 + 4 * f;
     const uint4 v = *reinterpret_cast<const uint4*>(raw + u * 16);
+    const Scales sc = scales(raw, ti, tj, c);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int a = j >> 1, r = j & 1;
       const int n = n_base + 8 * a, k = k_base + 16 * r;
       *reinterpret_cast<uint32_t*>(s8 + qc::swz(n * T::BK + k)) =
-          dequant(w[j] & 0x0F0F0F0Fu, raw, ti, tj, c, a);
+          dequant(w[j] & 0x0F0F0F0Fu, sc, a);
       *reinterpret_cast<uint32_t*>(s8 + qc::swz((n + 16) * T::BK + k)) =
-          dequant((w[j] >> 4) & 0x0F0F0F0Fu, raw, ti, tj, c, a + 2);
+          dequant((w[j] >> 4) & 0x0F0F0F0Fu, sc, a + 2);
     }
   }
 }
