@@ -367,6 +367,9 @@ TARGET_ROWS: dict[str, dict[str, tuple]] = {
         # mma.sync kernel at M >= 1024, bench/results/gemm-h100-2026-11-21h-wgmma-w4.md);
         # with K = 4096 its unpack and per-tile barriers (one CTA per SM) lose 5-20%.
         "w4a8": ((513, 8192, None, "w4a8_sm90", WGMMA_WIDE),),
+        # (the group kinds' wgmma template, w4a8_g*_sm90, is bitwise right but only at parity
+        # on down and 15% slower on gate_up: its CTA-wide unpack with the dequant is the
+        # bottleneck, gemm-h100-2026-11-21j-wgmma-g128.md; not selected)
     },
 }
 
