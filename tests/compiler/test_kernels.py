@@ -35,6 +35,17 @@ def test_graph_gemm_shapes_and_requests(ckpt, precision, kind):
     for k, n, kk in want:  # every M the runtime may see is served by a shipped kernel
         for m in (1, 7, 16, 100, 4096):
             assert select_config(k, m, n, kk).name(k) in names
+    # an sm90 artifact also ships what the target's own rows select (wgmma), and still every
+    # portable kernel (the runtime falls back to them)
+    from qcompile.cutlass_templates.configs import select_kernel
+    sm90 = {cfg.name(k) for k, cfg in kernel_requests(want, "sm90")}
+    assert names <= sm90
+    for k, n, kk in want:
+        for m in (1, 7, 16, 100, 600, 4096):
+            kkind, c = select_kernel(k, m, n, kk, "sm90")
+            assert c.name(kkind) in sm90
+    if kind == "w8a8":
+        assert any("_sm90_" in name for name in sm90)
 
 
 def test_weight_only_graph_needs_no_kernels(ckpt):
