@@ -1,6 +1,6 @@
 """The nvcc driver and kernel cache: template + tile config + target -> a loadable binary.
 
-Each template in this folder (`KINDS` in `configs.py`: kind -> (template file, group)) is
+Each template in this folder (`ALL_KINDS` in `configs.py`: kind -> (template file, group)) is
 compiled with `config.defines(kind)` into one binary holding the `extern "C"` entry
 `config.name(kind)` (split-K configs also `config.name(kind) + "_reduce"`, `config.entries`).
 
