@@ -69,14 +69,17 @@ class CompileConfig:
     max_seq_len: int = _opt("longest sequence (prompt + generation) the artifact serves; "
                             "0 takes the model's max_position_embeddings", default=0)
     quantizer: str = _opt("rtn: round-to-nearest weights; qoq: QServe's QoQ (rotation, "
-                          "SmoothAttention, smoothing, channel reordering, clipping) on "
+                          "smoothing, channel reordering, clipping; SmoothAttention as an "
+                          "option) on "
                           "calibration text, then GPTQ's rounding on the grid clipping chose "
                           "(round-to-nearest without the qoq step gptq)", ("rtn", "qoq"),
                           default="rtn")
     qoq_steps: str = _opt("comma-separated QoQ steps to apply (a subset, for ablations; they "
                           "always run in the order " + ",".join(QOQ_STEPS) + "; smoothquant "
-                          "is the W8A8 SmoothQuant baseline)",
-                          default="rotate,smooth_attention,smooth,reorder,clip,gptq")
+                          "is the W8A8 SmoothQuant baseline; smooth_attention is left out "
+                          "by default: with --kv int4's key rotation it raises perplexity, "
+                          "see bench/accuracy.py)",
+                          default="rotate,smooth,reorder,clip,gptq")
     calib_samples: int = _opt("calibration sequences", default=32)
     calib_seq_len: int = _opt("tokens per calibration sequence", default=512)
     calib_text: str | None = _opt("calibration text file (default: pydoc topics after the "

@@ -6,6 +6,9 @@ gate/up inputs into the RMSNorm gains (`smoothquant`, the W8A8 baseline, not in 
 steps), smoothing of the o_proj / down_proj inputs (alpha searched per layer), channel
 reordering (group schemes), clipping (ratio searched per layer), and GPTQ (codes chosen with
 error feedback on the grid clipping defined).
+The default steps (`CompileConfig.qoq_steps`) leave SmoothAttention out: since `--kv int4`
+rotates keys and queries per head by a Hadamard matrix, it raises KV4 perplexity on SmolLM2
+(w4a8 16.81 -> 17.18, g128 16.75 -> 17.16, g64 16.26 -> 16.53 when added; bench/accuracy.py).
 Statistics come from calibration text run through the float graph, recollected after the
 steps that change what a later step measures. Every step keeps the float model's outputs
 (but clipping and GPTQ, which are part of the rounding). The compiler then quantizes the
