@@ -271,14 +271,15 @@ def build_tinygemm(ctx: ShapeCtx, x: torch.Tensor, group: int = 128) -> Case:
                 (x.bfloat16(), wp, sz), wp.nbytes + sz.nbytes, f"bf16, g{group}")
 
 
-def check_rows(op, dev_args: tuple, cpu_args: tuple, n_act: int, rows: int = 32) -> float:
-    """Relative error of op on the device against op on CPU (the reference), on up to `rows`
-    rows of M: the first n_act args are [M, ...] activations, and rows are independent
-    (per-token scales). A non-finite output gives inf."""
+def check_rows(op, dev_args: tuple, cpu_args: tuple, n_act: int, rows: int = 32,
+               ref_op=None) -> float:
+    """Relative error of op on the device against ref_op (default: op) on CPU (the reference),
+    on up to `rows` rows of M: the first n_act args are [M, ...] activations, and rows are
+    independent (per-token scales). A non-finite output gives inf."""
     m = dev_args[0].shape[0]
     idx = torch.linspace(0, m - 1, min(m, rows)).round().long().unique()
     y = op(*dev_args)[idx.to(dev_args[0].device)].float().cpu()
-    ref = op(*(a[idx] for a in cpu_args[:n_act]), *cpu_args[n_act:]).float()
+    ref = (ref_op or op)(*(a[idx] for a in cpu_args[:n_act]), *cpu_args[n_act:]).float()
     if not torch.isfinite(y).all():
         return math.inf
     return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -339,12 +340,9 @@ def build_wgmma(kind: str, cfg, min_m: int = 256):
         op = lambda *a: gemm_kernels._run(kind, (cfg, fn), a[0], a[1],  # noqa: E731
                                           (*a[2:], None), ctx.n, kp)
         args = (*head, *w)
-        extra = fmt.extra(scheme)
-        idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], 32)).round().long().unique()
-        got = op(*args)[idx.cuda()].float().cpu()
-        want = GEMM_OPS[scheme](*(t.cpu()[idx] for t in head), *cpu.values(), None, ctx.n,
-                                *extra, torch.float16).float()
-        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        cpu_args = (*(t.cpu() for t in head), *cpu.values(), None, ctx.n, *fmt.extra(scheme),
+                    torch.float16)
+        err = check_rows(op, args, cpu_args, len(head), ref_op=GEMM_OPS[scheme])
         status = "ok" if err <= REL_TOL else "FAIL"
         return Case(op, args, sum(t.nbytes for t in w), f"rel err {err:.1e}; wgmma", status)
     return build

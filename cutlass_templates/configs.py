@@ -27,15 +27,17 @@ slice); the fixup stays selectable for the sweep and for GPUs where launches cos
 cluster reduction, bitwise right, measured slower than the separate one everywhere on the H100
 (decode +0.5-1.5 us, e.g. o M=1 8.9 vs 7.8 us; 1.5-3x at M >= 64): a cluster's CTAs must be
 co-scheduled on one GPC and the acquire barrier invalidates L1, which costs more than a
-graph-launched reduction kernel; it is kept for the sweep and for wgmma-era tiles. Both modes live in the same
-binary, so ``reduce`` is a launch choice, not part of the kernel: it is left out of the name and
-of equality (a config and its other-mode twin build one binary).
+graph-launched reduction kernel; it is kept for the sweep and for wgmma-era tiles. All modes
+live in the same binary, so ``reduce`` is a launch choice, not part of the kernel: it is left out
+of the name and of equality (a config and its other-mode twins build one binary).
 
 Selection (:func:`select_config`) is a lookup in :data:`SELECTION`: the first row whose M
 bucket holds ``m``, whose ``k_min`` is <= ``k``, whose ``n_max`` (if any) is >= ``n``, whose
 ``kinds`` (if any) hold the kind and whose config fits the kind and ``k`` (BK and group size
 divide one another; split-K only when every slice gets K tiles, each slice a whole number of
-groups).  Every M bucket ends with an unconditional split-free row, so a row always fits.  This module is pure Python (no torch, no CUDA): the compiler imports it on any host.
+groups).  Every M bucket ends with an unconditional split-free row, so a row always fits.
+:func:`select_kernel` first tries the target's own rows (:data:`TARGET_ROWS`: wgmma on sm90).
+This module is pure Python (no torch, no CUDA): the compiler imports it on any host.
 """
 from __future__ import annotations
 
@@ -374,13 +376,20 @@ TARGET_ROWS: dict[str, dict[str, tuple]] = {
 }
 
 
+def _target_rows(kind: str, n: int, k: int, target: str):
+    """(m_min, kernel kind, config) of the target's rows for `kind` that fit this (n, k)."""
+    for m_min, k_min, n_max, kkind, cfg in TARGET_ROWS.get(target, {}).get(kind, ()):
+        if k >= k_min and (n_max is None or n <= n_max) and cfg.fits(kkind, k):
+            yield m_min, kkind, cfg
+
+
 def select_kernel(kind: str, m: int, n: int, k: int,
                   target: str = "sm80") -> tuple[str, TileConfig]:
     """(kernel kind, config) for an (m, n, k) GEMM of `kind` on `target`: a target-specific
     template where TARGET_ROWS has one (e.g. wgmma on sm90), else `kind` and select_config."""
     _check_shape(kind, m, n, k)
-    for m_min, k_min, n_max, kkind, cfg in TARGET_ROWS.get(target, {}).get(kind, ()):
-        if m >= m_min and k >= k_min and (n_max is None or n <= n_max) and cfg.fits(kkind, k):
+    for m_min, kkind, cfg in _target_rows(kind, n, k, target):
+        if m >= m_min:
             return kkind, cfg
     return kind, select_config(kind, m, n, k)
 
@@ -389,9 +398,7 @@ def kernels_for(kind: str, n: int, k: int, target: str = "sm80") -> list[tuple[s
     """Every (kernel kind, config) select_kernel can return for this (n, k, target), any M:
     what an artifact for `target` must ship."""
     out = [(kind, cfg) for cfg in configs_for(kind, n, k)]
-    for m_min, k_min, n_max, kkind, cfg in TARGET_ROWS.get(target, {}).get(kind, ()):
-        if k >= k_min and (n_max is None or n <= n_max) and cfg.fits(kkind, k):
-            out.append((kkind, cfg))
+    out += [(kkind, cfg) for _, kkind, cfg in _target_rows(kind, n, k, target)]
     return list(dict.fromkeys(out))
 
 

@@ -11,7 +11,7 @@
 //   entry (A, s_x, xsum, B, s_w, zs_w, bias, C, workspace, flags, M, N, K)
 // QC_GROUP == 64 / 128, progressive group (layout w4a8_g{G}_sm80, Kp = K up to G):
 //   w8 = (q - z2) * s2 = q * s2 + negzs, subtraction after multiplication, for the four k of
-//   a register in one IMAD and one XOR (W4Operand::zero_word: exact, since every w8 fits
+//   a register in one IMAD and one XOR (qc::group_zero_word: exact, since every w8 fits
 //   int8); acc = sum_k A w8;
 //   C = fp16( (s_x * s1) * acc (+ bias) )                                [gemm_w4a8_group]
 //   entry (A, s_x, B, s1, s2, negzs, bias, C, workspace, flags, M, N, K)
@@ -164,12 +164,9 @@ struct W4Operand : W4Buffers {
   // LOP3, exact (no per-byte add): with d_i = q_i*s2 - z2*s2 in [-127, 127] (the packer checks
   // it), q*s2 + (0x80808080 - z2*s2 * 0x01010101) = sum_i (d_i + 128) * 256^i has every
   // digit in [0, 255], so no byte carries into the next, and XOR 0x80 turns each offset
-  // digit d + 128 into the two's-complement byte of d.  zero_word(nz, j) is that constant for
-  // n8 tile j from the stored negzs byte (-(z2*s2)) mod 256; zero-filled stages (s2 = nz = 0)
-  // give d = 0.  (The emulated __vadd4 it replaces cost four instructions per register.)
-  __device__ __forceinline__ static uint32_t zero_word(uint32_t nz, int j) {
-    return qc::group_zero_word(nz >> (8 * j));
-  }
+  // digit d + 128 into the two's-complement byte of d.  qc::group_zero_word(nz >> 8j) is
+  // that constant for n8 tile j from the stored negzs byte (-(z2*s2)) mod 256; zero-filled
+  // stages (s2 = nz = 0) give d = 0.  (The emulated __vadd4 it replaces cost four instructions per register.)
 
   template <class R>
   __device__ __forceinline__ void convert(const R& raw, uint32_t (&b)[T::NT][2]) const {
@@ -189,8 +186,10 @@ struct W4Operand : W4Buffers {
             // byte j of the s2 / negzs words belongs to n8 tile j
             const uint32_t s_lo = (raw.s2[q] >> (8 * a)) & 0xFFu;
             const uint32_t s_hi = (raw.s2[q] >> (8 * (a + 2))) & 0xFFu;
-            b[4 * q + a][r] = (lo * s_lo + zero_word(raw.nz[q], a)) ^ 0x80808080u;
-            b[4 * q + a + 2][r] = (hi * s_hi + zero_word(raw.nz[q], a + 2)) ^ 0x80808080u;
+            const uint32_t z_lo = qc::group_zero_word(raw.nz[q] >> (8 * a));
+            const uint32_t z_hi = qc::group_zero_word(raw.nz[q] >> (8 * (a + 2)));
+            b[4 * q + a][r] = (lo * s_lo + z_lo) ^ 0x80808080u;
+            b[4 * q + a + 2][r] = (hi * s_hi + z_hi) ^ 0x80808080u;
           }
         }
       }
