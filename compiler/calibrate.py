@@ -3,8 +3,9 @@
 An fx.Interpreter walks the canonical (float, canonicalized) graph and records, for every
 linear, its input's per-channel absmax and a subsample of input rows (for smoothing-alpha and
 clipping searches), and for every layer the keys after RoPE (the first argument of
-`kv_encode`) per channel. Statistics are keyed by the linear's canonical weight name
-(`layers.3.wqkv`, ..., `lm_head`/`embed` for the head).
+`kv_encode`) per channel: their absmax (SmoothAttention) and their sum over every calibration
+token (the key centering of `--kv int4`, `CalibStats.key_mean`). Statistics are keyed by the
+linear's canonical weight name (`layers.3.wqkv`, ..., `lm_head`/`embed` for the head).
 
 On request (`hessian=True`, for GPTQ) it also sums X^T X over ALL calibration tokens of every
 linear's input X [T, K]: K^2 float64 per linear (SmolLM2-135M: 0.8 GB for 30 layers), so it is
@@ -32,6 +33,8 @@ class CalibStats:
     absmax: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> [K] max |x|
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S, K] rows of x
     key_absmax: list[torch.Tensor] = field(default_factory=list)    # layer -> [Hkv * D] max |k|
+    key_sum: list[torch.Tensor] = field(default_factory=list)       # layer -> [Hkv * D] f64 sum k
+    key_tokens: int = 0                                             # tokens summed in key_sum
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)      # name -> [K, K] f64 X^T X
     tokens: dict[str, int] = field(default_factory=dict)            # name -> rows summed in xtx
 
@@ -41,6 +44,14 @@ class CalibStats:
         if name not in self.xtx:
             raise KeyError(f"no Hessian for {name}: calibrate(..., hessian=True) collects them")
         return self.xtx[name] * (2.0 / self.tokens[name])
+
+    @property
+    def key_mean(self) -> torch.Tensor:
+        """Mean key after RoPE over every calibration token, [L, Hkv * D] float32 (layers in
+        the graph's order of kv_encode ops)."""
+        if not self.key_sum:
+            raise ValueError("no keys recorded: the calibrated graph has no kv_encode_fp16 op")
+        return (torch.stack(self.key_sum) / self.key_tokens).float()
 
 
 def calibration_sequences(tokenizer, num_samples: int, seq_len: int,
@@ -64,10 +75,10 @@ def canonical_name(module_path: str) -> str:
 
 class _Recorder(fx.Interpreter):
     def __init__(self, gm, names: dict[str, str], stats: CalibStats, rows: int, gen,
-                 hessian: bool):
+                 hessian: bool, linears: bool):
         super().__init__(gm)
         self.names, self.stats, self.rows, self.gen = names, stats, rows, gen
-        self.hessian = hessian
+        self.hessian, self.linears = hessian, linears
         self.layer = 0
 
     def run_node(self, n):
@@ -75,16 +86,27 @@ class _Recorder(fx.Interpreter):
         if n.target is torch.ops.aten.linear.default and n.args[1].name in self.names:
             self._linear(self.names[n.args[1].name], self.env[n.args[0]])
         elif n.target is KV_ENCODE_OPS["fp16"]:
-            k = self.env[n.args[0]].float()
-            k = k.reshape(k.shape[0], -1).abs().amax(0)
-            if len(self.stats.key_absmax) <= self.layer:
-                self.stats.key_absmax.append(k)
-            else:
-                self.stats.key_absmax[self.layer] = torch.maximum(self.stats.key_absmax[self.layer], k)
-            self.layer += 1
+            self._keys(self.env[n.args[0]])
         return out
 
+    def _keys(self, k: torch.Tensor) -> None:
+        """k [T, Hkv, D] of layer self.layer (the encodes run in layer order)."""
+        k = k.reshape(k.shape[0], -1).float()
+        amax, total = k.abs().amax(0).cpu(), k.double().sum(0).cpu()
+        st, i = self.stats, self.layer
+        if len(st.key_absmax) <= i:
+            st.key_absmax.append(amax)
+            st.key_sum.append(total)
+        else:
+            st.key_absmax[i] = torch.maximum(st.key_absmax[i], amax)
+            st.key_sum[i] += total
+        if i == 0:
+            st.key_tokens += k.shape[0]
+        self.layer += 1
+
     def _linear(self, name: str, x: torch.Tensor) -> None:
+        if not self.linears:
+            return
         x = x.reshape(-1, x.shape[-1]).float()
         amax = x.abs().amax(0)
         prev = self.stats.absmax.get(name)
@@ -100,11 +122,11 @@ class _Recorder(fx.Interpreter):
 
 
 def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int = 64,
-              batch: int = 4, seed: int = 0, hessian: bool = False,
+              batch: int = 4, seed: int = 0, hessian: bool = False, linears: bool = True,
               progress: bool = True) -> CalibStats:
     """Statistics of the float graph in `lowering` (canonicalized, before any quantization
     pass) over the calibration sequences, `batch` sequences per forward; with `hessian`, also
-    X^T X of every linear's input (see the module docstring)."""
+    X^T X of every linear's input (see the module docstring); without `linears`, keys only."""
     from .capture import KVSpec  # noqa: F401  (the cache layout the graph reads)
     names = {ph: canonical_name(path) for ph, path in lowering.origin.items()}
     stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
@@ -112,10 +134,41 @@ def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int = 64,
     device = weights[0].device
     for i in tqdm(range(0, len(sequences), batch), desc="calibrate", unit="batch",
                   disable=not progress):
-        rec = _Recorder(lowering.gm, names, stats, rows_per_batch, gen, hessian)
+        rec = _Recorder(lowering.gm, names, stats, rows_per_batch, gen, hessian, linears)
         with torch.no_grad():
             rec.run(*weights, *_prefill_inputs(lowering, sequences[i:i + batch], device))
     return stats
+
+
+class FloatGraph:
+    """One float32 capture of the decoder, canonicalized; its weights are swapped for each
+    calibration (the QoQ steps calibrate the model as they transform it)."""
+
+    def __init__(self, cfg, weights: dict[str, torch.Tensor], device="cpu"):
+        from qcompile.models.decoder import Decoder
+        from qcompile.passes.base import Lowering, run_pass
+        from qcompile.passes.canonicalize import canonicalize
+
+        from .capture import KVSpec, capture
+        dec = Decoder(cfg, weights, torch.float32).to(device)
+        self.low = Lowering.from_exported(capture(dec, KVSpec.of(cfg, "fp16", 16, torch.float32)))
+        run_pass(canonicalize, self.low)
+
+    def stats(self, weights: dict[str, torch.Tensor], seqs, progress: bool,
+              hessian: bool = False, linears: bool = True) -> CalibStats:
+        for ph, path in self.low.origin.items():
+            name = canonical_name(path)
+            if name in weights:
+                self.low.weights[ph] = weights[name].to(self.low.weights[ph])
+        return calibrate(self.low, seqs, hessian=hessian, linears=linears, progress=progress)
+
+
+def key_mean(cfg, weights: dict[str, torch.Tensor], seqs, progress: bool = True
+             ) -> torch.Tensor:
+    """[L, Hkv * D] mean post-RoPE key of the float model with these (canonical) weights over
+    the calibration sequences: one forward of the float graph, keys only."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return FloatGraph(cfg, weights, device).stats(weights, seqs, progress, linears=False).key_mean
 
 
 def _prefill_inputs(lowering, seqs: list[list[int]], device) -> tuple:

@@ -46,10 +46,16 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         raise ValueError(f"{ckpt.source} has no tokenizer files; the artifact needs one to serve "
                          "text (add tokenizer.json / tokenizer_config.json next to the weights)")
     mcfg = ckpt.config
-    weights, quantized, qoq_report = ckpt.weights, {}, None
+    weights, quantized, key_mean, qoq_report = ckpt.weights, {}, None, None
     if cfg.quantizer == "qoq":
         from .qoq import apply_qoq
-        weights, quantized, qoq_report = apply_qoq(ckpt, cfg, progress)
+        weights, quantized, key_mean, qoq_report = apply_qoq(ckpt, cfg, progress)
+    if cfg.centers_keys and key_mean is None:  # QoQ's calibration did not measure them
+        from .calibrate import calibration_sequences
+        from .calibrate import key_mean as measure_key_mean
+        seqs = calibration_sequences(ckpt.tokenizer, cfg.calib_samples, cfg.calib_seq_len,
+                                     cfg.calib_text)
+        key_mean = measure_key_mean(mcfg, weights, seqs, progress)
     bar = tqdm(total=4, desc="qcompile", disable=not progress, unit="step")
 
     bar.set_postfix_str("torch.export")
@@ -60,7 +66,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     bar.update()
 
     bar.set_postfix_str("passes")
-    results = run_pipeline(lowering, cfg, quantized)  # GPTQ's codes packed as they are
+    results = run_pipeline(lowering, cfg, quantized, key_mean)  # GPTQ's codes packed as is
     bar.update()
 
     bar.set_postfix_str("export lowered program")
@@ -87,7 +93,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
             "target": cfg.target,
             "max_seq_len": cfg.max_seq_len or mcfg.max_position_embeddings,
             "kv": {"format": kv.fmt, "num_layers": kv.num_layers, "block_size": kv.block_size,
-                   "record_bytes": kv.record_bytes},
+                   "record_bytes": kv.record_bytes, "key_centering": cfg.centers_keys},
             "program": {"weights": list(lowering.weights), "inputs": list(INPUT_NAMES),
                         "outputs": list(OUTPUT_NAMES)},
             "kernels": [k["name"] for k in kernels],

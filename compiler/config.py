@@ -63,6 +63,11 @@ class CompileConfig:
                             "RoPE (exact in float, spreads key outlier channels before the "
                             "4-bit encoding; passes/rotate_kv.py); none: no rotation",
                             ("hadamard", "none"), default="hadamard")
+    kv_key_centering: str = _opt("int4 KV only: mean subtracts each (layer, kv head)'s mean "
+                                 "post-RoPE key, measured on the calibration text, before the "
+                                 "4-bit encoding (exact in float: q . mu shifts every logit of "
+                                 "a query alike; passes/center_keys.py); none: keys as they are",
+                                 ("mean", "none"), default="mean")
     dtype: str = _opt("activation dtype of the program (float32 for exact CPU checks)",
                       tuple(DTYPES), default="float16")
     kv_block_size: int = _opt("tokens per KV-cache page", default=16)
@@ -94,8 +99,8 @@ class CompileConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; "
-                                 f"got {getattr(self, f.name)!r}")
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of "
+                                 f"{', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.kv_block_size <= 0 or self.kv_block_size & (self.kv_block_size - 1):
             raise ValueError(f"--kv-block-size must be a power of two, got {self.kv_block_size}")
         unknown = set(self.steps) - set(QOQ_STEPS)
@@ -118,6 +123,10 @@ class CompileConfig:
         return tuple(x.strip() for x in self.qoq_steps.split(",") if x.strip())
 
     @property
+    def centers_keys(self) -> bool:
+        return self.kv != "fp16" and self.kv_key_centering == "mean"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
@@ -130,4 +139,5 @@ class CompileConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown compile options in artifact: {sorted(unknown)}")
-        return cls(**{"kv_rotation": "none", **d})  # artifacts older than the option
+        # artifacts older than an option were compiled without it
+        return cls(**{"kv_rotation": "none", "kv_key_centering": "none", **d})

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import torch
+
 from qcompile.passes.base import Lowering, PassResult, run_pass
 from qcompile.passes.canonicalize import canonicalize
+from qcompile.passes.center_keys import center_keys
 from qcompile.passes.fuse_rmsnorm_quant import fuse_rmsnorm_quant
 from qcompile.passes.fuse_swiglu_quant import fuse_swiglu_quant
 from qcompile.passes.rewrite_attention import rewrite_attention
@@ -16,15 +19,21 @@ from qcompile.passes.swap_gemm import swap_gemm
 from .config import CompileConfig
 
 
-def build_pipeline(cfg: CompileConfig, quantized: dict | None = None
-                   ) -> list[Callable[[Lowering], int]]:
+def build_pipeline(cfg: CompileConfig, quantized: dict | None = None,
+                   key_mean: torch.Tensor | None = None) -> list[Callable[[Lowering], int]]:
     """quantized: integer weights chosen before the passes (GPTQ), by canonical weight name;
-    swap_gemm packs them instead of rounding those linears itself."""
+    swap_gemm packs them instead of rounding those linears itself. key_mean [L, Hkv * D]: the
+    calibrated mean post-RoPE key, needed when cfg centers keys (`--kv-key-centering mean`)."""
     if quantized and cfg.scheme is None:
         raise ValueError(f"integer weights given for a float --precision {cfg.precision}")
+    if cfg.centers_keys and key_mean is None:
+        raise ValueError("--kv-key-centering mean needs the calibrated key means (key_mean); "
+                         "compile_checkpoint measures them")
     steps: list[Callable[[Lowering], int]] = [canonicalize]
     if cfg.kv != "fp16":
         steps.append(_named(rewrite_attention, fmt=cfg.kv))
+        if cfg.centers_keys:  # before the rotation: it rotates the centered keys
+            steps.append(_named(center_keys, key_mean=key_mean))
         if cfg.kv_rotation == "hadamard":
             steps.append(rotate_kv)
     if cfg.scheme is not None:
@@ -40,6 +49,6 @@ def _named(fn, **kwargs):
     return bound
 
 
-def run_pipeline(lowering: Lowering, cfg: CompileConfig,
-                 quantized: dict | None = None) -> list[PassResult]:
-    return [run_pass(step, lowering) for step in build_pipeline(cfg, quantized)]
+def run_pipeline(lowering: Lowering, cfg: CompileConfig, quantized: dict | None = None,
+                 key_mean: torch.Tensor | None = None) -> list[PassResult]:
+    return [run_pass(step, lowering) for step in build_pipeline(cfg, quantized, key_mean)]

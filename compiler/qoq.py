@@ -34,37 +34,19 @@ import time
 
 import torch
 
-from qcompile.models.decoder import Decoder
-from qcompile.passes.base import Lowering, run_pass
-from qcompile.passes.canonicalize import canonicalize
-
-from .calibrate import calibrate, calibration_sequences, canonical_name
-from .capture import KVSpec, capture
+from .calibrate import FloatGraph, calibration_sequences
 from .config import CompileConfig
 
 
-class _FloatGraph:
-    """One float32 capture of the decoder; its weights are swapped for each calibration."""
-
-    def __init__(self, cfg, weights, device):
-        dec = Decoder(cfg, weights, torch.float32).to(device)
-        self.low = Lowering.from_exported(capture(dec, KVSpec.of(cfg, "fp16", 16, torch.float32)))
-        run_pass(canonicalize, self.low)
-
-    def stats(self, weights, seqs, progress, hessian=False):
-        for ph, path in self.low.origin.items():
-            name = canonical_name(path)
-            if name in weights:
-                self.low.weights[ph] = weights[name].to(self.low.weights[ph])
-        return calibrate(self.low, seqs, hessian=hessian, progress=progress)
-
-
-def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, dict, dict]:
-    """(weights, quantized, report): transformed float32 weights (canonical names, head
-    untied; the GPTQ-rounded linears hold their dequantized values), the integer weights
+def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
+              ) -> tuple[dict, dict, torch.Tensor | None, dict]:
+    """(weights, quantized, key_mean, report): transformed float32 weights (canonical names,
+    head untied; the GPTQ-rounded linears hold their dequantized values), the integer weights
     GPTQ chose ({canonical name: W4Weights | ...}; empty without the `gptq` step), which the
-    compiler must pack as they are, and a report of the choices made, for the manifest and
-    the ablation table."""
+    compiler must pack as they are, the mean post-RoPE key [L, Hkv * D] of the transformed
+    float model when a calibration after the last step that changes keys (SmoothAttention)
+    measured it (else None: `--kv int4`'s key centering calibrates on its own), and a report
+    of the choices made, for the manifest and the ablation table."""
     from .clip import clip_weights
     from .gptq import gptq_weights
     from .reorder import reorder_channels
@@ -76,7 +58,7 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = calibration_sequences(ckpt.tokenizer, ccfg.calib_samples, ccfg.calib_seq_len,
                                  ccfg.calib_text)
-    graph, report = _FloatGraph(cfg, w, device), {"steps": list(steps)}
+    graph, report, keys = FloatGraph(cfg, w, device), {"steps": list(steps)}, None
     if "rotate" in steps:
         w = rotate(cfg, w)
     if {"smooth_attention", "smoothquant", "smooth"} & set(steps):
@@ -84,17 +66,21 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
         st = graph.stats(w, seqs, progress)
         if "smooth_attention" in steps:
             w = smooth_attention(cfg, w, st.key_absmax)
+        else:  # the other steps keep every key (rotate, smoothing: exact in float)
+            keys = st.key_mean
         if "smoothquant" in steps:
             w, report["smoothquant_alpha"] = smooth_norm_inputs(cfg, w, st, scheme)
         if "smooth" in steps:
             w, report["smooth_alpha"] = smooth_linear(cfg, w, st, scheme)
     if "reorder" in steps and scheme.group_size:
-        w, perms = reorder_channels(cfg, w, graph.stats(w, seqs, progress), scheme)
+        st = graph.stats(w, seqs, progress)
+        keys = st.key_mean
+        w, perms = reorder_channels(cfg, w, st, scheme)
         report["reordered"] = sorted(perms)  # the others' order lost on calibration error
     quantized, gptq = {}, "gptq" in steps
     if "clip" in steps or gptq:
         st = graph.stats(w, seqs, progress, hessian=gptq)
-        clipped = w
+        keys, clipped = st.key_mean, w
         if "clip" in steps:
             clipped, report["clip_ratio"] = clip_weights(cfg, w, st, scheme)
         if gptq:  # the unclipped weights are the target; the clipped ones define the grid
@@ -104,7 +90,7 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True) -> tuple[dict, d
         w = clipped
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return ({k: v.cpu() for k, v in w.items()},
-            {k: _to_cpu(q) for k, q in quantized.items()}, report)
+            {k: _to_cpu(q) for k, q in quantized.items()}, keys, report)
 
 
 def _to_cpu(qw):

@@ -35,11 +35,13 @@ def test_manifest_lists_every_file_with_its_hash(artifact):
     assert m["compile"] == CFG.to_json() and m["format_version"] == 1
     assert {WEIGHTS, PROGRAM, "kernels/sm80/kernels.json"} <= set(m["files"])
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
-    assert [p["name"] for p in m["passes"]] == ["canonicalize", "rewrite_attention", "rotate_kv",
-                                              "swap_gemm", "fuse_rmsnorm_quant",
-                                              "fuse_swiglu_quant"]
-    assert m["passes"][2]["matches"] == 2 and m["passes"][3]["matches"] == 8
-    assert "kv_rotation" in m["program"]["weights"]  # the key rotation travels as a weight
+    assert [p["name"] for p in m["passes"]] == ["canonicalize", "rewrite_attention",
+                                              "center_keys", "rotate_kv", "swap_gemm",
+                                              "fuse_rmsnorm_quant", "fuse_swiglu_quant"]
+    assert [p["matches"] for p in m["passes"][2:5]] == [2, 2, 8]
+    # the key means and rotation travel as weights
+    assert {"kv_key_mean", "kv_rotation"} <= set(m["program"]["weights"])
+    assert m["kv"]["key_centering"] is True
 
 
 def test_program_holds_graph_only(artifact):
@@ -65,7 +67,8 @@ def test_preemption_keeps_every_request(artifact):
     prompts = [f"{i} def f(x): return x + {i}" * 3 for i in range(4)]
     alone = [Engine.load(artifact).generate([p], max_new_tokens=40)[0].token_ids for p in prompts]
     engine = Engine.load(artifact)
-    small = Engine.load(artifact, kv_cache_bytes=engine.cache.bytes_per_block(engine.cache.spec) * 17)
+    block = engine.cache.bytes_per_block(engine.cache.spec)
+    small = Engine.load(artifact, kv_cache_bytes=block * 17)
     together = small.generate(prompts, max_new_tokens=40)
     assert [c.token_ids for c in together] == alone
     assert sum(r.preemptions for r in small.scheduler.waiting) == 0  # queue drained
@@ -85,15 +88,15 @@ def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, 
     assert (out / "keep.txt").read_text() == "previous artifact"
 
 
-def test_artifact_older_than_kv_rotation_loads(make_tiny_checkpoint, tmp_path):
-    """A manifest written before the kv_rotation option (no such key, no rotation in the
-    program) reads as kv_rotation none and serves as it did."""
-    cfg = dataclasses.replace(CFG, kv_rotation="none")
+def test_artifact_older_than_kv_options_loads(make_tiny_checkpoint, tmp_path):
+    """A manifest written before the kv_rotation and kv_key_centering options (no such keys,
+    no rotation or key means in the program) reads as both none and serves as it did."""
+    cfg = dataclasses.replace(CFG, kv_rotation="none", kv_key_centering="none")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     want = Engine.load(art).generate(["import os"], max_new_tokens=6)[0].token_ids
     m = json.loads((art / MANIFEST).read_text())
-    assert "kv_rotation" not in m["program"]["weights"]
-    del m["compile"]["kv_rotation"]
+    assert not {"kv_rotation", "kv_key_mean"} & set(m["program"]["weights"])
+    del m["compile"]["kv_rotation"], m["compile"]["kv_key_centering"], m["kv"]["key_centering"]
     (art / MANIFEST).write_text(json.dumps(m))
     engine = Engine.load(art)
     assert engine.artifact.compile == cfg
@@ -141,7 +144,8 @@ def test_program_with_pickled_payload_is_refused(copy):
 def test_artifact_for_another_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100")
-    with pytest.raises(ArtifactError, match="built for sm80 but this GPU is NVIDIA H100.*--target sm90"):
+    with pytest.raises(ArtifactError,
+                       match="built for sm80 but this GPU is NVIDIA H100.*--target sm90"):
         check_target("sm80", torch.device("cuda"))
     check_target("sm90", torch.device("cuda"))
     check_target("sm80", torch.device("cpu"))  # the reference path serves any target

@@ -15,7 +15,8 @@ from qcompile.passes.canonicalize import canonicalize
 def test_stats_match_a_direct_forward(make_tiny_checkpoint):
     ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
     cfg, w = ckpt.config, ckpt.weights
-    low = Lowering.from_exported(capture(Decoder(cfg, w), KVSpec.of(cfg, "fp16", 16, torch.float32)))
+    spec = KVSpec.of(cfg, "fp16", 16, torch.float32)
+    low = Lowering.from_exported(capture(Decoder(cfg, w), spec))
     run_pass(canonicalize, low)
     seqs = [list(range(5, 45)), list(range(50, 70))]
     stats = calibrate(low, seqs, batch=2, rows_per_batch=1000, progress=False)
@@ -29,6 +30,8 @@ def test_stats_match_a_direct_forward(make_tiny_checkpoint):
     cos, sin = cos_sin(pos, inv_freq(cfg), torch.float32)
     k = apply_rope(k.reshape(60, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     assert torch.allclose(stats.key_absmax[0], k.reshape(60, -1).abs().amax(0), rtol=1e-5)
+    assert stats.key_tokens == 60 and stats.key_mean.shape == (cfg.num_layers, cfg.kv_size)
+    assert torch.allclose(stats.key_mean[0], k.reshape(60, -1).mean(0), atol=1e-5)
     assert len(stats.key_absmax) == cfg.num_layers
     assert {f"layers.{i}.{n}" for i in range(cfg.num_layers)
             for n in ("wqkv", "wo", "w_gate_up", "w_down")} <= set(stats.absmax)

@@ -13,7 +13,8 @@ def test_cli_flags_mirror_config_fields():
     for f in dataclasses.fields(CompileConfig):
         assert f.name in flags
     args = parser.parse_args(["m.gguf", "--precision", "w8a8", "--kv", "fp16", "--target", "sm90"])
-    cfg = CompileConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompileConfig)})
+    cfg = CompileConfig(**{f.name: getattr(args, f.name)
+                           for f in dataclasses.fields(CompileConfig)})
     assert (cfg.precision, cfg.kv, cfg.target) == ("w8a8", "fp16", "sm90")
     assert set(PRECISIONS) >= {"fp16", "w8a8", "w4a8", "w4a8-g128"}
 
@@ -31,6 +32,21 @@ def test_kv_rotation_option():
     assert build_parser().parse_args(["m.gguf", "--kv-rotation", "none"]).kv_rotation == "none"
     old = {k: v for k, v in CompileConfig().to_json().items() if k != "kv_rotation"}
     assert CompileConfig.from_json(old).kv_rotation == "none"
+
+
+def test_kv_key_centering_option():
+    """On by default for --kv int4 (a no-op for fp16 KV), off with --kv-key-centering none;
+    manifests older than the option had none; the pipeline refuses to center without means."""
+    from qcompile.compiler.pipeline import build_pipeline
+    assert build_parser().parse_args(["m.gguf"]).kv_key_centering == "mean"
+    args = build_parser().parse_args(["m.gguf", "--kv-key-centering", "none"])
+    assert args.kv_key_centering == "none"
+    assert CompileConfig(kv="int4").centers_keys and not CompileConfig(kv="fp16").centers_keys
+    assert not CompileConfig(kv="int4", kv_key_centering="none").centers_keys
+    old = {k: v for k, v in CompileConfig().to_json().items() if k != "kv_key_centering"}
+    assert CompileConfig.from_json(old).kv_key_centering == "none"
+    with pytest.raises(ValueError, match="key_mean"):
+        build_pipeline(CompileConfig(kv="int4"))
 
 
 @pytest.mark.parametrize("bad,match", [

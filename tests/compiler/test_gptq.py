@@ -262,8 +262,9 @@ def test_qoq_with_gptq_compiles_packs_exactly_and_serves(make_tiny_checkpoint, t
                         calib_seq_len=64, kernels="skip")
     src = make_tiny_checkpoint("llama", tie=True)
     ck = load_checkpoint(src)
-    weights, quantized, report = apply_qoq(ck, cfg, progress=False)
+    weights, quantized, key_mean, report = apply_qoq(ck, cfg, progress=False)
     n = ck.config.num_layers
+    assert key_mean.shape == (n, ck.config.kv_size)  # from clip's calibration: no second one
     assert set(quantized) == {f"layers.{i}.{lin}" for i in range(n)
                               for lin in ("wqkv", "wo", "w_gate_up", "w_down")}
     for name, qw in quantized.items():  # the float weights are what the codes stand for
