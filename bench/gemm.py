@@ -309,7 +309,7 @@ def build_ours(scheme, probe: Callable):
 
 
 def build_wgmma(kind: str, cfg, min_m: int = 256):
-    """A Hopper wgmma template (w8a8_sm90 / w4a8_sm90) with tile `cfg`, launched directly,
+    """A Hopper wgmma template (w8a8_sm90 / w4a8*_rs_sm90) with tile `cfg`, launched directly,
     whatever the selection table says; built on first use (sm_90 only; M < min_m skipped)."""
     def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
         if torch.cuda.get_device_capability() < (9, 0):
@@ -322,7 +322,7 @@ def build_wgmma(kind: str, cfg, min_m: int = 256):
         from qcompile.runtime import gemm_kernels
         from qcompile.runtime.launcher import CudaModule
         from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
-        scheme = {"w8a8_sm90": W8A8, "w4a8_sm90": W4A8, "w4a8_g128_sm90": W4A8_G128}[kind]
+        scheme = {"w8a8_sm90": W8A8, "w4a8_rs_sm90": W4A8, "w4a8_g128_rs_sm90": W4A8_G128}[kind]
 
         def load():
             fn = CudaModule(build_kernel(kind, cfg, "sm90").path).function(cfg.name(kind))
@@ -485,11 +485,14 @@ def main(argv=None) -> None:
     from qcompile.compiler.config import W4A8, W4A8_G128, W8A8
     probe = enable_kernels()
     impls = {f"ours-{s.name}": build_ours(s, probe) for s in (W4A8, W4A8_G128, W8A8)}
-    from qcompile.cutlass_templates.configs import WGMMA, WGMMA_WIDE
-    for kind in ("w4a8_sm90", "w8a8_sm90"):
-        for suffix, cfg in (("", WGMMA), ("256", WGMMA_WIDE)):
-            impls[f"ours-{kind[:4]}-wgmma{suffix}"] = build_wgmma(kind, cfg)
-    impls["ours-w4a8-g128-wgmma256"] = build_wgmma("w4a8_g128_sm90", WGMMA_WIDE)
+    # the Hopper templates launched directly at every M (the selection uses them from M = 513;
+    # sm_90 only): wgmma W8A8, and W4A8 with the weights in wgmma's register A operand
+    from qcompile.cutlass_templates.configs import WGMMA, WGMMA_RS, WGMMA_RS_1WG, WGMMA_WIDE
+    for suffix, cfg in (("", WGMMA), ("256", WGMMA_WIDE)):
+        impls[f"ours-w8a8-wgmma{suffix}"] = build_wgmma("w8a8_sm90", cfg)
+    for suffix, cfg in (("", WGMMA_RS), ("-1wg", WGMMA_RS_1WG)):
+        impls[f"ours-w4a8-rs{suffix}"] = build_wgmma("w4a8_rs_sm90", cfg)
+    impls["ours-w4a8-g128-rs"] = build_wgmma("w4a8_g128_rs_sm90", WGMMA_RS)
     impls.update(zip(PEERS, (build_fp16, build_int8, build_fp8, build_tinygemm)))
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20

@@ -227,7 +227,7 @@ struct EpiW8A8 {
   }
 };
 
-// The W4A8 per-channel epilogue (w4a8_sm80.cu, w4a8_sm90.cu): the codes q in 0..15 went into
+// The W4A8 per-channel epilogue (w4a8_sm80.cu, w4a8_rs_sm90.cu): the codes q in 0..15 went into
 // the MMA unshifted, so C = (s_x * s_w) * acc - zs_w * (s_x * sum_k x_q) (zs_w = z * s_w).
 struct EpiW4A8 {
   const float* s_x;

@@ -54,14 +54,19 @@ KINDS: dict[str, tuple[str, int | None]] = {
 REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
 REDUCE_MODES = ("separate", "fixup", "cluster")
 MAX_CLUSTER = 8  # portable thread-block cluster size
-# Hopper-only templates (wgmma; built for an sm90 target, not in the selection table yet: bench
-# and tests launch them directly). Same arguments as their sm80 kind.
+# Hopper-only templates (wgmma, sm_90a; built for an sm90 target, chosen by TARGET_ROWS). Same
+# arguments as their sm80 kind.
 SM90_KINDS: dict[str, tuple[str, int | None]] = {
     "w8a8_sm90": ("w8a8_sm90.cu", None),
-    "w4a8_sm90": ("w4a8_sm90.cu", 0),
-    "w4a8_g128_sm90": ("w4a8_sm90.cu", 128),
-    "w4a8_g64_sm90": ("w4a8_sm90.cu", 64),
+    # weights unpacked into wgmma's register A operand, the problem transposed (C^T = W X^T):
+    # bm = tokens (wgmma N), bn = weight rows, one warpgroup per 128 (w4a8_rs_sm90.cu). It
+    # replaced a template that unpacked the weights into a shared s8 operand (slower at every
+    # M, bound by shared memory: bench/results/gemm-h100-2026-11-21{h,j}, -22a).
+    "w4a8_rs_sm90": ("w4a8_rs_sm90.cu", 0),
+    "w4a8_g128_rs_sm90": ("w4a8_rs_sm90.cu", 128),
+    "w4a8_g64_rs_sm90": ("w4a8_rs_sm90.cu", 64),
 }
+RS_KINDS = tuple(k for k in SM90_KINDS if k.endswith("_rs_sm90"))
 ALL_KINDS = {**KINDS, **SM90_KINDS}
 
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
@@ -167,8 +172,6 @@ class TileConfig:
             if group:
                 rows = self.bk // group if self.bk > group else 1
                 b += _round_up(2 * rows * self.bn, 128)  # s2 and negzs rows of the stage
-            if kind in SM90_KINDS:  # + the double-buffered unpacked s8 operand (w4a8_sm90.cu)
-                return self.stages * (a + b) + 2 * self.bn * self.bk
         return self.stages * (a + b)
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
@@ -208,9 +211,14 @@ class TileConfig:
         group = _kind(kind)[1]
         if group and self.bk % group and group % self.bk:
             return False
-        if kind in SM90_KINDS and not (self.bk == 128 and self.warps_n == 1 and self.split_k == 1
-                                       and self.warps_m * 16 == self.bm and self.bm % 64 == 0
-                                       and self.bn <= 256):
+        if kind in RS_KINDS:
+            if not (self.bk == 128 and self.warps_m == 1 and self.warps_n * 32 == self.bn
+                    and self.bn % 128 == 0 and self.bm % 16 == 0 and self.bm <= 256
+                    and self.split_k == 1 and self.stages >= 3):
+                return False  # one warpgroup per 128 weight rows, wgmma N = bm tokens
+        elif kind in SM90_KINDS and not (self.bk == 128 and self.warps_n == 1
+                                         and self.split_k == 1 and self.bn <= 256
+                                         and self.warps_m * 16 == self.bm and self.bm % 64 == 0):
             return False  # one warpgroup per 64 rows, 128-byte swizzled rows (w8a8_sm90.cu)
         if self.smem_bytes(kind) > MAX_SMEM_BYTES:
             return False
@@ -277,6 +285,10 @@ BIG4 = TileConfig(128, 128, 128, 2, 2, 4)
 # wgmma tiles of the sm90 kinds: two warpgroups of 64 x BN, 128-byte K rows.
 WGMMA = TileConfig(128, 128, 128, 8, 1, 5)
 WGMMA_WIDE = TileConfig(128, 256, 128, 8, 1, 4)
+# register-A wgmma tiles (RS_KINDS): bm tokens x bn weight rows, one warpgroup per 128 rows
+WGMMA_RS = TileConfig(128, 256, 128, 1, 8, 4)
+WGMMA_RS_1WG = TileConfig(128, 128, 128, 1, 4, 4)
+WGMMA_RS_64 = TileConfig(64, 256, 128, 1, 8, 6)
 # Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
@@ -345,42 +357,57 @@ def select_config(kind: str, m: int, n: int, k: int) -> TileConfig:
     """The tile config for an (m, n, k) GEMM of this kind (pure table lookup)."""
     _check_shape(kind, m, n, k)
     if kind not in KINDS:
-        raise ValueError(f"{kind} is not selectable yet (no rows in SELECTION): launch it with "
-                         "an explicit config (WGMMA, WGMMA_WIDE)")
+        raise ValueError(f"{kind} has no rows in SELECTION: select_kernel(base kind, ..., "
+                         "target) picks it where TARGET_ROWS does, or launch it with an explicit "
+                         "config (WGMMA, WGMMA_RS, ...)")
     for row in SELECTION:
         if row.matches(kind, m, n, k):
             return row.config
     raise ValueError(f"no tile config fits {kind} m={m} n={n} k={k}")  # table is broken
 
 
-# Target-specific rows, tried before SELECTION: base kind -> (m_min, k_min, n_max, kernel
-# kind, config). sm90: the wgmma W8A8 template from M = 513 (H100,
-# bench/results/gemm-h100-2026-11-21g.md: up to 1.4x cuBLAS int8 and 1.5x our mma.sync kernel
-# at M >= 1024; at M = 256 it is not faster): 128 x 256 tiles, except 128 x 128 where N <= 8192
-# and M < 2048 (a 256-wide tile leaves under two waves of CTAs there: qkv M=1024 69.8 vs 82.5
-# us; o within 3%).
-TARGET_ROWS: dict[str, dict[str, tuple]] = {
+@dataclass(frozen=True)
+class TargetRow:
+    """A target-specific rule, tried before SELECTION: M >= m_min, K >= k_min, n_min <= N <=
+    n_max (None: any) -> the kernel kind `kernel` (a template of that target) with `config`."""
+    m_min: int
+    kernel: str
+    config: TileConfig
+    k_min: int = 0
+    n_min: int = 0
+    n_max: int | None = None
+
+    def fits(self, n: int, k: int) -> bool:
+        return (k >= self.k_min and n >= self.n_min and (self.n_max is None or n <= self.n_max)
+                and self.config.fits(self.kernel, k))
+
+
+# sm90, measured on an H100 (bench/results/gemm-h100-*):
+# * W8A8: the wgmma template from M = 513 (gemm-h100-2026-11-21g: up to 1.4x cuBLAS int8 and
+#   1.5x our mma.sync kernel at M >= 1024; at M = 256 it is not faster): 128 x 256 tiles,
+#   except 128 x 128 where N <= 8192 and M < 2048 (a 256-wide tile leaves under two waves of
+#   CTAs there: qkv M=1024 69.8 vs 82.5 us; o within 3%).
+# * W4A8 (per channel and groups): the register-A wgmma template (w4a8_rs_sm90.cu) from M = 513,
+#   and from M = 129 where N is wide (gate_up: CTAs enough): at M >= 1024 1.15-1.3x our
+#   mma.sync kernel per channel and 1.05-1.4x with groups (gemm-h100-2026-11-22a).
+_W4_SM90 = lambda kernel: (TargetRow(513, kernel, WGMMA_RS),  # noqa: E731
+                           TargetRow(129, kernel, WGMMA_RS, n_min=WIDE_N + 1))
+TARGET_ROWS: dict[str, dict[str, tuple[TargetRow, ...]]] = {
     "sm90": {
-        "w8a8": ((513, 8192, None, "w8a8_sm90", WGMMA_WIDE),
-                 (2048, 0, None, "w8a8_sm90", WGMMA_WIDE),
-                 (513, 0, 8192, "w8a8_sm90", WGMMA),
-                 (513, 0, None, "w8a8_sm90", WGMMA_WIDE)),
-        # W4A8 per channel: the wgmma template wins only for long K (down: 1.13-1.19x our
-        # mma.sync kernel at M >= 1024, bench/results/gemm-h100-2026-11-21h-wgmma-w4.md);
-        # with K = 4096 its unpack and per-tile barriers (one CTA per SM) lose 5-20%.
-        "w4a8": ((513, 8192, None, "w4a8_sm90", WGMMA_WIDE),),
-        # (the group kinds' wgmma template, w4a8_g*_sm90, is bitwise right but only at parity
-        # on down and 15% slower on gate_up: its CTA-wide unpack with the dequant is the
-        # bottleneck, gemm-h100-2026-11-21j-wgmma-g128.md; not selected)
+        "w8a8": (TargetRow(513, "w8a8_sm90", WGMMA_WIDE, k_min=8192),
+                 TargetRow(2048, "w8a8_sm90", WGMMA_WIDE),
+                 TargetRow(513, "w8a8_sm90", WGMMA, n_max=8192),
+                 TargetRow(513, "w8a8_sm90", WGMMA_WIDE)),
+        "w4a8": _W4_SM90("w4a8_rs_sm90"),
+        "w4a8_g128": _W4_SM90("w4a8_g128_rs_sm90"),
+        "w4a8_g64": _W4_SM90("w4a8_g64_rs_sm90"),
     },
 }
 
 
 def _target_rows(kind: str, n: int, k: int, target: str):
-    """(m_min, kernel kind, config) of the target's rows for `kind` that fit this (n, k)."""
-    for m_min, k_min, n_max, kkind, cfg in TARGET_ROWS.get(target, {}).get(kind, ()):
-        if k >= k_min and (n_max is None or n <= n_max) and cfg.fits(kkind, k):
-            yield m_min, kkind, cfg
+    """The target's rows for `kind` that fit this (n, k), in order."""
+    return [row for row in TARGET_ROWS.get(target, {}).get(kind, ()) if row.fits(n, k)]
 
 
 def select_kernel(kind: str, m: int, n: int, k: int,
@@ -388,9 +415,9 @@ def select_kernel(kind: str, m: int, n: int, k: int,
     """(kernel kind, config) for an (m, n, k) GEMM of `kind` on `target`: a target-specific
     template where TARGET_ROWS has one (e.g. wgmma on sm90), else `kind` and select_config."""
     _check_shape(kind, m, n, k)
-    for m_min, kkind, cfg in _target_rows(kind, n, k, target):
-        if m >= m_min:
-            return kkind, cfg
+    for row in _target_rows(kind, n, k, target):
+        if m >= row.m_min:
+            return row.kernel, row.config
     return kind, select_config(kind, m, n, k)
 
 
@@ -398,7 +425,7 @@ def kernels_for(kind: str, n: int, k: int, target: str = "sm80") -> list[tuple[s
     """Every (kernel kind, config) select_kernel can return for this (n, k, target), any M:
     what an artifact for `target` must ship."""
     out = [(kind, cfg) for cfg in configs_for(kind, n, k)]
-    out += [(kkind, cfg) for _, kkind, cfg in _target_rows(kind, n, k, target)]
+    out += [(row.kernel, row.config) for row in _target_rows(kind, n, k, target)]
     return list(dict.fromkeys(out))
 
 

@@ -1,4 +1,4 @@
-// Warpgroup-MMA building blocks of the Hopper templates (w8a8_sm90.cu, w4a8_sm90.cu; sm_90a).
+// Warpgroup-MMA building blocks of the Hopper templates (w8a8_sm90.cu, w4a8_rs_sm90.cu; sm_90a).
 //
 // Operands live in shared memory as the sm80 kernels stage A: rows of 128 bytes (BK = 128
 // int8) with the 16-byte chunks XOR-swizzled by the row index mod 8 (qc::swz).  That is
@@ -47,6 +47,27 @@ __device__ __forceinline__ void wgmma_k128(const char* sa, const char* sb, uint3
   for (int ks = 0; ks < 4; ++ks)
     wgmma_impl<BN>(desc_sw128(sa + ks * 32), desc_sw128(sb + ks * 32), acc,
                    std::make_index_sequence<BN / 2>{});
+}
+
+// Register-sourced A (w4a8_rs_sm90.cu): the warpgroup's 64 x 32 A operand comes from
+// registers, warp w % 4 holding rows 16(w%4)..+15 exactly as mma.sync m16n8k32's A fragment
+// (common.cuh; CuTe GMMA::ALayout_64x32); B is BN rows of 128-byte swizzled shared rows.
+template <int BN>
+using MmaRS8 = decltype(cute::SM90::GMMA::rs_op_selector<int8_t, int8_t, int32_t,
+                                                          cute::Shape<cute::_64, cute::Int<BN>,
+                                                                      cute::_32>>());
+
+template <int BN, size_t... I>
+__device__ __forceinline__ void wgmma_rs_impl(const uint32_t (&a)[4], uint64_t db,
+                                              uint32_t (&d)[BN / 2], std::index_sequence<I...>) {
+  MmaRS8<BN>::fma(a[0], a[1], a[2], a[3], db, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
+
+// acc += A (registers, one k32 step) . B[BN rows at sb, k32 at byte sb's chunk]^T.
+template <int BN>
+__device__ __forceinline__ void wgmma_rs_k32(const uint32_t (&a)[4], const char* sb,
+                                             uint32_t (&acc)[BN / 2]) {
+  wgmma_rs_impl<BN>(a, desc_sw128(sb), acc, std::make_index_sequence<BN / 2>{});
 }
 
 // Generic-proxy shared-memory writes (cp.async, st.shared) -> visible to wgmma's async proxy.

@@ -246,21 +246,35 @@ def test_reduce_threads_match_common_cuh():
 
 
 def test_sm90_kinds_name_and_fit_only_wgmma_tiles():
-    from qcompile.cutlass_templates.configs import SM90_KINDS, WGMMA, WGMMA_WIDE
-    assert "w8a8_sm90" in SM90_KINDS and "w8a8_sm90" not in KINDS  # not selectable yet
+    from qcompile.cutlass_templates.configs import (RS_KINDS, SM90_KINDS, WGMMA, WGMMA_RS,
+                                                    WGMMA_RS_1WG, WGMMA_WIDE)
+    assert "w8a8_sm90" in SM90_KINDS and "w8a8_sm90" not in KINDS  # via select_kernel only
     for cfg in (WGMMA, WGMMA_WIDE):
         assert cfg.fits("w8a8_sm90", 4096) and cfg.fits("w8a8_sm90", 576)
         assert parse_name(cfg.name("w8a8_sm90")) == ("w8a8_sm90", cfg)
         assert cfg.template("w8a8_sm90") == "w8a8_sm90.cu"
         assert cfg.smem_bytes("w8a8_sm90") == cfg.stages * (cfg.bm + cfg.bn) * 128
+        assert not cfg.fits("w4a8_rs_sm90", 4096)  # warps along M: not the RS layout
     assert not C.BIG.fits("w8a8_sm90", 4096)            # mma.sync warp layout
     assert not WGMMA.with_split(2).fits("w8a8_sm90", 4096)
-    with pytest.raises(ValueError, match="not selectable|unknown GEMM kind"):
+    with pytest.raises(ValueError, match="no rows in SELECTION|unknown GEMM kind"):
         select_config("w8a8_sm90", 1, 4096, 4096)
+    # register-A W4A8: bm tokens, bn weight rows, one warpgroup (4 warps) per 128 rows
+    assert set(RS_KINDS) == {"w4a8_rs_sm90", "w4a8_g128_rs_sm90", "w4a8_g64_rs_sm90"}
+    for kind in RS_KINDS:
+        for cfg in (WGMMA_RS, WGMMA_RS_1WG):
+            assert cfg.fits(kind, 4096) and cfg.fits(kind, 576)
+            assert cfg.threads() == cfg.bn and cfg.template(kind) == "w4a8_rs_sm90.cu"
+            assert parse_name(cfg.name(kind)) == (kind, cfg)
+        assert not WGMMA_WIDE.fits(kind, 4096) and not WGMMA_RS.with_split(2).fits(kind, 4096)
+    # per stage: the activation rows plus the packed nibbles (plus s2 / negzs rows with groups)
+    assert WGMMA_RS.smem_bytes("w4a8_rs_sm90") == 4 * (128 * 128 + 256 * 64)
+    assert WGMMA_RS.smem_bytes("w4a8_g128_rs_sm90") == 4 * (128 * 128 + 256 * 64 + 512)
+    assert WGMMA_RS.smem_bytes("w4a8_g64_rs_sm90") == 4 * (128 * 128 + 256 * 64 + 1024)
 
 
 def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
-    from qcompile.cutlass_templates.configs import (WGMMA, WGMMA_WIDE, kernels_for,
+    from qcompile.cutlass_templates.configs import (WGMMA, WGMMA_RS, WGMMA_WIDE, kernels_for,
                                                     select_kernel)
     assert select_kernel("w8a8", 4096, 4096, 4096, "sm80") == ("w8a8", select_config("w8a8", 4096, 4096, 4096))
     assert select_kernel("w8a8", 4096, 4096, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
@@ -268,9 +282,16 @@ def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
     assert select_kernel("w8a8", 1024, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
     assert select_kernel("w8a8", 1024, 28672, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
     assert select_kernel("w8a8", 512, 6144, 4096, "sm90")[0] == "w8a8"   # M <= 512: mma.sync
-    assert select_kernel("w4a8", 4096, 4096, 4096, "sm90")[0] == "w4a8"  # short K: mma.sync
-    assert select_kernel("w4a8", 4096, 4096, 14336, "sm90") == ("w4a8_sm90", WGMMA_WIDE)
-    assert select_kernel("w4a8_g128", 4096, 4096, 14336, "sm90")[0] == "w4a8_g128"
+    for base in ("w4a8", "w4a8_g128", "w4a8_g64"):  # register-A wgmma from M = 513
+        rs = (base + "_rs_sm90", WGMMA_RS)
+        assert select_kernel(base, 4096, 4096, 4096, "sm90") == rs
+        assert select_kernel(base, 1024, 4096, 14336, "sm90") == rs
+        assert select_kernel(base, 256, 28672, 4096, "sm90") == rs    # wide N: from M = 129
+        assert select_kernel(base, 256, 4096, 4096, "sm90")[0] == base  # mma.sync
+        assert select_kernel(base, 128, 28672, 4096, "sm90")[0] == base
+        assert select_kernel(base, 4096, 4096, 4096, "sm80")[0] == base
+        assert rs in kernels_for(base, 4096, 4096, "sm90")
+        assert rs not in kernels_for(base, 4096, 4096, "sm80")
     sm90 = kernels_for("w8a8", 4096, 4096, "sm90")
     assert ("w8a8_sm90", WGMMA) in sm90 and ("w8a8_sm90", WGMMA_WIDE) in sm90
     assert kernels_for("w8a8", 4096, 4096, "sm80") == [("w8a8", c) for c in configs_for("w8a8", 4096, 4096)]
