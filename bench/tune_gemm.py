@@ -1,6 +1,7 @@
 """Sweep the GEMM tile configs: for each kind, Llama-3-8B linear shape and M, time every
 candidate config (the table's bases and a few variants, each with split-K 1/2/4/8 where it
-fits, split-K with each reduction the GPU has) and report the fastest, to tune `cutlass_templates/configs.py:SELECTION` from data.
+fits, split-K with each reduction the GPU has; on sm_90 the Hopper templates' tiles too) and
+report the fastest, to tune `cutlass_templates/configs.py` (SELECTION, TARGET_ROWS) from data.
 
     python bench/tune_gemm.py --out DIR     (on the GPU; builds its kernels first)
 
@@ -45,19 +46,41 @@ BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
 
 
 CLUSTERS = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+T = C.TileConfig
+# Hopper templates (sm_90): wgmma W8A8 (warpgroups along M) and register-A W4A8 (bm tokens x
+# bn weight rows, a warpgroup per 128), with deeper / shallower pipelines and one-warpgroup
+# tiles (two or three CTAs per SM) for the mid-M range
+SM90_BASES = {
+    "w8a8_sm90": (C.WGMMA, C.WGMMA_WIDE, T(128, 128, 128, 8, 1, 3), T(64, 128, 128, 4, 1, 4),
+                  T(64, 256, 128, 4, 1, 4)),
+    "rs": (C.WGMMA_RS, T(128, 256, 128, 1, 8, 3), T(128, 256, 128, 1, 8, 5), C.WGMMA_RS_1WG,
+           T(128, 128, 128, 1, 4, 6), T(64, 256, 128, 1, 8, 4), T(64, 128, 128, 1, 4, 4),
+           T(256, 128, 128, 1, 4, 3)),
+}
 
 
-def candidates(kind: str, k: int, m: int) -> list:
+def sm90_kind(kind: str) -> str:
+    return "w8a8_sm90" if kind == "w8a8" else kind + "_rs_sm90"
+
+
+def candidates(kind: str, k: int, m: int) -> list[tuple[str, C.TileConfig]]:
+    """(kernel kind, config) pairs: the mma.sync bases with their splits and reductions, and
+    on sm_90 the Hopper template's tiles."""
     out = []
     for base in BASES:
         for split in (1, 2, 4, 8):
             cfg = base.with_split(split)
             if cfg.fits(kind, k) and (split == 1 or m <= 256) and base.bm <= max(16, 2 * m):
-                out.append(cfg)
+                out.append((kind, cfg))
                 if split > 1:  # every reduction: one binary, a launch choice
                     for mode in ("fixup", "cluster")[:1 + CLUSTERS]:
                         if base.with_split(split, mode).fits(kind, k):
-                            out.append(base.with_split(split, mode))
+                            out.append((kind, base.with_split(split, mode)))
+    if CLUSTERS:
+        kk = sm90_kind(kind)
+        for cfg in SM90_BASES["w8a8_sm90" if kind == "w8a8" else "rs"]:
+            if cfg.fits(kk, k) and cfg.bm <= max(64, 2 * m):
+                out.append((kk, cfg))
     return out
 
 
@@ -75,14 +98,23 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--hopper-only", action="store_true",
+                   help="only the Hopper templates' tiles (and the selected config)")
     args = p.parse_args(argv)
     ms = [int(x) for x in args.m.split(",")]
     kinds = {kd: KINDS[kd] for kd in args.kinds.split(",")}
     shapes = {sh: SHAPES[sh] for sh in args.shapes.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     target = f"sm{torch.cuda.get_device_capability()[0]}0"
-    reqs = {(kind, cfg) for kind in kinds for _, k in shapes.values() for m in ms
-            for cfg in candidates(kind, k, m)}
+    def cands(kind: str, n: int, k: int, m: int) -> list:
+        out = candidates(kind, k, m)
+        if args.hopper_only:
+            sel = C.select_kernel(kind, m, n, k, target)
+            out = [c for c in out if c[0] != kind or c[1].label(kind) == sel[1].label(sel[0])]
+        return out
+
+    reqs = {pair for kind in kinds for n, k in shapes.values() for m in ms
+            for pair in cands(kind, n, k, m)}
     kdir = ROOT / "build" / f"tune_{target}"
     write_kernel_table(build_kernels(sorted(reqs, key=lambda r: r[1].name(r[0])), target), kdir)
     table = gemm_kernels.enable(kdir)
@@ -106,19 +138,19 @@ def main(argv=None) -> None:
                 copies = [operands] + [
                     (*head[2:], *(t.clone() for t in packed), None)
                     for _ in range(bg.n_copies(sum(t.nbytes for t in packed), l2) - 1)]
-                for cfg in candidates(kind, k, m):
-                    kern = table.kernels[cfg.name(kind)]
+                sel_kind, sel = C.select_kernel(kind, m, n, k, target)
+                for kk, cfg in cands(kind, n, k, m):
+                    kern = table.kernels[cfg.name(kk)]
                     kp = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
-                    calls = [functools.partial(gemm_kernels._run, kind, (cfg, kern), xq, sx, ops,
+                    calls = [functools.partial(gemm_kernels._run, kk, (cfg, kern), xq, sx, ops,
                                                n, kp) for ops in copies]
                     ok = bool((calls[0]().float() - want.float()).abs().max() <= 1e-2 *
                               want.float().abs().max() + 1e-3)
                     us, _ = bg.time_calls(calls, args.iters, cyc)
-                    sel = C.select_config(kind, m, n, k)
                     rows.append(dict(kind=kind, shape=shape, N=n, K=k, M=m,
-                                     config=cfg.label(kind), us=round(us, 2),
+                                     config=cfg.label(kk), us=round(us, 2),
                                      tops=round(bg.tops(m, n, k, us), 1), ok=ok,
-                                     selected=sel.label(kind) == cfg.label(kind)))
+                                     selected=sel.label(sel_kind) == cfg.label(kk)))
             _write_csv(rows, args.out / "tune.csv")  # after every shape: a crash keeps data
             print(f"{kind} {shape} done", flush=True)
     lines = ["| kind | shape | M | best config | us | selected config | us | best/selected |",
@@ -126,9 +158,12 @@ def main(argv=None) -> None:
     for key in dict.fromkeys((r["kind"], r["shape"], r["M"]) for r in rows):
         group = [r for r in rows if (r["kind"], r["shape"], r["M"]) == key and r["ok"]]
         best = min(group, key=lambda r: r["us"])
-        sel = next(r for r in rows if (r["kind"], r["shape"], r["M"]) == key and r["selected"])
+        sel = next((r for r in rows if (r["kind"], r["shape"], r["M"]) == key and r["selected"]),
+                   None)
+        tail = (f"{sel['config']} | {sel['us']} | {sel['us'] / best['us']:.2f}x |" if sel else
+                "(not swept) | | |")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {best['config']} | {best['us']} | "
-                     f"{sel['config']} | {sel['us']} | {sel['us'] / best['us']:.2f}x |")
+                     + tail)
     bad = [r for r in rows if not r["ok"]]
     lines.append(f"\n{len(bad)} wrong candidates: {sorted({r['config'] for r in bad})}")
     (args.out / "tune.md").write_text("\n".join(lines) + "\n")

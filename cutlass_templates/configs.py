@@ -61,7 +61,7 @@ SM90_KINDS: dict[str, tuple[str, int | None]] = {
     # weights unpacked into wgmma's register A operand, the problem transposed (C^T = W X^T):
     # bm = tokens (wgmma N), bn = weight rows, one warpgroup per 128 (w4a8_rs_sm90.cu). It
     # replaced a template that unpacked the weights into a shared s8 operand (slower at every
-    # M, bound by shared memory: bench/results/gemm-h100-2026-11-21{h,j}, -22a).
+    # M, bound by shared memory: bench/results/gemm-h100-2026-11-21{h,j,k-rs}).
     "w4a8_rs_sm90": ("w4a8_rs_sm90.cu", 0),
     "w4a8_g128_rs_sm90": ("w4a8_rs_sm90.cu", 128),
     "w4a8_g64_rs_sm90": ("w4a8_rs_sm90.cu", 64),
@@ -286,9 +286,9 @@ BIG4 = TileConfig(128, 128, 128, 2, 2, 4)
 WGMMA = TileConfig(128, 128, 128, 8, 1, 5)
 WGMMA_WIDE = TileConfig(128, 256, 128, 8, 1, 4)
 # register-A wgmma tiles (RS_KINDS): bm tokens x bn weight rows, one warpgroup per 128 rows
-WGMMA_RS = TileConfig(128, 256, 128, 1, 8, 4)
-WGMMA_RS_1WG = TileConfig(128, 128, 128, 1, 4, 4)
-WGMMA_RS_64 = TileConfig(64, 256, 128, 1, 8, 6)
+WGMMA_RS = TileConfig(128, 256, 128, 1, 8, 5)
+WGMMA_RS_1WG = TileConfig(128, 128, 128, 1, 4, 4)   # one warpgroup: two CTAs per SM
+WGMMA_RS_T64 = TileConfig(64, 128, 128, 1, 4, 4)    # 64 tokens: CTAs enough at M ~ 512
 # Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
@@ -382,22 +382,35 @@ class TargetRow:
                 and self.config.fits(self.kernel, k))
 
 
-# sm90, measured on an H100 (bench/results/gemm-h100-*):
-# * W8A8: the wgmma template from M = 513 (gemm-h100-2026-11-21g: up to 1.4x cuBLAS int8 and
-#   1.5x our mma.sync kernel at M >= 1024; at M = 256 it is not faster): 128 x 256 tiles,
-#   except 128 x 128 where N <= 8192 and M < 2048 (a 256-wide tile leaves under two waves of
-#   CTAs there: qkv M=1024 69.8 vs 82.5 us; o within 3%).
-# * W4A8 (per channel and groups): the register-A wgmma template (w4a8_rs_sm90.cu) from M = 513,
-#   and from M = 129 where N is wide (gate_up: CTAs enough): at M >= 1024 1.15-1.3x our
-#   mma.sync kernel per channel and 1.05-1.4x with groups (gemm-h100-2026-11-22a).
-_W4_SM90 = lambda kernel: (TargetRow(513, kernel, WGMMA_RS),  # noqa: E731
-                           TargetRow(129, kernel, WGMMA_RS, n_min=WIDE_N + 1))
+# sm90, from an L2-cold sweep of the Hopper tiles on an H100 (bench/tune_gemm.py --hopper-only,
+# bench/results/tune-h100-2026-11-21k-hopper): each row is the tile within 8% of the sweep's
+# best for every kind of its (M, shape) cells, preferring mma.sync (SELECTION) where it is.
+# * W8A8: the wgmma template (warpgroups along M) from M = 256 where N > 4096 and K < 8192
+#   (qkv, gate_up: 1.05-1.10x mma.sync at M = 256), from M = 513 everywhere (1.2-1.7x at
+#   M = 512); 128 x 256 tiles for long K or wide N from M = 769 and for every shape from 1537,
+#   else 128 x 128 (a 256-wide tile leaves under two waves of CTAs: qkv M=1024 1.17x slower).
+# * W4A8 (per channel and groups): the register-A template (w4a8_rs_sm90.cu, tokens x weight
+#   rows) from M = 257, and from M = 64 where N is wide (gate_up: 1.03-1.45x mma.sync at
+#   M = 64..256). 64 tokens x 128 rows at M ~ 512 and for qkv (N 4097..8192) at M ~ 1024 (CTAs
+#   enough: 1.2-1.56x the 128 x 256 tile there), 128 x 128 for long K at M ~ 512, else
+#   128 x 256 with a 5-stage pipeline.
+_W4_SM90 = lambda kernel: (  # noqa: E731
+    TargetRow(1537, kernel, WGMMA_RS),
+    TargetRow(769, kernel, WGMMA_RS_T64, n_min=4097, n_max=8192),
+    TargetRow(769, kernel, WGMMA_RS),
+    TargetRow(257, kernel, WGMMA_RS_1WG, k_min=8192),
+    TargetRow(257, kernel, WGMMA_RS, n_min=WIDE_N + 1),
+    TargetRow(257, kernel, WGMMA_RS_T64),
+    TargetRow(65, kernel, WGMMA_RS, n_min=WIDE_N + 1),
+    TargetRow(64, kernel, WGMMA_RS_T64, n_min=WIDE_N + 1))
 TARGET_ROWS: dict[str, dict[str, tuple[TargetRow, ...]]] = {
     "sm90": {
-        "w8a8": (TargetRow(513, "w8a8_sm90", WGMMA_WIDE, k_min=8192),
-                 TargetRow(2048, "w8a8_sm90", WGMMA_WIDE),
-                 TargetRow(513, "w8a8_sm90", WGMMA, n_max=8192),
-                 TargetRow(513, "w8a8_sm90", WGMMA_WIDE)),
+        "w8a8": (TargetRow(1537, "w8a8_sm90", WGMMA_WIDE),
+                 TargetRow(769, "w8a8_sm90", WGMMA_WIDE, k_min=8192),
+                 TargetRow(769, "w8a8_sm90", WGMMA, n_max=8192),
+                 TargetRow(769, "w8a8_sm90", WGMMA_WIDE),
+                 TargetRow(513, "w8a8_sm90", WGMMA),
+                 TargetRow(256, "w8a8_sm90", WGMMA, n_min=4097)),
         "w4a8": _W4_SM90("w4a8_rs_sm90"),
         "w4a8_g128": _W4_SM90("w4a8_g128_rs_sm90"),
         "w4a8_g64": _W4_SM90("w4a8_g64_rs_sm90"),

@@ -1,14 +1,15 @@
 // One pipeline stage of 4-bit weights for the Hopper W4A8 template (w4a8_rs_sm90.cu, weights
-// unpacked into wgmma's register A operand): the packed nibble tiles of QServe's compute-aware layout (w4a8_layout.py) for BN
-// weight rows x BK, and with groups the stage's s2 / negzs rows, as cp.async brings them.
+// unpacked into wgmma's register A operand): the packed nibble tiles of QServe's compute-aware
+// layout (w4a8_layout.py) for BN weight rows x BK, and with groups the stage's s2 / negzs rows, as
+// cp.async brings them.
 //
-// Layout of a stage (BYTES): [NIB: BN/32 x BK/32 tiles of 512 bytes, tile t = ti * KT + tj
-// (N tile ti, K tile tj within the stage; 16 bytes per lane L = 4c + f of a tile)][with
-// groups: GROUP_ROWS rows of BN bytes of s2, then GROUP_ROWS rows of negzs]. In a tile, lane
-// L's word w = 2a + r holds in byte i the code of k = 16r + 4f + i, row c + 8a in the low
-// nibble and row c + 8a + 16 in the high one; so the low (high) nibbles of words 0, 2, 1, 3 are
-// mma.sync m16n8k32's A fragment a0..a3 of rows 0..15 (16..31), which is also the register
-// layout of a wgmma A operand's 16-row warp slice.
+// Layout of a stage (BYTES): [NIB: BN/32 x BK/32 tiles of 512 bytes, tile t = ti * KT + tj (N tile
+// ti, K tile tj within the stage; 16 bytes per lane L = 4c + f of a tile)][with groups: GROUP_ROWS
+// rows of BN bytes of s2, then GROUP_ROWS rows of negzs]. In a tile, lane L's word w = 2a + r holds
+// in byte i the code of k = 16r + 4f + i, row c + 8a in the low nibble and row c + 8a + 16 in the
+// high one; so the low (high) nibbles of words 0, 2, 1, 3 are mma.sync m16n8k32's A fragment a0..a3
+// of rows 0..15 (16..31), which is also the register layout of a wgmma A operand's 16-row warp
+// slice.
 #pragma once
 
 #include "common.cuh"

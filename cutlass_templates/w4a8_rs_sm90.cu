@@ -1,41 +1,39 @@
-// W4A8 GEMMs on Hopper tensor cores with the 4-bit weights unpacked straight into wgmma's
-// register A operand (wgmma RS, sm_90a): per channel (QC_GROUP 0) and progressive group
-// (QC_GROUP 64 / 128), the operands, layout and epilogues of w4a8_sm80.cu.
+// W4A8 GEMMs on Hopper tensor cores with the 4-bit weights unpacked straight into wgmma's register
+// A operand (wgmma RS, sm_90a): per channel (QC_GROUP 0) and progressive group (QC_GROUP 64 / 128),
+// the operands, layout and epilogues of w4a8_sm80.cu.
 //
-// Why: wgmma reads B only from shared memory, so a first template (replaced by this one)
-// unpacked each stage's nibbles into a shared s8 copy of the weights that the tensor cores
-// then read back: per 128x256x128 step about 1300 cycles of shared-memory traffic against 1100
-// of MMA, bound by shared memory, and at K = 4096 no faster than mma.sync.  This one measured
-// 1.2-1.5x faster at M >= 1024 (bench/results/gemm-h100-2026-11-22a).  The problem is transposed: the CTA
-// computes C^T = W . X^T, the weights are wgmma's A (M = weight rows) and the activations its B
-// (N = tokens, K-major: X's rows as they are, 128-byte swizzled by qc::RowLoader).  A's
-// register fragment of a warp is mma.sync m16n8k32's A fragment, and one LDS.128 of a lane in
-// a compute-aware 32x32 tile holds exactly two of them (w4_stage_sm90.cuh): the low nibbles
-// are rows 0..15 of the tile, the high nibbles rows 16..31.  So warp w of a warpgroup owns
-// weight tile w (32 rows) and feeds two wgmmas per k32 step, #0 (low) and #1 (high), each
-// m64 x BM x k32 over the warpgroup's 4 tiles: A row 16w + i of wgmma #h is weight row
-// 32w + 16h + i.  No shared round trip of the weights: per step shared memory serves the
-// nibbles once (LDS) and the activations to each wgmma.  Groups dequantize in registers
-// (W4Stage::dequant), as in the mma.sync kernel.
+// Why: wgmma reads B only from shared memory, so a first template (replaced by this one) unpacked
+// each stage's nibbles into a shared s8 copy of the weights that the tensor cores then read back:
+// per 128x256x128 step about 1300 cycles of shared-memory traffic against 1100 of MMA, bound by
+// shared memory, and at K = 4096 no faster than mma.sync.  This one measured 1.2-1.5x faster at M
+// >= 1024 (bench/results/gemm-h100-2026-11-21k-rs).  The problem is transposed: the CTA computes
+// C^T = W . X^T, the weights are wgmma's A (M = weight rows) and the activations its B (N = tokens,
+// K-major: X's rows as they are, 128-byte swizzled by qc::RowLoader).  A's register fragment of a
+// warp is mma.sync m16n8k32's A fragment, and one LDS.128 of a lane in a compute-aware 32x32 tile
+// holds exactly two of them (w4_stage_sm90.cuh): the low nibbles are rows 0..15 of the tile, the
+// high nibbles rows 16..31.  So warp w of a warpgroup owns weight tile w (32 rows) and feeds two
+// wgmmas per k32 step, #0 (low) and #1 (high), each m64 x BM x k32 over the warpgroup's 4 tiles: A
+// row 16w + i of wgmma #h is weight row 32w + 16h + i.  No shared round trip of the weights: per
+// step shared memory serves the nibbles once (LDS) and the activations to each wgmma.  Groups
+// dequantize in registers (W4Stage::dequant), as in the mma.sync kernel.
 //
-// Tile: BN weight rows (one warpgroup per 128: WARPS_N = BN / 32, WARPS_M = 1) x BM tokens
-// (wgmma N, a multiple of 16 up to 256) x BK = 128.  Accumulators: 2 x BM / 2 registers.
+// Tile: BN weight rows (one warpgroup per 128: WARPS_N = BN / 32, WARPS_M = 1) x BM tokens (wgmma
+// N, a multiple of 16 up to 256) x BK = 128.  Accumulators: 2 x BM / 2 registers.
 //
-// Pipeline (cp.async multistage; one wgmma batch in flight behind the one being issued):
-// prologue loads tiles 0..S-3; tile kt: wait for it, fence the generic->async proxy, barrier,
-// refill the stage of tile kt-2 (every batch reading it retired before the barrier) with tile
-// kt+S-2; then per k32 step ks: LDS + unpack of A(ks) into register set ks % 2 (the batch of
-// ks-2, which read that set, retired at step ks-1), wgmma #0 and #1, commit, wait for all but
-// this batch.
+// Pipeline (cp.async multistage; one wgmma batch in flight behind the one being issued): prologue
+// loads tiles 0..S-3; tile kt: wait for it, fence the generic->async proxy, barrier, refill the
+// stage of tile kt-2 (every batch reading it retired before the barrier) with tile kt+S-2; then per
+// k32 step ks: LDS + unpack of A(ks) into register set ks % 2 (the batch of ks-2, which read that
+// set, retired at step ks-1), wgmma #0 and #1, commit, wait for all but this batch.
 //
-// Epilogue: wgmma #h's accumulator 4j + 2r + e is (weight row 32w + 16h + 8r + g, token
-// 8j + 2t + e) for lane 4g + t; lanes g and g^1 swap one value so that each holds two adjacent
-// weight rows of one token and stores them as a half2 through the shared epilogues (qc::Epi*).
+// Epilogue: wgmma #h's accumulator 4j + 2r + e is (weight row 32w + 16h + 8r + g, token 8j + 2t +
+// e) for lane 4g + t; lanes g and g^1 swap one value so that each holds two adjacent weight rows of
+// one token and stores them as a half2 through the shared epilogues (qc::Epi*).
 //
-// Entries (the arguments of the sm80 kinds): QC_GROUP 0: QC_KERNEL(A, s_x, xsum, B, s_w, zs_w, bias, C,
-// workspace, flags, M, N, K); groups: QC_KERNEL(A, s_x, B, s1, s2, negzs, bias, C, workspace,
-// flags, M, N, K) (workspace, flags unused); grid (ceil(N/BN), ceil(M/BM)), block BN threads,
-// dynamic smem STAGES * (BM*128 + W4Stage::BYTES).
+// Entries (the arguments of the sm80 kinds): QC_GROUP 0: QC_KERNEL(A, s_x, xsum, B, s_w, zs_w,
+// bias, C, workspace, flags, M, N, K); groups: QC_KERNEL(A, s_x, B, s1, s2, negzs, bias, C,
+// workspace, flags, M, N, K) (workspace, flags unused); grid (ceil(N/BN), ceil(M/BM)), block BN
+// threads, dynamic smem STAGES * (BM*128 + W4Stage::BYTES).
 #include "w4_stage_sm90.cuh"
 #include "wgmma_sm90.cuh"
 

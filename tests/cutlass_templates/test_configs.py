@@ -268,30 +268,42 @@ def test_sm90_kinds_name_and_fit_only_wgmma_tiles():
             assert parse_name(cfg.name(kind)) == (kind, cfg)
         assert not WGMMA_WIDE.fits(kind, 4096) and not WGMMA_RS.with_split(2).fits(kind, 4096)
     # per stage: the activation rows plus the packed nibbles (plus s2 / negzs rows with groups)
-    assert WGMMA_RS.smem_bytes("w4a8_rs_sm90") == 4 * (128 * 128 + 256 * 64)
-    assert WGMMA_RS.smem_bytes("w4a8_g128_rs_sm90") == 4 * (128 * 128 + 256 * 64 + 512)
-    assert WGMMA_RS.smem_bytes("w4a8_g64_rs_sm90") == 4 * (128 * 128 + 256 * 64 + 1024)
+    assert WGMMA_RS.smem_bytes("w4a8_rs_sm90") == 5 * (128 * 128 + 256 * 64)
+    assert WGMMA_RS.smem_bytes("w4a8_g128_rs_sm90") == 5 * (128 * 128 + 256 * 64 + 512)
+    assert WGMMA_RS.smem_bytes("w4a8_g64_rs_sm90") == 5 * (128 * 128 + 256 * 64 + 1024)
 
 
 def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
-    from qcompile.cutlass_templates.configs import (WGMMA, WGMMA_RS, WGMMA_WIDE, kernels_for,
+    from qcompile.cutlass_templates.configs import (WGMMA, WGMMA_RS, WGMMA_RS_1WG,
+                                                    WGMMA_RS_T64, WGMMA_WIDE, kernels_for,
                                                     select_kernel)
     assert select_kernel("w8a8", 4096, 4096, 4096, "sm80") == ("w8a8", select_config("w8a8", 4096, 4096, 4096))
     assert select_kernel("w8a8", 4096, 4096, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
     assert select_kernel("w8a8", 1024, 4096, 14336, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
     assert select_kernel("w8a8", 1024, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
     assert select_kernel("w8a8", 1024, 28672, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
-    assert select_kernel("w8a8", 512, 6144, 4096, "sm90")[0] == "w8a8"   # M <= 512: mma.sync
-    for base in ("w4a8", "w4a8_g128", "w4a8_g64"):  # register-A wgmma from M = 513
-        rs = (base + "_rs_sm90", WGMMA_RS)
-        assert select_kernel(base, 4096, 4096, 4096, "sm90") == rs
-        assert select_kernel(base, 1024, 4096, 14336, "sm90") == rs
-        assert select_kernel(base, 256, 28672, 4096, "sm90") == rs    # wide N: from M = 129
-        assert select_kernel(base, 256, 4096, 4096, "sm90")[0] == base  # mma.sync
-        assert select_kernel(base, 128, 28672, 4096, "sm90")[0] == base
+    assert select_kernel("w8a8", 512, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
+    assert select_kernel("w8a8", 256, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
+    assert select_kernel("w8a8", 256, 4096, 4096, "sm90")[0] == "w8a8"  # o, down: mma.sync
+    assert select_kernel("w8a8", 128, 6144, 4096, "sm90")[0] == "w8a8"
+    for base in ("w4a8", "w4a8_g128", "w4a8_g64"):  # register-A wgmma
+        rs = base + "_rs_sm90"
+        assert select_kernel(base, 4096, 4096, 4096, "sm90") == (rs, WGMMA_RS)
+        assert select_kernel(base, 1024, 4096, 14336, "sm90") == (rs, WGMMA_RS)
+        assert select_kernel(base, 1024, 6144, 4096, "sm90") == (rs, WGMMA_RS_T64)  # qkv
+        assert select_kernel(base, 512, 4096, 4096, "sm90") == (rs, WGMMA_RS_T64)
+        assert select_kernel(base, 512, 4096, 14336, "sm90") == (rs, WGMMA_RS_1WG)
+        assert select_kernel(base, 256, 28672, 4096, "sm90") == (rs, WGMMA_RS)  # wide N
+        assert select_kernel(base, 64, 28672, 4096, "sm90") == (rs, WGMMA_RS_T64)
+        assert select_kernel(base, 16, 28672, 4096, "sm90")[0] == base  # decode: mma.sync
+        assert select_kernel(base, 256, 4096, 4096, "sm90")[0] == base
         assert select_kernel(base, 4096, 4096, 4096, "sm80")[0] == base
-        assert rs in kernels_for(base, 4096, 4096, "sm90")
-        assert rs not in kernels_for(base, 4096, 4096, "sm80")
+        shipped = kernels_for(base, 4096, 4096, "sm90")
+        assert (rs, WGMMA_RS) in shipped and (rs, WGMMA_RS_T64) in shipped
+        assert all(kind == base for kind, _ in kernels_for(base, 4096, 4096, "sm80"))
+        for m in (1, 64, 300, 600, 1000, 3000):  # whatever is selected is shipped
+            for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):
+                assert select_kernel(base, m, n, k, "sm90") in kernels_for(base, n, k, "sm90")
     sm90 = kernels_for("w8a8", 4096, 4096, "sm90")
     assert ("w8a8_sm90", WGMMA) in sm90 and ("w8a8_sm90", WGMMA_WIDE) in sm90
     assert kernels_for("w8a8", 4096, 4096, "sm80") == [("w8a8", c) for c in configs_for("w8a8", 4096, 4096)]

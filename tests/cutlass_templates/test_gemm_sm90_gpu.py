@@ -18,12 +18,12 @@ pytestmark = pytest.mark.gpu
 def wgmma_kernels():
     from qcompile.cutlass_templates.build import build_kernel
     from qcompile.cutlass_templates.configs import (WGMMA, WGMMA_RS, WGMMA_RS_1WG,
-                                                    WGMMA_RS_64, WGMMA_WIDE)
+                                                    WGMMA_RS_T64, WGMMA_WIDE)
     from qcompile.runtime.launcher import CudaModule
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("wgmma needs an sm_90 GPU")
     out = {}
-    ss, rs = (WGMMA, WGMMA_WIDE), (WGMMA_RS, WGMMA_RS_1WG, WGMMA_RS_64)
+    ss, rs = (WGMMA, WGMMA_WIDE), (WGMMA_RS, WGMMA_RS_1WG, WGMMA_RS_T64)
     for kind, cfgs in (("w8a8_sm90", ss), ("w4a8_rs_sm90", rs), ("w4a8_g128_rs_sm90", rs),
                        ("w4a8_g64_rs_sm90", rs[:1])):
         for cfg in cfgs:
