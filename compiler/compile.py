@@ -53,7 +53,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     if cfg.centers_keys and key_mean is None:  # QoQ's calibration did not measure them
         from .calibrate import calibration_sequences
         from .calibrate import key_mean as measure_key_mean
-        seqs = calibration_sequences(ckpt.tokenizer, cfg.calib_samples, cfg.calib_seq_len,
+        seqs = calibration_sequences(ckpt.tokenizer, cfg.key_calib_samples, cfg.calib_seq_len,
                                      cfg.calib_text)
         key_mean = measure_key_mean(mcfg, weights, seqs, progress)
     bar = tqdm(total=4, desc="qcompile", disable=not progress, unit="step")

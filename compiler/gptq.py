@@ -146,25 +146,32 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, *,
                   grid_from: torch.Tensor | None = None, percdamp: float = PERCDAMP,
-                  block: int = BLOCK) -> W8Weights | W4Weights | W4GroupWeights:
+                  block: int = BLOCK, act_order: bool = False
+                  ) -> W8Weights | W4Weights | W4GroupWeights:
     """Integer weights of w [N, K] for `scheme`, chosen by GPTQ under H [K, K] on the RTN grid
-    of `grid_from` (default w; same shape): see the module docstring."""
+    of `grid_from` (default w; same shape): see the module docstring. act_order: round the
+    input channels in order of decreasing diag(H) (the grid stays each channel's own)."""
     src = w if grid_from is None else grid_from
     if src.shape != w.shape or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"shapes do not match: w {tuple(w.shape)}, grid_from "
                          f"{tuple(src.shape)}, H {tuple(h.shape)}")
     grid = quantize_weight(src.detach().float(), scheme)  # the grid: RTN's parameters
     with _cpu_threads(1) if w.device.type == "cpu" else contextlib.nullcontext():
-        u, dead = inverse_hessian_factor(h.to(w.device), percdamp)
-        w = w.detach().float().clone()
+        h = h.to(w.device)
+        order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+                 else torch.arange(h.shape[0], device=w.device))
+        u, dead = inverse_hessian_factor(h[order][:, order], percdamp)
+        w = w.detach().float()[:, order].clone()
         w[:, dead] = 0.0  # never seen: 0 is on every grid, and no error to feed back
-        codes = _columns(w, u.float(), _Rounder(grid), block)
+        codes = torch.empty_like(w.T)
+        codes[order] = _columns(w, u.float(), _Rounder(grid), block, order.tolist())
     return dataclasses.replace(grid, q=codes.T.to(grid.q.dtype))
 
 
-def _columns(w: torch.Tensor, u: torch.Tensor, rnd: _Rounder, block: int) -> torch.Tensor:
+def _columns(w: torch.Tensor, u: torch.Tensor, rnd: _Rounder, block: int,
+             channel: list[int]) -> torch.Tensor:
     """The GPTQ loop (module docstring) over w [N, K] (updated in place) with U [K, K]:
-    the codes, transposed [K, N]."""
+    the codes, transposed [K, N]. Column j of w is input channel channel[j] (its grid)."""
     n, k = w.shape
     codes = torch.empty(k, n, dtype=torch.float32, device=w.device)  # row j: column j's codes
     for b0 in range(0, k, block):
@@ -172,7 +179,7 @@ def _columns(w: torch.Tensor, u: torch.Tensor, rnd: _Rounder, block: int) -> tor
         wb, ub = w[:, b0:b1].T.contiguous(), u[b0:b1, b0:b1]  # [B, N]: a column per row
         err = torch.empty_like(wb)
         for i in range(b1 - b0):
-            codes[b0 + i], v = rnd(wb[i], b0 + i)
+            codes[b0 + i], v = rnd(wb[i], channel[b0 + i])
             torch.div(wb[i] - v, ub[i, i], out=err[i])
             wb[i + 1:].addr_(ub[i, i + 1:], err[i], alpha=-1)  # rank-1 update of the block
         w[:, b1:].addmm_(err.T, u[b0:b1, b1:], alpha=-1)  # the block's, lazily, to the right
@@ -204,7 +211,8 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 @torch.no_grad()
 def gptq_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, scheme: QuantScheme,
                  grid_weights: dict[str, torch.Tensor] | None = None, *,
-                 percdamp: float = PERCDAMP, progress: bool = False) -> tuple[dict, dict, dict]:
+                 percdamp: float = PERCDAMP, act_order: bool = False,
+                 progress: bool = False) -> tuple[dict, dict, dict]:
     """GPTQ every decoder linear (the LM head keeps its own rounding, like `clip`).
 
     weights: the float weights to approximate (canonical names); grid_weights: the weights
@@ -218,7 +226,7 @@ def gptq_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, schem
     quantized, floats, ratio, t0 = {}, {}, {}, time.perf_counter()
     for name in tqdm(names, desc="gptq", disable=not progress, unit="linear"):
         h, w, wg = stats.hessian(name), weights[name], grid_weights[name]
-        qw = gptq_quantize(w, h, scheme, grid_from=wg, percdamp=percdamp)
+        qw = gptq_quantize(w, h, scheme, grid_from=wg, percdamp=percdamp, act_order=act_order)
         wq, h = dequantize(qw), h.float()
         e_rtn = output_error(w, dequantize(quantize_weight(wg.float(), scheme)), h)
         ratio[name] = round(output_error(w, wq, h) / e_rtn, 4) if e_rtn > 0 else 1.0
@@ -226,5 +234,6 @@ def gptq_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, schem
     report = {"error_vs_rtn": ratio,
               "mean_error_reduction": round(1 - sum(ratio.values()) / len(ratio), 4),
               "hessian_tokens": max(stats.tokens.values(), default=0),
-              "percdamp": percdamp, "seconds": round(time.perf_counter() - t0, 1)}
+              "percdamp": percdamp, "act_order": act_order,
+              "seconds": round(time.perf_counter() - t0, 1)}
     return quantized, floats, report

@@ -84,8 +84,9 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
         if "clip" in steps:
             clipped, report["clip_ratio"] = clip_weights(cfg, w, st, scheme)
         if gptq:  # the unclipped weights are the target; the clipped ones define the grid
-            quantized, floats, report["gptq"] = gptq_weights(cfg, w, st, scheme, clipped,
-                                                             progress=progress)
+            quantized, floats, report["gptq"] = gptq_weights(
+                cfg, w, st, scheme, clipped, act_order=ccfg.gptq_order == "act",
+                progress=progress)
             clipped = {**clipped, **floats}
         w = clipped
     report["seconds"] = round(time.perf_counter() - t0, 1)

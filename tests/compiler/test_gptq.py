@@ -59,16 +59,17 @@ def _check_ranges(qw) -> None:
 
 # ------------------------------------------------------------------------------- algorithm
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("k", [256, 200])  # 200: a partial last group
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_diagonal_hessian_gives_rtn(scheme, k):
-    """Uncorrelated inputs: no error to feed back, so GPTQ rounds as RTN, bit for bit; a dead
-    input channel (diag 0) gets the weight 0 (its zero point)."""
+def test_diagonal_hessian_gives_rtn(scheme, k, act_order):
+    """Uncorrelated inputs: no error to feed back, so GPTQ rounds as RTN, bit for bit, in
+    either order; a dead input channel (diag 0) gets the weight 0 (its zero point)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(40, k, generator=g)
     h = torch.diag(torch.rand(k, generator=g, dtype=torch.float64) + 0.1)
     h[5, 5] = 0.0
-    got, rtn = gptq_quantize(w, h, scheme), quantize_weight(w, scheme)
+    got, rtn = gptq_quantize(w, h, scheme, act_order=act_order), quantize_weight(w, scheme)
     assert type(got) is type(rtn)
     for a, b in zip(_params(got), _params(rtn)):
         assert torch.equal(a, b)
@@ -77,12 +78,13 @@ def test_diagonal_hessian_gives_rtn(scheme, k):
     assert (dequantize(got)[:, 5] == 0).all()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_gptq_beats_rtn_on_correlated_inputs(scheme):
+def test_gptq_beats_rtn_on_correlated_inputs(scheme, act_order):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(64, 320, generator=g)
     h = _hessian(_correlated(320))
-    got, rtn = gptq_quantize(w, h, scheme), quantize_weight(w, scheme)
+    got, rtn = gptq_quantize(w, h, scheme, act_order=act_order), quantize_weight(w, scheme)
     _check_ranges(got)
     for a, b in zip(_params(got), _params(rtn)):  # GPTQ picks codes, never the grid
         assert torch.equal(a, b)
@@ -103,6 +105,20 @@ def test_never_worse_than_rtn_over_seeds(scheme):
         e_gptq = output_error(w, dequantize(gptq_quantize(w, h, scheme)), h)
         e_rtn = output_error(w, dequantize(quantize_weight(w, scheme)), h)
         assert e_gptq <= e_rtn, f"{scheme.name} seed {seed}: {e_gptq:.4g} > {e_rtn:.4g}"
+
+
+def test_act_order_is_natural_order_on_permuted_channels():
+    """Per channel (one grid for all columns): act-order's codes are natural-order GPTQ's on
+    the input channels sorted by decreasing diag(H), put back in place."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 160, generator=g)
+    x = _correlated(160) * torch.rand(160, generator=g).add(0.1) * 3  # uneven channel scales
+    h = _hessian(x)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    act = gptq_quantize(w, h, W4A8, act_order=True)
+    natural = gptq_quantize(w[:, order], h[order][:, order], W4A8)
+    assert torch.equal(act.q[:, order], natural.q)
+    assert not torch.equal(act.q, gptq_quantize(w, h, W4A8).q)
 
 
 def _gptq_by_the_paper(w, h, scheme, percdamp=0.01):
