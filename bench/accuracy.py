@@ -7,13 +7,14 @@
 Every row is compiled with qcompile's Python API (`compile_checkpoint`, `CompileConfig` with
 `--dtype float32 --kernels skip`: the reference ops on the CPU) and scored with
 `runtime/eval.py:perplexity`, by default on 24 x 512 tokens of pydoc text, as `qeval` does.
-Rows are data (`MAIN`, `ablation`): a name and CompileConfig keyword arguments; the QoQ recipe
-of each scheme is `QOQ_RECIPE` (`--recipe w4a8=rotate,smooth,clip,gptq` replaces one for a
-run, e.g. to compare recipes). A row whose options this checkout does not have (e.g. a
-step not in `compiler.config.QOQ_STEPS`) is shown as "not implemented".
+Rows are data (`MAIN`, `kv_ablation`, `ablation`): a name and CompileConfig keyword
+arguments; the QoQ recipe of each scheme is `QOQ_RECIPE` (`--recipe w4a8=rotate,smooth,clip,
+gptq` replaces one for a run, e.g. to compare recipes). A row whose options this checkout does
+not have (e.g. a step not in `compiler.config.QOQ_STEPS`) is shown as "not implemented".
 
 Results are cached in <out>/<stem>.json, one entry per (row config, KV format, eval size,
-model, qcompile git commit): a rerun skips what is done and recomputes after a new commit.
+model, qcompile git commit): a rerun skips what is done and recomputes after a new commit;
+runs on one cache merge their results (e.g. two `--rows` subsets, one per core).
 After every result it rewrites <stem>.md (main table: perplexity per KV format, change
 against FP16 with the KV16 cache, compile seconds; ablation tables) and <stem>.png (grouped
 bars KV16 / KV4 with FP16 and the targets as lines; the ablations beside). Progress goes to
@@ -78,12 +79,26 @@ def main_rows() -> list[Row]:
     ]
 
 
+def kv_ablation() -> list[Row]:
+    """FP16 weights, KV4: the key rotation and the key centering (the default --kv int4),
+    each alone and together."""
+    table = "ablation KV4 keys, FP16 weights"
+    return [Row(f"{table}: {name}", dict(precision="fp16", kv_rotation=rot, kv_key_centering=c),
+                ("int4",), table)
+            for name, rot, c in (("plain", "none", "none"), ("key rotation", "hadamard", "none"),
+                                 ("key centering", "none", "mean"),
+                                 ("key rotation + centering", "hadamard", "mean"))]
+
+
 def ablation(precision: str, label: str) -> list[Row]:
-    """KV4 rows adding the recipe's steps one at a time, rotation and then GPTQ last; the
-    last row is the whole recipe."""
+    """KV4 rows: RTN without the key centering, then with it (`+center`), then the recipe's
+    steps added one at a time, rotation and then GPTQ last; the last row is the whole
+    recipe."""
     recipe = QOQ_RECIPE[precision].split(",")
     table = f"ablation {label}"
-    rows, steps = [Row(f"{table}: RTN", dict(precision=precision), ("int4",), table)], []
+    rows, steps = [Row(f"{table}: RTN", dict(precision=precision, kv_key_centering="none"),
+                       ("int4",), table),
+                   Row(f"{table}: +center", dict(precision=precision), ("int4",), table)], []
     late = [s for s in LAST_IN_ABLATION if s in recipe]
     for step in [s for s in recipe if s not in late] + late:
         steps.append(step)
@@ -93,7 +108,7 @@ def ablation(precision: str, label: str) -> list[Row]:
 
 
 def all_rows() -> list[Row]:
-    return (main_rows() + ablation("w4a8", "W4A8 per-channel KV4")
+    return (main_rows() + kv_ablation() + ablation("w4a8", "W4A8 per-channel KV4")
             + ablation("w4a8-g128", "W4A8 g128 KV4"))
 
 
@@ -166,7 +181,8 @@ def write_markdown(path: Path, rows: list[Row], cells: dict, meta: dict) -> None
            f"CPU), qcompile {meta['commit']}, {meta['date']}. Change is against FP16 with the "
            f"KV16 cache ({_fmt(ref)}). QoQ recipes: "
            + "; ".join(f"{p}: {s}" for p, s in QOQ_RECIPE.items()) + ".", "",
-           "| precision | KV16 ppl | KV4 ppl | KV16 vs FP16 | KV4 vs FP16 | compile s (KV16 / KV4) |",
+           "| precision | KV16 ppl | KV4 ppl | KV16 vs FP16 | KV4 vs FP16 "
+           "| compile s (KV16 / KV4) |",
            "|---|---|---|---|---|---|"]
     for row in [r for r in rows if r.table == "main"]:
         (p16, t16), (p4, t4) = _cell(cells, row, "fp16"), _cell(cells, row, "int4")
@@ -182,8 +198,12 @@ def write_markdown(path: Path, rows: list[Row], cells: dict, meta: dict) -> None
         for row in [r for r in rows if r.table == table]:
             p, text = _cell(cells, row, "int4")
             c = cells.get((row.name, "int4"), {})
-            steps = row.options.get("qoq_steps", "") if row.options.get("quantizer") == "qoq" else ""
-            out.append(f"| {row.name.split(': ', 1)[1]} | {steps or 'RTN'} | {text} | "
+            qoq_run = row.options.get("quantizer") == "qoq"
+            steps = row.options.get("qoq_steps", "") if qoq_run else ""
+            steps = steps or ("FP16" if row.options["precision"] == "fp16" else "RTN")
+            kv = [f"{k.removeprefix('kv_')} {row.options[k]}"
+                  for k in ("kv_rotation", "kv_key_centering") if k in row.options]
+            out.append(f"| {row.name.split(': ', 1)[1]} | {', '.join([steps] + kv)} | {text} | "
                        f"{_delta(p, prev)} | {_delta(p, ref)} | "
                        f"{_fmt(c.get('compile_seconds'), '.0f')} |")
             prev = p if p is not None else prev
@@ -232,7 +252,8 @@ def write_plot(path: Path, rows: list[Row], cells: dict, meta: dict) -> None:
         ax2 = axes[0][1]
         names = [r.name.removeprefix("ablation ") for r in abl]
         vals = [_cell(cells, r, "int4")[0] for r in abl]
-        colors = ["tab:cyan" if "per-channel" in r.table else "tab:olive" for r in abl]
+        colors = ["tab:cyan" if "per-channel" in r.table else
+                  "tab:gray" if "FP16 weights" in r.table else "tab:olive" for r in abl]
         known = [v for v in vals if v is not None]
         left = 0.9 * min(known + ([ref] if ref else [])) if known else 0.0
         ax2.barh(range(len(abl)), [v - left if v is not None else 0 for v in vals], left=left,
@@ -276,9 +297,15 @@ def _load_cache(path: Path) -> dict:
 
 
 def _save_cache(path: Path, results: dict, meta: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Merge into the file's results under a lock: two runs (e.g. `--rows` halves on two
+    cores) may share one cache."""
+    import fcntl
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results.update({k: v for k, v in _load_cache(path).items() if k not in results})
+        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,8 @@ def test_rows_are_data(bench):
     names = [r.name for r in bench.ROWS]
     assert len(names) == len(set(names)) and "FP16" in names and "W4A16 g128 RTN" in names
     pc = [r for r in bench.ROWS if r.table == "ablation W4A8 per-channel KV4"]
-    assert [r.name.split(": ")[1] for r in pc][:2] == ["RTN", "+smooth"]
+    assert [r.name.split(": ")[1] for r in pc][:3] == ["RTN", "+center", "+smooth"]
+    assert pc[0].options["kv_key_centering"] == "none" and "kv_key_centering" not in pc[1].options
     assert not any("reorder" in r.name for r in pc)  # reordering only acts on groups
     assert pc[-1].options == bench.qoq("w4a8")  # all steps = the recipe
     assert [r.name.split(": ")[1] for r in pc][-2:] == ["+rotate", "+gptq"]
