@@ -150,9 +150,13 @@ class FloatGraph:
         from qcompile.passes.canonicalize import canonicalize
 
         from .capture import KVSpec, capture
-        dec = Decoder(cfg, weights, torch.float32).to(device)
+        # captured on the CPU (export's example inputs live there; the graph itself is device
+        # agnostic, as the runtime's is), then its weights move to `device`
+        dec = Decoder(cfg, weights, torch.float32)
         self.low = Lowering.from_exported(capture(dec, KVSpec.of(cfg, "fp16", 16, torch.float32)))
         run_pass(canonicalize, self.low)
+        for ph, w in self.low.weights.items():
+            self.low.weights[ph] = w.to(device)
 
     def stats(self, weights: dict[str, torch.Tensor], seqs, progress: bool,
               hessian: bool = False, linears: bool = True) -> CalibStats:
