@@ -25,7 +25,7 @@
 // dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel and
 // round_up(2*max(1, BK/G)*BN, 128) for groups) and, when QC_SPLITK > 1, QC_KERNEL##_reduce
 // (same arguments; block qc::kReduceThreads, any grid) for launches with flags == nullptr.
-#include "common.cuh"
+#include "gemm_sm80.cuh"
 
 #include <type_traits>
 

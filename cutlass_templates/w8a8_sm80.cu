@@ -16,7 +16,7 @@
 // Entries: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block WARPS_M*WARPS_N*32,
 // dynamic smem STAGES*(BM*BK + BN*BK)) and, when QC_SPLITK > 1, QC_KERNEL##_reduce (same
 // arguments; block qc::kReduceThreads, any grid) for launches with flags == nullptr.
-#include "common.cuh"
+#include "gemm_sm80.cuh"
 
 #if !defined(QC_KERNEL) || !defined(QC_BM) || !defined(QC_BN) || !defined(QC_BK) || \
     !defined(QC_WARPS_M) || !defined(QC_WARPS_N) || !defined(QC_STAGES) || !defined(QC_SPLITK)

@@ -1,0 +1,156 @@
+// The mma.sync main loop of the sm80 INT8 GEMMs (w8a8_sm80.cu, w4a8_sm80.cu; also built for
+// sm_90a).  One CTA computes a BM x BN tile of C = epilogue(A . B^T) over a range of K tiles
+// of BK:
+//
+//   global --cp.async (16 B, zero-filled where predicated off)--> shared, QC_STAGES deep
+//   shared --ldmatrix.x4 (A, swizzled)----------------------------> A fragments
+//   shared --BOp (operand policy of the .cu: ldmatrix or LDS.128 + unpack/dequant)--> B fragments
+//   mma.sync.m16n8k32.row.col.s32.s8.s8.s32 -> int32 accumulators (exact)
+//   epilogue (common.cuh), or with split-K the slices' meeting (splitk.cuh).
+#pragma once
+
+#include "common.cuh"
+#include "splitk.cuh"
+
+namespace qc {
+
+// The GEMM body.  BOp (operand B policy) provides:
+//   static constexpr int kStageBytes;                      shared bytes of one B stage (x128)
+//   Loader loader(int n0, int tid) const;   hoisted per-thread addressing (see RowLoader), with
+//     void load(char* sb, int k0, int tid) const;   cp.async of one stage
+//   struct Raw; void load_raw(const char* sb, int warp_n, int lane, int ks, Raw&) const;
+//   void convert(const Raw&, uint32_t (&b)[T::NT][2]) const;   -> s8 B fragments
+// kp: K padded as the B layout pads it; the K tiles cover [0, kp) in steps of BK (the last one
+// may be partial: the policies zero-fill past kp, the A loader past K).
+//
+// Split-K (T::SPLITK > 1): blockIdx.z takes K tiles [z*per, min((z+1)*per, tiles)) with
+// per = ceil(tiles / SPLITK); see splitk_fixup for how the slices meet (flags == nullptr:
+// they do not; the *_reduce entry runs next).
+template <class T, class BOp, class Epi>
+__device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, int N, int K,
+                                          int kp, const BOp& bop, const Epi& epi,
+                                          const __half* bias, __half* C, int32_t* ws,
+                                          uint32_t* flags) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_n = warp % T::WARPS_N, warp_m = warp / T::WARPS_N;
+  const int2 origin = tile_origin<T>();
+  const int m0 = origin.x, n0 = origin.y;
+
+  const int tiles = ceil_div(kp, T::BK);
+  int kt0 = 0, nk = tiles;
+  if constexpr (T::SPLITK > 1) {
+    // the arrival counter is touched once, at the end: bring its line into L2 now so that the
+    // atomic does not wait on DRAM on the critical path (decode runs with a cold L2)
+    if (tid == 0 && flags != nullptr) {
+      const uint32_t* flag = flags + blockIdx.y * gridDim.x + blockIdx.x;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(flag));
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // a PDL-launched _reduce may be scheduled now (it waits for this grid to finish)
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    const int per = ceil_div(tiles, T::SPLITK);
+    kt0 = blockIdx.z * per;
+    nk = max(0, min(tiles, kt0 + per) - kt0);
+  }
+
+  char* const sa0 = smem;
+  char* const sb0 = smem + T::STAGES * T::A_STAGE;
+  const RowLoader<T, T::BM> aload(A, M, K, m0, tid);
+  const auto bload = bop.loader(n0, tid);
+
+  uint32_t acc[T::MT][T::NT][4];
+#pragma unroll
+  for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < T::NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0u;
+
+  // Prologue: STAGES - 1 tiles in flight (one commit group each, empty past the range).
+#pragma unroll
+  for (int s = 0; s < T::STAGES - 1; ++s) {
+    if (s < nk) {
+      const int k0 = (kt0 + s) * T::BK;
+      aload.load(sa0 + s * T::A_STAGE, k0, tid);
+      bload.load(sb0 + s * BOp::kStageBytes, k0, tid);
+    }
+    cute::cp_async_fence();
+  }
+
+  int read_stage = 0, write_stage = T::STAGES - 1;
+  for (int it = 0; it < nk; ++it) {
+    // Groups committed so far: STAGES - 1 + it; allowing STAGES - 2 pending means tile `it`
+    // has landed.  The barrier also retires every warp's reads of the stage refilled below
+    // (the one consumed in iteration it - 1).
+    cute::cp_async_wait<T::STAGES - 2>();
+    __syncthreads();
+    {
+      const int nxt = it + T::STAGES - 1;
+      if (nxt < nk) {
+        const int k0 = (kt0 + nxt) * T::BK;
+        aload.load(sa0 + write_stage * T::A_STAGE, k0, tid);
+        bload.load(sb0 + write_stage * BOp::kStageBytes, k0, tid);
+      }
+      cute::cp_async_fence();
+      write_stage = write_stage + 1 == T::STAGES ? 0 : write_stage + 1;
+    }
+
+    const char* sa = sa0 + read_stage * T::A_STAGE;
+    const char* sb = sb0 + read_stage * BOp::kStageBytes;
+    read_stage = read_stage + 1 == T::STAGES ? 0 : read_stage + 1;
+
+    // Fragments double-buffered in registers: step ks + 1 is read while ks runs on the MMAs.
+    uint32_t af[2][T::MT][4];
+    typename BOp::Raw braw[2];
+    load_a_frag<T>(sa, warp_m, lane, 0, af[0]);
+    bop.load_raw(sb, warp_n, lane, 0, braw[0]);
+#pragma unroll
+    for (int ks = 0; ks < T::KS; ++ks) {
+      if (ks + 1 < T::KS) {
+        load_a_frag<T>(sa, warp_m, lane, ks + 1, af[(ks + 1) & 1]);
+        bop.load_raw(sb, warp_n, lane, ks + 1, braw[(ks + 1) & 1]);
+      }
+      uint32_t bf[T::NT][2];
+      bop.convert(braw[ks & 1], bf);
+#pragma unroll
+      for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt) mma_s8(acc[mt][nt], af[ks & 1][mt], bf[nt]);
+    }
+  }
+  cute::cp_async_wait<0>();  // only empty groups can be left; drain before exit
+
+  if constexpr (T::SPLITK > 1) {
+#ifdef QC_HAS_CLUSTER
+    // the shared memory holds the accumulators only if BM*BN*4 fits in it (configs.py fits())
+    if constexpr (T::BM * T::BN * 4 <= T::STAGES * (T::A_STAGE + BOp::kStageBytes)) {
+      if (cluster_ctas() > 1) {
+        if (!splitk_cluster<T>(acc, smem)) return;
+      } else if (!splitk_fixup<T>(acc, M, N, m0, n0, ws, flags, warp_m, warp_n, lane)) {
+        return;
+      }
+    } else
+#endif
+    if (!splitk_fixup<T>(acc, M, N, m0, n0, ws, flags, warp_m, warp_n, lane)) return;
+  }
+  // Epilogue straight from the accumulator fragments.
+#pragma unroll
+  for (int mt = 0; mt < T::MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h;
+      if (m >= M) continue;
+      const typename Epi::Row row = epi.row(m);
+#pragma unroll
+      for (int nt = 0; nt < T::NT; ++nt) {
+        const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
+        if (n < N)
+          finish_pair(epi, row, bias, C, N, m, n, (int)acc[mt][nt][2 * h],
+                      (int)acc[mt][nt][2 * h + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace qc
