@@ -86,9 +86,10 @@ class CompileConfig:
                           "see bench/accuracy.py)",
                           default="rotate,smooth,reorder,clip,gptq")
     gptq_order: str = _opt("order in which the qoq step gptq rounds each linear's input "
-                           "channels: natural (left to right) or act (decreasing diag of the "
-                           "Hessian, GPTQ's act-order; the grid is the same)",
-                           ("natural", "act"), default="natural")
+                           "channels: act (decreasing diag of the Hessian, GPTQ's act-order; "
+                           "the grid is the same; SmolLM2 KV4 w4a8 16.39 -> 16.01, g64 15.73 "
+                           "-> 15.57) or natural (left to right)",
+                           ("act", "natural"), default="act")
     calib_samples: int = _opt("calibration sequences", default=32)
     calib_seq_len: int = _opt("tokens per calibration sequence", default=512)
     key_calib_samples: int = _opt("calibration sequences for --kv-key-centering's key means "
