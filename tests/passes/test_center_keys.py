@@ -136,3 +136,15 @@ def test_graph_without_kv_ops_does_not_match(hf_graph):
     assert run_pass(center_keys, low, torch.zeros(2, 32)).matches == 0
     assert low.gm.code == code and KEY_MEAN not in low.weights
     assert not any(n.target in KV_ENCODE_OPS.values() for n in low.gm.graph.nodes)
+
+
+def test_float16_graph(tiny_llama, decoder_lowering):
+    """fp16 activations: the means are stored in fp16 and the graph still runs."""
+    from qcompile.compiler.capture import KVSpec, example_inputs
+    cfg = tiny_llama.config
+    low = _lowered(tiny_llama, decoder_lowering, torch.float16, "int4")
+    mu = torch.randn(cfg.num_layers, cfg.kv_size)
+    assert run_pass(center_keys, low, mu).matches == cfg.num_layers
+    assert low.weights[KEY_MEAN].dtype == torch.float16
+    logits, kv = low(*example_inputs(KVSpec.of(cfg, "int4", 16, torch.float16)))
+    assert torch.isfinite(logits).all() and kv.dtype == torch.uint8
