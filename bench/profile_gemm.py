@@ -3,8 +3,9 @@
     ncu --clock-control none --set full -k regex:qc_w4a8 -s 2 -c 1 \\
         python bench/profile_gemm.py --kind w4a8 --n 6144 --k 4096 --m 4096 [--config NAME]
 
-The kernel is the one `select_config` picks, or --config (a kernel name in the table). It
-checks the result against the reference first, so a profile is never of a wrong kernel.
+The kernel is the one `select_kernel` picks for this GPU, or --config (a kernel name in the
+table). It checks the result against the reference first, so a profile is never of a wrong
+kernel.
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     kind, scheme, n, k, m = args.kind, SCHEMES[args.kind], args.n, args.k, args.m
     table = gemm_kernels.enable(args.kernel_dir)
-    cfg = C.parse_name(args.config)[1] if args.config else C.select_config(kind, m, n, k)
-    kern = table.kernels[cfg.name(kind)]
+    target = gemm_kernels.device_target(torch.device("cuda"))
+    kkind, cfg = (C.parse_name(args.config) if args.config
+                  else C.select_kernel(kind, m, n, k, target))
+    kern = table.kernels[cfg.name(kkind)]
     g = torch.Generator().manual_seed(0)
     packed = [t.cuda() for t in GEMM_FORMATS[scheme].pack(torch.randn(n, k, generator=g),
                                                            scheme).values()]
@@ -51,14 +54,14 @@ def main(argv=None) -> None:
     head = (xq, sx, xsum) if scheme == W4A8 else (xq, sx)
     extra = (scheme.group_size,) if scheme.group_size else ()
     kp = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
-    out = gemm_kernels._run(kind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp)
+    out = gemm_kernels._run(kkind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp)
     want = ref.GEMM_REFERENCES[scheme](*head, *packed, None, n, *extra, torch.float16)
     err = (out.float() - want.float()).abs().max().item()
     assert err <= 1e-2 * want.float().abs().max().item() + 1e-3, f"wrong result: {err}"
     for _ in range(args.iters):
-        gemm_kernels._run(kind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp, out)
+        gemm_kernels._run(kkind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp, out)
     torch.cuda.synchronize()
-    print(f"{cfg.name(kind)} M={m} N={n} K={k}: ok (max err {err:.2e})")
+    print(f"{cfg.label(kkind)} M={m} N={n} K={k}: ok (max err {err:.2e})")
 
 
 if __name__ == "__main__":
