@@ -292,6 +292,9 @@ def parse_args(argv):
     p.add_argument("--recipe", action="append", default=[], metavar="PRECISION=STEPS",
                    help="replace QOQ_RECIPE[PRECISION] for this run (repeatable), e.g. "
                    "w4a8=rotate,smooth,clip,gptq")
+    p.add_argument("--commit", help="qcompile commit the results are keyed by (default: HEAD); "
+                   "e.g. to finish or report a table that runs started at that commit while "
+                   "others committed unrelated files")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     return p.parse_args(argv)
 
@@ -335,7 +338,7 @@ def main(argv=None) -> int:
         return 0
     from qcompile.models.loaders import default_model_path, load_checkpoint
     model = args.model or default_model_path()
-    commit = git_commit()
+    commit = args.commit or git_commit()
     meta = {"model": model.stem if model.suffix else model.name, "num_seqs": args.num_seqs,
             "seq_len": args.seq_len, "commit": commit, "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
