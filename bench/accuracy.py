@@ -295,6 +295,8 @@ def parse_args(argv):
     p.add_argument("--commit", help="qcompile commit the results are keyed by (default: HEAD); "
                    "e.g. to finish or report a table that runs started at that commit while "
                    "others committed unrelated files")
+    p.add_argument("--report", action="store_true", help="compile nothing: write the table "
+                   "and chart from the cached results (rows without one stay empty)")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     return p.parse_args(argv)
 
@@ -357,6 +359,9 @@ def main(argv=None) -> int:
         if key in results:
             cells[(row.name, kv)] = results[key]
             print(f"{tag}: cached, ppl {results[key]['perplexity']:.3f}", flush=True)
+            continue
+        if args.report:
+            print(f"{tag}: not in the cache", flush=True)
             continue
         print(f"{tag}: compiling ...", flush=True)
         ckpt = ckpt or load_checkpoint(model)

@@ -25,7 +25,13 @@ K x K GEMM per linear input per batch in that pass plus the GPTQ loop itself: on
 for its 120 linears; the whole w4a8 compile with every step goes from 167 s to 218 s. The
 default `qcompile smollm2 --quantizer qoq` (gptq included, OMP_NUM_THREADS=1, 2-core machine
 shared at load ~2) measured 251 s (manifest), 276 s wall with loading and kernel build; without
-smooth_attention (the default since 9cfc422), 224 s (QoQ 199 s), 245 s wall.
+smooth_attention (the default since 9cfc422), 224 s (QoQ 199 s), 245 s wall. With GPTQ
+act-order and the key centering (5e84d37; the means come from the clip/GPTQ calibration, no
+extra pass): 245 s (QoQ 211 s), 269 s wall, beside another checkout's pip install and pytest.
+
+`--kv int4` centers keys (passes/center_keys.py) by the mean post-RoPE key of the float model;
+`apply_qoq` returns the means its last calibration measured when no step after it changes
+keys (SmoothAttention does; then the compiler runs a keys-only calibration).
 """
 from __future__ import annotations
 

@@ -62,3 +62,9 @@ def test_runner_on_tiny_checkpoint(bench, make_tiny_checkpoint, tmp_path, capsys
 
     assert bench.main(argv) == 0  # everything cached: no compile
     assert capsys.readouterr().out.count("cached") == 4
+
+    report = [a if a != argv[3] else "^(FP16|W8A8 RTN)$" for a in argv] + ["--report"]
+    assert bench.main(report) == 0  # W8A8 RTN is not cached: reported empty, not compiled
+    out = capsys.readouterr().out
+    assert out.count("cached") == 2 and out.count("not in the cache") == 2
+    assert len(json.loads((tmp_path / "acc.json").read_text())["results"]) == 4
