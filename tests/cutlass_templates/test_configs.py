@@ -284,6 +284,7 @@ def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
     assert select_kernel("w8a8", 1024, 28672, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
     assert select_kernel("w8a8", 512, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
     assert select_kernel("w8a8", 256, 6144, 4096, "sm90") == ("w8a8_sm90", WGMMA)
+    assert select_kernel("w8a8", 256, 12288, 4096, "sm90") == ("w8a8_sm90", WGMMA_WIDE)
     assert select_kernel("w8a8", 256, 4096, 4096, "sm90")[0] == "w8a8"  # o, down: mma.sync
     assert select_kernel("w8a8", 128, 6144, 4096, "sm90")[0] == "w8a8"
     for base in ("w4a8", "w4a8_g128", "w4a8_g64"):  # register-A wgmma
