@@ -88,7 +88,7 @@ class CompileConfig:
     gptq_order: str = _opt("order in which the qoq step gptq rounds each linear's input "
                            "channels: act (decreasing diag of the Hessian, GPTQ's act-order; "
                            "the grid is the same; SmolLM2 KV4 w4a8 16.39 -> 16.01, g64 15.73 "
-                           "-> 15.57) or natural (left to right)",
+                           "-> 15.56) or natural (left to right)",
                            ("act", "natural"), default="act")
     calib_samples: int = _opt("calibration sequences", default=32)
     calib_seq_len: int = _opt("tokens per calibration sequence", default=512)

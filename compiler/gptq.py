@@ -65,7 +65,7 @@ Act-order (`act_order`, `--gptq-order act`, the default): the input channels are
 order of decreasing diag(H), the largest-energy inputs first, while the most columns are left
 to absorb their error; each column keeps its own grid (static groups: the grid is computed
 before, so the order changes no scale). SmolLM2 perplexity (24 x 512, KV4 with key rotation
-and centering, QoQ recipes of 948c73d): w4a8 16.39 -> 16.01, g64 15.73 -> 15.57.
+and centering, QoQ recipes of 948c73d): w4a8 16.39 -> 16.01, g64 15.73 -> 15.56.
 
 The static group grid is kept: the reference's groupwise mode (each group's level-2 range
 measured on the error-updated weights when the group starts) is no better here, and it would
