@@ -22,6 +22,7 @@ struct W4Stage {
   static_assert(T::BK % 32 == 0 && T::BK % (G ? G : 1) == 0, "whole groups per stage");
   static constexpr int KT = T::BK / 32;                     // 32x32 tiles per stage along K
   static constexpr int GROUP_ROWS = G ? T::BK / G : 0;      // s2 / negzs rows per stage
+  static constexpr int GROUP_STEPS = G ? G / 32 : 0;        // k32 steps per group
   static constexpr int SCALE_BYTES = round_up(2 * GROUP_ROWS * T::BN, 128);
   static constexpr int NIB = T::BN * T::BK / 2;             // packed nibbles
   static constexpr int BYTES = NIB + SCALE_BYTES;
@@ -77,7 +78,10 @@ struct W4Stage {
   }
 
   // The per-byte-lane constants of dequant for a Scales (s2 and the zero word of rows
-  // 32 ti + c + 8 j), computed once per group instead of once per register.
+  // 32 ti + c + 8 j), computed once per group instead of once per register.  dequant turns
+  // four codes (one byte each, 0..15) of rows 32 ti + c + 8 j into the MMA's s8 weights: the
+  // codes themselves per channel (the zero point is the epilogue's), (q - z2) * s2 exactly with
+  // groups (one IMAD and one XOR, group_zero_word).
   struct Deq {
     uint32_t s[4], z[4];
   };
@@ -99,18 +103,6 @@ struct W4Stage {
       return q4;
     } else {
       return (q4 * d.s[j] + d.z[j]) ^ 0x80808080u;
-    }
-  }
-
-  // Four codes (one byte each, 0..15) of rows 32 ti + c + 8 j -> the MMA's s8 weights: the
-  // codes themselves per channel (the zero point is the epilogue's), (q - z2) * s2 exactly
-  // with groups (one IMAD and one XOR, group_zero_word).
-  static __device__ __forceinline__ uint32_t dequant(uint32_t q4, const Scales& sc, int j) {
-    if constexpr (G == 0) {
-      return q4;
-    } else {
-      const uint32_t s = (sc.s2 >> (8 * j)) & 0xFFu;
-      return (q4 * s + group_zero_word(sc.nz >> (8 * j))) ^ 0x80808080u;
     }
   }
 };

@@ -122,8 +122,9 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
     typename W4::Deq deq;
 #pragma unroll
     for (int ks = 0; ks < W4::KT; ++ks) {
-      if (QC_GROUP > 0 && ks % (QC_GROUP > 0 ? QC_GROUP / 32 : 1) == 0)  // a new group row
-        deq = W4::prepare(W4::scales(raw, ti, ks, lane >> 2));
+      if constexpr (W4::GROUP_STEPS > 0) {  // a new group row every GROUP_STEPS steps
+        if (ks % W4::GROUP_STEPS == 0) deq = W4::prepare(W4::scales(raw, ti, ks, lane >> 2));
+      }
       a_frags(raw, ti, ks, lane, deq, a[ks & 1]);
       cute::warpgroup_arrive();
       qc::sm90::wgmma_rs_k32<T::BM>(a[ks & 1][0], sx + ks * 32, acc[0]);
