@@ -1,6 +1,7 @@
 """The nvcc driver and kernel cache: template + tile config + target -> a loadable binary.
 
-Each template in this folder (`ALL_KINDS` in `configs.py`: kind -> (template file, group)) is
+Each template in this folder (`ALL_KINDS` in `configs.py`, `ATTN_KINDS` in
+`attention_configs.py`: kind -> (template file, ...)) is
 compiled with `config.defines(kind)` into one binary holding the `extern "C"` entry
 `config.name(kind)` (split-K configs also `config.name(kind) + "_reduce"`, `config.entries`).
 
@@ -150,8 +151,9 @@ def _defines(config, kind: str) -> list[str]:
 
 
 def _default_kinds() -> Mapping[str, tuple]:
+    from qcompile.cutlass_templates.attention_configs import ATTN_KINDS
     from qcompile.cutlass_templates.configs import ALL_KINDS
-    return ALL_KINDS
+    return {**ALL_KINDS, **ATTN_KINDS}
 
 
 @dataclass(frozen=True)

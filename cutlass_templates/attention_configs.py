@@ -1,0 +1,113 @@
+"""Kernel configs of the paged attention template (``paged_attention.cu``) and the launch plan.
+
+One binary per (KV format, head dim) holds four ``extern "C"`` entries (:meth:`AttnConfig.entries`):
+the decode kernel (16 query rows per CTA, the 4 warps split each 64-key tile), the prefill
+kernel (64 rows per CTA, FlashAttention-2 style), the split-KV merge and the KV encode. The
+first two take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
+B, MB, NB, BS, R, Hq, Hkv, scale_log2)``.
+
+:func:`plan` chooses the entry and the key splits from shapes only (never from device data),
+so a launch is the same for every step of a CUDA graph bucket. Pure Python: the compiler
+imports it on any host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# kind -> (template file, KV format). Activations fp16 (the GEMM kernels' dtype).
+ATTN_KINDS: dict[str, tuple[str, str]] = {
+    "attn_fp16": ("paged_attention.cu", "fp16"),
+    "attn_int4": ("paged_attention.cu", "int4"),
+}
+KIND_OF_FORMAT = {fmt: kind for kind, (_, fmt) in ATTN_KINDS.items()}
+HEAD_DIMS = (64, 128)
+THREADS = 128     # 4 warps (paged_attention.cu THREADS)
+TILE_KEYS = 64    # keys per shared-memory stage (TN), but see AttnConfig.stage_keys
+DECODE_ROWS, PREFILL_ROWS = 16, 64
+MIN_SPLIT_KEYS = 256  # a key split shorter than this costs more in the merge than it saves
+MAX_SPLITS = 32
+
+
+def _kind(kind: str) -> tuple[str, str]:
+    try:
+        return ATTN_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown attention kind {kind!r}; known: {sorted(ATTN_KINDS)}") from None
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    head_dim: int
+    stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"AttnConfig: head_dim {self.head_dim} not in {HEAD_DIMS}")
+        if self.stages < 2:
+            raise ValueError("AttnConfig: stages must be >= 2")
+
+    def name(self, kind: str) -> str:
+        _kind(kind)
+        return f"qc_{kind}_d{self.head_dim}_s{self.stages}"
+
+    def entries(self, kind: str) -> tuple[str, ...]:
+        name = self.name(kind)
+        return (name, name + "_prefill", name + "_merge", name + "_encode")
+
+    def defines(self, kind: str) -> list[str]:
+        int4 = _kind(kind)[1] == "int4"
+        # the template static_asserts that its layout takes exactly these shared-memory sizes
+        return [f"-DQC_KERNEL={self.name(kind)}", f"-DQC_HEAD_DIM={self.head_dim}",
+                f"-DQC_KV_INT4={int(int4)}", f"-DQC_STAGES={self.stages}",
+                f"-DQC_SMEM_DECODE={self.smem_bytes(kind, 'decode')}",
+                f"-DQC_SMEM_PREFILL={self.smem_bytes(kind, 'prefill')}"]
+
+    def threads(self) -> int:
+        return THREADS
+
+    def stage_keys(self, kind: str, entry: str) -> int:
+        """Keys per stage (DECODE_TN / 64 in the .cu): the int4 decode entry takes 128, so its
+        4 warps get 32 keys each per barrier; fp16 and prefill stages hold 64."""
+        return 128 if entry == "decode" and _kind(kind)[1] == "int4" else TILE_KEYS
+
+    def stage_bytes(self, kind: str, entry: str = "decode") -> int:
+        """K and V rows of one stage (+ int4 (scale, min) pairs), as the .cu pads them."""
+        d, int4 = self.head_dim, _kind(kind)[1] == "int4"
+        k_stride = d // 2 if int4 else 2 * d + 32
+        v_stride = d // 2 + 16 if int4 else 2 * d + 16
+        return self.stage_keys(kind, entry) * (k_stride + v_stride + (8 if int4 else 0))
+
+    def smem_bytes(self, kind: str, entry: str | None = None) -> int:
+        """Dynamic shared memory of an entry (None: the most any entry takes): the stages; the
+        decode entry also merges its 4 warps' rows there ([4][16][D + 4] fp32 + m and l)."""
+        if entry is None:
+            return max(self.smem_bytes(kind, e) for e in ("decode", "prefill"))
+        stages = self.stages * self.stage_bytes(kind, entry)
+        if entry == "prefill":
+            return stages
+        merge = 4 * 16 * (self.head_dim + 4) * 4 + 2 * 4 * 16 * 4
+        return max(stages, merge)
+
+
+@dataclass(frozen=True)
+class Launch:
+    entry: str          # "decode" or "prefill"
+    grid: tuple[int, int, int]
+    splits: int
+
+
+def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
+         entry: str | None = None, splits: int | None = None) -> Launch:
+    """Entry, grid and key splits for T query tokens of B sequences with up to max_keys keys
+    each (block-table width x page size). Decode when the batch is mostly single-token steps
+    (T <= 2B); splits until about two CTAs per SM, each split at least MIN_SPLIT_KEYS keys.
+    `entry` / `splits` override the choice (tests, benchmarks)."""
+    g = hq // hkv
+    entry = entry or ("decode" if t <= 2 * b else "prefill")
+    rows = DECODE_ROWS if entry == "decode" else PREFILL_ROWS
+    row_blocks = -(-t * g // rows) + b  # >= sum over sequences of ceil(n_b * G / rows)
+    if splits is None:
+        busy = (min(b, t) if entry == "decode" else -(-t * g // rows)) * hkv
+        splits = max(1, min(-(-2 * sm_count // max(busy, 1)), max_keys // MIN_SPLIT_KEYS,
+                            MAX_SPLITS))
+    return Launch(entry, (row_blocks, hkv, splits), splits)

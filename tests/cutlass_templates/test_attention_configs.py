@@ -1,0 +1,101 @@
+"""The paged attention template's configs and launch plan (pure Python), the kernels a
+lowered graph asks for, and (with nvcc) that the template builds for both targets with the
+shared-memory sizes the configs launch it with (the template static_asserts them)."""
+import random
+import shutil
+
+import pytest
+import torch
+
+from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, DECODE_ROWS, MAX_SPLITS,
+                                                          MIN_SPLIT_KEYS, PREFILL_ROWS,
+                                                          AttnConfig, plan)
+
+
+def test_names_entries_defines():
+    cfg = AttnConfig(128)
+    assert cfg.name("attn_int4") == "qc_attn_int4_d128_s3"
+    assert cfg.entries("attn_fp16") == ("qc_attn_fp16_d128_s3", "qc_attn_fp16_d128_s3_prefill",
+                                        "qc_attn_fp16_d128_s3_merge",
+                                        "qc_attn_fp16_d128_s3_encode")
+    d = cfg.defines("attn_int4")
+    assert "-DQC_KV_INT4=1" in d and "-DQC_HEAD_DIM=128" in d
+    assert f"-DQC_SMEM_DECODE={cfg.smem_bytes('attn_int4', 'decode')}" in d
+    assert "-DQC_KV_INT4=0" in AttnConfig(64).defines("attn_fp16")
+    with pytest.raises(ValueError, match="head_dim"):
+        AttnConfig(96)
+    with pytest.raises(ValueError, match="unknown attention kind"):
+        cfg.name("attn_int8")
+
+
+def test_shared_memory():
+    for kind in ATTN_KINDS:
+        for d in (64, 128):
+            cfg = AttnConfig(d)
+            dec, pre = cfg.smem_bytes(kind, "decode"), cfg.smem_bytes(kind, "prefill")
+            assert dec >= 4 * 16 * d * 4  # the decode entry merges 4 warps' fp32 rows there
+            assert cfg.smem_bytes(kind) == max(dec, pre) <= 227 * 1024
+    # int4 records are ~4x smaller: its stage holds 128 keys in the decode entry
+    assert AttnConfig(128).stage_bytes("attn_int4", "decode") == 128 * (64 + 80 + 8)
+    assert AttnConfig(128).stage_bytes("attn_fp16", "prefill") == 64 * (288 + 272)
+
+
+def test_plan_entry_and_splits():
+    dec = plan(64, 64, 32, 8, 1024, 132)
+    assert dec.entry == "decode" and dec.splits == 1 and dec.grid == (64 * 4 // 16 + 64, 8, 1)
+    one = plan(1, 1, 32, 8, 32768, 132)  # one long sequence: split its keys
+    assert one.splits == MAX_SPLITS and one.grid[2] == MAX_SPLITS
+    short = plan(1, 1, 32, 8, 512, 132)  # never below MIN_SPLIT_KEYS keys a split
+    assert short.splits == 512 // MIN_SPLIT_KEYS
+    pre = plan(4096, 2, 32, 8, 4096, 132)
+    assert pre.entry == "prefill" and pre.splits == 1
+    forced = plan(64, 64, 32, 8, 1024, 132, entry="prefill", splits=3)
+    assert forced.entry == "prefill" and forced.grid == (64 * 4 // 64 + 64, 8, 3)
+
+
+@pytest.mark.parametrize("entry", ("decode", "prefill"))
+def test_plan_covers_every_row_block(entry):
+    """The grid's row blocks bound sum_b ceil(n_b G / rows) for any split of T tokens."""
+    rng = random.Random(0)
+    rows = DECODE_ROWS if entry == "decode" else PREFILL_ROWS
+    for _ in range(500):
+        b = rng.randint(1, 40)
+        new = [rng.choice((0, 1, 1, 2, rng.randint(0, 300))) for _ in range(b)]
+        g = rng.choice((1, 2, 4, 7, 8))
+        t = max(1, sum(new))
+        need = sum(-(-n * g // rows) for n in new)
+        assert plan(t, b, 2 * g, 2, 4096, 132, entry=entry).grid[0] >= need
+
+
+def _lowered(ckpt, dtype, kv):
+    from qcompile.compiler.capture import KVSpec, capture
+    from qcompile.compiler.config import CompileConfig
+    from qcompile.compiler.pipeline import run_pipeline
+    from qcompile.models.decoder import Decoder
+    from qcompile.passes.base import Lowering
+    cfg = CompileConfig(precision="fp16", kv=kv, dtype=dtype, kernels="skip",
+                        kv_key_centering="none")
+    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights, cfg.torch_dtype),
+                                         KVSpec.of(ckpt.config, "fp16", 16, cfg.torch_dtype)))
+    run_pipeline(low, cfg)
+    return low.gm
+
+
+def test_graph_attention_requests(make_tiny_checkpoint):
+    from qcompile.compiler.kernels import attention_requests
+    from qcompile.models.loaders import load_checkpoint
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama", head_dim=64))
+    assert attention_requests(_lowered(ckpt, "float16", "int4")) == [("attn_int4", AttnConfig(64))]
+    assert attention_requests(_lowered(ckpt, "float16", "fp16")) == [("attn_fp16", AttnConfig(64))]
+    assert attention_requests(_lowered(ckpt, "float32", "int4")) == []  # reference only
+    small = load_checkpoint(make_tiny_checkpoint("llama"))  # head_dim 16: no kernel
+    assert attention_requests(_lowered(small, "float16", "int4")) == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
+@pytest.mark.parametrize("target", ("sm80", "sm90"))
+def test_template_builds(target, tmp_path):
+    from qcompile.cutlass_templates.build import build_kernel
+    b = build_kernel("attn_int4", AttnConfig(128), target, tmp_path)
+    assert b.entries == AttnConfig(128).entries("attn_int4") and b.path.stat().st_size > 0
+    assert b.smem_bytes == AttnConfig(128).smem_bytes("attn_int4")
