@@ -16,7 +16,7 @@ from qcompile.passes.base import Lowering
 from .artifact import PROGRAM, WEIGHTS, AtomicDir, write_manifest
 from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
 from .config import CompileConfig
-from .kernels import gemm_shapes, kernel_requests, write_kernels
+from .kernels import graph_kernel_requests, write_kernels
 from .pipeline import run_pipeline
 
 OUTPUT_NAMES = ("logits", "new_kv")
@@ -81,8 +81,8 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         torch.export.save(program, tmp / PROGRAM)
         ckpt.tokenizer.save_pretrained(tmp / "tokenizer")
         kdir = tmp / "kernels" / cfg.target
-        requests = (kernel_requests(gemm_shapes(lowering.gm), cfg.target)
-                    if cfg.kernels == "build" else [])
+        requests = graph_kernel_requests(lowering.gm, cfg.target) if cfg.kernels == "build" \
+            else []
         kernels = write_kernels(requests, cfg.target, kdir, progress)
         write_manifest(tmp, {
             "qcompile_version": qcompile_version(),

@@ -1,8 +1,9 @@
-"""The GEMM kernels a lowered graph needs, built for the artifact's target.
+"""The kernels a lowered graph needs, built for the artifact's target.
 
 Every quantized GEMM node gives (kind, N, K); each needs the kernels that selection can pick
 for it at any M on the target (`kernels_for`), because M (tokens per step) is only known at
-run time.
+run time. Every paged attention node with float16 activations needs the attention binary of
+its KV format and head dim (decode, prefill, merge and the KV encode).
 The binaries and their table go to the artifact's `kernels/<target>/`.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from torch import fx
 
 import qcompile.runtime.ops  # noqa: F401  (registers torch.ops.qcompile)
+from qcompile.cutlass_templates.attention_configs import HEAD_DIMS, KIND_OF_FORMAT, AttnConfig
 from qcompile.cutlass_templates.configs import kernels_for
+from qcompile.runtime.ops import ATTENTION_OPS
 
 # op -> kernel kind. `qcompile::gemm_w4a16` (the weight-only baseline) is deliberately absent:
 # it has no kernel and runs its reference on every device, so it asks for nothing here and
@@ -45,6 +48,26 @@ def kernel_requests(shapes, target: str = "sm80") -> list[tuple[str, object]]:
     `target` (sm90 adds its wgmma templates)."""
     reqs = {req for kind, n, k in shapes for req in kernels_for(kind, n, k, target)}
     return sorted(reqs, key=lambda r: r[1].name(r[0]))
+
+
+_ATTENTION = {op: fmt for fmt, op in ATTENTION_OPS.items()}
+
+
+def attention_requests(gm: fx.GraphModule) -> list[tuple[str, AttnConfig]]:
+    """(kind, config) of the attention binaries the graph's paged attention nodes use; none
+    for activations other than float16 (they run the reference)."""
+    reqs = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _ATTENTION:
+            q = node.args[0].meta["val"]
+            if q.dtype == torch.float16 and q.shape[-1] in HEAD_DIMS:
+                reqs.add((KIND_OF_FORMAT[_ATTENTION[node.target]], AttnConfig(q.shape[-1])))
+    return sorted(reqs, key=lambda r: r[1].name(r[0]))
+
+
+def graph_kernel_requests(gm: fx.GraphModule, target: str) -> list[tuple[str, object]]:
+    """Every kernel the lowered graph may launch on `target`: GEMMs and attention."""
+    return kernel_requests(gemm_shapes(gm), target) + attention_requests(gm)
 
 
 def write_kernels(requests, target: str, dest: Path, progress: bool) -> list[dict]:

@@ -62,8 +62,8 @@ class Engine:
         spec = KVSpec(kv["format"], kv["num_layers"], kv["block_size"], kv["record_bytes"])
         cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device)
         if device.type == "cuda" and art.manifest["kernels"]:
-            from . import gemm_kernels
-            gemm_kernels.enable(art.path / "kernels" / art.compile.target)
+            from . import attention_kernels, gemm_kernels
+            attention_kernels.enable(gemm_kernels.enable(art.path / "kernels" / art.compile.target))
         if compile:
             # Round to the activation dtype where eager does (before quantization), so the
             # compiled program produces the reference ops' int8 codes.

@@ -1,0 +1,134 @@
+"""CUDA implementations of `qcompile::paged_attention_{fp16,int4}` and
+`qcompile::kv_encode_{fp16,int4}`: the paged_attention.cu entries of a loaded kernel table,
+launched on PyTorch's current stream (CUDA-graph capturable: the launch plan depends on
+shapes only, lengths and block tables are read on the device).
+
+`enable(table)` registers them for CUDA tensors. A call the table has no kernel for (float32
+or bfloat16 activations, a head dim without a build) runs the PyTorch reference, counted in
+`STATS.fallbacks` with the reason, so a benchmark can say what it measured.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+
+from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FORMAT, AttnConfig,
+                                                         plan)
+from qcompile.runtime.ops.attention import paged_attention_ref
+from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes
+
+from .gemm_kernels import KernelTable, Stats
+
+STATS = Stats()
+_TABLE: KernelTable | None = None
+_LOG2E = 1.4426950408889634
+
+
+def enable(table: KernelTable) -> None:
+    """Route CUDA calls of the attention and KV-encode ops to the kernels in `table`."""
+    global _TABLE
+    _TABLE = table
+    for fmt in CODECS:
+        torch.library.register_kernel(f"qcompile::paged_attention_{fmt}", "cuda",
+                                      functools.partial(_attention, fmt))
+        torch.library.register_kernel(f"qcompile::kv_encode_{fmt}", "cuda",
+                                      functools.partial(_encode, fmt))
+
+
+def _find(fmt: str, head_dim: int, dtype: torch.dtype, what: str):
+    """(config, kind) whose binary is in the table, or None with the reason counted."""
+    kind = KIND_OF_FORMAT[fmt]
+    if dtype != torch.float16:
+        reason = f"{what} {fmt}: the kernels take float16 activations, not {dtype}"
+    elif _TABLE is None:
+        reason = f"{what} {fmt}: no kernel table enabled"
+    else:
+        try:
+            cfg = AttnConfig(head_dim)
+        except ValueError as e:
+            cfg, reason = None, f"{what} {fmt}: {e}"
+        if cfg is not None:
+            if cfg.name(kind) in _TABLE.kernels:
+                return cfg, kind
+            reason = f"{what} {fmt}: {cfg.name(kind)} is not in {_TABLE.dir}"
+    if not STATS.fallbacks[reason]:
+        warnings.warn(f"qcompile attention runs the PyTorch reference: {reason}")
+    STATS.fallbacks[reason] += 1
+    return None
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _attention(fmt, q, kv_new, kv_cache, block_tables, ctx_lens, query_start, num_kv_heads,
+               scale):
+    found = _find(fmt, q.shape[-1], q.dtype, "attention")
+    if found is None:
+        return paged_attention_ref(fmt, q, kv_new, kv_cache, block_tables, ctx_lens,
+                                   query_start, num_kv_heads, scale)
+    return launch_attention(*found, q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
+                            num_kv_heads, scale)
+
+
+def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tables, ctx_lens,
+                     query_start, num_kv_heads: int, scale: float, *, out=None, splits=None,
+                     entry=None):
+    """Launch into out ([T, Hq, D] fp16; allocated when None). `splits` / `entry` override
+    the plan (tests and the benchmark)."""
+    from .launcher import f32, i32, ptr
+    q, kv_new = q.contiguous(), kv_new.contiguous()
+    t, hq, d = q.shape
+    b, mb = block_tables.shape
+    nb, bs, r = kv_cache.shape[1:]
+    if out is None:
+        out = torch.empty_like(q)
+    if t == 0 or b == 0:
+        return out
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    p = plan(t, b, hq, num_kv_heads, mb * bs, sms, entry=entry, splits=splits)
+    entry, splits = p.entry, p.splits
+    ws_o = ws_lse = None
+    if splits > 1:
+        ws_o = torch.empty((splits, t, hq, d), dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty((splits, t, hq), dtype=torch.float32, device=q.device)
+    name = cfg.name(kind)
+    kernel = _TABLE.kernels[name if entry == "decode" else f"{name}_{entry}"]
+    args = [ptr(q), ptr(kv_new), ptr(kv_cache), ptr(block_tables), ptr(ctx_lens),
+            ptr(query_start), ptr(out), ptr(ws_o), ptr(ws_lse), i32(t), i32(b), i32(mb),
+            i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E)]
+    kernel.launch(p.grid, (cfg.threads(), 1, 1),
+                  cfg.smem_bytes(kind, entry), args)
+    if splits > 1:
+        _TABLE.kernels[f"{name}_merge"].launch(
+            (math.ceil(t * hq / 4), 1, 1), (cfg.threads(), 1, 1), 0,
+            [ptr(ws_o), ptr(ws_lse), ptr(out), i32(t), i32(hq), i32(splits)])
+    STATS.launches[f"{name}_{entry}" + (f"_split{splits}" if splits > 1 else "")] += 1
+    return out
+
+
+def _encode(fmt, k, v):
+    found = _find(fmt, k.shape[-1], k.dtype, "kv_encode")
+    if found is None:
+        return _encode_pair(fmt, k, v)
+    return launch_encode(*found, k, v)
+
+
+def launch_encode(cfg: AttnConfig, kind: str, k, v):
+    """k, v [T, Hkv, D] fp16 -> records [2, T, R] uint8 (bitwise the reference codec)."""
+    from .launcher import i32, ptr
+    k, v = k.contiguous(), v.contiguous()
+    t, hkv, d = k.shape
+    r = kv_record_bytes(ATTN_KINDS[kind][1], hkv, d, k.dtype)
+    out = torch.empty((2, t, r), dtype=torch.uint8, device=k.device)
+    if t:
+        _TABLE.kernels[f"{cfg.name(kind)}_encode"].launch(
+            (math.ceil(2 * t * hkv / 4), 1, 1), (cfg.threads(), 1, 1), 0,
+            [ptr(k), ptr(v), ptr(out), i32(t), i32(hkv), i32(r)])
+        STATS.launches[f"{cfg.name(kind)}_encode"] += 1
+    return out
+

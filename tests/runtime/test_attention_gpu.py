@@ -1,0 +1,187 @@
+"""The paged attention and KV encode kernels (paged_attention.cu) against the PyTorch
+reference ops, on fresh random data, with poisoned outputs, and under CUDA-graph replay.
+
+Batches mix decode steps, prefill chunks over cached context, fresh prefills and sequences
+with no new tokens; pages are scattered and out of order, and every page nobody owns holds
+random bytes (NaN and inf patterns included), so a kernel that reads past a context or
+outside its table fails. Both entries (decode, prefill) and key splits are forced on the same
+batch. Needs the kernel table built by `bench/build_kernels.py` (QCOMPILE_KERNEL_DIR, default
+build/kernels_sm<major>0)."""
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, AttnConfig
+from qcompile.runtime.ops import KV_ENCODE_OPS, kv_record_bytes
+from qcompile.runtime.ops.attention import paged_attention_ref
+
+pytestmark = pytest.mark.gpu
+
+FORMATS = ("fp16", "int4")
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from qcompile.runtime import attention_kernels, gemm_kernels
+    major = torch.cuda.get_device_capability()[0]
+    kdir = Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
+    if not (kdir / "kernels.json").exists():
+        pytest.fail(f"no kernel table at {kdir}: run bench/build_kernels.py first")
+    attention_kernels.enable(gemm_kernels.enable(kdir))
+    return attention_kernels
+
+
+def make_batch(fmt, hq, hkv, d, seqs, seed=0, extra_pages=5):
+    """seqs: [(ctx, new)] -> inputs of the attention op (CPU), pages scattered; unowned
+    pages random bytes."""
+    g = torch.Generator().manual_seed(seed)
+    r = kv_record_bytes(fmt, hkv, d, torch.float16)
+    pages = [math.ceil(c / BS) for c, _ in seqs]
+    nb = sum(pages) + extra_pages
+    cache = torch.randint(0, 256, (2, nb, BS, r), dtype=torch.uint8, generator=g)
+    order = torch.randperm(nb, generator=g).tolist()
+    mb = max(1, max(pages))
+    tables = torch.zeros(len(seqs), mb, dtype=torch.int32)
+    for b, ((ctx, _), n) in enumerate(zip(seqs, pages)):
+        own = [order.pop() for _ in range(n)]
+        tables[b, :n] = torch.tensor(own, dtype=torch.int32)
+        if ctx:
+            k = torch.randn(ctx, hkv, d, generator=g).half()
+            v = torch.randn(ctx, hkv, d, generator=g).half()
+            recs = KV_ENCODE_OPS[fmt](k, v)
+            for t in range(ctx):
+                cache[:, own[t // BS], t % BS] = recs[:, t]
+    t_new = sum(n for _, n in seqs)
+    q = torch.randn(t_new, hq, d, generator=g).half()
+    kv_new = KV_ENCODE_OPS[fmt](torch.randn(t_new, hkv, d, generator=g).half(),
+                                torch.randn(t_new, hkv, d, generator=g).half())
+    ctx_lens = torch.tensor([c for c, _ in seqs], dtype=torch.int32)
+    starts = torch.tensor([0] + [n for _, n in seqs], dtype=torch.int32).cumsum(0).int()
+    return q, kv_new, cache, tables, ctx_lens, starts
+
+
+def _reference(fmt, batch, hkv, d):
+    return paged_attention_ref(fmt, *batch, hkv, d ** -0.5).float()
+
+
+def _run(kernels, fmt, batch, hkv, d, **kw):
+    q = batch[0].cuda()
+    out = torch.full_like(q, float("nan"))  # poisoned
+    cfg = AttnConfig(d)
+    args = [x.cuda() for x in batch]
+    kernels.launch_attention(cfg, KIND_OF_FORMAT[fmt], *args, hkv, d ** -0.5, out=out, **kw)
+    return out.float().cpu()
+
+
+def _check(got, ref, what):
+    assert not torch.isnan(got).any(), f"{what}: rows left unwritten (NaN from the poison)"
+    err = (got - ref).abs().max().item()
+    sqnr = 10 * math.log10(ref.pow(2).sum() / (got - ref).pow(2).sum().clamp_min(1e-30))
+    assert err < 1e-2 and sqnr > 45, f"{what}: max abs err {err:.2e}, SQNR {sqnr:.1f} dB"
+
+
+MIXED = [(0, 1), (5, 1), (16, 1), (17, 0), (33, 1), (100, 37), (0, 130), (250, 1), (64, 3),
+         (0, 0), (1000, 1)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("d", (64, 128))
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 4), (8, 2), (16, 2), (14, 2)])
+def test_mixed_batch_every_entry(kernels, fmt, d, hq, hkv):
+    batch = make_batch(fmt, hq, hkv, d, MIXED, seed=hq + d)
+    ref = _reference(fmt, batch, hkv, d)
+    for entry in ("decode", "prefill"):
+        for splits in (1, 3):
+            got = _run(kernels, fmt, batch, hkv, d, entry=entry, splits=splits)
+            _check(got, ref, f"{fmt} d{d} {hq}/{hkv} {entry} splits={splits}")
+    _check(_run(kernels, fmt, batch, hkv, d), ref, f"{fmt} d{d} planned")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_long_context_decode_splits(kernels, fmt):
+    """One sequence of 20000 cached tokens (the plan splits its keys) and a short one."""
+    batch = make_batch(fmt, 32, 8, 128, [(20000, 1), (3, 1)], seed=7)
+    ref = _reference(fmt, batch, 8, 128)
+    _check(_run(kernels, fmt, batch, 8, 128), ref, f"{fmt} long decode")
+    _check(_run(kernels, fmt, batch, 8, 128, splits=1), ref, f"{fmt} long decode unsplit")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_graph_replay_reads_device_metadata(kernels, fmt):
+    """Capture once, then change lengths, tables and data in place: replay follows them."""
+    hq, hkv, d = 8, 2, 64
+    seqs_a = [(40, 1), (7, 1), (129, 1), (0, 1)]
+    seqs_b = [(3, 1), (70, 1), (0, 1), (100, 1)]
+    a = [x.cuda() for x in make_batch(fmt, hq, hkv, d, seqs_a, seed=1)]
+    b = make_batch(fmt, hq, hkv, d, seqs_b, seed=2)
+    mb = max(a[3].shape[1], b[3].shape[1])
+    nb = max(a[2].shape[1], b[2].shape[1])
+    static = [a[0], a[1], torch.zeros(2, nb, BS, a[2].shape[-1], dtype=torch.uint8, device="cuda"),
+              torch.zeros(4, mb, dtype=torch.int32, device="cuda"), a[4], a[5]]
+    static[2][:, : a[2].shape[1]] = a[2]
+    static[3][:, : a[3].shape[1]] = a[3]
+    cfg, kind = AttnConfig(d), KIND_OF_FORMAT[fmt]
+    out = torch.full_like(static[0], float("nan"))
+    kernels.launch_attention(cfg, kind, *static, hkv, d ** -0.5, out=out)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.launch_attention(cfg, kind, *static, hkv, d ** -0.5, out=out)
+    for src, seqs in ((a, seqs_a), (b, seqs_b)):
+        src = [x.cuda() for x in src]
+        static[0].copy_(src[0])
+        static[1].copy_(src[1])
+        static[2].zero_()
+        static[2][:, : src[2].shape[1]] = src[2]
+        static[3].zero_()
+        static[3][:, : src[3].shape[1]] = src[3]
+        static[4].copy_(src[4])
+        static[5].copy_(src[5])
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(fmt, [x.cpu() for x in static], hkv, d)
+        _check(out.float().cpu(), ref, f"{fmt} graph replay {seqs}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hkv,d", [(1, 64), (3, 64), (8, 128)])
+def test_encode_bitwise(kernels, fmt, hkv, d):
+    g = torch.Generator().manual_seed(d + hkv)
+    k = (torch.randn(77, hkv, d, generator=g) * 3).half()
+    v = torch.randn(77, hkv, d, generator=g).half()
+    k[3] = 0.5  # a constant head: scale falls back to 1e-4
+    want = KV_ENCODE_OPS[fmt](k, v)  # CPU reference
+    got = KV_ENCODE_OPS[fmt](k.cuda(), v.cuda()).cpu()
+    assert torch.equal(got, want)
+    assert kernels.STATS.launches, "the CUDA encode did not run"
+
+
+def test_ops_route_to_kernels(kernels):
+    """The registered CUDA implementation runs the kernel, not the reference fallback."""
+    fmt, hq, hkv, d = "int4", 8, 2, 128
+    batch = [x.cuda() for x in make_batch(fmt, hq, hkv, d, [(50, 1), (0, 20)], seed=3)]
+    before = sum(kernels.STATS.launches.values())
+    from qcompile.runtime.ops import ATTENTION_OPS
+    got = ATTENTION_OPS[fmt](*batch, hkv, d ** -0.5).float().cpu()
+    assert sum(kernels.STATS.launches.values()) == before + 1
+    assert not kernels.STATS.fallbacks
+    _check(got, _reference(fmt, [x.cpu() for x in batch], hkv, d), "op dispatch")
+
+
+def test_no_host_synchronisation(kernels):
+    """The attention and encode ops never wait for the device (sync debug mode raises)."""
+    fmt, hq, hkv, d = "int4", 32, 8, 64
+    batch = [x.cuda() for x in make_batch(fmt, hq, hkv, d, [(300, 1)] * 8, seed=5)]
+    from qcompile.runtime.ops import ATTENTION_OPS
+    k = torch.randn(8, hkv, d, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ATTENTION_OPS[fmt](*batch, hkv, d ** -0.5)
+        KV_ENCODE_OPS[fmt](k, k)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
