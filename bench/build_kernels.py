@@ -1,5 +1,5 @@
-"""Build every GEMM kernel that the GPU tests and bench/gemm.py use, for one target, into a
-kernel-table directory (kernels.json + binaries) to carry to the GPU machine.
+"""Build every GEMM and attention kernel that the GPU tests and the benchmarks use, for one
+target, into a kernel-table directory (kernels.json + binaries) to carry to the GPU machine.
 
     python bench/build_kernels.py --target sm90 --out build/kernels_sm90
 """
@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from qcompile.compiler.kernels import kernel_requests
+from qcompile.cutlass_templates.attention_configs import ATTN_KINDS, HEAD_DIMS, AttnConfig
 from qcompile.cutlass_templates.build import build_kernels, write_kernel_table
 from qcompile.cutlass_templates.configs import KINDS
 
@@ -23,9 +24,13 @@ def main(argv=None) -> None:
     p.add_argument("--target", default="sm90", choices=("sm80", "sm90"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--jobs", type=int)
+    p.add_argument("--only", choices=("gemm", "attention"), help="one family (default: both)")
     args = p.parse_args(argv)
     shapes = [(kind, n, k) for kind in KINDS for n, k in TEST_SHAPES + BENCH_SHAPES]
-    binaries = build_kernels(kernel_requests(shapes, args.target), args.target, jobs=args.jobs)
+    gemm = kernel_requests(shapes, args.target) if args.only != "attention" else []
+    attention = ([(kind, AttnConfig(d)) for kind in ATTN_KINDS for d in HEAD_DIMS]
+                 if args.only != "gemm" else [])
+    binaries = build_kernels(gemm + attention, args.target, jobs=args.jobs)
     print(f"{len(binaries)} kernels -> {write_kernel_table(binaries, args.out)}")
 
 
