@@ -3,6 +3,7 @@ many prompts with continuous batching on a paged KV cache."""
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +15,7 @@ from qcompile.compiler.capture import KVSpec
 
 from .artifact import Artifact, ArtifactError, load_program, load_weights, open_artifact
 from .kv_cache import PagedKVCache
-from .sampler import SamplingParams, sample
+from .sampler import SamplingParams, sample_rows
 from .scheduler import Chunk, Request, Scheduler
 
 CPU_KV_BYTES = 1 << 30  # default cache on CPU; on a GPU the cache takes free memory
@@ -115,9 +116,8 @@ class Engine:
                     f"prompt {i} has {len(ids)} tokens but this artifact serves at most "
                     f"{self.max_seq_len} tokens per sequence (prompt + generated): shorten it "
                     "or recompile with a larger --max-seq-len")
-            gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None \
-                else None
-            reqs.append(Request(ids, params, index=i, generator=gen))
+            seed = (params.seed + i) % 2**63 if params.seed is not None else random.getrandbits(63)
+            reqs.append(Request(ids, params, index=i, seed=seed))
         for r in reqs:
             self.scheduler.add(r)
         return reqs
@@ -139,15 +139,25 @@ class Engine:
         events = []
         for c in chunks:
             c.req.computed = c.end
-        for row, c in zip(logits, sampled_chunks):
-            req = c.req
-            token = sample(row, req.params, req.generator)
+        reqs = [c.req for c in sampled_chunks]
+        tokens = self._sample(logits, reqs).tolist()  # the step's one device -> host read
+        for req, token in zip(reqs, tokens):
             req.out.append(token)
             reason = self._finish_reason(req, token)
             if reason:
                 self.scheduler.finish(req, reason)
             events.append((req, token))
         return events
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Next token of every row at once on the logits' device (runtime/sampler.py)."""
+        p = [r.params for r in reqs]
+        dev, f32 = logits.device, torch.float32
+        rows = torch.tensor([[q.temperature, q.top_p] for q in p], dtype=f32).to(dev, non_blocking=True)
+        ints = torch.tensor([[q.top_k, r.seed, len(r.out)] for q, r in zip(p, reqs)],
+                            dtype=torch.int64).to(dev, non_blocking=True)
+        return sample_rows(logits, rows[:, 0], rows[:, 1], ints[:, 0], ints[:, 1], ints[:, 2],
+                           random=any(q.temperature > 0 for q in p))
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         if req.params.stop_on_eos and token in self.eos_ids:

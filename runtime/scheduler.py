@@ -9,7 +9,6 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
 
 from .kv_cache import PagedKVCache
 from .sampler import SamplingParams
@@ -27,7 +26,7 @@ class Request:
     computed: int = 0                   # tokens whose KV is in the cache
     finish_reason: str | None = None    # "eos" | "length"
     preemptions: int = 0
-    generator: torch.Generator | None = None
+    seed: int = 0                       # of its random draws (runtime/sampler.py)
 
     @property
     def tokens(self) -> list[int]:

@@ -1,10 +1,11 @@
-"""runtime/sampler.py: SamplingParams validation and next-token selection.
+"""runtime/sampler.py: SamplingParams validation and batched next-token selection.
 
-* Invalid max_new_tokens / temperature / top_p raise ValueError naming the parameter.
-* temperature 0 is greedy (argmax); a tiny top_p leaves only the top token whatever the
-  temperature; top_p never picks a token outside the nucleus.
-* Temperature sampling with a seeded generator is reproducible and follows the distribution
-  (a token of probability ~0.9 wins most of 200 draws; a lower temperature sharpens it).
+* Invalid max_new_tokens / temperature / top_p / top_k / seed raise ValueError naming it.
+* temperature 0 is greedy (argmax); a tiny top_p or top_k 1 leaves only the top token whatever
+  the temperature; top_p and top_k never pick outside their set.
+* Draws are a pure function of (seed, position, token): reproducible, different across seeds
+  and positions, independent of the other rows of the batch, and they follow the
+  distribution (a token of probability ~0.9 wins most of 200 draws; temperature sharpens).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from qcompile.runtime.sampler import SamplingParams, sample
+from qcompile.runtime.sampler import SamplingParams, sample, sample_rows, uniform
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -28,6 +29,10 @@ from qcompile.runtime.sampler import SamplingParams, sample
     (dict(top_p=1.5), "top_p"),
     (dict(top_p=-0.1), "top_p"),
     (dict(top_p=float("nan")), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=2**63), "seed"),
 ])
 def test_invalid_params_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -37,7 +42,7 @@ def test_invalid_params_name_the_parameter(kwargs, name):
 def test_valid_params():
     p = SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0)
     assert p.max_new_tokens == 1
-    SamplingParams(temperature=2.5, top_p=1e-6, seed=0)
+    SamplingParams(temperature=2.5, top_p=1e-6, seed=0, top_k=5)
 
 
 def _logits(probs):
@@ -49,48 +54,75 @@ def test_greedy_is_argmax():
     params = SamplingParams(temperature=0.0)
     for _ in range(20):
         logits = torch.randn(50)
-        assert sample(logits, params, None) == int(logits.argmax())
+        assert sample(logits, params) == int(logits.argmax())
     half = torch.randn(50).half()
-    assert sample(half, params, None) == int(half.argmax())
+    assert sample(half, params) == int(half.argmax())
 
 
 def test_tiny_top_p_is_argmax():
-    gen = torch.Generator().manual_seed(1)
     logits = _logits([0.2, 0.15, 0.25, 0.2, 0.2])  # flat-ish: sampling would vary a lot
-    params = SamplingParams(temperature=1.5, top_p=1e-6)
-    assert {sample(logits, params, gen) for _ in range(100)} == {2}
+    for params in (SamplingParams(temperature=1.5, top_p=1e-6),
+                   SamplingParams(temperature=1.5, top_k=1)):
+        assert {sample(logits, params, 1, i) for i in range(100)} == {2}
 
 
 def test_top_p_stays_in_nucleus():
-    gen = torch.Generator().manual_seed(2)
     # sorted: 0.5 (id 3), 0.3 (id 0), 0.15 (id 1), 0.05 (id 2); top_p 0.7 keeps ids 3 and 0.
     logits = _logits([0.3, 0.15, 0.05, 0.5])
     params = SamplingParams(temperature=1.0, top_p=0.7)
-    draws = [sample(logits, params, gen) for _ in range(300)]
+    draws = [sample(logits, params, 2, i) for i in range(300)]
     assert set(draws) == {0, 3}
     # renormalized: 0.5/0.8 = 0.625 for id 3; 300 draws -> sd ~ 8.4
     assert 150 < draws.count(3) < 225
+    top2 = [sample(logits, SamplingParams(temperature=1.0, top_k=2), 3, i) for i in range(300)]
+    assert set(top2) == {0, 3}
 
 
 def test_seeded_sampling_is_reproducible():
     logits = torch.randn(100, generator=torch.Generator().manual_seed(3))
-    params = SamplingParams(temperature=1.0, seed=7)
-    first = sample(logits, params, torch.Generator().manual_seed(7))
-    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    s1 = [sample(logits, params, g1) for _ in range(50)]
-    s2 = [sample(logits, params, g2) for _ in range(50)]
-    assert s1 == s2
-    assert s1[0] == first
+    params = SamplingParams(temperature=1.0)
+    s1 = [sample(logits, params, 7, i) for i in range(50)]
+    assert s1 == [sample(logits, params, 7, i) for i in range(50)]
     assert len(set(s1)) > 5  # it really samples (100 near-uniform-ish tokens)
-    g3 = torch.Generator().manual_seed(8)
-    assert [sample(logits, params, g3) for _ in range(50)] != s1
+    assert [sample(logits, params, 8, i) for i in range(50)] != s1
+    assert [sample(logits, params, 2**40 + 7, i) for i in range(50)] != s1  # high bits count
+
+
+def test_rows_do_not_depend_on_each_other():
+    """A row's draw is the same alone, in a batch, in another order, beside greedy rows."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 300, generator=gen)
+    temp = torch.tensor([1.0, 0.0, 0.7, 1.3, 1.0, 0.0])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 1.0, 1.0])
+    top_k = torch.tensor([0, 0, 0, 0, 20, 0])
+    seed = torch.tensor([1, 2, 3, 4, 5, 6])
+    pos = torch.tensor([0, 5, 9, 2, 2, 0])
+    batch = sample_rows(logits, temp, top_p, top_k, seed, pos)
+    assert batch[1] == logits[1].argmax() and batch[5] == logits[5].argmax()
+    for i in range(6):
+        one = sample_rows(logits[i:i + 1], temp[i:i + 1], top_p[i:i + 1], top_k[i:i + 1],
+                          seed[i:i + 1], pos[i:i + 1])
+        assert one[0] == batch[i]
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert torch.equal(sample_rows(logits[perm], temp[perm], top_p[perm], top_k[perm],
+                                   seed[perm], pos[perm]), batch[perm])
+
+
+def test_uniform_is_uniform():
+    tok = torch.arange(20000)[None]
+    u = uniform(torch.tensor([[11]]), torch.tensor([[3]]), tok)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    hist = torch.histc(u, bins=10, min=0, max=1)
+    assert (hist - 2000).abs().max() < 200  # ~4.7 sd of Binomial(20000, 0.1)
+    other = uniform(torch.tensor([[11]]), torch.tensor([[4]]), tok)
+    assert abs(torch.corrcoef(torch.stack([u[0], other[0]]))[0, 1].item()) < 0.03
 
 
 def test_temperature_sampling_follows_distribution():
-    gen = torch.Generator().manual_seed(4)
     probs = [0.9, 0.04, 0.03, 0.02, 0.01]
     logits = _logits(probs)
-    draws = [sample(logits, SamplingParams(temperature=1.0), gen) for _ in range(200)]
+    draws = [sample(logits, SamplingParams(temperature=1.0), 4, i) for i in range(200)]
     # Binomial(200, 0.9): mean 180, sd ~4.2; 160 is ~4.7 sd below.
     assert draws.count(0) >= 160
     assert draws.count(0) < 200  # the other 10% do show up (P(all 200) = 0.9^200 ~ 7e-10)
@@ -98,11 +130,10 @@ def test_temperature_sampling_follows_distribution():
 
 
 def test_temperature_scales_logits():
-    gen = torch.Generator().manual_seed(5)
     logits = _logits([0.6, 0.4])
     # T = 0.25: p0 = 0.6^4 / (0.6^4 + 0.4^4) = 0.835; T = 4: p0 = 0.6^.25/(...) = 0.525.
-    cold = [sample(logits, SamplingParams(temperature=0.25), gen) for _ in range(400)]
-    hot = [sample(logits, SamplingParams(temperature=4.0), gen) for _ in range(400)]
+    cold = [sample(logits, SamplingParams(temperature=0.25), 5, i) for i in range(400)]
+    hot = [sample(logits, SamplingParams(temperature=4.0), 6, i) for i in range(400)]
     p_cold, p_hot = cold.count(0) / 400, hot.count(0) / 400
     sd = math.sqrt(0.25 / 400)
     assert abs(p_cold - 0.835) < 4 * sd and abs(p_hot - 0.525) < 4 * sd
