@@ -74,10 +74,11 @@ def test_preemption_keeps_every_request(artifact):
     assert sum(r.preemptions for r in small.scheduler.waiting) == 0  # queue drained
 
 
-def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, monkeypatch):
+def test_atomic_write_leaves_nothing_on_failure(artifact, make_tiny_checkpoint, tmp_path,
+                                                monkeypatch):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous artifact")
+    shutil.copytree(artifact, out)  # a previous artifact, which a compile may replace
+    before = (out / MANIFEST).read_bytes()
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -85,7 +86,7 @@ def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp dir left behind
-    assert (out / "keep.txt").read_text() == "previous artifact"
+    assert (out / MANIFEST).read_bytes() == before
 
 
 def test_artifact_older_than_kv_options_loads(make_tiny_checkpoint, tmp_path):
