@@ -43,7 +43,6 @@ ENTRIES = {
     ".data/serialization_id": lambda b: re.fullmatch(rb"\d{1,64}", b) is not None,
 }
 REQUIRED = ("archive_format", "archive_version", MODEL_JSON)
-MAX_ENTRIES = 64
 
 # Strings torch evaluates. expr_str is sympy's srepr ("Mul(Integer(2), Symbol('s52',
 # positive=True, integer=True))"); guards are comparisons of input sizes
@@ -52,12 +51,13 @@ MAX_ENTRIES = 64
 SYMPY_NAMES = frozenset((
     "Symbol", "Integer", "Add", "Mul", "Max", "Min", "Mod", "FloorDiv", "CleanDiv", "CeilToInt",
     "PythonMod", "ModularIndexing", "Where", "IntTrueDiv", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
-    "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "And", "Or", "Not",
+    "Equality", "Unequality", "StrictLessThan", "StrictGreaterThan", "LessThan",
+    "GreaterThan", "And", "Or", "Not", "Rational", "floor", "ceiling",
     "True", "False", "true", "false", "oo", "positive", "negative", "nonnegative", "nonpositive",
     "integer", "real", "finite", "nonzero", "zero"))
-_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z]+)|'[a-z]{1,3}\d{1,6}'|-?\d{1,18}|[(),=-])")
+_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z]+)|'[a-z]{1,3}\d{1,6}'|-?\d{1,18}(?!\d)|[(),=-])")
 _GUARD_TOKEN = re.compile(
-    r"\s*(?:L\['[A-Za-z_][A-Za-z0-9_]{0,63}'\]\.size\(\)\[\d{1,2}\]|\d{1,18}|==|!=|<=|>=|<|>"
+    r"\s*(?:L\['[A-Za-z_][A-Za-z0-9_]{0,63}'\]\.size\(\)\[\d{1,2}\]|\d{1,18}(?!\d)|==|!=|<=|>=|<|>"
     r"|\+|-|\*|//|%|\(|\)|and\b|or\b|not\b)")
 MAX_EXPR = 4096
 
@@ -83,7 +83,7 @@ def read_program_json(path: Path) -> dict:
     """The serialized program (models/model.json) of an archive whose every entry is allowed."""
     with zipfile.ZipFile(path) as z:
         infos = z.infolist()
-        if not infos or len(infos) > MAX_ENTRIES:
+        if not infos or len(infos) > len(ENTRIES):
             raise ProgramRefused(f"has {len(infos)} entries, qcompile writes at most "
                                  f"{len(ENTRIES)}")
         root = infos[0].filename.split("/", 1)[0]

@@ -16,7 +16,7 @@ from qcompile.compiler.artifact import MANIFEST, PROGRAM, WEIGHTS
 from qcompile.runtime.artifact import ArtifactError, load_program, open_artifact
 from qcompile.runtime.cli import run_main
 from qcompile.runtime.engine import Engine
-from qcompile.runtime.program_archive import check_graph_ops
+from qcompile.runtime.program_archive import check_evaluated_strings, check_graph_ops
 
 CPU = torch.device("cpu")
 
@@ -270,3 +270,40 @@ def test_prompt_that_is_not_utf8(served_artifact):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="token ids must be integers from 0 to 255"):
         engine.generate([[1, 2, 999]], max_new_tokens=2)
+
+
+def test_schema_knows_every_config_field_type():
+    """A new config field of a new type must get a check in runtime/manifest.py."""
+    import dataclasses
+
+    from qcompile.compiler.config import CompileConfig
+    from qcompile.models.config import ModelConfig
+    from qcompile.runtime.manifest import _FIELD_TYPES
+    types = {f.type for cls in (CompileConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    assert types <= set(_FIELD_TYPES)
+
+
+@pytest.mark.parametrize("expr", [
+    "Add(Mul(Integer(2), Symbol('s52', positive=True, integer=True)), Integer(1))",
+    "Max(Integer(2), Symbol('s1', integer=True))", "Symbol('u0', integer=True)",
+    "floor(Mul(Rational(1, 2), Symbol('s1', positive=True, integer=True)))"])
+def test_sympy_expressions_torch_writes_pass(expr):
+    check_evaluated_strings({"graph": [{"expr_str": expr}], "guards_code": [
+        "L['query_start'].size()[0] == (1 + L['block_tables'].size()[0])"]})
+
+
+@pytest.mark.parametrize("field,text", [
+    ("expr_str", "__import__('os').system('true')"),
+    ("expr_str", "Symbol('s1').__class__"),
+    ("expr_str", "Integer(2)**Integer(10)**Integer(10)"),
+    ("expr_str", "Integer(" + "9" * 30 + ")"),
+    ("expr_str", "Symbol('x; import os')"),
+    ("expr_str", "eval('1')"),
+    ("guards_code", "L['x'].size()[0] == len(open('/etc/passwd').read())"),
+    ("guards_code", "L['x'].__class__"),
+    ("guards_code", "2 ** 2 ** 99 > L['x'].size()[0]"),
+])
+def test_strings_torch_would_eval_are_refused(field, text):
+    doc = {"guards_code": [text]} if field == "guards_code" else {"a": [{"expr_str": text}]}
+    with pytest.raises(ValueError, match="qcompile does not write"):
+        check_evaluated_strings(doc)
