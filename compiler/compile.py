@@ -10,13 +10,14 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
+from qcompile.models.config import ModelConfig
 from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import Checkpoint, load_checkpoint
 from qcompile.passes.base import Lowering
 
 from .artifact import PROGRAM, WEIGHTS, AtomicDir, check_output, write_manifest
 from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
-from .config import CompileConfig
+from .config import MAX_SEQ_LEN, MIN_SEQ_LEN, CompileConfig
 from .kernels import gemm_shapes, kernel_requests, write_kernels
 from .pipeline import run_pipeline
 
@@ -50,6 +51,19 @@ def check_inputs(cfg: CompileConfig, out, force: bool, protect=()) -> None:
         raise FileNotFoundError(f"--calib-text {cfg.calib_text}: no such file")
 
 
+def served_length(cfg: CompileConfig, mcfg: ModelConfig) -> int:
+    """The artifact's max_seq_len: --max-seq-len, or the model's context; a warning past it."""
+    max_seq_len = cfg.max_seq_len or mcfg.max_position_embeddings
+    if not MIN_SEQ_LEN <= max_seq_len <= MAX_SEQ_LEN:
+        raise ValueError(f"the model's context ({max_seq_len} tokens) is outside {MIN_SEQ_LEN}.."
+                         f"{MAX_SEQ_LEN}: pass --max-seq-len")
+    if cfg.max_seq_len > mcfg.max_position_embeddings:
+        warnings.warn(f"--max-seq-len {cfg.max_seq_len} is beyond the model's trained context "
+                      f"({mcfg.max_position_embeddings} tokens): quality past it is untested",
+                      stacklevel=3)
+    return max_seq_len
+
+
 def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
                        progress: bool = True, force: bool = False) -> Path:
     out, t0 = Path(out), time.perf_counter()
@@ -58,10 +72,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         raise ValueError(f"{ckpt.source} has no tokenizer files; the artifact needs one to serve "
                          "text (add tokenizer.json / tokenizer_config.json next to the weights)")
     mcfg = ckpt.config
-    if cfg.max_seq_len > mcfg.max_position_embeddings:
-        warnings.warn(f"--max-seq-len {cfg.max_seq_len} is beyond the model's trained context "
-                      f"({mcfg.max_position_embeddings} tokens): quality past it is untested",
-                      stacklevel=2)
+    max_seq_len = served_length(cfg, mcfg)
     weights, quantized, key_mean, qoq_report = ckpt.weights, {}, None, None
     if cfg.quantizer == "qoq":
         from .qoq import apply_qoq
@@ -107,7 +118,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
             "model": mcfg.to_json(),
             "compile": cfg.to_json(),
             "target": cfg.target,
-            "max_seq_len": cfg.max_seq_len or mcfg.max_position_embeddings,
+            "max_seq_len": max_seq_len,
             "kv": {"format": kv.fmt, "num_layers": kv.num_layers, "block_size": kv.block_size,
                    "record_bytes": kv.record_bytes, "key_centering": cfg.centers_keys},
             "program": {"weights": list(lowering.weights), "inputs": list(INPUT_NAMES),
