@@ -153,7 +153,8 @@ def _replaceable(dest: Path) -> str:
     else what it is, for the message."""
     if dest.is_symlink() or not dest.is_dir():
         return "a symbolic link" if dest.is_symlink() else "a file"
-    names = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if not p.is_dir()}
+    names = {p.relative_to(dest).as_posix() for p in dest.rglob("*")
+             if p.is_symlink() or not p.is_dir()}
     if not names:
         return ""
     try:

@@ -77,6 +77,10 @@ def test_artifact_with_user_files_in_it_is_refused(tmp_path):
         check_output(tmp_path / "art")
     _fake_artifact(tmp_path / "clean")
     check_output(tmp_path / "clean")  # a previous artifact may be replaced
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "data").symlink_to(tmp_path / "clean")  # a folder of only a link
+    with pytest.raises(OutputRefused, match="not empty"):
+        check_output(tmp_path / "links")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / MANIFEST).write_text('{"manifest_version": 3}')  # not ours
     with pytest.raises(OutputRefused, match="not empty"):
