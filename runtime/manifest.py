@@ -34,7 +34,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class _Bad(Exception):
-    """(field, problem) of the first violation; open/check turn it into an ArtifactError."""
+    """(field, problem) of the first violation; check_manifest makes it an ArtifactError."""
 
 
 def check_manifest(manifest, where: Path) -> None:
@@ -56,7 +56,7 @@ def check_manifest(manifest, where: Path) -> None:
                                      "model")) from None
 
 
-def one_line(text: str, limit: int = 400) -> str:
+def one_line(text: str, limit: int = 1000) -> str:
     """`text` as one printable line (errors quote untrusted names and torch's messages)."""
     text = "".join(c if c.isprintable() else " " for c in str(text))
     return text if len(text) <= limit else text[:limit - 3] + "..."
