@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled model.pt (runs code from the file: only for "
                         "files you made or trust)")
+    p.add_argument("--force", action="store_true",
+                   help="let -o replace what is there even if it is not a previous qcompile "
+                        "artifact (a file, a non-empty directory)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     for f in dataclasses.fields(CompileConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
         source = resolve_model(args.model)
         out = args.output or Path(f"{Path(args.model).stem}-{cfg.precision}-kv{cfg.kv}")
         from .compile import compile_model
-        compile_model(source, cfg, out, trust_pickle=args.trust_pickle, progress=not args.quiet)
+        compile_model(source, cfg, out, trust_pickle=args.trust_pickle, progress=not args.quiet,
+                      force=args.force)
     except KeyboardInterrupt:
         print("qcompile: interrupted; no artifact written", file=sys.stderr)
         return 130

@@ -3,19 +3,21 @@ weights as inputs, and write the artifact atomically."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from tqdm import tqdm
 
+from qcompile.models.config import ModelConfig
 from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import Checkpoint, load_checkpoint
 from qcompile.passes.base import Lowering
 
-from .artifact import PROGRAM, WEIGHTS, AtomicDir, write_manifest
+from .artifact import PROGRAM, WEIGHTS, AtomicDir, check_output, write_manifest
 from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
-from .config import CompileConfig
+from .config import MAX_SEQ_LEN, MIN_SEQ_LEN, CompileConfig
 from .kernels import graph_kernel_requests, write_kernels
 from .pipeline import run_pipeline
 
@@ -33,19 +35,44 @@ def export_lowered(lowering: Lowering, kv: KVSpec) -> torch.export.ExportedProgr
 
 
 def compile_model(source, cfg: CompileConfig, out, *, trust_pickle: bool = False,
-                  progress: bool = True) -> Path:
-    """Load a checkpoint (HF folder, .gguf, model.pt) and compile it to `out`."""
+                  progress: bool = True, force: bool = False) -> Path:
+    """Load a checkpoint (HF folder, .gguf, model.pt) and compile it to `out`. The output path
+    and the calibration text are checked before the checkpoint is loaded; `force` lets `out`
+    replace something that is not a previous artifact (compiler/artifact.py: check_output)."""
+    check_inputs(cfg, out, force, protect=(source,))
     return compile_checkpoint(load_checkpoint(source, trust_pickle=trust_pickle), cfg, out,
-                              progress=progress)
+                              progress=progress, force=force)
+
+
+def check_inputs(cfg: CompileConfig, out, force: bool, protect=()) -> None:
+    """What would otherwise fail only after minutes of work."""
+    check_output(Path(out), force, protect)
+    if cfg.calib_text is not None and not Path(cfg.calib_text).is_file():
+        raise FileNotFoundError(f"--calib-text {cfg.calib_text}: no such file")
+
+
+def served_length(cfg: CompileConfig, mcfg: ModelConfig) -> int:
+    """The artifact's max_seq_len: --max-seq-len, or the model's context; a warning past it."""
+    max_seq_len = cfg.max_seq_len or mcfg.max_position_embeddings
+    if not MIN_SEQ_LEN <= max_seq_len <= MAX_SEQ_LEN:
+        raise ValueError(f"the model's context ({max_seq_len} tokens) is outside {MIN_SEQ_LEN}.."
+                         f"{MAX_SEQ_LEN}: pass --max-seq-len")
+    if cfg.max_seq_len > mcfg.max_position_embeddings:
+        warnings.warn(f"--max-seq-len {cfg.max_seq_len} is beyond the model's trained context "
+                      f"({mcfg.max_position_embeddings} tokens): quality past it is untested",
+                      stacklevel=3)
+    return max_seq_len
 
 
 def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, force: bool = False) -> Path:
     out, t0 = Path(out), time.perf_counter()
+    check_inputs(cfg, out, force, protect=(ckpt.source,))
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt.source} has no tokenizer files; the artifact needs one to serve "
                          "text (add tokenizer.json / tokenizer_config.json next to the weights)")
     mcfg = ckpt.config
+    max_seq_len = served_length(cfg, mcfg)
     weights, quantized, key_mean, qoq_report = ckpt.weights, {}, None, None
     if cfg.quantizer == "qoq":
         from .qoq import apply_qoq
@@ -75,7 +102,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     bar.update()
 
     bar.set_postfix_str("write artifact")
-    with AtomicDir(out) as tmp:
+    with AtomicDir(out, force) as tmp:
         safetensors.torch.save_file({k: v.contiguous() for k, v in lowering.weights.items()},
                                     tmp / WEIGHTS)
         torch.export.save(program, tmp / PROGRAM)
@@ -91,7 +118,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
             "model": mcfg.to_json(),
             "compile": cfg.to_json(),
             "target": cfg.target,
-            "max_seq_len": cfg.max_seq_len or mcfg.max_position_embeddings,
+            "max_seq_len": max_seq_len,
             "kv": {"format": kv.fmt, "num_layers": kv.num_layers, "block_size": kv.block_size,
                    "record_bytes": kv.record_bytes, "key_centering": cfg.centers_keys},
             "program": {"weights": list(lowering.weights), "inputs": list(INPUT_NAMES),

@@ -45,6 +45,12 @@ TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
 QOQ_STEPS = ("rotate", "smooth_attention", "smoothquant", "smooth", "reorder", "clip", "gptq")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Tokens per KV page: powers of two from 8 (smaller pages only lengthen the block table, one
+# int32 per page per sequence) to 256 (vLLM's largest page; every sequence holds up to one
+# page it does not use, and the cache must fit one full sequence of whole pages).
+KV_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
+MIN_SEQ_LEN = 2            # a prompt token and one generated token
+MAX_SEQ_LEN = 1 << 24      # 16M tokens: beyond every released model's context
 
 
 def _opt(help: str, choices=None, **kw):
@@ -110,8 +116,9 @@ class CompileConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of "
                                  f"{', '.join(choices)}; got {getattr(self, f.name)!r}")
-        if self.kv_block_size <= 0 or self.kv_block_size & (self.kv_block_size - 1):
-            raise ValueError(f"--kv-block-size must be a power of two, got {self.kv_block_size}")
+        if self.kv_block_size not in KV_BLOCK_SIZES:
+            raise ValueError(f"--kv-block-size must be a power of two from {KV_BLOCK_SIZES[0]} "
+                             f"to {KV_BLOCK_SIZES[-1]}, got {self.kv_block_size}")
         unknown = set(self.steps) - set(QOQ_STEPS)
         if unknown:
             raise ValueError(f"--qoq-steps: unknown steps {sorted(unknown)}; known: "
@@ -121,8 +128,10 @@ class CompileConfig:
         if min(self.calib_samples, self.key_calib_samples) < 1 or self.calib_seq_len < 2:
             raise ValueError("--calib-samples and --key-calib-samples must be >= 1 and "
                              "--calib-seq-len >= 2")
-        if self.max_seq_len < 0:
-            raise ValueError(f"--max-seq-len must be >= 0, got {self.max_seq_len}")
+        if self.max_seq_len != 0 and not MIN_SEQ_LEN <= self.max_seq_len <= MAX_SEQ_LEN:
+            raise ValueError(f"--max-seq-len must be 0 (the model's context) or from "
+                             f"{MIN_SEQ_LEN} (one prompt token and one generated token) to "
+                             f"{MAX_SEQ_LEN}, got {self.max_seq_len}")
 
     @property
     def scheme(self) -> QuantScheme | None:

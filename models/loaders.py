@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,7 @@ def _dir_tokenizer(path: Path):
 def _load_gguf(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(path)
     folder, name = path.parent, path.name
     hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config = ModelConfig.from_hf(hf_config)
@@ -154,6 +156,28 @@ def _load_gguf(path: Path):
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return config, model.state_dict(), tokenizer
+
+
+def check_gguf(path: Path) -> None:
+    """One-line errors for a file that is not a complete GGUF (the gguf reader fails on a
+    truncated file with numpy's "cannot reshape array ..." or a struct.error)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if len(magic) < 4 and b"GGUF".startswith(magic):
+        raise ValueError(f"{path}: the file is truncated ({len(magic)} bytes)")
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    from gguf import GGUFReader
+    size = path.stat().st_size
+    try:
+        end = max((t.data_offset + t.n_bytes for t in GGUFReader(path).tensors), default=0)
+    except (ValueError, IndexError, OverflowError, struct.error) as e:
+        raise ValueError(f"{path}: the file is truncated or corrupt ({size} bytes; the GGUF "
+                         f"reader says: {str(e).splitlines()[0][:120]}); download or convert "
+                         "it again") from None
+    if end > size:
+        raise ValueError(f"{path}: the file is truncated ({size} bytes, its tensors end at "
+                         f"byte {end}); download or convert it again")
 
 
 def _load_pickle(path: Path, trust: bool):

@@ -79,6 +79,11 @@ class Engine:
     # ---- text in, text out -------------------------------------------------------------
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: argv bytes that are not UTF-8
+            raise ValueError(f"the prompt is not valid UTF-8 text (character {e.start} is "
+                             f"{prompt[e.start]!r}): pass UTF-8 text") from None
         if chat:
             msgs = [{"role": "user", "content": prompt}]
             return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
@@ -116,6 +121,9 @@ class Engine:
                     f"prompt {i} has {len(ids)} tokens but this artifact serves at most "
                     f"{self.max_seq_len} tokens per sequence (prompt + generated): shorten it "
                     "or recompile with a larger --max-seq-len")
+            vocab = self.artifact.model.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt {i}: token ids must be integers from 0 to {vocab - 1}")
             seed = (params.seed + i) % 2**63 if params.seed is not None else random.getrandbits(63)
             reqs.append(Request(ids, params, index=i, seed=seed))
         for r in reqs:

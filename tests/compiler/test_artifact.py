@@ -74,10 +74,11 @@ def test_preemption_keeps_every_request(artifact):
     assert sum(r.preemptions for r in small.scheduler.waiting) == 0  # queue drained
 
 
-def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, monkeypatch):
+def test_atomic_write_leaves_nothing_on_failure(artifact, make_tiny_checkpoint, tmp_path,
+                                                monkeypatch):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous artifact")
+    shutil.copytree(artifact, out)  # a previous artifact, which a compile may replace
+    before = (out / MANIFEST).read_bytes()
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -85,7 +86,7 @@ def test_atomic_write_leaves_nothing_on_failure(make_tiny_checkpoint, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp dir left behind
-    assert (out / "keep.txt").read_text() == "previous artifact"
+    assert (out / MANIFEST).read_bytes() == before
 
 
 def test_artifact_older_than_kv_options_loads(make_tiny_checkpoint, tmp_path):
@@ -137,7 +138,8 @@ def test_missing_artifact_dir(tmp_path):
 def test_program_with_pickled_payload_is_refused(copy):
     with zipfile.ZipFile(copy / PROGRAM, "a") as z:
         z.writestr("program/data/weights/evil.pt", b"\x80\x04pickle")
-    with pytest.raises(ArtifactError, match="tensor payload"):
+    with pytest.raises(ArtifactError, match="program/data/weights/evil.pt', which qcompile "
+                                            "never writes"):
         load_program(copy)
 
 
