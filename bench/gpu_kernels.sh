@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): install (the CUTLASS headers come from the carried wheel in
-# build/wheels), build the GEMM kernels for this GPU with its 16 cores, run the GPU suite and
-# the GEMM benchmark; logs, table and plot go to $OUT.
+# build/wheels), build the GEMM and attention kernels for this GPU with its 16 cores, run the
+# GPU suite and the benchmarks; logs, tables and plots go to $OUT.
+#   BENCH="gemm attention" (default both; "" for none), BENCH_ARGS / ATTN_ARGS / PYTEST_ARGS
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 target=sm${major}0
 export QCOMPILE_KERNEL_DIR=build/kernels_$target
@@ -14,6 +16,11 @@ python -m pip install --no-deps -q build/wheels/nvidia_cutlass-*.whl > "$OUT/ins
 python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/install.log" 2>&1
 python bench/build_kernels.py --target "$target" --out "$QCOMPILE_KERNEL_DIR" --jobs 16 \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-tail -2 "$OUT/build.log"
-python -m pytest -m gpu -q -rs --durations=10 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-[ "${SKIP_BENCH:-0}" = 1 ] || python bench/gemm.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
+tail -1 "$OUT/build.log"
+python -m pytest -m gpu -q -rs --durations=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+for b in ${BENCH-gemm attention}; do
+  case $b in
+    gemm) python bench/gemm.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    attention) python bench/attention.py --out "$OUT" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" | tail -40 ;;
+  esac
+done

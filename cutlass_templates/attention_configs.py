@@ -24,8 +24,9 @@ HEAD_DIMS = (64, 128)
 THREADS = 128     # 4 warps (paged_attention.cu THREADS)
 TILE_KEYS = 64    # keys per shared-memory stage (TN), but see AttnConfig.stage_keys
 DECODE_ROWS, PREFILL_ROWS = 16, 64
-MIN_SPLIT_KEYS = 256  # a key split shorter than this costs more in the merge than it saves
-MAX_SPLITS = 32
+MIN_SPLIT_KEYS = 128  # one int4 decode stage: a shorter split is all launch and merge
+MAX_SPLITS = 64
+WAVE_CTAS_PER_SM = 8  # split until ~8 CTAs per SM (2-3 waves of 3 resident): a small last wave
 
 
 def _kind(kind: str) -> tuple[str, str]:
@@ -100,7 +101,9 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
          entry: str | None = None, splits: int | None = None) -> Launch:
     """Entry, grid and key splits for T query tokens of B sequences with up to max_keys keys
     each (block-table width x page size). Decode when the batch is mostly single-token steps
-    (T <= 2B); splits until about two CTAs per SM, each split at least MIN_SPLIT_KEYS keys.
+    (T <= 2B); keys split until about WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave
+    costs little (64 x 8 heads = 512 CTAs on 132 SMs x 3 resident is 1.3 waves: 35% of the
+    second wave idle), each split at least MIN_SPLIT_KEYS keys.
     `entry` / `splits` override the choice (tests, benchmarks)."""
     g = hq // hkv
     entry = entry or ("decode" if t <= 2 * b else "prefill")
@@ -108,6 +111,6 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     row_blocks = -(-t * g // rows) + b  # >= sum over sequences of ceil(n_b * G / rows)
     if splits is None:
         busy = (min(b, t) if entry == "decode" else -(-t * g // rows)) * hkv
-        splits = max(1, min(-(-2 * sm_count // max(busy, 1)), max_keys // MIN_SPLIT_KEYS,
-                            MAX_SPLITS))
+        splits = max(1, min(-(-WAVE_CTAS_PER_SM * sm_count // max(busy, 1)),
+                            max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)

@@ -41,8 +41,10 @@ def test_shared_memory():
 
 
 def test_plan_entry_and_splits():
-    dec = plan(64, 64, 32, 8, 1024, 132)
-    assert dec.entry == "decode" and dec.splits == 1 and dec.grid == (64 * 4 // 16 + 64, 8, 1)
+    dec = plan(64, 64, 32, 8, 1024, 132)  # 512 CTAs: split to fill the last wave
+    assert dec.entry == "decode" and dec.splits == 3 and dec.grid == (64 * 4 // 16 + 64, 8, 3)
+    big = plan(256, 256, 32, 8, 4096, 132)
+    assert big.splits == 1
     one = plan(1, 1, 32, 8, 32768, 132)  # one long sequence: split its keys
     assert one.splits == MAX_SPLITS and one.grid[2] == MAX_SPLITS
     short = plan(1, 1, 32, 8, 512, 132)  # never below MIN_SPLIT_KEYS keys a split

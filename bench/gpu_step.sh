@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On the GPU machine: a synthetic Llama-3.2-1B-shaped checkpoint compiled to w4a8 / KV int4
+# for this GPU (RTN: the step profile does not depend on the recipe), served on CUDA, one
+# batch-64 decode step profiled with our attention kernels and with the reference attention.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
+python -m pip install --no-deps -q build/wheels/nvidia_cutlass-*.whl > "$OUT/install.log" 2>&1
+python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/install.log" 2>&1
+python bench/make_checkpoint.py llama-3.2-1b /tmp/llama1b || exit 1
+/usr/bin/time -v qcompile /tmp/llama1b --target "sm${major}0" --precision w4a8 --kv int4 \
+  --quantizer rtn --kv-key-centering none --max-seq-len 2048 -o /tmp/art1b -q \
+  > "$OUT/compile.log" 2>&1 || { tail -20 "$OUT/compile.log"; exit 1; }
+grep -E "Elapsed|Maximum resident" "$OUT/compile.log"
+python bench/profile_step.py /tmp/art1b --batch ${BATCH:-64} --input-len ${INPUT_LEN:-1024} \
+  --out "$OUT" 2>&1 | tee "$OUT/profile_step.log" | grep -v Warning | tail -12
