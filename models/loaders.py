@@ -28,6 +28,7 @@ import torch
 
 from .config import ModelConfig, check_architecture
 from .default_model import DEFAULT_GGUF, default_model_path  # noqa: F401  (the CLI's lookup)
+from .gguf_tokenizer import load_gguf_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -120,15 +121,14 @@ def _dir_tokenizer(path: Path):
 
 
 def _load_gguf(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, name = path.parent, path.name
     hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config = ModelConfig.from_hf(hf_config)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config,
                                                  dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return config, model.state_dict(), tokenizer
+    return config, model.state_dict(), load_gguf_tokenizer(path)
 
 
 def _load_pickle(path: Path, trust: bool):
