@@ -6,7 +6,8 @@ byte-level BPE the plain GPT-2 split, dropping the pre-tokenizer type the file n
 llama-vocab.cpp), so text tokenizes differently from llama.cpp on the same file. SmolLM2's
 GGUF says `smollm`: every digit is its own piece before the GPT-2 regex, which changes the
 whitespace before numbers (GPL-3 text: 7,658 tokens with the plain split, 7,639 with the
-file's). Here each llama.cpp type is written as a `tokenizers` pre-tokenizer.
+file's, as llama.cpp: bench/results/tokenizer-smollm2-2026-12-06.md). Here each llama.cpp type
+is written as a `tokenizers` pre-tokenizer.
 """
 from __future__ import annotations
 
