@@ -9,7 +9,6 @@ import pytest
 
 from qcompile.runtime.detokenize import IncrementalDecoder
 from qcompile.runtime.engine import Engine
-from qcompile.runtime.sampler import SamplingParams
 from qcompile.runtime.scheduler import Request
 
 EMOJI = "🌟🌟🌟🌟"
