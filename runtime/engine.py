@@ -14,6 +14,7 @@ import qcompile.runtime.ops  # noqa: F401  (registers the ops the program calls)
 from qcompile.compiler.capture import KVSpec
 
 from .artifact import Artifact, ArtifactError, load_program, load_weights, open_artifact
+from .detokenize import IncrementalDecoder
 from .kv_cache import PagedKVCache
 from .sampler import SamplingParams, sample_rows
 from .scheduler import Chunk, Request, Scheduler
@@ -99,14 +100,17 @@ class Engine:
                            r.finish_reason, len(r.prompt)) for r in reqs]
 
     def stream(self, prompts, *, chat: bool = False, **sampling) -> Iterator[StreamEvent]:
+        """One event per generated token with exactly the text it adds, whole characters only
+        (a character split over tokens arrives with its last token), so each prompt's texts
+        concatenate to its `generate()` text."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         reqs = self._submit(prompts, chat, SamplingParams(**sampling))
-        shown = {r.id: "" for r in reqs}
+        decoders = {r.id: IncrementalDecoder(self.tokenizer) for r in reqs}
         for req, token in self._run(reqs):
-            text = self.tokenizer.decode(req.out, skip_special_tokens=True)
-            delta = text[len(shown[req.id]):] if text.startswith(shown[req.id]) else text
-            shown[req.id] = text
-            yield StreamEvent(req.index, delta, token, req.finish_reason)
+            text = decoders[req.id].push(token)
+            if req.finish_reason:
+                text += decoders[req.id].flush()
+            yield StreamEvent(req.index, text, token, req.finish_reason)
 
     # ---- requests -------------------------------------------------------------------------
 

