@@ -41,6 +41,8 @@ def run_parser() -> OneLineParser:
                    help="sampling temperature, >= 0; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens only (default 0: off)")
     p.add_argument("--seed", type=int, help="seed of the sampler (prompt i uses seed + i)")
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as is (default: the model's chat template, if it has one)")
@@ -56,11 +58,12 @@ def run_main(argv=None) -> int:
 def _run(args) -> int:
     from .sampler import SamplingParams
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)  # checked before the load
+                            top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed)  # checked before the load
     engine = _load(args)
     chat = not args.raw and bool(getattr(engine.tokenizer, "chat_template", None))
     sampling = dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                    top_p=params.top_p, seed=params.seed, chat=chat)
+                    top_p=params.top_p, top_k=params.top_k, seed=params.seed, chat=chat)
     if len(args.prompt) == 1 and not args.no_stream:
         for ev in engine.stream(args.prompt, **sampling):
             print(ev.text, end="", flush=True)

@@ -79,6 +79,7 @@ def test_missing_artifact(tmp_path, capsys):
 @pytest.mark.parametrize("flags,says", [
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-k", "-2"], "top_k must be an integer >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
 ])
 def test_bad_sampling_values_before_loading(tmp_path, capsys, flags, says):
