@@ -18,6 +18,7 @@ evaluation never share text; any text file can be used instead.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,24 @@ class CalibStats:
         if name not in self.xtx:
             raise KeyError(f"no Hessian for {name}: calibrate(..., hessian=True) collects them")
         return self.xtx[name] * (2.0 / self.tokens[name])
+
+    def scaled(self, scales: dict[str, torch.Tensor]) -> "CalibStats":
+        """The statistics of the model in which input channel j of each linear `name` is
+        divided by scales[name][j] (QoQ's smoothing: exact in float, so the new model's
+        statistics follow from these without another forward pass): absmax and samples / s,
+        X^T X / (s s^T); keys and other linears unchanged."""
+        new = dataclasses.replace(self, absmax=dict(self.absmax), samples=dict(self.samples),
+                                  xtx=dict(self.xtx))
+        for name, s in scales.items():
+            s = s.detach().float().cpu()
+            if name in new.absmax:
+                new.absmax[name] = new.absmax[name] / s.to(new.absmax[name].device)
+            if name in new.samples:
+                new.samples[name] = new.samples[name] / s.to(new.samples[name].device)
+            if name in new.xtx:
+                inv = 1.0 / s.double()
+                new.xtx[name] = new.xtx[name] * inv[:, None] * inv[None, :]
+        return new
 
     @property
     def key_mean(self) -> torch.Tensor:

@@ -172,13 +172,16 @@ def _scale(t: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
 
 def smooth_norm_inputs(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: CalibStats,
                        scheme: QuantScheme, alphas=SMOOTHQUANT_ALPHAS, *, device=None
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float],
+                                  dict[str, torch.Tensor]]:
     """SmoothQuant: smooth the inputs of every layer's `wqkv` and `w_gate_up` into the RMSNorm
     gain that produces them, alpha chosen per linear from `alphas` (or none) on the quantized
-    output error; returns (new weights, {linear name: chosen alpha}). Search on `device`
-    (default: where the weights are)."""
+    output error; returns (new weights, {linear name: chosen alpha}, {linear name: s [K]}, the
+    input of that linear now being X / s: `CalibStats.scaled` maps the statistics). Search on
+    `device` (default: where the weights are)."""
     out: dict[str, torch.Tensor] = dict(weights)
     chosen: dict[str, float] = {}
+    scales: dict[str, torch.Tensor] = {}
     for i in range(cfg.num_layers):
         for norm, lin in (("attn_norm", "wqkv"), ("mlp_norm", "w_gate_up")):
             name, gain = f"layers.{i}.{lin}", f"layers.{i}.{norm}"
@@ -188,20 +191,24 @@ def smooth_norm_inputs(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats
                                               scheme, alphas)
             out[name] = _scale(w, s, 1)
             out[gain] = _scale(weights[gain], 1.0 / s, 0)
-    return out, chosen
+            scales[name] = s
+    return out, chosen, scales
 
 
 def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: CalibStats,
                   scheme: QuantScheme, alphas=ALPHAS, *, device=None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float],
+                             dict[str, torch.Tensor]]:
     """Smooth the inputs of every layer's `wo` and `w_down`, with the migration strength
-    searched per linear; returns (new weights, {linear name: chosen alpha}). The search runs
-    on `device` (default: where the weights are); the returned weights stay where they were."""
+    searched per linear; returns (new weights, {linear name: chosen alpha}, {linear name:
+    s [K]}, the input of that linear now being X / s). The search runs on `device` (default:
+    where the weights are); the returned weights stay where they were."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     out = dict(weights)
     chosen: dict[str, float] = {}
+    scales: dict[str, torch.Tensor] = {}
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
 
@@ -211,7 +218,7 @@ def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Cal
         x_absmax, samples = _input_stats(stats, name)
         a, s, _ = search_alpha(x_absmax, w_down.to(device or w_down.device), samples, scheme,
                                alphas)
-        chosen[name] = a
+        chosen[name], scales[name] = a, s
         out[name] = _scale(w_down, s, 1)
         out[p + "w_gate_up"] = _scale(w_gu, torch.cat([s.new_ones(inter), 1.0 / s]), 0)
 
@@ -228,10 +235,10 @@ def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Cal
         dev = device or wo.device
         a, s_kv, _ = search_alpha(x_kv, wo.to(dev), samples, scheme, alphas,
                                   w_absmax=w_kv.to(dev), expand=expand)
-        chosen[name] = a
+        chosen[name], scales[name] = a, expand(s_kv)
         out[name] = _scale(wo, expand(s_kv), 1)
         row = torch.cat([s_kv.new_ones(q + kv), 1.0 / s_kv])  # v rows (and bias) / s
         for t in ("wqkv", "bqkv"):
             if p + t in weights:
                 out[p + t] = _scale(weights[p + t], row, 0)
-    return out, chosen
+    return out, chosen, scales

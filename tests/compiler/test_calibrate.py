@@ -43,3 +43,31 @@ def test_calibration_text_is_disjoint_from_eval(tiny_tokenizer):
     ev = eval_windows(tiny_tokenizer, 2, 64)
     assert len(cal) == 4 and all(len(s) == 64 for s in cal)
     assert not {tuple(s) for s in cal} & {tuple(s) for s in ev}
+
+
+def test_scaled_stats_match_a_recalibration_of_the_smoothed_model(make_tiny_checkpoint):
+    """QoQ calibrates once: the statistics after smoothing (SmoothQuant into the norms, then
+    o_proj / down_proj) are the first calibration's scaled by the returned s, equal to those
+    of a second forward through the smoothed model (absmax, the same sampled rows, X^T X)."""
+    from qcompile.compiler.calibrate import FloatGraph
+    from qcompile.compiler.config import W4A8
+    from qcompile.compiler.smooth import smooth_linear, smooth_norm_inputs
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
+    cfg, w = ckpt.config, {k: v.float() for k, v in ckpt.weights.items()}
+    seqs = [list(range(5, 69)), list(range(70, 134))]
+    graph = FloatGraph(cfg, w)
+    st = graph.stats(w, seqs, progress=False, hessian=True)
+    new, _, scales = smooth_norm_inputs(cfg, w, st, W4A8, (0.5,))
+    new, _, more = smooth_linear(cfg, new, st, W4A8)
+    scales.update(more)
+    assert set(scales) == {f"layers.{i}.{n}" for i in range(cfg.num_layers)
+                           for n in ("wqkv", "w_gate_up", "wo", "w_down")}
+    assert any(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
+    got, want = st.scaled(scales), graph.stats(new, seqs, progress=False, hessian=True)
+    for name in scales:
+        for field in ("absmax", "samples", "xtx"):
+            a, b = getattr(got, field)[name], getattr(want, field)[name]
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), (name,
+                                                                                       field)
+    assert torch.allclose(got.key_mean, want.key_mean, atol=1e-5)
+    assert got.absmax["lm_head"] is st.absmax["lm_head"]  # not scaled: shared

@@ -140,8 +140,12 @@ def test_permute_stats_matches_reordered_activations(ckpt):
 
     p = perms["layers.0.w_down"]
     assert torch.allclose(down_input(new), down_input(w)[:, p])
+    for name, x in st.samples.items():  # X^T X of the samples
+        st.xtx[name] = (x.T @ x).double()
     pst = permute_stats(st, perms)
     assert torch.equal(pst.absmax["layers.0.w_down"], st.absmax["layers.0.w_down"][p])
+    x_new = st.samples["layers.0.w_down"][:, p]
+    assert torch.allclose(pst.xtx["layers.0.w_down"], (x_new.T @ x_new).double())
     p = perms["layers.0.wo"]
     assert torch.equal(pst.samples["layers.0.wo"], st.samples["layers.0.wo"][:, p])
     assert pst.samples["layers.0.wqkv"] is st.samples["layers.0.wqkv"]
