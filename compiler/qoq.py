@@ -59,30 +59,47 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
     w = {k: v.float() for k, v in ckpt.weights.items()}
     w.setdefault("lm_head", w["embed"].clone())  # untied: rotation moves them differently
     report, gptq = {"steps": list(steps)}, "gptq" in steps
+    lap = _Laps(report)
     if "rotate" in steps:
         from .rotate import rotate
         w = rotate(cfg, w)
+        lap("rotate")
     if not set(steps) & CALIBRATED:
         return _result(w, {}, None, report, t0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = calibration_sequences(ckpt.tokenizer, ccfg.calib_samples, ccfg.calib_seq_len,
                                  ccfg.calib_text)
     st = FloatGraph(cfg, w, device).stats(w, seqs, progress, hessian=gptq)
+    lap("calibrate")
     w, st, keys = _smooth(cfg, w, st, steps, scheme, report)
+    lap("smooth")
     if "reorder" in steps and scheme.group_size:
         from .reorder import permute_stats, reorder_channels
         w, perms = reorder_channels(cfg, w, st, scheme)
         st = permute_stats(st, perms)
         report["reordered"] = sorted(perms)  # the others' order lost on calibration error
+        lap("reorder")
     quantized, clipped = {}, w
     if "clip" in steps:
         clipped, report["clip_ratio"] = clip_weights(cfg, w, st, scheme)
+        lap("clip")
     if gptq:  # the unclipped weights are the target; the clipped ones define the grid
         quantized, floats, report["gptq"] = gptq_weights(
             cfg, w, st, scheme, clipped, act_order=ccfg.gptq_order == "act", progress=progress)
         clipped = {**clipped, **floats}
+        lap("gptq")
     return _result(clipped, quantized, keys, report, t0)
 
+
+class _Laps:
+    """Seconds of each QoQ phase, into report["step_seconds"] (the manifest's profile)."""
+
+    def __init__(self, report: dict):
+        self.t, self.laps = time.perf_counter(), report.setdefault("step_seconds", {})
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.t = round(now - self.t, 1), now
 
 
 def _smooth(cfg, w, st, steps, scheme, report):

@@ -19,6 +19,7 @@ def test_qoq_compiles_and_serves(make_tiny_checkpoint, tmp_path, precision):
     assert report["steps"] == list(cfg.steps)
     assert len(report["smooth_alpha"]) == 2 * 2  # wo and w_down of 2 layers
     assert all(0.5 <= r <= 1.0 for r in report["clip_ratio"].values())
+    assert set(report["step_seconds"]) >= {"rotate", "calibrate", "smooth", "clip", "gptq"}
     out = Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0]
     assert out.token_ids
 
