@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from tqdm import tqdm
 
 from qcompile.runtime.ops import KV_ENCODE_OPS
+from qcompile.runtime.ops.attention import ATTENTION_OPS
+from qcompile.runtime.ops.kv import CODECS
 
 
 @dataclass
@@ -101,6 +104,8 @@ class _Recorder(fx.Interpreter):
         self.layer = 0
 
     def run_node(self, n):
+        if n.target is ATTENTION_OPS["fp16"]:
+            return _prefill_attention(*self.fetch_args_kwargs_from_env(n)[0])
         out = super().run_node(n)
         if n.target is torch.ops.aten.linear.default and n.args[1].name in self.names:
             self._linear(self.names[n.args[1].name], self.env[n.args[0]])
@@ -140,13 +145,40 @@ class _Recorder(fx.Interpreter):
             self.stats.tokens[name] = self.stats.tokens.get(name, 0) + x.shape[0]
 
 
-def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int = 64,
+SAMPLE_ROWS = 512  # input rows kept per linear for the smoothing / reorder / clip searches
+
+
+def _prefill_attention(q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
+                       num_kv_heads: int, scale: float) -> torch.Tensor:
+    """`paged_attention_fp16` where every sequence is a prefill over an empty cache (as in
+    calibration): causal attention of each sequence's new tokens, by SDPA's causal kernel with
+    grouped kv heads instead of the reference op's explicit mask and repeated heads (the same
+    function; the reference spent a third of a calibration forward there)."""
+    if bool(ctx_lens.any()):
+        raise ValueError("calibration attention expects empty caches (ctx_lens 0)")
+    t, hq, d = q.shape
+    kv = CODECS["fp16"][1](kv_new, num_kv_heads, d, q.dtype)  # [2, T, Hkv, D]
+    out = torch.empty_like(q)
+    starts = query_start.tolist()
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        qb, k, v = (x[lo:hi].transpose(0, 1) for x in (q, kv[0], kv[1]))  # [H, n, D]
+        o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale,
+                                           enable_gqa=hq != num_kv_heads)
+        out[lo:hi] = o.transpose(0, 1)
+    return out
+
+
+def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int | None = None,
               batch: int = 4, seed: int = 0, hessian: bool = False, linears: bool = True,
               progress: bool = True) -> CalibStats:
     """Statistics of the float graph in `lowering` (canonicalized, before any quantization
     pass) over the calibration sequences, `batch` sequences per forward; with `hessian`, also
-    X^T X of every linear's input (see the module docstring); without `linears`, keys only."""
+    X^T X of every linear's input (see the module docstring); without `linears`, keys only.
+    rows_per_batch (default: SAMPLE_ROWS over the batches, so the searches see as many rows
+    whatever the number of sequences) input rows of each linear are kept per forward."""
     from .capture import KVSpec  # noqa: F401  (the cache layout the graph reads)
+    if rows_per_batch is None:
+        rows_per_batch = -(-SAMPLE_ROWS // -(-len(sequences) // batch))
     names = {ph: canonical_name(path) for ph, path in lowering.origin.items()}
     stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
     weights = list(lowering.weights.values())
