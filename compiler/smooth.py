@@ -46,16 +46,14 @@ import torch
 from qcompile.models.config import ModelConfig
 
 from .calibrate import CalibStats
-from .clip import fake_quant_act
+from .clip import fake_quant_act, fake_quant_weight
 from .config import QuantScheme
-from .quantize import dequantize, quantize_weight
 
 ALPHAS = tuple(i / 10 for i in range(11))
 SMOOTHQUANT_ALPHAS = (0.8,)
 LAMBDA_MIN = 1e-5
 SCALE_RANGE = (1e-5, 1e5)
 _STAT_FLOOR = 1e-8  # keeps 0 ** a / 0 ** (1 - a) from becoming NaN; s is clamped afterwards
-_ROWS_PER_CHUNK = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,19 +106,16 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
 
 
 def quantized_output_error(samples: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
-                           scheme: QuantScheme) -> float:
+                           scheme: QuantScheme, ref: torch.Tensor | None = None) -> float:
     """|| X W^T - Q_a(X / s) Q_w(W diag(s))^T ||_F^2 over the sample rows X [S, K]; w [N, K],
-    s [K]. s = 1 is the error without smoothing."""
+    s [K]. s = 1 is the error without smoothing. ref: X W^T when the caller has it (a search
+    scores many s against one reference)."""
     w = w.float()
     s = s.float().to(w.device)
-    wq = dequantize(quantize_weight(w * s[None, :], scheme))
-    err = 0.0
-    for x in samples.split(_ROWS_PER_CHUNK):
-        x = x.float().to(w.device)
-        ref = x @ w.T
-        got = fake_quant_act(x / s, scheme.act_bits) @ wq.T
-        err += (ref - got).pow(2).sum().item()
-    return err
+    x = samples.float().to(w.device)
+    ref = x @ w.T if ref is None else ref
+    got = fake_quant_act(x / s, scheme.act_bits) @ fake_quant_weight(w * s[None, :], scheme).T
+    return float((ref - got).pow_(2).sum(dtype=torch.float64))
 
 
 def search_alpha(x_absmax: torch.Tensor, w: torch.Tensor, samples: torch.Tensor,
@@ -140,13 +135,14 @@ def search_alpha(x_absmax: torch.Tensor, w: torch.Tensor, samples: torch.Tensor,
     x_absmax = x_absmax.float().to(w.device)
     ones = torch.ones_like(x_absmax)
     best, best_s = None, ones
+    ref = samples.float().to(w.device) @ w.T
     best_err = quantized_output_error(samples, w, expand(ones) if expand is not None else ones,
-                                      scheme)
+                                      scheme, ref)
     errors = {None: best_err}
     for a in alphas:
         s = smooth_scales(x_absmax, w_absmax, a)
         s_full = expand(s) if expand is not None else s
-        err = quantized_output_error(samples, w, s_full, scheme)
+        err = quantized_output_error(samples, w, s_full, scheme, ref)
         errors[float(a)] = err
         if err < best_err:
             best, best_s, best_err = float(a), s, err

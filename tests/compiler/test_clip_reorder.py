@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from qcompile.compiler.calibrate import CalibStats
 from qcompile.compiler.capture import KVSpec
 from qcompile.compiler.clip import (DEFAULT_RATIOS, _clip_many, _fake_quant_clipped, _ratios,
-                                    clip_weight, clip_weights, row_errors,
+                                    clip_weight, clip_weights, fake_quant_weight, row_errors,
                                     search_clip_ratio)
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8
 from qcompile.compiler.quantize import dequantize, quantize_weight
@@ -177,6 +177,7 @@ def test_fast_fake_quant_is_rtn_of_clipped(scheme, k):
         ref = dequantize(quantize_weight(clip_weight(w, r, scheme), scheme))
         assert torch.equal(fast[j], ref), (scheme.name, r)
     assert torch.equal(_clip_many(w, rt, scheme)[0], w)  # r = 1 leaves the weights alone
+    assert torch.equal(fake_quant_weight(w, scheme), dequantize(quantize_weight(w, scheme)))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
