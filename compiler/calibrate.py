@@ -8,10 +8,15 @@ token (the key centering of `--kv int4`, `CalibStats.key_mean`). Statistics are 
 linear's canonical weight name (`layers.3.wqkv`, ..., `lm_head`/`embed` for the head).
 
 On request (`hessian=True`, for GPTQ) it also sums X^T X over ALL calibration tokens of every
-linear's input X [T, K]: K^2 float64 per linear (SmolLM2-135M: 0.8 GB for 30 layers), so it is
+linear's input X [T, K]: K^2 float32 per linear (SmolLM2-135M: 0.4 GB for 30 layers), so it is
 off by default. Fused linears (wqkv, w_gate_up) are one linear in the graph with one input, so
-they get one matrix. Each batch's product is a float32 GEMM (2048 tokens: relative rounding
-~1e-6) accumulated in float64 across batches.
+they get one matrix. Each batch adds its product into the sum with one float32 GEMM (`addmm_`:
+no temporary, no conversion; the sum over a batch's 2048 tokens already rounds to ~1e-6
+relative, and the few batches add little); `hessian()` hands GPTQ float64.
+
+Attention runs by SDPA's causal kernel (`_prefill_attention`): calibration only prefills empty
+caches, where the runtime's reference op (explicit mask, repeated kv heads) computes the same
+function more slowly.
 
 Calibration text defaults to the pydoc topics AFTER the evaluation tokens, so calibration and
 evaluation never share text; any text file can be used instead.
@@ -39,7 +44,7 @@ class CalibStats:
     key_absmax: list[torch.Tensor] = field(default_factory=list)    # layer -> [Hkv * D] max |k|
     key_sum: list[torch.Tensor] = field(default_factory=list)       # layer -> [Hkv * D] f64 sum k
     key_tokens: int = 0                                             # tokens summed in key_sum
-    xtx: dict[str, torch.Tensor] = field(default_factory=dict)      # name -> [K, K] f64 X^T X
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)      # name -> [K, K] f32 X^T X
     tokens: dict[str, int] = field(default_factory=dict)            # name -> rows summed in xtx
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -47,7 +52,7 @@ class CalibStats:
         (the Hessian of the layer's squared output error ||X W^T - X Q^T||^2 / n in W)."""
         if name not in self.xtx:
             raise KeyError(f"no Hessian for {name}: calibrate(..., hessian=True) collects them")
-        return self.xtx[name] * (2.0 / self.tokens[name])
+        return self.xtx[name].double() * (2.0 / self.tokens[name])
 
     def scaled(self, scales: dict[str, torch.Tensor]) -> "CalibStats":
         """The statistics of the model in which input channel j of each linear `name` is
@@ -63,7 +68,7 @@ class CalibStats:
             if name in new.samples:
                 new.samples[name] = new.samples[name] / s.to(new.samples[name].device)
             if name in new.xtx:
-                inv = 1.0 / s.double()
+                inv = (1.0 / s).to(new.xtx[name])
                 new.xtx[name] = new.xtx[name] * inv[:, None] * inv[None, :]
         return new
 
@@ -139,9 +144,8 @@ class _Recorder(fx.Interpreter):
         old = self.stats.samples.get(name)
         self.stats.samples[name] = pick if old is None else torch.cat([old, pick])
         if self.hessian:
-            xtx = (x.T @ x).double().cpu()
-            prev = self.stats.xtx.get(name)
-            self.stats.xtx[name] = xtx if prev is None else prev.add_(xtx)
+            prev = self.stats.xtx.get(name)  # float32 GEMM-accumulate, no temporary
+            self.stats.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
             self.stats.tokens[name] = self.stats.tokens.get(name, 0) + x.shape[0]
 
 
