@@ -86,16 +86,17 @@ class CompileConfig:
     kv_block_size: int = _opt("tokens per KV-cache page", default=16)
     max_seq_len: int = _opt("longest sequence (prompt + generation) the artifact serves; "
                             "0 takes the model's max_position_embeddings", default=0)
-    quantizer: str = _opt("auto: the precision's best measured recipe, QOQ_RECIPES (w8a8: "
-                          "SmoothQuant; w4a8, w4a8-g128, w4a8-g64: QoQ), rtn where it has "
-                          "none (fp16, w4a16-g128); resolved when the config is made, so the "
-                          "artifact's manifest stores what ran. rtn: round-to-nearest weights. "
-                          "qoq: QServe's QoQ on calibration text (--qoq-steps), then GPTQ's "
-                          "rounding on the grid clipping chose", ("auto", "rtn", "qoq"),
+    quantizer: str = _opt("auto: each precision's best measured recipe (config.QOQ_RECIPES): "
+                          "w8a8 SmoothQuant (qoq, steps smoothquant), w4a8 / w4a8-g128 / "
+                          "w4a8-g64 QoQ (qoq, steps rotate,smooth[,reorder],clip,gptq), rtn for "
+                          "fp16 and w4a16-g128 (no measured QoQ recipe); resolved when the "
+                          "config is made, so the manifest stores what ran. rtn: "
+                          "round-to-nearest weights, no calibration. qoq: QServe's QoQ on "
+                          "calibration text, the steps of --qoq-steps", ("auto", "rtn", "qoq"),
                           default="auto")
     qoq_steps: str = _opt("comma-separated QoQ steps (they always run in the order "
                           + ",".join(QOQ_STEPS) + "); auto: the precision's recipe in "
-                          "QOQ_RECIPES with --quantizer qoq or auto, none with rtn. "
+                          "QOQ_RECIPES (see --quantizer), none with rtn. "
                           "rotate: Hadamard rotation of the residual stream; smooth: "
                           "smoothing of the o_proj/down_proj inputs; reorder: channel "
                           "reordering (group schemes only); clip: clipping ratio search; "
