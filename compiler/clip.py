@@ -47,8 +47,9 @@ The search is vectorized: all ratios of a chunk of rows are clipped, fake-quanti
 multiplied by Q_a(X) in one batch; rows are chunked so that no intermediate exceeds
 `max_elements`. The fake quantization of the search computes the quantizer's scales from the
 clamp bounds instead of re-measuring the clipped tensor (bitwise equal to
-`dequantize(quantize_weight(clip_r(W)))`, tested), which makes the elementwise work a few passes;
-SmolLM2-135M shapes (30 layers, 512 rows per linear, 11 ratios) take about 12 s on 2 CPU cores.
+`dequantize(quantize_weight(clip_r(W)))`, tested), which makes the elementwise work a few passes
+(`fake_quant_weight` is the same path at r = 1). Its time on SmolLM2-135M is the `clip` entry
+of the manifest's `qoq.step_seconds` (bench/results/qoq-speed-2026-12-06.md).
 """
 from __future__ import annotations
 
