@@ -8,8 +8,9 @@ Every row is compiled with qcompile's Python API (`compile_checkpoint`, `Compile
 `--dtype float32 --kernels skip`: the reference ops on the CPU) and scored with
 `runtime/eval.py:perplexity`, by default on 24 x 512 tokens of pydoc text, as `qeval` does.
 Rows are data (`MAIN`, `kv_ablation`, `ablation`): a name and CompileConfig keyword
-arguments; the QoQ recipe of each scheme is `QOQ_RECIPE` (`--recipe w4a8=rotate,smooth,clip,
-gptq` replaces one for a run, e.g. to compare recipes). A row whose options this checkout does
+arguments; RTN rows ask for `quantizer="rtn"` (the compiler's default is the best recipe);
+the QoQ recipe of each precision is `QOQ_RECIPE`, the compiler's `QOQ_RECIPES` (`--recipe
+w4a8=rotate,smooth,clip,gptq` replaces one for a run, e.g. to compare recipes). A row whose options this checkout does
 not have (e.g. a step not in `compiler.config.QOQ_STEPS`) is shown as "not implemented".
 
 Results are cached in <out>/<stem>.json, one entry per (row config, KV format, eval size,
@@ -35,23 +36,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qcompile.compiler.config import QOQ_RECIPES
+
 ROOT = Path(__file__).resolve().parents[1]
 KVS = ("fp16", "int4")
 FIXED = dict(dtype="float32", kernels="skip")  # every row: reference ops, exact CPU numerics
 
-# The full QoQ recipe per W4A8 scheme: edit here. `reorder` only acts on group schemes.
-# No smooth_attention: since --kv int4 rotates keys/queries per head (kv_rotation hadamard)
-# it raises KV4 perplexity (SmolLM2, 24 x 512, with GPTQ: w4a8 16.81 without vs 17.18 with,
-# g128 16.75 vs 17.16 at d1e23f9; g64 16.26 vs 16.53 at e3a0542). It stays available as a step.
-# Re-derived with the key centering and GPTQ act-order (KV4, 81fc449): w4a8 16.01, without
-# rotate 17.60, without smooth 16.31; g64 15.56, without rotate 16.33, without smooth 15.55,
-# without reorder 15.57, without both 15.61 (smooth and reorder within 0.02 each: kept, as
-# the CLI default has them); g128 16.08.
-QOQ_RECIPE = {
-    "w4a8": "rotate,smooth,clip,gptq",
-    "w4a8-g128": "rotate,smooth,reorder,clip,gptq",
-    "w4a8-g64": "rotate,smooth,reorder,clip,gptq",
-}
+# The QoQ recipe per precision: the compiler's own (`--quantizer auto`), so the table
+# measures what a default compile ships; `--recipe` replaces one for a run. Why each recipe
+# (e.g. no smooth_attention) is in compiler/config.py and README's ablations.
+QOQ_RECIPE = dict(QOQ_RECIPES)
 LAST_IN_ABLATION = ("rotate", "gptq")  # added after the others, in this order
 # (label, perplexity, KV format it applies to) drawn as dashed lines on the chart.
 TARGETS = (("W8A8 KV16 target", 14.5, "fp16"), ("W4A8KV4 group target", 15.6, "int4"),
@@ -70,13 +64,18 @@ def qoq(precision: str, steps: str | None = None) -> dict:
     return dict(precision=precision, quantizer="qoq", qoq_steps=steps or QOQ_RECIPE[precision])
 
 
+def rtn(precision: str, **options) -> dict:
+    """Round-to-nearest, asked for explicitly: the compiler's default is the best recipe."""
+    return dict(precision=precision, quantizer="rtn", **options)
+
+
 def main_rows() -> list[Row]:
     return [
-        Row("FP16", dict(precision="fp16")),
-        Row("W8A8 RTN", dict(precision="w8a8")),
-        Row("W8A8 SmoothQuant", dict(precision="w8a8", quantizer="qoq", qoq_steps="smoothquant")),
-        Row("W4A16 g128 RTN", dict(precision="w4a16-g128")),
-        Row("W4A8 RTN per-channel", dict(precision="w4a8")),
+        Row("FP16", rtn("fp16")),
+        Row("W8A8 RTN", rtn("w8a8")),
+        Row("W8A8 SmoothQuant", qoq("w8a8")),
+        Row("W4A16 g128 RTN", rtn("w4a16-g128")),
+        Row("W4A8 RTN per-channel", rtn("w4a8")),
         Row("W4A8 QoQ per-channel", qoq("w4a8")),
         Row("W4A8 QoQ g128", qoq("w4a8-g128")),
         Row("W4A8 QoQ g64", qoq("w4a8-g64")),
@@ -87,7 +86,7 @@ def kv_ablation() -> list[Row]:
     """FP16 weights, KV4: the key rotation and the key centering (the default --kv int4),
     each alone and together."""
     table = "ablation KV4 keys, FP16 weights"
-    return [Row(f"{table}: {name}", dict(precision="fp16", kv_rotation=rot, kv_key_centering=c),
+    return [Row(f"{table}: {name}", rtn("fp16", kv_rotation=rot, kv_key_centering=c),
                 ("int4",), table)
             for name, rot, c in (("plain", "none", "none"), ("key rotation", "hadamard", "none"),
                                  ("key centering", "none", "mean"),
@@ -100,9 +99,9 @@ def ablation(precision: str, label: str) -> list[Row]:
     recipe."""
     recipe = QOQ_RECIPE[precision].split(",")
     table = f"ablation {label}"
-    rows, steps = [Row(f"{table}: RTN", dict(precision=precision, kv_key_centering="none"),
-                       ("int4",), table),
-                   Row(f"{table}: +center", dict(precision=precision), ("int4",), table)], []
+    rows, steps = [Row(f"{table}: RTN", rtn(precision, kv_key_centering="none"), ("int4",),
+                       table),
+                   Row(f"{table}: +center", rtn(precision), ("int4",), table)], []
     late = [s for s in LAST_IN_ABLATION if s in recipe]
     for step in [s for s in recipe if s not in late] + late:
         steps.append(step)

@@ -8,24 +8,33 @@ token (the key centering of `--kv int4`, `CalibStats.key_mean`). Statistics are 
 linear's canonical weight name (`layers.3.wqkv`, ..., `lm_head`/`embed` for the head).
 
 On request (`hessian=True`, for GPTQ) it also sums X^T X over ALL calibration tokens of every
-linear's input X [T, K]: K^2 float64 per linear (SmolLM2-135M: 0.8 GB for 30 layers), so it is
+linear's input X [T, K]: K^2 float32 per linear (SmolLM2-135M: 0.4 GB for 30 layers), so it is
 off by default. Fused linears (wqkv, w_gate_up) are one linear in the graph with one input, so
-they get one matrix. Each batch's product is a float32 GEMM (2048 tokens: relative rounding
-~1e-6) accumulated in float64 across batches.
+they get one matrix. Each batch adds its product into the sum with one float32 GEMM (`addmm_`:
+no temporary, no conversion; the sum over a batch's 2048 tokens already rounds to ~1e-6
+relative, and the few batches add little); `hessian()` hands GPTQ float64.
+
+Attention runs by SDPA's causal kernel (`_prefill_attention`): calibration only prefills empty
+caches, where the runtime's reference op (explicit mask, repeated kv heads) computes the same
+function more slowly.
 
 Calibration text defaults to the pydoc topics AFTER the evaluation tokens, so calibration and
 evaluation never share text; any text file can be used instead.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from tqdm import tqdm
 
 from qcompile.runtime.ops import KV_ENCODE_OPS
+from qcompile.runtime.ops.attention import ATTENTION_OPS
+from qcompile.runtime.ops.kv import CODECS
 
 
 @dataclass
@@ -35,7 +44,7 @@ class CalibStats:
     key_absmax: list[torch.Tensor] = field(default_factory=list)    # layer -> [Hkv * D] max |k|
     key_sum: list[torch.Tensor] = field(default_factory=list)       # layer -> [Hkv * D] f64 sum k
     key_tokens: int = 0                                             # tokens summed in key_sum
-    xtx: dict[str, torch.Tensor] = field(default_factory=dict)      # name -> [K, K] f64 X^T X
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)      # name -> [K, K] f32 X^T X
     tokens: dict[str, int] = field(default_factory=dict)            # name -> rows summed in xtx
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -43,7 +52,25 @@ class CalibStats:
         (the Hessian of the layer's squared output error ||X W^T - X Q^T||^2 / n in W)."""
         if name not in self.xtx:
             raise KeyError(f"no Hessian for {name}: calibrate(..., hessian=True) collects them")
-        return self.xtx[name] * (2.0 / self.tokens[name])
+        return self.xtx[name].double() * (2.0 / self.tokens[name])
+
+    def scaled(self, scales: dict[str, torch.Tensor]) -> "CalibStats":
+        """The statistics of the model in which input channel j of each linear `name` is
+        divided by scales[name][j] (QoQ's smoothing: exact in float, so the new model's
+        statistics follow from these without another forward pass): absmax and samples / s,
+        X^T X / (s s^T); keys and other linears unchanged."""
+        new = dataclasses.replace(self, absmax=dict(self.absmax), samples=dict(self.samples),
+                                  xtx=dict(self.xtx))
+        for name, s in scales.items():
+            s = s.detach().float().cpu()
+            if name in new.absmax:
+                new.absmax[name] = new.absmax[name] / s.to(new.absmax[name].device)
+            if name in new.samples:
+                new.samples[name] = new.samples[name] / s.to(new.samples[name].device)
+            if name in new.xtx:
+                inv = (1.0 / s).to(new.xtx[name])
+                new.xtx[name] = new.xtx[name] * inv[:, None] * inv[None, :]
+        return new
 
     @property
     def key_mean(self) -> torch.Tensor:
@@ -82,6 +109,8 @@ class _Recorder(fx.Interpreter):
         self.layer = 0
 
     def run_node(self, n):
+        if n.target is ATTENTION_OPS["fp16"]:
+            return _prefill_attention(*self.fetch_args_kwargs_from_env(n)[0])
         out = super().run_node(n)
         if n.target is torch.ops.aten.linear.default and n.args[1].name in self.names:
             self._linear(self.names[n.args[1].name], self.env[n.args[0]])
@@ -115,19 +144,45 @@ class _Recorder(fx.Interpreter):
         old = self.stats.samples.get(name)
         self.stats.samples[name] = pick if old is None else torch.cat([old, pick])
         if self.hessian:
-            xtx = (x.T @ x).double().cpu()
-            prev = self.stats.xtx.get(name)
-            self.stats.xtx[name] = xtx if prev is None else prev.add_(xtx)
+            prev = self.stats.xtx.get(name)  # float32 GEMM-accumulate, no temporary
+            self.stats.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
             self.stats.tokens[name] = self.stats.tokens.get(name, 0) + x.shape[0]
 
 
-def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int = 64,
+SAMPLE_ROWS = 512  # input rows kept per linear for the smoothing / reorder / clip searches
+
+
+def _prefill_attention(q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
+                       num_kv_heads: int, scale: float) -> torch.Tensor:
+    """`paged_attention_fp16` where every sequence is a prefill over an empty cache (as in
+    calibration): causal attention of each sequence's new tokens, by SDPA's causal kernel with
+    grouped kv heads instead of the reference op's explicit mask and repeated heads (the same
+    function; the reference spent a third of a calibration forward there)."""
+    if bool(ctx_lens.any()):
+        raise ValueError("calibration attention expects empty caches (ctx_lens 0)")
+    t, hq, d = q.shape
+    kv = CODECS["fp16"][1](kv_new, num_kv_heads, d, q.dtype)  # [2, T, Hkv, D]
+    out = torch.empty_like(q)
+    starts = query_start.tolist()
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        qb, k, v = (x[lo:hi].transpose(0, 1) for x in (q, kv[0], kv[1]))  # [H, n, D]
+        o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale,
+                                           enable_gqa=hq != num_kv_heads)
+        out[lo:hi] = o.transpose(0, 1)
+    return out
+
+
+def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int | None = None,
               batch: int = 4, seed: int = 0, hessian: bool = False, linears: bool = True,
               progress: bool = True) -> CalibStats:
     """Statistics of the float graph in `lowering` (canonicalized, before any quantization
     pass) over the calibration sequences, `batch` sequences per forward; with `hessian`, also
-    X^T X of every linear's input (see the module docstring); without `linears`, keys only."""
+    X^T X of every linear's input (see the module docstring); without `linears`, keys only.
+    rows_per_batch (default: SAMPLE_ROWS over the batches, so the searches see as many rows
+    whatever the number of sequences) input rows of each linear are kept per forward."""
     from .capture import KVSpec  # noqa: F401  (the cache layout the graph reads)
+    if rows_per_batch is None:
+        rows_per_batch = -(-SAMPLE_ROWS // -(-len(sequences) // batch))
     names = {ph: canonical_name(path) for ph, path in lowering.origin.items()}
     stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
     weights = list(lowering.weights.values())

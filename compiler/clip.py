@@ -47,8 +47,9 @@ The search is vectorized: all ratios of a chunk of rows are clipped, fake-quanti
 multiplied by Q_a(X) in one batch; rows are chunked so that no intermediate exceeds
 `max_elements`. The fake quantization of the search computes the quantizer's scales from the
 clamp bounds instead of re-measuring the clipped tensor (bitwise equal to
-`dequantize(quantize_weight(clip_r(W)))`, tested), which makes the elementwise work a few passes;
-SmolLM2-135M shapes (30 layers, 512 rows per linear, 11 ratios) take about 12 s on 2 CPU cores.
+`dequantize(quantize_weight(clip_r(W)))`, tested), which makes the elementwise work a few passes
+(`fake_quant_weight` is the same path at r = 1). Its time on SmolLM2-135M is the `clip` entry
+of the manifest's `qoq.step_seconds` (bench/results/qoq-speed-2026-12-06.md).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ from qcompile.runtime.ops.quant import quant_a8_ref
 
 from .calibrate import CalibStats
 from .config import QuantScheme
-from .quantize import PROTECTIVE_RANGE, _safe, dequantize, fp16_scale, quantize_weight
+from .quantize import PROTECTIVE_RANGE, _safe, fp16_scale
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 MAX_ELEMENTS = 1 << 21  # per [R, n, K] / [S, R * n] intermediate (8 MiB in float32: cache-sized)
@@ -83,8 +84,10 @@ def fake_quant_act(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 
 def fake_quant_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Q_w: the float weight that RTN of `scheme` stands for (rows are independent)."""
-    return dequantize(quantize_weight(w, scheme))
+    """Q_w: the float weight that RTN of `scheme` stands for (rows are independent), float32:
+    `dequantize(quantize_weight(w))` bitwise, by the search's fast path at ratio 1 (clip_1 is
+    the identity; no integer round trip)."""
+    return _fake_quant_clipped(w.float(), _ratios([1.0]), scheme)[0]
 
 
 def _bounds(w: torch.Tensor, r: torch.Tensor, scheme: QuantScheme):

@@ -44,6 +44,19 @@ PRECISIONS: dict[str, QuantScheme | None] = {
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
 QOQ_STEPS = ("rotate", "smooth_attention", "smoothquant", "smooth", "reorder", "clip", "gptq")
+# --quantizer auto: the best recipe measured per precision (KV4 perplexity of SmolLM2 at
+# --dtype float32, bench/results/accuracy-smollm2-2026-11-21c.md: W8A8 SmoothQuant 15.05
+# against RTN 15.29; W4A8 QoQ 16.01 against RTN 28.85). `reorder` only acts on group schemes.
+# fp16 has nothing to quantize; w4a16-g128 has no measured QoQ recipe (QoQ's steps are
+# searched for A8 activations; a weight-only AWQ/GPTQ recipe would need its own ablation), so
+# both resolve to rtn.
+QOQ_RECIPES: dict[str, str] = {
+    "w8a8": "smoothquant",
+    "w4a8": "rotate,smooth,clip,gptq",
+    "w4a8-g128": "rotate,smooth,reorder,clip,gptq",
+    "w4a8-g64": "rotate,smooth,reorder,clip,gptq",
+}
+QOQ_FALLBACK_STEPS = "rotate,smooth,reorder,clip,gptq"  # --quantizer qoq where no recipe is
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Tokens per KV page: powers of two from 8 (smaller pages only lengthen the block table, one
 # int32 per page per sequence) to 256 (vLLM's largest page; every sequence holds up to one
@@ -79,18 +92,24 @@ class CompileConfig:
     kv_block_size: int = _opt("tokens per KV-cache page", default=16)
     max_seq_len: int = _opt("longest sequence (prompt + generation) the artifact serves; "
                             "0 takes the model's max_position_embeddings", default=0)
-    quantizer: str = _opt("rtn: round-to-nearest weights; qoq: QServe's QoQ (rotation, "
-                          "smoothing, channel reordering, clipping; SmoothAttention as an "
-                          "option) on "
-                          "calibration text, then GPTQ's rounding on the grid clipping chose "
-                          "(round-to-nearest without the qoq step gptq)", ("rtn", "qoq"),
-                          default="rtn")
-    qoq_steps: str = _opt("comma-separated QoQ steps to apply (a subset, for ablations; they "
-                          "always run in the order " + ",".join(QOQ_STEPS) + "; smoothquant "
-                          "is the W8A8 SmoothQuant baseline; smooth_attention is left out "
-                          "by default: with --kv int4's key rotation it raises perplexity, "
-                          "see bench/accuracy.py)",
-                          default="rotate,smooth,reorder,clip,gptq")
+    quantizer: str = _opt("auto: each precision's best measured recipe (config.QOQ_RECIPES): "
+                          "w8a8 SmoothQuant (qoq, steps smoothquant), w4a8 / w4a8-g128 / "
+                          "w4a8-g64 QoQ (qoq, steps rotate,smooth[,reorder],clip,gptq), rtn for "
+                          "fp16 and w4a16-g128 (no measured QoQ recipe); resolved when the "
+                          "config is made, so the manifest stores what ran. rtn: "
+                          "round-to-nearest weights, no calibration. qoq: QServe's QoQ on "
+                          "calibration text, the steps of --qoq-steps", ("auto", "rtn", "qoq"),
+                          default="auto")
+    qoq_steps: str = _opt("comma-separated QoQ steps (they always run in the order "
+                          + ",".join(QOQ_STEPS) + "); auto: the precision's recipe in "
+                          "QOQ_RECIPES (see --quantizer), none with rtn. "
+                          "rotate: Hadamard rotation of the residual stream; smooth: "
+                          "smoothing of the o_proj/down_proj inputs; reorder: channel "
+                          "reordering (group schemes only); clip: clipping ratio search; "
+                          "gptq: GPTQ's rounding; smoothquant: SmoothQuant's smoothing of the "
+                          "RMSNorm-fed inputs (the W8A8 recipe); smooth_attention: "
+                          "SmoothAttention, in no recipe (with --kv int4's key rotation it "
+                          "raises perplexity; bench/accuracy.py)", default="auto")
     gptq_order: str = _opt("order in which the qoq step gptq rounds each linear's input "
                            "channels: act (decreasing diag of the Hessian, GPTQ's act-order on the "
                            "same grid: the busiest channels round first, while the most "
@@ -113,6 +132,7 @@ class CompileConfig:
                                   "by default, as in QServe)", default=False)
 
     def __post_init__(self):
+        self._resolve_quantizer()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -134,6 +154,21 @@ class CompileConfig:
             raise ValueError(f"--max-seq-len must be 0 (the model's context) or from "
                              f"{MIN_SEQ_LEN} (one prompt token and one generated token) to "
                              f"{MAX_SEQ_LEN}, got {self.max_seq_len}")
+
+    def _resolve_quantizer(self) -> None:
+        """Replace `auto` in quantizer / qoq_steps by the precision's recipe (QOQ_RECIPES), so
+        that the config, and the manifest that stores it, say what runs. A config made with
+        dataclasses.replace keeps the values it resolved; pass quantizer="auto" (and
+        qoq_steps="auto") to resolve them again for another precision."""
+        quantizer = self.quantizer
+        if quantizer == "auto":
+            quantizer = "qoq" if self.precision in QOQ_RECIPES else "rtn"
+        steps = self.qoq_steps
+        if steps == "auto":
+            steps = "" if quantizer == "rtn" else QOQ_RECIPES.get(self.precision,
+                                                                  QOQ_FALLBACK_STEPS)
+        object.__setattr__(self, "quantizer", quantizer)  # frozen: set once, here
+        object.__setattr__(self, "qoq_steps", steps)
 
     @property
     def scheme(self) -> QuantScheme | None:

@@ -81,6 +81,7 @@ import torch
 from tqdm import tqdm
 
 from .calibrate import CalibStats
+from .clip import fake_quant_weight
 from .config import QuantScheme
 from .quantize import (PROTECTIVE_RANGE, W4FloatGroupWeights, W4GroupWeights, W4Weights,
                        W8Weights, dequantize, quantize_weight)
@@ -235,7 +236,7 @@ def gptq_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, schem
         h, w, wg = stats.hessian(name), weights[name], grid_weights[name]
         qw = gptq_quantize(w, h, scheme, grid_from=wg, percdamp=percdamp, act_order=act_order)
         wq, h = dequantize(qw), h.float()
-        e_rtn = output_error(w, dequantize(quantize_weight(wg.float(), scheme)), h)
+        e_rtn = output_error(w, fake_quant_weight(wg, scheme), h)
         ratio[name] = round(output_error(w, wq, h) / e_rtn, 4) if e_rtn > 0 else 1.0
         quantized[name], floats[name] = qw, wq.to(w.dtype)
     report = {"error_vs_rtn": ratio,

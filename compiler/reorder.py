@@ -114,12 +114,16 @@ def reorder_channels(cfg, weights: dict[str, torch.Tensor], stats: CalibStats,
 
 
 def permute_stats(stats: CalibStats, perms: dict[str, torch.Tensor]) -> CalibStats:
-    """The statistics the reordered model would give: absmax and samples of each permuted
-    linear's input, in the new channel order (keys are unchanged)."""
-    new = dataclasses.replace(stats, absmax=dict(stats.absmax), samples=dict(stats.samples))
+    """The statistics the reordered model would give: absmax, samples and X^T X of each
+    permuted linear's input, in the new channel order (keys are unchanged)."""
+    new = dataclasses.replace(stats, absmax=dict(stats.absmax), samples=dict(stats.samples),
+                              xtx=dict(stats.xtx))
     for name, perm in perms.items():
         if name in new.absmax:
             new.absmax[name] = new.absmax[name][perm.to(new.absmax[name].device)]
         if name in new.samples:
             new.samples[name] = new.samples[name][:, perm.to(new.samples[name].device)]
+        if name in new.xtx:
+            p = perm.to(new.xtx[name].device)
+            new.xtx[name] = new.xtx[name][p][:, p]
     return new

@@ -46,16 +46,14 @@ import torch
 from qcompile.models.config import ModelConfig
 
 from .calibrate import CalibStats
-from .clip import fake_quant_act
+from .clip import fake_quant_act, fake_quant_weight
 from .config import QuantScheme
-from .quantize import dequantize, quantize_weight
 
 ALPHAS = tuple(i / 10 for i in range(11))
 SMOOTHQUANT_ALPHAS = (0.8,)
 LAMBDA_MIN = 1e-5
 SCALE_RANGE = (1e-5, 1e5)
 _STAT_FLOOR = 1e-8  # keeps 0 ** a / 0 ** (1 - a) from becoming NaN; s is clamped afterwards
-_ROWS_PER_CHUNK = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,19 +106,16 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
 
 
 def quantized_output_error(samples: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
-                           scheme: QuantScheme) -> float:
+                           scheme: QuantScheme, ref: torch.Tensor | None = None) -> float:
     """|| X W^T - Q_a(X / s) Q_w(W diag(s))^T ||_F^2 over the sample rows X [S, K]; w [N, K],
-    s [K]. s = 1 is the error without smoothing."""
+    s [K]. s = 1 is the error without smoothing. ref: X W^T when the caller has it (a search
+    scores many s against one reference)."""
     w = w.float()
     s = s.float().to(w.device)
-    wq = dequantize(quantize_weight(w * s[None, :], scheme))
-    err = 0.0
-    for x in samples.split(_ROWS_PER_CHUNK):
-        x = x.float().to(w.device)
-        ref = x @ w.T
-        got = fake_quant_act(x / s, scheme.act_bits) @ wq.T
-        err += (ref - got).pow(2).sum().item()
-    return err
+    x = samples.float().to(w.device)
+    ref = x @ w.T if ref is None else ref
+    got = fake_quant_act(x / s, scheme.act_bits) @ fake_quant_weight(w * s[None, :], scheme).T
+    return float((ref - got).pow_(2).sum(dtype=torch.float64))
 
 
 def search_alpha(x_absmax: torch.Tensor, w: torch.Tensor, samples: torch.Tensor,
@@ -140,13 +135,14 @@ def search_alpha(x_absmax: torch.Tensor, w: torch.Tensor, samples: torch.Tensor,
     x_absmax = x_absmax.float().to(w.device)
     ones = torch.ones_like(x_absmax)
     best, best_s = None, ones
+    ref = samples.float().to(w.device) @ w.T
     best_err = quantized_output_error(samples, w, expand(ones) if expand is not None else ones,
-                                      scheme)
+                                      scheme, ref)
     errors = {None: best_err}
     for a in alphas:
         s = smooth_scales(x_absmax, w_absmax, a)
         s_full = expand(s) if expand is not None else s
-        err = quantized_output_error(samples, w, s_full, scheme)
+        err = quantized_output_error(samples, w, s_full, scheme, ref)
         errors[float(a)] = err
         if err < best_err:
             best, best_s, best_err = float(a), s, err
@@ -172,13 +168,16 @@ def _scale(t: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
 
 def smooth_norm_inputs(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: CalibStats,
                        scheme: QuantScheme, alphas=SMOOTHQUANT_ALPHAS, *, device=None
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float],
+                                  dict[str, torch.Tensor]]:
     """SmoothQuant: smooth the inputs of every layer's `wqkv` and `w_gate_up` into the RMSNorm
     gain that produces them, alpha chosen per linear from `alphas` (or none) on the quantized
-    output error; returns (new weights, {linear name: chosen alpha}). Search on `device`
-    (default: where the weights are)."""
+    output error; returns (new weights, {linear name: chosen alpha}, {linear name: s [K]}, the
+    input of that linear now being X / s: `CalibStats.scaled` maps the statistics). Search on
+    `device` (default: where the weights are)."""
     out: dict[str, torch.Tensor] = dict(weights)
     chosen: dict[str, float] = {}
+    scales: dict[str, torch.Tensor] = {}
     for i in range(cfg.num_layers):
         for norm, lin in (("attn_norm", "wqkv"), ("mlp_norm", "w_gate_up")):
             name, gain = f"layers.{i}.{lin}", f"layers.{i}.{norm}"
@@ -188,20 +187,24 @@ def smooth_norm_inputs(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats
                                               scheme, alphas)
             out[name] = _scale(w, s, 1)
             out[gain] = _scale(weights[gain], 1.0 / s, 0)
-    return out, chosen
+            scales[name] = s
+    return out, chosen, scales
 
 
 def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: CalibStats,
                   scheme: QuantScheme, alphas=ALPHAS, *, device=None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float],
+                             dict[str, torch.Tensor]]:
     """Smooth the inputs of every layer's `wo` and `w_down`, with the migration strength
-    searched per linear; returns (new weights, {linear name: chosen alpha}). The search runs
-    on `device` (default: where the weights are); the returned weights stay where they were."""
+    searched per linear; returns (new weights, {linear name: chosen alpha}, {linear name:
+    s [K]}, the input of that linear now being X / s). The search runs on `device` (default:
+    where the weights are); the returned weights stay where they were."""
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     group = hq // hkv
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     out = dict(weights)
     chosen: dict[str, float] = {}
+    scales: dict[str, torch.Tensor] = {}
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
 
@@ -211,7 +214,7 @@ def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Cal
         x_absmax, samples = _input_stats(stats, name)
         a, s, _ = search_alpha(x_absmax, w_down.to(device or w_down.device), samples, scheme,
                                alphas)
-        chosen[name] = a
+        chosen[name], scales[name] = a, s
         out[name] = _scale(w_down, s, 1)
         out[p + "w_gate_up"] = _scale(w_gu, torch.cat([s.new_ones(inter), 1.0 / s]), 0)
 
@@ -228,10 +231,10 @@ def smooth_linear(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Cal
         dev = device or wo.device
         a, s_kv, _ = search_alpha(x_kv, wo.to(dev), samples, scheme, alphas,
                                   w_absmax=w_kv.to(dev), expand=expand)
-        chosen[name] = a
+        chosen[name], scales[name] = a, expand(s_kv)
         out[name] = _scale(wo, expand(s_kv), 1)
         row = torch.cat([s_kv.new_ones(q + kv), 1.0 / s_kv])  # v rows (and bias) / s
         for t in ("wqkv", "bqkv"):
             if p + t in weights:
                 out[p + t] = _scale(weights[p + t], row, 0)
-    return out, chosen
+    return out, chosen, scales

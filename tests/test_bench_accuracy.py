@@ -38,6 +38,11 @@ def test_rows_are_data(bench):
         assert isinstance(cfg, CompileConfig) or cfg.startswith("not implemented")
         if isinstance(cfg, CompileConfig):
             assert (cfg.dtype, cfg.kernels) == ("float32", "skip")
+    for row in bench.MAIN:  # RTN rows stay RTN although the compiler's default is the recipe
+        cfg = bench.config_of(row, "int4")
+        rtn = "RTN" in row.name or row.name == "FP16"
+        assert cfg.quantizer == ("rtn" if rtn else "qoq"), row.name
+        assert rtn or cfg.qoq_steps == CompileConfig(precision=cfg.precision).qoq_steps, row.name
 
 
 def test_runner_on_tiny_checkpoint(bench, make_tiny_checkpoint, tmp_path, capsys):

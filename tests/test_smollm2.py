@@ -29,7 +29,7 @@ def ckpt(smollm2_checkpoint):
 
 
 def _compile(ckpt, tmp_path_factory, **cfg):
-    # reference ops on the CPU (no GPU kernels); RTN weights: the quickest compile of each
+    # reference ops on the CPU (no GPU kernels); RTN: these tests check serving, not QoQ
     cfg = CompileConfig(kernels="skip", quantizer="rtn", **cfg)
     out = tmp_path_factory.mktemp("smollm2") / f"{cfg.precision}-{cfg.kv}-{cfg.dtype}"
     return compile_checkpoint(ckpt, cfg, out, progress=False)

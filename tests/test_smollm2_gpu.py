@@ -40,7 +40,7 @@ def test_kernels_generate_the_reference_tokens(ckpt, tmp_path_factory, precision
     from qcompile.runtime import gemm_kernels
     major, _ = torch.cuda.get_device_capability()
     cfg = CompileConfig(target=f"sm{major}0", precision=precision, kv=kv, dtype="float16",
-                        kernels="build")
+                        kernels="build", quantizer="rtn")
     art = compile_checkpoint(ckpt, cfg, tmp_path_factory.mktemp("smollm2-gpu") / "art",
                              progress=False)
     gpu = Engine.load(art, device="cuda")

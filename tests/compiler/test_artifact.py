@@ -14,7 +14,8 @@ from qcompile.compiler.config import CompileConfig
 from qcompile.runtime.artifact import ArtifactError, check_target, load_program
 from qcompile.runtime.engine import ContextLengthError, Engine
 
-CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip")
+CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip",
+                    quantizer="rtn")
 
 
 @pytest.fixture(scope="module")

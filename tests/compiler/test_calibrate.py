@@ -1,5 +1,6 @@
 """Calibration statistics from the float graph: per-linear input absmax and samples, and
 per-layer key absmax after RoPE, checked against a direct computation."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +44,79 @@ def test_calibration_text_is_disjoint_from_eval(tiny_tokenizer):
     ev = eval_windows(tiny_tokenizer, 2, 64)
     assert len(cal) == 4 and all(len(s) == 64 for s in cal)
     assert not {tuple(s) for s in cal} & {tuple(s) for s in ev}
+
+
+def test_scaled_stats_match_a_recalibration_of_the_smoothed_model(make_tiny_checkpoint):
+    """QoQ calibrates once: the statistics after smoothing (SmoothQuant into the norms, then
+    o_proj / down_proj) are the first calibration's scaled by the returned s, equal to those
+    of a second forward through the smoothed model (absmax, the same sampled rows, X^T X)."""
+    from qcompile.compiler.calibrate import FloatGraph
+    from qcompile.compiler.config import W4A8
+    from qcompile.compiler.smooth import smooth_linear, smooth_norm_inputs
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
+    cfg, w = ckpt.config, {k: v.float() for k, v in ckpt.weights.items()}
+    seqs = [list(range(5, 69)), list(range(70, 134))]
+    graph = FloatGraph(cfg, w)
+    st = graph.stats(w, seqs, progress=False, hessian=True)
+    new, _, scales = smooth_norm_inputs(cfg, w, st, W4A8, (0.5,))
+    new, _, more = smooth_linear(cfg, new, st, W4A8)
+    scales.update(more)
+    assert set(scales) == {f"layers.{i}.{n}" for i in range(cfg.num_layers)
+                           for n in ("wqkv", "w_gate_up", "wo", "w_down")}
+    assert any(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
+    got, want = st.scaled(scales), graph.stats(new, seqs, progress=False, hessian=True)
+    for name in scales:
+        for field in ("absmax", "samples", "xtx"):
+            a, b = getattr(got, field)[name], getattr(want, field)[name]
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), (name,
+                                                                                       field)
+    assert torch.allclose(got.key_mean, want.key_mean, atol=1e-5)
+    assert got.absmax["lm_head"] is st.absmax["lm_head"]  # not scaled: shared
+
+
+def test_prefill_attention_matches_the_paged_reference():
+    """Calibration's causal-SDPA attention is the reference op's function on prefills over an
+    empty cache: GQA (4 query heads on 2 kv heads), three sequences of uneven lengths."""
+    from qcompile.compiler.calibrate import _prefill_attention
+    from qcompile.runtime.ops.attention import paged_attention_ref
+    from qcompile.runtime.ops.kv import CODECS
+    g = torch.Generator().manual_seed(0)
+    lens, hq, hkv, d = [5, 17, 1], 4, 2, 8
+    t = sum(lens)
+    q = torch.randn(t, hq, d, generator=g)
+    k, v = (torch.randn(t, hkv, d, generator=g) for _ in range(2))
+    kv_new = torch.stack([CODECS["fp16"][0](k), CODECS["fp16"][0](v)])  # [2, T, R]
+    cache = torch.zeros(1, 2, 4, 16, kv_new.shape[-1], dtype=torch.uint8)[0]
+    tables = torch.tensor([[0, 0], [1, 2], [3, 0]], dtype=torch.int32)
+    ctx = torch.zeros(3, dtype=torch.int32)
+    qs = torch.tensor([0, 5, 22, 23], dtype=torch.int32)
+    args = (q, kv_new, cache, tables, ctx, qs, hkv, d ** -0.5)
+    ref = paged_attention_ref("fp16", *args)
+    assert torch.allclose(_prefill_attention(*args), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="empty caches"):
+        _prefill_attention(q, kv_new, cache, tables, ctx + 1, qs, hkv, d ** -0.5)
+
+
+def test_calibration_routes_attention_through_the_prefill_path(make_tiny_checkpoint,
+                                                               monkeypatch):
+    """Every layer's attention takes `_prefill_attention` and the statistics after it (the wo
+    input) equal those through the reference op."""
+    import qcompile.compiler.calibrate as calib
+    from qcompile.runtime.ops.attention import paged_attention_ref
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
+    w = {k: v.float() for k, v in ckpt.weights.items()}
+    graph, seqs = calib.FloatGraph(ckpt.config, w), [list(range(5, 45)), list(range(50, 70))]
+    fast = graph.stats(w, seqs, progress=False)
+    calls = []
+
+    def reference(*args):
+        calls.append(1)
+        return paged_attention_ref("fp16", *args)
+
+    monkeypatch.setattr(calib, "_prefill_attention", reference)
+    ref = graph.stats(w, seqs, progress=False)
+    assert len(calls) == ckpt.config.num_layers  # one batch: one call per layer
+    for i in range(ckpt.config.num_layers):
+        name = f"layers.{i}.wo"
+        assert torch.allclose(fast.absmax[name], ref.absmax[name], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(fast.samples[name], ref.samples[name], rtol=1e-4, atol=1e-5)

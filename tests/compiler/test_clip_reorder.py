@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from qcompile.compiler.calibrate import CalibStats
 from qcompile.compiler.capture import KVSpec
 from qcompile.compiler.clip import (DEFAULT_RATIOS, _clip_many, _fake_quant_clipped, _ratios,
-                                    clip_weight, clip_weights, row_errors,
+                                    clip_weight, clip_weights, fake_quant_weight, row_errors,
                                     search_clip_ratio)
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8
 from qcompile.compiler.quantize import dequantize, quantize_weight
@@ -140,8 +140,12 @@ def test_permute_stats_matches_reordered_activations(ckpt):
 
     p = perms["layers.0.w_down"]
     assert torch.allclose(down_input(new), down_input(w)[:, p])
+    for name, x in st.samples.items():  # X^T X of the samples
+        st.xtx[name] = (x.T @ x).double()
     pst = permute_stats(st, perms)
     assert torch.equal(pst.absmax["layers.0.w_down"], st.absmax["layers.0.w_down"][p])
+    x_new = st.samples["layers.0.w_down"][:, p]
+    assert torch.allclose(pst.xtx["layers.0.w_down"], (x_new.T @ x_new).double())
     p = perms["layers.0.wo"]
     assert torch.equal(pst.samples["layers.0.wo"], st.samples["layers.0.wo"][:, p])
     assert pst.samples["layers.0.wqkv"] is st.samples["layers.0.wqkv"]
@@ -173,6 +177,7 @@ def test_fast_fake_quant_is_rtn_of_clipped(scheme, k):
         ref = dequantize(quantize_weight(clip_weight(w, r, scheme), scheme))
         assert torch.equal(fast[j], ref), (scheme.name, r)
     assert torch.equal(_clip_many(w, rt, scheme)[0], w)  # r = 1 leaves the weights alone
+    assert torch.equal(fake_quant_weight(w, scheme), dequantize(quantize_weight(w, scheme)))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)

@@ -71,7 +71,7 @@ def test_artifact_ships_the_graphs_kernels(make_tiny_checkpoint, tmp_path):
 
     from qcompile.compiler.compile import compile_model
     from qcompile.cutlass_templates.build import read_kernel_table
-    cfg = CompileConfig(target="sm80", precision="w4a8", kv="int4")  # kernels="build"
+    cfg = CompileConfig(target="sm80", precision="w4a8", kv="int4", quantizer="rtn")  # build
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     table = read_kernel_table(art / "kernels" / "sm80")
     manifest = json.loads((art / "manifest.json").read_text())

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qcompile.compiler.compile import compile_model
-from qcompile.compiler.config import CompileConfig
+from qcompile.compiler.config import QOQ_FALLBACK_STEPS, CompileConfig
 from qcompile.runtime.engine import Engine
 
 
@@ -19,6 +19,7 @@ def test_qoq_compiles_and_serves(make_tiny_checkpoint, tmp_path, precision):
     assert report["steps"] == list(cfg.steps)
     assert len(report["smooth_alpha"]) == 2 * 2  # wo and w_down of 2 layers
     assert all(0.5 <= r <= 1.0 for r in report["clip_ratio"].values())
+    assert set(report["step_seconds"]) >= {"rotate", "calibrate", "smooth", "clip", "gptq"}
     out = Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0]
     assert out.token_ids
 
@@ -41,3 +42,31 @@ def test_qoq_needs_a_quantized_precision():
         CompileConfig(precision="fp16", quantizer="qoq")
     with pytest.raises(ValueError, match="unknown steps"):
         CompileConfig(quantizer="qoq", qoq_steps="rotate,magic")
+
+
+@pytest.mark.parametrize("precision, quantizer, steps", [
+    ("fp16", "rtn", ""),
+    ("w8a8", "qoq", "smoothquant"),
+    ("w4a8", "qoq", "rotate,smooth,clip,gptq"),
+    ("w4a8-g128", "qoq", "rotate,smooth,reorder,clip,gptq"),
+    ("w4a8-g64", "qoq", "rotate,smooth,reorder,clip,gptq"),
+    ("w4a16-g128", "rtn", ""),  # no measured QoQ recipe for weight-only (config.QOQ_RECIPES)
+])
+def test_default_quantizer_resolves_to_the_best_recipe(precision, quantizer, steps):
+    """--quantizer auto (the default) is resolved when the config is made, so the manifest's
+    config says what ran; an explicit choice is kept; qoq without steps takes the recipe."""
+    cfg = CompileConfig(precision=precision)
+    assert (cfg.quantizer, cfg.qoq_steps) == (quantizer, steps)
+    assert CompileConfig.from_json(cfg.to_json()) == cfg
+    assert CompileConfig(precision=precision, quantizer="rtn").steps == ()
+    if quantizer == "qoq":
+        assert CompileConfig(precision=precision, quantizer="qoq").qoq_steps == steps
+        mine = CompileConfig(precision=precision, qoq_steps="rotate,clip")
+        assert (mine.quantizer, mine.steps) == ("qoq", ("rotate", "clip"))
+
+
+def test_qoq_without_a_recipe_takes_the_fallback_steps():
+    cfg = CompileConfig(precision="w4a16-g128", quantizer="qoq")
+    assert cfg.qoq_steps == QOQ_FALLBACK_STEPS
+    with pytest.raises(ValueError, match="quantized --precision"):
+        CompileConfig(precision="fp16", quantizer="qoq")

@@ -206,7 +206,7 @@ def test_smooth_linear_keeps_logits_and_reduces_error(model, scheme):
     cfg, w, tokens = model
     ref, stats, _ = forward_collect(cfg, w, tokens)
     before = snapshot(w)
-    new, alphas = smooth_linear(cfg, w, stats, scheme)
+    new, alphas, _ = smooth_linear(cfg, w, stats, scheme)
     assert_same(w, before)
     names = {f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in ("wo", "w_down")}
     assert set(alphas) == names
@@ -228,7 +228,7 @@ def test_smooth_linear_keeps_logits_and_reduces_error(model, scheme):
 def test_smooth_linear_scales_tied_across_gqa_and_moved_into_producers(model):
     cfg, w, tokens = model
     _, stats, _ = forward_collect(cfg, w, tokens)
-    new, _ = smooth_linear(cfg, w, stats, W4A8)
+    new, _, _ = smooth_linear(cfg, w, stats, W4A8)
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     for i in range(cfg.num_layers):
@@ -275,7 +275,7 @@ def test_smooth_norm_inputs_keeps_logits_and_shrinks_outliers(norm_model, scheme
     cfg, w, tokens = norm_model
     _, stats, _ = forward_collect(cfg, w, tokens)
     before = snapshot(w)
-    new, alphas = smooth_norm_inputs(cfg, w, stats, scheme, grid)
+    new, alphas, _ = smooth_norm_inputs(cfg, w, stats, scheme, grid)
     assert_same(w, before)
     names = {f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in ("wqkv", "w_gate_up")}
     assert set(alphas) == names and all(a in grid for a in alphas.values()), alphas
@@ -299,7 +299,7 @@ def test_smooth_norm_inputs_keeps_logits_and_shrinks_outliers(norm_model, scheme
 def test_smooth_norm_inputs_one_scale_per_norm(norm_model):
     cfg, w, tokens = norm_model
     _, stats, _ = forward_collect(cfg, w, tokens)
-    new, _ = smooth_norm_inputs(cfg, w, stats, W8A8)
+    new, _, _ = smooth_norm_inputs(cfg, w, stats, W8A8)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         for norm, lin in (("attn_norm", "wqkv"), ("mlp_norm", "w_gate_up")):
@@ -315,8 +315,8 @@ def test_smooth_keeps_dtypes(model):
     _, stats, _ = forward_collect(cfg, w, tokens)
     half = {k: v.to(torch.bfloat16) for k, v in w.items()}
     out = smooth_attention(cfg, half, stats.key_absmax)
-    out, _ = smooth_linear(cfg, out, stats, W8A8, alphas=(0.5,))
-    out, _ = smooth_norm_inputs(cfg, out, stats, W8A8, alphas=(0.5,))
+    out, _, _ = smooth_linear(cfg, out, stats, W8A8, alphas=(0.5,))
+    out, _, _ = smooth_norm_inputs(cfg, out, stats, W8A8, alphas=(0.5,))
     assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in half.items()}
 
 

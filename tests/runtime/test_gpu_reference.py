@@ -20,7 +20,8 @@ def _target() -> str:
 @pytest.mark.parametrize("precision,kv", [("fp16", "fp16"), ("w8a8", "int4"), ("w4a8", "int4"),
                                           ("w4a8-g128", "int4")])
 def test_cuda_matches_cpu(make_tiny_checkpoint, tmp_path, precision, kv):
-    cfg = CompileConfig(target=_target(), precision=precision, kv=kv, dtype="float32", kernels="skip")
+    cfg = CompileConfig(target=_target(), precision=precision, kv=kv, dtype="float32", kernels="skip",
+                        quantizer="rtn")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     prompts = ["the quick brown fox", "def main():"]
     cpu = Engine.load(art, device="cpu")
@@ -50,7 +51,8 @@ def test_inductor_compiled_program_matches_eager(make_tiny_checkpoint, tmp_path)
     and the logits agree to fp16 accumulation-order noise, amplified a little by the int4 KV
     cache: a key that lands one fp16 ulp apart (the KV rotation's mm runs as Inductor's, not
     eager's, kernel) can flip a 4-bit code (measured 1.2e-3 relative on an H100)."""
-    cfg = CompileConfig(target=_target(), precision="w4a8", kv="int4", dtype="float16", kernels="skip")
+    cfg = CompileConfig(target=_target(), precision="w4a8", kv="int4", dtype="float16", kernels="skip",
+                        quantizer="rtn")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     eager = Engine.load(art, device="cuda")
     compiled = Engine.load(art, device="cuda", compile=True)
