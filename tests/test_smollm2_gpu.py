@@ -2,8 +2,8 @@
 build`) and served on CUDA: the greedy tokens and logits equal the reference path's (the same
 artifact on the same GPU with the kernels switched off, so that only the GEMMs differ), for
 every precision, with no GEMM falling back to the reference (`gemm_kernels.STATS.fallbacks`).
-The kernels reproduce the reference's int32 sums and rounding sequence, so
-nothing may diverge; the CPU's tokens are reported beside them (fp16 non-GEMM ops round
+The GEMM kernels reproduce the reference's int32 sums and rounding sequence, so
+nothing may diverge (the attention kernels run in both runs: they are deterministic); the CPU's tokens are reported beside them (fp16 non-GEMM ops round
 differently there, so a near-tie may flip: the first such step is printed with its margin).
 
 Needs a GPU, nvcc and the model (models/default_model.py downloads it, or
@@ -73,3 +73,31 @@ def test_kernels_generate_the_reference_tokens(ckpt, tmp_path_factory, precision
         where = "equal" if i is None else f"first differs at new token {i}"
         print(f"{precision} kv {kv}: GPU vs CPU greedy tokens {where} ({prompt!r}: "
               f"{gpu.tokenizer.decode(toks)!r})")
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int4"])
+def test_attention_kernels_match_the_reference(ckpt, tmp_path_factory, kv):
+    """The paged attention kernels against the reference attention op, same artifact and GPU
+    (float accumulation orders differ, so close, not equal): next-token distributions of
+    every position within a small KL, and no fallback to the reference."""
+    from qcompile.runtime import attention_kernels
+    major, _ = torch.cuda.get_device_capability()
+    cfg = CompileConfig(target=f"sm{major}0", precision="fp16", kv=kv, dtype="float16",
+                        kernels="build")
+    art = compile_checkpoint(ckpt, cfg, tmp_path_factory.mktemp("smollm2-attn") / "art",
+                             progress=False)
+    gpu = Engine.load(art, device="cuda")
+    ids = [gpu.encode(p, chat=True) for p in PROMPTS]
+    before = sum(attention_kernels.STATS.launches.values())
+    logits = gpu.score(ids)
+    assert sum(attention_kernels.STATS.launches.values()) > before
+    assert not attention_kernels.STATS.fallbacks
+    table, attention_kernels._TABLE = attention_kernels._TABLE, None
+    try:
+        ref = gpu.score(ids)
+    finally:
+        attention_kernels._TABLE = table
+    for a, b in zip(logits, ref):
+        kl = torch.nn.functional.kl_div(a.float().log_softmax(-1), b.float().log_softmax(-1),
+                                        log_target=True, reduction="none").sum(-1)
+        assert kl.max() < 1e-3, f"KL(reference || kernels) up to {kl.max():.2e}"
