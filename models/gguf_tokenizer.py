@@ -35,26 +35,31 @@ PRE_TOKENIZERS = {
 }
 
 
-def gguf_metadata_string(path: Path, key: str) -> str | None:
-    """A string field of the GGUF header (None when absent)."""
+def gguf_metadata_string(gguf, key: str) -> str | None:
+    """A string field of the GGUF header (None when absent). `gguf`: the file's path, or a
+    `GGUFReader` already made (parsing the header of a 49k-token vocabulary takes seconds)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(path).fields.get(key)
+    reader = gguf if isinstance(gguf, GGUFReader) else GGUFReader(gguf)
+    field = reader.fields.get(key)
     return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-def load_gguf_tokenizer(path: Path):
+def load_gguf_tokenizer(path: Path, reader=None):
     """transformers' tokenizer of the GGUF at `path` with the file's pre-tokenizer.
 
     Byte-level BPE files (`tokenizer.ggml.model = gpt2`) of a type in PRE_TOKENIZERS get that
     type's pipeline; other types keep transformers' conversion, with a warning naming the type.
-    SentencePiece files (`llama`) have no pre-tokenizer type."""
+    SentencePiece files (`llama`) have no pre-tokenizer type. `reader`: the file's
+    `GGUFReader`, if the caller has one."""
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if gguf_metadata_string(path, "tokenizer.ggml.model") != "gpt2":
+    reader = reader or GGUFReader(path)
+    if gguf_metadata_string(reader, "tokenizer.ggml.model") != "gpt2":
         return tokenizer
-    pre = gguf_metadata_string(path, "tokenizer.ggml.pre") or "gpt-2"
+    pre = gguf_metadata_string(reader, "tokenizer.ggml.pre") or "gpt-2"
     if pre not in PRE_TOKENIZERS:
         warnings.warn(f"{path.name}: pre-tokenizer type {pre!r} is not in qcompile's table "
                       "(models/gguf_tokenizer.py); using transformers' conversion, which may "

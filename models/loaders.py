@@ -124,18 +124,19 @@ def _dir_tokenizer(path: Path):
 def _load_gguf(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    check_gguf(path)
+    reader = check_gguf(path)
     folder, name = path.parent, path.name
     hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config = ModelConfig.from_hf(hf_config)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config,
                                                  dtype=torch.float32)
-    return config, model.state_dict(), load_gguf_tokenizer(path)
+    return config, model.state_dict(), load_gguf_tokenizer(path, reader)
 
 
-def check_gguf(path: Path) -> None:
-    """One-line errors for a file that is not a complete GGUF (the gguf reader fails on a
-    truncated file with numpy's "cannot reshape array ..." or a struct.error)."""
+def check_gguf(path: Path):
+    """The file's GGUFReader, or a one-line error for a file that is not a complete GGUF (the
+    gguf reader fails on a truncated file with numpy's "cannot reshape array ..." or a
+    struct.error)."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if len(magic) < 4 and b"GGUF".startswith(magic):
@@ -145,7 +146,8 @@ def check_gguf(path: Path) -> None:
     from gguf import GGUFReader
     size = path.stat().st_size
     try:
-        end = max((t.data_offset + t.n_bytes for t in GGUFReader(path).tensors), default=0)
+        reader = GGUFReader(path)
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except (ValueError, IndexError, OverflowError, struct.error) as e:
         raise ValueError(f"{path}: the file is truncated or corrupt ({size} bytes; the GGUF "
                          f"reader says: {str(e).splitlines()[0][:120]}); download or convert "
@@ -153,6 +155,7 @@ def check_gguf(path: Path) -> None:
     if end > size:
         raise ValueError(f"{path}: the file is truncated ({size} bytes, its tensors end at "
                          f"byte {end}); download or convert it again")
+    return reader
 
 
 def _load_pickle(path: Path, trust: bool):
