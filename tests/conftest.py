@@ -166,6 +166,18 @@ def smollm2_checkpoint(smollm2_gguf):
     return load_checkpoint(smollm2_gguf)
 
 
+@pytest.fixture(scope="session")
+def kernel_dir() -> Path:
+    """The GPU tests' kernel table: $QCOMPILE_KERNEL_DIR, else build/kernels_sm<major>0, as
+    bench/build_kernels.py writes it."""
+    import os
+    major = torch.cuda.get_device_capability()[0]
+    kdir = Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
+    if not (kdir / "kernels.json").exists():
+        pytest.fail(f"no kernel table at {kdir}: run bench/build_kernels.py first")
+    return kdir
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only with `pytest -m gpu` on a machine with CUDA; say why otherwise."""
     if torch.cuda.is_available():

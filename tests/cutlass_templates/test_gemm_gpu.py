@@ -3,8 +3,6 @@ and group edges, with poisoned outputs, and captured in a CUDA graph.
 
 Needs the kernel table built by `bench/build_kernels.py` (QCOMPILE_KERNEL_DIR points at it,
 default build/kernels_sm<major>0)."""
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +24,9 @@ REFERENCE = ref.GEMM_REFERENCES
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def kernels(kernel_dir):
     from qcompile.runtime import gemm_kernels
-    major = torch.cuda.get_device_capability()[0]
-    kdir = Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
-    if not (kdir / "kernels.json").exists():
-        pytest.fail(f"no kernel table at {kdir}: run bench/build_kernels.py first")
-    gemm_kernels.enable(kdir)
+    gemm_kernels.enable(kernel_dir)
     return gemm_kernels
 
 

@@ -8,8 +8,6 @@ outside its table fails. Both entries (decode, prefill) and key splits are force
 batch. Needs the kernel table built by `bench/build_kernels.py` (QCOMPILE_KERNEL_DIR, default
 build/kernels_sm<major>0)."""
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,13 +23,9 @@ BS = 16
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def kernels(kernel_dir):
     from qcompile.runtime import attention_kernels, gemm_kernels
-    major = torch.cuda.get_device_capability()[0]
-    kdir = Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
-    if not (kdir / "kernels.json").exists():
-        pytest.fail(f"no kernel table at {kdir}: run bench/build_kernels.py first")
-    attention_kernels.enable(gemm_kernels.enable(kdir))
+    attention_kernels.enable(gemm_kernels.enable(kernel_dir))
     return attention_kernels
 
 
