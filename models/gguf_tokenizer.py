@@ -40,7 +40,7 @@ def gguf_metadata_string(gguf, key: str) -> str | None:
     `GGUFReader` already made (parsing the header of a 49k-token vocabulary takes seconds)."""
     from gguf import GGUFReader
 
-    reader = gguf if isinstance(gguf, GGUFReader) else GGUFReader(gguf)
+    reader = GGUFReader(gguf) if isinstance(gguf, (str, Path)) else gguf
     field = reader.fields.get(key)
     return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
 
