@@ -6,11 +6,14 @@ shapes only, lengths and block tables are read on the device).
 `enable(table)` registers them for CUDA tensors. A call the table has no kernel for (float32
 or bfloat16 activations, a head dim without a build) runs the PyTorch reference, counted in
 `STATS.fallbacks` with the reason, so a benchmark can say what it measured.
+`QCOMPILE_ATTENTION=reference` keeps the reference on CUDA too (to compare, or to rule the
+kernels out when an answer looks wrong).
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 
 import torch
@@ -28,8 +31,11 @@ _LOG2E = 1.4426950408889634
 
 
 def enable(table: KernelTable) -> None:
-    """Route CUDA calls of the attention and KV-encode ops to the kernels in `table`."""
+    """Route CUDA calls of the attention and KV-encode ops to the kernels in `table` (unless
+    $QCOMPILE_ATTENTION is "reference")."""
     global _TABLE
+    if os.environ.get("QCOMPILE_ATTENTION", "kernels") == "reference":
+        return
     _TABLE = table
     for fmt in CODECS:
         torch.library.register_kernel(f"qcompile::paged_attention_{fmt}", "cuda",
