@@ -198,6 +198,14 @@ __device__ __forceinline__ void qk(const RowState& st, const uint8_t* sk, int k0
   }
 }
 
+// int4 (scale, min) of two adjacent keys (fp16 pairs in the stage) as floats.
+__device__ __forceinline__ void key_params(const uint8_t* at, float (&scale)[2],
+                                           float (&mn)[2]) {
+  const uint2 w = *reinterpret_cast<const uint2*>(at);
+  const float2 p0 = unpack_half2(w.x), p1 = unpack_half2(w.y);
+  scale[0] = p0.x; mn[0] = p0.y; scale[1] = p1.x; mn[1] = p1.y;
+}
+
 // Online softmax over NT n8 tiles of keys (absolute index key0 + tile key), then O += P V.
 template <class S, int NT>
 __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, int k0, int key0,
@@ -210,11 +218,7 @@ __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, i
   for (int nt = 0; nt < NT; ++nt) {
     const int key = k0 + nt * 8 + 2 * q;
     float ks[2] = {1.f, 1.f}, km[2] = {0.f, 0.f};
-    if (INT4) {
-      const uint2 kp = *reinterpret_cast<const uint2*>(stage + S::KP_OFF + 4 * key);
-      const float2 p0 = unpack_half2(kp.x), p1 = unpack_half2(kp.y);
-      ks[0] = p0.x; km[0] = p0.y; ks[1] = p1.x; km[1] = p1.y;
-    }
+    if (INT4) key_params(stage + S::KP_OFF + 4 * key, ks, km);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = e >> 1, c = e & 1;
@@ -250,11 +254,7 @@ __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, i
     for (int t2 = 0; t2 < 2; ++t2) {
       const int nt = 2 * kk + t2, key = k0 + nt * 8 + 2 * q;
       float vs[2] = {1.f, 1.f}, vm[2] = {0.f, 0.f};
-      if (INT4) {
-        const uint2 vp = *reinterpret_cast<const uint2*>(stage + S::VP_OFF + 4 * key);
-        const float2 p0 = unpack_half2(vp.x), p1 = unpack_half2(vp.y);
-        vs[0] = p0.x; vm[0] = p0.y; vs[1] = p1.x; vm[1] = p1.y;
-      }
+      if (INT4) key_params(stage + S::VP_OFF + 4 * key, vs, vm);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float p0 = exp2f(s[nt][2 * r] - base[r]), p1 = exp2f(s[nt][2 * r + 1] - base[r]);
