@@ -107,8 +107,7 @@ def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tabl
     args = [ptr(q), ptr(kv_new), ptr(kv_cache), ptr(block_tables), ptr(ctx_lens),
             ptr(query_start), ptr(out), ptr(ws_o), ptr(ws_lse), i32(t), i32(b), i32(mb),
             i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E)]
-    kernel.launch(p.grid, (cfg.threads(), 1, 1),
-                  cfg.smem_bytes(kind, entry), args)
+    kernel.launch(p.grid, (cfg.threads(), 1, 1), cfg.smem_bytes(kind, entry), args)
     if splits > 1:
         _TABLE.kernels[f"{name}_merge"].launch(
             (math.ceil(t * hq / 4), 1, 1), (cfg.threads(), 1, 1), 0,
