@@ -114,6 +114,11 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
 
+    def submit(self, prompts, params: SamplingParams, *, chat: bool = False) -> list[Request]:
+        """Queue prompts (text or token-id lists) without running them; each `step()` then
+        advances every queued and running request (what `generate` and `stream` loop over)."""
+        return self._submit(list(prompts), chat, params)
+
     def _submit(self, prompts, chat: bool, params: SamplingParams) -> list[Request]:
         reqs = []
         for i, p in enumerate(prompts):
