@@ -2,7 +2,8 @@
 # On the GPU machine (no network): install (the CUTLASS headers come from the carried wheel in
 # build/wheels), build the GEMM and attention kernels for this GPU with its 16 cores, run the
 # GPU suite and the benchmarks; logs, tables and plots go to $OUT.
-#   BENCH="gemm attention" (default both; "" for none), BENCH_ARGS / ATTN_ARGS / PYTEST_ARGS
+#   BENCH="gemm attention" (default both; "" for none), BENCH_ARGS / ATTN_ARGS / PYTEST_ARGS,
+#   ONLY=gemm|attention builds one family
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -14,7 +15,7 @@ export QCOMPILE_KERNEL_DIR=build/kernels_$target
   python -c "import torch; print('torch', torch.__version__)"; } > "$OUT/gpu.txt" 2>&1
 python -m pip install --no-deps -q build/wheels/nvidia_cutlass-*.whl > "$OUT/install.log" 2>&1
 python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/install.log" 2>&1
-python bench/build_kernels.py --target "$target" --out "$QCOMPILE_KERNEL_DIR" --jobs 16 \
+python bench/build_kernels.py --target "$target" --out "$QCOMPILE_KERNEL_DIR" --jobs 16 ${ONLY:+--only $ONLY} \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 tail -1 "$OUT/build.log"
 python -m pytest -m gpu -q -rs --durations=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call that measures the attention work end to end (no network): install and build
+# (gpu_kernels.sh), the GPU suite, bench/attention.py, Nsight Compute sections of the decode
+# kernels (int4 and fp16, 8B heads, batch 64, context 4096), then the engine decode step
+# (gpu_step.sh). Everything lands in $OUT.
+#   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32)
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
+stamp kernels
+ONLY=attention PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=attention ATTN_ARGS=${ATTN_ARGS---quick} timeout 330 bash bench/gpu_kernels.sh
+major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
+export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
+if [ -z "${SKIP_NCU:-}" ] && command -v ncu > /dev/null; then
+  stamp ncu
+  for fmt in int4 fp16; do
+    timeout 90 ncu --cache-control all --clock-control none -k regex:qc_attn -c 2 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section LaunchStats \
+      python bench/profile_attention.py --fmt $fmt --batch 64 --context 4096 --iters 1 \
+      > "$OUT/ncu_attn_$fmt.txt" 2>&1
+    grep -E "qc_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Block Limit|Stall|L2 Hit" "$OUT/ncu_attn_$fmt.txt" | head -40
+  done
+fi
+if [ -z "${SKIP_STEP:-}" ]; then
+  stamp step
+  timeout 240 bash bench/gpu_step.sh
+  if [ -d /tmp/art1b ] && [ -z "${SKIP_QBENCH:-}" ]; then
+    stamp qbench
+    timeout 200 qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
+      --num-prompts 64 --max-seqs 64 --peer hf-eager --out "$OUT" -q 2>&1 | tail -8
+  fi
+fi
+stamp done
