@@ -117,12 +117,16 @@ struct KeySource {
   const int* table;
   int ctx, nb, bs, bs_shift, r, t_total, new0;  // bs_shift = log2(bs), or -1
 
-  // K record of key t; its V record is v_step(t) bytes further.
-  __device__ __forceinline__ const uint8_t* k_record(int t) const {
+  // Cache page of key t (a block-table read; 0 for a new key, which needs none).
+  __device__ __forceinline__ int page(int t) const {
+    if (t >= ctx) return 0;
+    return __ldg(table + (bs_shift >= 0 ? t >> bs_shift : t / bs));
+  }
+  // K record of key t on page pg; its V record is v_step(t) bytes further.
+  __device__ __forceinline__ const uint8_t* k_record(int t, int pg) const {
     if (t < ctx) {
-      const int idx = bs_shift >= 0 ? t >> bs_shift : t / bs;
       const int off = bs_shift >= 0 ? t & (bs - 1) : t % bs;
-      return cache + ((size_t)__ldg(table + idx) * bs + off) * r;
+      return cache + ((size_t)pg * bs + off) * r;
     }
     return kv_new + (size_t)(new0 + t - ctx) * r;
   }
@@ -131,18 +135,36 @@ struct KeySource {
   }
 };
 
-// Copy keys [t0, t0 + TN) (K, V and int4 params of one kv head) into a stage; keys >= t_end
-// are zero-filled. CHUNKS threads share a key (one address computation per key and thread;
-// a warp instruction copies whole 64- or 256-byte runs).
+// Keys of a stage this thread copies: CHUNKS threads share a key (one address computation per
+// key and thread; a warp instruction copies whole 64- or 256-byte runs).
 template <class S>
-__device__ __forceinline__ void load_tile(uint8_t* st, const KeySource& src, int t0, int t_end,
+constexpr int KEYS_PER_THREAD = S::TN * CHUNKS / THREADS;
+
+// The pages of the keys this thread will copy for the tile at t0, read from the block table
+// one tile ahead of the copy, so the table's latency hides behind a tile of maths instead of
+// stalling the cp.async issue.
+template <class S>
+__device__ __forceinline__ void fetch_pages(int (&pg)[KEYS_PER_THREAD<S>], const KeySource& src,
+                                            int t0, int t_end, int tid) {
+#pragma unroll
+  for (int j = 0; j < KEYS_PER_THREAD<S>; ++j) {
+    const int t = t0 + tid / CHUNKS + j * (THREADS / CHUNKS);
+    pg[j] = t < t_end ? src.page(t) : 0;
+  }
+}
+
+// Copy keys [t0, t0 + TN) (K, V and int4 params of one kv head) into a stage, their pages in
+// pg (fetch_pages); keys >= t_end are zero-filled.
+template <class S>
+__device__ __forceinline__ void load_tile(uint8_t* st, const KeySource& src,
+                                          const int (&pg)[KEYS_PER_THREAD<S>], int t0, int t_end,
                                           int hkv, int h, int tid) {
   const int part = tid % CHUNKS;
 #pragma unroll
-  for (int key = tid / CHUNKS; key < S::TN; key += THREADS / CHUNKS) {
-    const int t = t0 + key;
+  for (int j = 0; j < KEYS_PER_THREAD<S>; ++j) {
+    const int key = tid / CHUNKS + j * (THREADS / CHUNKS), t = t0 + key;
     const bool ok = t < t_end;
-    const uint8_t* kr = ok ? src.k_record(t) : src.cache;
+    const uint8_t* kr = ok ? src.k_record(t, pg[j]) : src.cache;
     const uint8_t* vr = ok ? kr + src.v_step(t) : src.cache;
     cp_async(st + S::K_OFF + key * K_STRIDE + part * 16, kr + h * HEAD_BYTES + part * 16, ok, 16);
     cp_async(st + S::V_OFF + key * V_STRIDE + part * 16, vr + h * HEAD_BYTES + part * 16, ok, 16);

@@ -192,18 +192,25 @@ __device__ __forceinline__ void attention(const Args& p) {
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
                       p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0};
   const int tiles = k_end > k_begin ? (k_end - k_begin + TN - 1) / TN : 0;
+  int pg[KEYS_PER_THREAD<S>];
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < tiles) load_tile<S>(smem + i * S::BYTES, src, k_begin + i * TN, k_end, p.Hkv, h, tid);
+    if (i < tiles) {
+      fetch_pages<S>(pg, src, k_begin + i * TN, k_end, tid);
+      load_tile<S>(smem + i * S::BYTES, src, pg, k_begin + i * TN, k_end, p.Hkv, h, tid);
+    }
     cp_commit();
   }
+  fetch_pages<S>(pg, src, k_begin + (STAGES - 1) * TN, k_end, tid);
   for (int i = 0; i < tiles; ++i) {
     cp_wait<STAGES - 2>();
     __syncthreads();
     const int nxt = i + STAGES - 1;
-    if (nxt < tiles)
-      load_tile<S>(smem + (nxt % STAGES) * S::BYTES, src, k_begin + nxt * TN, k_end, p.Hkv, h,
-                   tid);
+    if (nxt < tiles) {
+      load_tile<S>(smem + (nxt % STAGES) * S::BYTES, src, pg, k_begin + nxt * TN, k_end, p.Hkv,
+                   h, tid);
+      fetch_pages<S>(pg, src, k_begin + (nxt + 1) * TN, k_end, tid);
+    }
     cp_commit();
     const uint8_t* stage = smem + (i % STAGES) * S::BYTES;
     const int k0 = SPLIT_WARPS ? 8 * NT * warp : 0;
