@@ -87,13 +87,13 @@ def _batch(fmt, b, ctx, new, hq, hkv, d, gen):
     return q, kv_new, cache, tables, ctx_lens, starts
 
 
-def ours_fns(fmt, b, ctx, new, hq, hkv, d, gen, launch):
+def ours_fns(fmt, b, ctx, new, hq, hkv, d, gen, launch, **kw):
     cfg, kind = AttnConfig(d), KIND_OF_FORMAT[fmt]
     one = _batch(fmt, b, ctx, new, hq, hkv, d, gen)
     copies = max(1, min(8, COLD_BYTES // max(one[2].nbytes, 1)))
     batches = [one] + [_batch(fmt, b, ctx, new, hq, hkv, d, gen) for _ in range(copies - 1)]
     outs = [torch.empty_like(x[0]) for x in batches]
-    return [lambda x=x, o=o: launch(cfg, kind, *x, hkv, d ** -0.5, out=o)
+    return [lambda x=x, o=o: launch(cfg, kind, *x, hkv, d ** -0.5, out=o, **kw)
             for x, o in zip(batches, outs)], batches
 
 
@@ -134,6 +134,11 @@ def decode_rows(args, launch, bw_copy, gen):
                     if fmt == "int4" and b <= 16 and ctx <= 1024 and args.reference:
                         row["ref_us"] = reference_us(fmt, batches[0], hkv, d)
                     del fns, batches
+                    for entry in args.also:  # the other decode entries, same shape
+                        fns, _ = ours_fns(fmt, b, ctx - 1, 1, hq, hkv, d, gen, launch,
+                                          entry=entry)
+                        row[f"{fmt}_{entry}_us"] = graph_us(fns)
+                        del fns
                 us = graph_us(sdpa_fns(b, ctx - 1, 1, hq, hkv, d, gen))
                 gbs = 2 * b * ctx * hkv * d * 2 / us / 1e3
                 row["sdpa"] = {"us": us, "GB/s": gbs, "of_copy": gbs / bw_copy}
@@ -176,6 +181,8 @@ def prefill_rows(args, launch, gen):
 def _decode_line(r):
     i, f, s = r["int4"], r["fp16"], r["sdpa"]
     ref = f" | {r['ref_us'] / 1e3:.1f}" if "ref_us" in r else " | "
+    also = sorted(k for k in r if k.endswith("_us") and k != "ref_us")
+    ref += " | " + ", ".join(f"{k[:-3]} {r[k]:.1f}" for k in also)
     return (f"| {r['heads']} | {r['batch']} | {r['context']} | {i['us']:.1f} | {i['GB/s']:.0f} "
             f"({i['of_copy']:.0%}) | {f['us']:.1f} | {f['GB/s']:.0f} ({f['of_copy']:.0%}) | "
             f"{s['us']:.1f} | {s['GB/s']:.0f} | {i['us'] / s['us']:.2f} | "
@@ -192,7 +199,8 @@ def _prefill_line(r):
 
 DECODE_HEAD = ("| heads | batch | context | int4 us | int4 GB/s (of copy) | fp16 us | "
                "fp16 GB/s (of copy) | SDPA bf16 us | SDPA GB/s | int4/SDPA | fp16/SDPA | "
-               "reference ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+               "reference ms | other decode entries, us |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 PREFILL_HEAD = ("| heads | batch | prefix | new | int4 us | int4 TFLOP/s | fp16 us | "
                 "fp16 TFLOP/s | SDPA us | SDPA TFLOP/s | int4/SDPA | fp16/SDPA |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -225,6 +233,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few shapes")
     p.add_argument("--max-gib", type=float, default=24, help="skip shapes whose caches exceed")
     p.add_argument("--no-reference", dest="reference", action="store_false")
+    p.add_argument("--also", nargs="*", default=["decode"], choices=("kt", "decode"),
+                   help="decode entries also timed beside the planned one (default: decode)")
     args = p.parse_args(argv)
     args.batches = (1, 64) if args.quick else (1, 16, 64, 256)
     args.contexts = (1024, 4096) if args.quick else (128, 1024, 4096, 16384)

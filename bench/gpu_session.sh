@@ -2,7 +2,7 @@
 # One device call that measures the attention work end to end (no network): install and build
 # (gpu_kernels.sh), the GPU suite, bench/attention.py, Nsight Compute sections of the decode
 # kernels (int4 and fp16, 8B heads, batch 64, context 4096), then the engine decode step
-# (gpu_step.sh). Everything lands in $OUT.
+# (gpu_step.sh) and qbench. Everything lands in $OUT/session.tgz.
 #   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32)
 set -uo pipefail
 OUT=${OUT:-out}
@@ -16,13 +16,15 @@ major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
 if [ -z "${SKIP_NCU:-}" ] && command -v ncu > /dev/null; then
   stamp ncu
-  for fmt in int4 fp16; do
-    timeout 90 ncu --cache-control all --clock-control none -k regex:qc_attn -c 2 \
+  for run in "int4 kt" "int4 decode" "fp16 kt"; do
+    set -- $run
+    timeout 90 ncu --cache-control all --clock-control none -k regex:qc_attn -c 1 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section LaunchStats \
-      python bench/profile_attention.py --fmt $fmt --batch 64 --context 4096 --iters 1 \
-      > "$OUT/ncu_attn_$fmt.txt" 2>&1
-    grep -E "qc_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Block Limit|Stall|L2 Hit" "$OUT/ncu_attn_$fmt.txt" | head -40
+      python bench/profile_attention.py --fmt $1 --entry $2 --batch 64 --context 4096 --iters 1 \
+      > "$OUT/ncu_attn_$1_$2.txt" 2>&1
+    echo "-- ncu $1 $2"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|L2 Hit|Issue Slots|Warp Cycles Per Issued" "$OUT/ncu_attn_$1_$2.txt" | head -24
   done
 fi
 if [ -z "${SKIP_STEP:-}" ]; then
@@ -35,3 +37,5 @@ if [ -z "${SKIP_STEP:-}" ]; then
   fi
 fi
 stamp done
+# the device returns at most 8 files: everything in one archive
+tar czf /tmp/session.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tgz "$OUT/"

@@ -22,6 +22,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
     p.add_argument("--new", type=int, default=1, help="new tokens per sequence")
     p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--entry", choices=("kt", "decode", "prefill"), help="default: the plan's")
     args = p.parse_args(argv)
     from qcompile.runtime import attention_kernels, gemm_kernels
     major = torch.cuda.get_device_capability()[0]
@@ -30,7 +31,7 @@ def main(argv=None):
     hq, hkv, d = HEADS[args.heads]
     gen = torch.Generator(device="cuda").manual_seed(0)
     fns, _ = ours_fns(args.fmt, args.batch, args.context, args.new, hq, hkv, d, gen,
-                      attention_kernels.launch_attention)
+                      attention_kernels.launch_attention, entry=args.entry)
     for _ in range(args.iters):
         fns[0]()
     torch.cuda.synchronize()

@@ -1,9 +1,10 @@
 """Kernel configs of the paged attention template (``paged_attention.cu``) and the launch plan.
 
-One binary per (KV format, head dim) holds four ``extern "C"`` entries (:meth:`AttnConfig.entries`):
-the decode kernel (16 query rows per CTA, the 4 warps split each 64-key tile), the prefill
-kernel (64 rows per CTA, FlashAttention-2 style), the split-KV merge and the KV encode. The
-first two take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
+One binary per (KV format, head dim) holds five ``extern "C"`` entries (:meth:`AttnConfig.entries`):
+the decode kernel (16 query rows per CTA as the MMA's M, the 4 warps split each tile), the
+keys-as-M decode kernel ``_kt`` (8 query rows as the MMA's N, keys as M: half the MMAs and
+accumulators of the first for GQA decode, attention_decode.cuh), the prefill kernel (64 rows
+per CTA, FlashAttention-2 style), the split-KV merge and the KV encode. The first three take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
 B, MB, NB, BS, R, Hq, Hkv, scale_log2)``.
 
 :func:`plan` chooses the entry and the key splits from shapes only (never from device data),
@@ -23,7 +24,8 @@ KIND_OF_FORMAT = {fmt: kind for kind, (_, fmt) in ATTN_KINDS.items()}
 HEAD_DIMS = (64, 128)
 THREADS = 128     # 4 warps (paged_attention.cu THREADS)
 TILE_KEYS = 64    # keys per shared-memory stage (TN), but see AttnConfig.stage_keys
-DECODE_ROWS, PREFILL_ROWS = 16, 64
+DECODE_ROWS, KT_ROWS, PREFILL_ROWS = 16, 8, 64
+ROWS = {"decode": DECODE_ROWS, "kt": KT_ROWS, "prefill": PREFILL_ROWS}
 MIN_SPLIT_KEYS = 128  # one int4 decode stage: a shorter split is all launch and merge
 MAX_SPLITS = 64
 WAVE_CTAS_PER_SM = 8  # split until ~8 CTAs per SM (2-3 waves of 3 resident): a small last wave
@@ -53,7 +55,7 @@ class AttnConfig:
 
     def entries(self, kind: str) -> tuple[str, ...]:
         name = self.name(kind)
-        return (name, name + "_prefill", name + "_merge", name + "_encode")
+        return (name, name + "_kt", name + "_prefill", name + "_merge", name + "_encode")
 
     def defines(self, kind: str) -> list[str]:
         int4 = _kind(kind)[1] == "int4"
@@ -61,14 +63,15 @@ class AttnConfig:
         return [f"-DQC_KERNEL={self.name(kind)}", f"-DQC_HEAD_DIM={self.head_dim}",
                 f"-DQC_KV_INT4={int(int4)}", f"-DQC_STAGES={self.stages}",
                 f"-DQC_SMEM_DECODE={self.smem_bytes(kind, 'decode')}",
-                f"-DQC_SMEM_PREFILL={self.smem_bytes(kind, 'prefill')}"]
+                f"-DQC_SMEM_PREFILL={self.smem_bytes(kind, 'prefill')}",
+                f"-DQC_SMEM_KT={self.smem_bytes(kind, 'kt')}"]
 
     def threads(self) -> int:
         return THREADS
 
     def stage_keys(self, kind: str, entry: str) -> int:
-        """Keys per stage (DECODE_TN / 64 in the .cu): the int4 decode entry takes 128, so its
-        4 warps get 32 keys each per barrier; fp16 and prefill stages hold 64."""
+        """Keys per stage (DECODE_TN / KT_TN / 64 in the .cu): the int4 decode entry takes 128,
+        so its 4 warps get 32 keys each per barrier; every other stage holds 64."""
         return 128 if entry == "decode" and _kind(kind)[1] == "int4" else TILE_KEYS
 
     def stage_bytes(self, kind: str, entry: str = "decode") -> int:
@@ -80,19 +83,20 @@ class AttnConfig:
 
     def smem_bytes(self, kind: str, entry: str | None = None) -> int:
         """Dynamic shared memory of an entry (None: the most any entry takes): the stages; the
-        decode entry also merges its 4 warps' rows there ([4][16][D + 4] fp32 + m and l)."""
+        decode entries also merge their 4 warps' rows there ([4][rows][D + 4] fp32 + m, l)."""
         if entry is None:
-            return max(self.smem_bytes(kind, e) for e in ("decode", "prefill"))
+            return max(self.smem_bytes(kind, e) for e in ROWS)
         stages = self.stages * self.stage_bytes(kind, entry)
         if entry == "prefill":
             return stages
-        merge = 4 * 16 * (self.head_dim + 4) * 4 + 2 * 4 * 16 * 4
+        rows = ROWS[entry]  # the decode entries merge their 4 warps' rows in shared memory
+        merge = 4 * rows * (self.head_dim + 4) * 4 + 2 * 4 * rows * 4
         return max(stages, merge)
 
 
 @dataclass(frozen=True)
 class Launch:
-    entry: str          # "decode" or "prefill"
+    entry: str          # "kt", "decode" or "prefill"
     grid: tuple[int, int, int]
     splits: int
 
@@ -100,17 +104,22 @@ class Launch:
 def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
          entry: str | None = None, splits: int | None = None) -> Launch:
     """Entry, grid and key splits for T query tokens of B sequences with up to max_keys keys
-    each (block-table width x page size). Decode when the batch is mostly single-token steps
-    (T <= 2B); keys split until about WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave
-    costs little (64 x 8 heads = 512 CTAs on 132 SMs x 3 resident is 1.3 waves: 35% of the
-    second wave idle), each split at least MIN_SPLIT_KEYS keys.
-    `entry` / `splits` override the choice (tests, benchmarks)."""
+    each (block-table width x page size). A decode entry when the batch is mostly
+    single-token steps (T <= 2B): "kt" (8 rows per CTA) when a sequence averages at most 8
+    query rows (T * G <= 8 B), else "decode" (16 rows); prefill otherwise. Keys split until
+    about WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave costs little (64 x 8 heads =
+    512 CTAs on 132 SMs x 3 resident is 1.3 waves: 35% of the second wave idle), each split
+    at least MIN_SPLIT_KEYS keys. Any entry is correct for any batch (a sequence with more
+    rows than a CTA holds gets several CTAs); `entry` / `splits` override (tests, benchmarks)."""
     g = hq // hkv
-    entry = entry or ("decode" if t <= 2 * b else "prefill")
-    rows = DECODE_ROWS if entry == "decode" else PREFILL_ROWS
+    if entry is None:
+        entry = "prefill" if t > 2 * b else ("kt" if t * g <= KT_ROWS * b else "decode")
+    if entry not in ROWS:
+        raise ValueError(f"plan: unknown entry {entry!r}; known: {sorted(ROWS)}")
+    rows = ROWS[entry]
     row_blocks = -(-t * g // rows) + b  # >= sum over sequences of ceil(n_b * G / rows)
     if splits is None:
-        busy = (min(b, t) if entry == "decode" else -(-t * g // rows)) * hkv
+        busy = (min(b, t) if entry != "prefill" else -(-t * g // rows)) * hkv
         splits = max(1, min(-(-WAVE_CTAS_PER_SM * sm_count // max(busy, 1)),
                             max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)

@@ -51,6 +51,7 @@
 #define QC_CAT(a, b) QC_CAT_(a, b)
 
 #include "attention_tile.cuh"
+#include "attention_decode.cuh"
 
 namespace {
 
@@ -158,6 +159,78 @@ __device__ Block find_block(const Args& p, int G) {
   return blk;
 }
 
+// The keys [k_begin, k_end) of one kv head through the STAGES-deep cp.async pipeline:
+// compute(stage, first key of the tile) runs once per tile, all threads, between barriers.
+// Block-table entries are read one tile ahead of their copies (fetch_pages).
+template <class S, class F>
+__device__ __forceinline__ void run_tiles(uint8_t* smem, const KeySource& src, int k_begin,
+                                          int k_end, int hkv, int h, int tid, F&& compute) {
+  constexpr int TN = S::TN;
+  const int tiles = k_end > k_begin ? (k_end - k_begin + TN - 1) / TN : 0;
+  int pg[KEYS_PER_THREAD<S>];
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < tiles) {
+      fetch_pages<S>(pg, src, k_begin + i * TN, k_end, tid);
+      load_tile<S>(smem + i * S::BYTES, src, pg, k_begin + i * TN, k_end, hkv, h, tid);
+    }
+    cp_commit();
+  }
+  fetch_pages<S>(pg, src, k_begin + (STAGES - 1) * TN, k_end, tid);
+  for (int i = 0; i < tiles; ++i) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();
+    const int nxt = i + STAGES - 1;
+    if (nxt < tiles) {
+      load_tile<S>(smem + (nxt % STAGES) * S::BYTES, src, pg, k_begin + nxt * TN, k_end, hkv, h,
+                   tid);
+      fetch_pages<S>(pg, src, k_begin + (nxt + 1) * TN, k_end, tid);
+    }
+    cp_commit();
+    compute(smem + (i % STAGES) * S::BYTES, k_begin + i * TN);
+  }
+  cp_wait<0>();
+}
+
+// The 4 warps of a CTA each hold partial (unnormalised O, m, l) of the same RW rows over their
+// own keys, in shared memory: so [WARPS][RW][D + 4], sm and sl [WARPS][RW]. Combine them (fixed
+// order: deterministic) and store the block's rows.
+template <int RW>
+__device__ __forceinline__ void merge_warps(const Args& p, const Block& blk, int h, int G,
+                                            int split, const float* so, const float* sm,
+                                            const float* sl) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < RW * D; idx += THREADS) {
+    const int row = idx / D, d = idx % D, brow = blk.row0 + row;
+    if (brow >= blk.nrows) continue;
+    float m = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) m = fmaxf(m, sm[w * RW + row]);
+    const float base = m == NEG_INF ? 0.f : m;
+    float o = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float f = exp2f(sm[w * RW + row] - base);
+      o += f * so[(w * RW + row) * (D + 4) + d];
+      l += f * sl[w * RW + row];
+    }
+    const int tok = blk.tok0 + brow / G, hq = h * G + brow % G;
+    store(p, tok, hq, d, o, l, split);
+    if (d == 0) store_lse(p, tok, hq, m, l, split);
+  }
+}
+
+// Keys of the block [0, ctx + its last token + 1) cut into gridDim.z splits of whole TN-key
+// tiles: this CTA's [begin, end).
+template <int ROWS, int TN>
+__device__ __forceinline__ int2 key_range(const Block& blk, int G) {
+  const int last_row = min(blk.row0 + ROWS, blk.nrows) - 1;
+  const int k_all = blk.ctx + last_row / G + 1;
+  const int per = (((k_all + gridDim.z - 1) / gridDim.z) + TN - 1) / TN * TN;
+  const int k_begin = blockIdx.z * per;
+  return make_int2(k_begin, min(k_all, k_begin + per));
+}
+
 template <int ROWS, int TN>
 __device__ __forceinline__ void attention(const Args& p) {
   using S = Stage<TN>;
@@ -170,11 +243,8 @@ __device__ __forceinline__ void attention(const Args& p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
   const int wrow0 = blk.row0 + (SPLIT_WARPS ? 0 : 16 * warp);
 
-  // keys of this block: [0, ctx + last token + 1), cut into gridDim.z splits of whole tiles
-  const int last_row = min(blk.row0 + ROWS, blk.nrows) - 1;
-  const int k_all = blk.ctx + last_row / G + 1;
-  const int per = (((k_all + gridDim.z - 1) / gridDim.z) + TN - 1) / TN * TN;
-  const int k_begin = split * per, k_end = min(k_all, k_begin + per);
+  const int2 kr = key_range<ROWS, TN>(blk, G);
+  const int k_begin = kr.x, k_end = kr.y;
 
   RowState st;
   load_q(st, p, blk.tok0, h, G, wrow0, blk.nrows, lane);
@@ -191,39 +261,17 @@ __device__ __forceinline__ void attention(const Args& p) {
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
                       p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0};
-  const int tiles = k_end > k_begin ? (k_end - k_begin + TN - 1) / TN : 0;
-  int pg[KEYS_PER_THREAD<S>];
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < tiles) {
-      fetch_pages<S>(pg, src, k_begin + i * TN, k_end, tid);
-      load_tile<S>(smem + i * S::BYTES, src, pg, k_begin + i * TN, k_end, p.Hkv, h, tid);
-    }
-    cp_commit();
-  }
-  fetch_pages<S>(pg, src, k_begin + (STAGES - 1) * TN, k_end, tid);
-  for (int i = 0; i < tiles; ++i) {
-    cp_wait<STAGES - 2>();
-    __syncthreads();
-    const int nxt = i + STAGES - 1;
-    if (nxt < tiles) {
-      load_tile<S>(smem + (nxt % STAGES) * S::BYTES, src, pg, k_begin + nxt * TN, k_end, p.Hkv,
-                   h, tid);
-      fetch_pages<S>(pg, src, k_begin + (nxt + 1) * TN, k_end, tid);
-    }
-    cp_commit();
-    const uint8_t* stage = smem + (i % STAGES) * S::BYTES;
+  run_tiles<S>(smem, src, k_begin, k_end, p.Hkv, h, tid, [&](const uint8_t* stage, int key0) {
     const int k0 = SPLIT_WARPS ? 8 * NT * warp : 0;
     float s[NT][4];
     qk<NT>(st, stage + S::K_OFF, k0, lane, s);
-    softmax_pv<S, NT>(st, stage, k0, k_begin + i * TN, p.scale_log2, lane, s);
-  }
-  cp_wait<0>();
+    softmax_pv<S, NT>(st, stage, k0, key0, p.scale_log2, lane, s);
+  });
   finish_rows(st);
 
   const int q = lane & 3;
   if constexpr (SPLIT_WARPS) {  // merge the 4 warps' partial rows (fixed order: deterministic)
-    __syncthreads();
+    __syncthreads();  // every warp is done with the stages
     float* so = reinterpret_cast<float*>(smem);  // [WARPS][16][D + 4]
     float* sm = so + WARPS * 16 * (D + 4);        // [WARPS][16] m, then l
     float* sl = sm + WARPS * 16;
@@ -240,25 +288,7 @@ __device__ __forceinline__ void attention(const Args& p) {
         for (int c = 0; c < 2; ++c)
           so[(warp * 16 + row) * (D + 4) + o_dim(j, 2 * q + c)] = st.o[j][2 * r + c];
     }
-    __syncthreads();
-    for (int idx = tid; idx < 16 * D; idx += THREADS) {
-      const int row = idx / D, d = idx % D, brow = blk.row0 + row;
-      if (brow >= blk.nrows) continue;
-      float m = NEG_INF;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) m = fmaxf(m, sm[w * 16 + row]);
-      const float base = m == NEG_INF ? 0.f : m;
-      float o = 0.f, l = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w) {
-        const float f = exp2f(sm[w * 16 + row] - base);
-        o += f * so[(w * 16 + row) * (D + 4) + d];
-        l += f * sl[w * 16 + row];
-      }
-      const int tok = blk.tok0 + brow / G, hq = h * G + brow % G;
-      store(p, tok, hq, d, o, l, split);
-      if (d == 0) store_lse(p, tok, hq, m, l, split);
-    }
+    merge_warps<16>(p, blk, h, G, split, so, sm, sl);
   } else {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -275,6 +305,104 @@ __device__ __forceinline__ void attention(const Args& p) {
   }
 }
 
+// Q^T B fragments of row block row0 + g (zero past nrows), and the int4 row sums of rows 2q,
+// 2q + 1 (computed by their own lanes, then fetched).
+__device__ __forceinline__ void load_q_t(KtState& st, const Args& p, int tok0, int h, int G,
+                                         int row0, int nrows, int lane) {
+  const int g = lane >> 2, q = lane & 3, row = row0 + g;
+  const bool ok = row < nrows;
+  const __half* src =
+      p.q + ((size_t)(tok0 + (ok ? row / G : 0)) * p.Hq + h * G + (ok ? row % G : 0)) * D;
+  float sum_q = 0.f, sum_qf = 0.f;
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s) {
+    float v[4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      v[kk] = ok ? __half2float(src[q_dim(s, kk, q)]) : 0.f;
+      sum_q += v[kk];
+      if (INT4 && kk >= 2) v[kk] *= 0.0625f;  // exact: the fragment holds 16 * code
+      sum_qf += __half2float(__float2half_rn(v[kk]));
+    }
+    st.b[s][0] = pack_half2(v[0], v[1]);
+    st.b[s][1] = pack_half2(v[2], v[3]);
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    sum_q += __shfl_xor_sync(0xffffffffu, sum_q, off);
+    sum_qf += __shfl_xor_sync(0xffffffffu, sum_qf, off);
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {  // row 2q + c lives in lanes (2q + c) * 4 ..
+    st.qs[c] = __shfl_sync(0xffffffffu, sum_q, (2 * q + c) * 4);
+    st.qm[c] = 1024.f * __shfl_sync(0xffffffffu, sum_qf, (2 * q + c) * 4);
+  }
+}
+
+// The keys-as-M decode (attention_decode.cuh): a CTA is (8 query rows of one sequence, kv
+// head, split); the 4 warps take 16 keys each of every 64-key tile and merge at the end.
+__device__ __forceinline__ void attention_kt(const Args& p) {
+  using S = Stage<KT_TN>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int G = p.Hq / p.Hkv, h = blockIdx.y, split = blockIdx.z;
+  const Block blk = find_block<KT_ROWS>(p, G);
+  if (blk.b < 0) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int2 kr = key_range<KT_ROWS, KT_TN>(blk, G);
+  const int k_begin = kr.x, k_end = kr.y;
+
+  KtState st;
+  load_q_t(st, p, blk.tok0, h, G, blk.row0, blk.nrows, lane);
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int row = blk.row0 + 2 * q + c;
+    st.m[c] = NEG_INF;
+    st.l[c] = st.pm[c] = 0.f;
+    st.lim[c] = row < blk.nrows ? min(k_end, blk.ctx + row / G + 1) : 0;
+  }
+#pragma unroll
+  for (int mt = 0; mt < KT_MT; ++mt) st.o[mt][0] = st.o[mt][1] = st.o[mt][2] = st.o[mt][3] = 0.f;
+
+  const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
+  const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
+                      p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0};
+  run_tiles<S>(smem, src, k_begin, k_end, p.Hkv, h, tid, [&](const uint8_t* stage, int key0) {
+    float s[4];
+    qk_t(st, stage + S::K_OFF, 16 * warp, lane, s);
+    softmax_pv_t<S>(st, stage, 16 * warp, key0, p.scale_log2, lane, s);
+  });
+
+  // sums over the warp's keys (lanes of one q hold keys g = 0..7 of rows 2q, 2q + 1)
+#pragma unroll
+  for (int c = 0; c < 2; ++c)
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      st.l[c] += __shfl_xor_sync(0xffffffffu, st.l[c], off);
+      st.pm[c] += __shfl_xor_sync(0xffffffffu, st.pm[c], off);
+    }
+  __syncthreads();  // every warp is done with the stages
+  float* so = reinterpret_cast<float*>(smem);  // [WARPS][8][D + 4]
+  float* sm = so + WARPS * KT_ROWS * (D + 4);   // [WARPS][8] m, then l
+  float* sl = sm + WARPS * KT_ROWS;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int row = 2 * q + c;
+    if (g == 0) {
+      sm[warp * KT_ROWS + row] = st.m[c];
+      sl[warp * KT_ROWS + row] = st.l[c];
+    }
+#pragma unroll
+    for (int mt = 0; mt < KT_MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float o = st.o[mt][2 * hh + c];
+        if (INT4) o = o * (hh ? 0.0625f : 1.f) + st.pm[c];  // true units (see the header)
+        so[(warp * KT_ROWS + row) * (D + 4) + kt_dim(mt, 2 * hh, g)] = o;
+      }
+  }
+  merge_warps<KT_ROWS>(p, blk, h, G, split, so, sm, sl);
+}
+
 }  // namespace
 
 #define QC_ATTN_PARAMS                                                                      \
@@ -286,6 +414,10 @@ __device__ __forceinline__ void attention(const Args& p) {
 
 extern "C" __global__ void __launch_bounds__(THREADS) QC_KERNEL(QC_ATTN_PARAMS) {
   attention<16, DECODE_TN>(QC_ATTN_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) QC_CAT(QC_KERNEL, _kt)(QC_ATTN_PARAMS) {
+  attention_kt(QC_ATTN_ARGS);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) QC_CAT(QC_KERNEL, _prefill)(QC_ATTN_PARAMS) {

@@ -84,8 +84,8 @@ def _attention(fmt, q, kv_new, kv_cache, block_tables, ctx_lens, query_start, nu
 def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tables, ctx_lens,
                      query_start, num_kv_heads: int, scale: float, *, out=None, splits=None,
                      entry=None):
-    """Launch into out ([T, Hq, D] fp16; allocated when None). `splits` / `entry` override
-    the plan (tests and the benchmark)."""
+    """Launch into out ([T, Hq, D] fp16; allocated when None). `splits` / `entry` ("kt",
+    "decode", "prefill") override the plan (tests and the benchmark)."""
     from .launcher import f32, i32, ptr
     q, kv_new = q.contiguous(), kv_new.contiguous()
     t, hq, d = q.shape
@@ -103,7 +103,7 @@ def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tabl
         ws_o = torch.empty((splits, t, hq, d), dtype=torch.float32, device=q.device)
         ws_lse = torch.empty((splits, t, hq), dtype=torch.float32, device=q.device)
     name = cfg.name(kind)
-    kernel = _TABLE.kernels[name if entry == "decode" else f"{name}_{entry}"]
+    kernel = _TABLE.kernels[name if entry == "decode" else f"{name}_{entry}"]  # KeyError: old build
     args = [ptr(q), ptr(kv_new), ptr(kv_cache), ptr(block_tables), ptr(ctx_lens),
             ptr(query_start), ptr(out), ptr(ws_o), ptr(ws_lse), i32(t), i32(b), i32(mb),
             i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E)]

@@ -7,20 +7,22 @@ import shutil
 import pytest
 import torch
 
-from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, DECODE_ROWS, MAX_SPLITS,
-                                                          MIN_SPLIT_KEYS, PREFILL_ROWS,
-                                                          AttnConfig, plan)
+from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, MAX_SPLITS,
+                                                          MIN_SPLIT_KEYS, ROWS, AttnConfig,
+                                                          plan)
 
 
 def test_names_entries_defines():
     cfg = AttnConfig(128)
     assert cfg.name("attn_int4") == "qc_attn_int4_d128_s3"
-    assert cfg.entries("attn_fp16") == ("qc_attn_fp16_d128_s3", "qc_attn_fp16_d128_s3_prefill",
+    assert cfg.entries("attn_fp16") == ("qc_attn_fp16_d128_s3", "qc_attn_fp16_d128_s3_kt",
+                                        "qc_attn_fp16_d128_s3_prefill",
                                         "qc_attn_fp16_d128_s3_merge",
                                         "qc_attn_fp16_d128_s3_encode")
     d = cfg.defines("attn_int4")
     assert "-DQC_KV_INT4=1" in d and "-DQC_HEAD_DIM=128" in d
     assert f"-DQC_SMEM_DECODE={cfg.smem_bytes('attn_int4', 'decode')}" in d
+    assert f"-DQC_SMEM_KT={cfg.smem_bytes('attn_int4', 'kt')}" in d
     assert "-DQC_KV_INT4=0" in AttnConfig(64).defines("attn_fp16")
     with pytest.raises(ValueError, match="head_dim"):
         AttnConfig(96)
@@ -33,16 +35,23 @@ def test_shared_memory():
         for d in (64, 128):
             cfg = AttnConfig(d)
             dec, pre = cfg.smem_bytes(kind, "decode"), cfg.smem_bytes(kind, "prefill")
-            assert dec >= 4 * 16 * d * 4  # the decode entry merges 4 warps' fp32 rows there
-            assert cfg.smem_bytes(kind) == max(dec, pre) <= 227 * 1024
+            kt = cfg.smem_bytes(kind, "kt")
+            assert dec >= 4 * 16 * d * 4  # the decode entries merge 4 warps' fp32 rows there
+            assert kt >= 4 * 8 * d * 4
+            assert cfg.smem_bytes(kind) == max(dec, pre, kt) <= 227 * 1024
     # int4 records are ~4x smaller: its stage holds 128 keys in the decode entry
     assert AttnConfig(128).stage_bytes("attn_int4", "decode") == 128 * (64 + 80 + 8)
     assert AttnConfig(128).stage_bytes("attn_fp16", "prefill") == 64 * (288 + 272)
+    assert AttnConfig(128).stage_bytes("attn_int4", "kt") == 64 * (64 + 80 + 8)
 
 
 def test_plan_entry_and_splits():
     dec = plan(64, 64, 32, 8, 1024, 132)  # 512 CTAs: split to fill the last wave
-    assert dec.entry == "decode" and dec.splits == 3 and dec.grid == (64 * 4 // 16 + 64, 8, 3)
+    assert dec.entry == "kt" and dec.splits == 3 and dec.grid == (64 * 4 // 8 + 64, 8, 3)
+    # 16 query rows a sequence on average (two tokens of G = 8): the 16-row entry
+    assert plan(128, 64, 64, 8, 1024, 132).entry == "decode"
+    with pytest.raises(ValueError, match="unknown entry"):
+        plan(1, 1, 8, 8, 64, 132, entry="decod")
     big = plan(256, 256, 32, 8, 4096, 132)
     assert big.splits == 1
     one = plan(1, 1, 32, 8, 32768, 132)  # one long sequence: split its keys
@@ -55,11 +64,11 @@ def test_plan_entry_and_splits():
     assert forced.entry == "prefill" and forced.grid == (64 * 4 // 64 + 64, 8, 3)
 
 
-@pytest.mark.parametrize("entry", ("decode", "prefill"))
+@pytest.mark.parametrize("entry", tuple(ROWS))
 def test_plan_covers_every_row_block(entry):
     """The grid's row blocks bound sum_b ceil(n_b G / rows) for any split of T tokens."""
     rng = random.Random(0)
-    rows = DECODE_ROWS if entry == "decode" else PREFILL_ROWS
+    rows = ROWS[entry]
     for _ in range(500):
         b = rng.randint(1, 40)
         new = [rng.choice((0, 1, 1, 2, rng.randint(0, 300))) for _ in range(b)]

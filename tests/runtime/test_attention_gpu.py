@@ -4,8 +4,8 @@ reference ops, on fresh random data, with poisoned outputs, and under CUDA-graph
 Batches mix decode steps, prefill chunks over cached context, fresh prefills and sequences
 with no new tokens; pages are scattered and out of order, and every page nobody owns holds
 random bytes (NaN and inf patterns included), so a kernel that reads past a context or
-outside its table fails. Both entries (decode, prefill) and key splits are forced on the same
-batch. Needs the kernel table built by `bench/build_kernels.py` (QCOMPILE_KERNEL_DIR, default
+outside its table fails. Every entry (kt, decode, prefill) and key splits are forced on the
+same batch. Needs the kernel table built by `bench/build_kernels.py` (QCOMPILE_KERNEL_DIR, default
 build/kernels_sm<major>0)."""
 import math
 
@@ -88,7 +88,7 @@ MIXED = [(0, 1), (5, 1), (16, 1), (17, 0), (33, 1), (100, 37), (0, 130), (250, 1
 def test_mixed_batch_every_entry(kernels, fmt, d, hq, hkv):
     batch = make_batch(fmt, hq, hkv, d, MIXED, seed=hq + d)
     ref = _reference(fmt, batch, hkv, d)
-    for entry in ("decode", "prefill"):
+    for entry in ("kt", "decode", "prefill"):
         for splits in (1, 3):
             got = _run(kernels, fmt, batch, hkv, d, entry=entry, splits=splits)
             _check(got, ref, f"{fmt} d{d} {hq}/{hkv} {entry} splits={splits}")
@@ -101,7 +101,9 @@ def test_long_context_decode_splits(kernels, fmt):
     batch = make_batch(fmt, 32, 8, 128, [(20000, 1), (3, 1)], seed=7)
     ref = _reference(fmt, batch, 8, 128)
     _check(_run(kernels, fmt, batch, 8, 128), ref, f"{fmt} long decode")
-    _check(_run(kernels, fmt, batch, 8, 128, splits=1), ref, f"{fmt} long decode unsplit")
+    for entry in ("kt", "decode"):
+        _check(_run(kernels, fmt, batch, 8, 128, splits=1, entry=entry), ref,
+               f"{fmt} long decode unsplit ({entry})")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
