@@ -144,7 +144,7 @@ __device__ __forceinline__ void softmax_pv_t(KtState& st, const uint8_t* stage, 
   }
   const uint8_t* sv = stage + S::V_OFF;
   if constexpr (INT4) {
-    constexpr int VW = D / 32;  // words of a key's V codes per thread (its D/8 dims)
+    constexpr int VW = D / 64;  // words of a key's V codes per thread (its D/8 dims)
     uint32_t v[4][VW];          // keys 2q, 2q+1, 2q+8, 2q+9
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
