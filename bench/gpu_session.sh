@@ -10,15 +10,26 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
+# every stage ends by DEADLINE s (default 540) so the archive is written inside the call's limit
+cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
 stamp kernels
-ONLY=attention PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=attention ATTN_ARGS=${ATTN_ARGS---quick} timeout 330 bash bench/gpu_kernels.sh
+ONLY=attention PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=attention ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
+if [ -z "${SKIP_STEP:-}" ]; then
+  stamp step
+  timeout $(cap 240) bash bench/gpu_step.sh
+  if [ -d /tmp/art1b ] && [ -z "${SKIP_QBENCH:-}" ]; then
+    stamp qbench
+    timeout $(cap 200) qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
+      --num-prompts 64 --max-seqs 64 --peer hf-eager --out "$OUT" -q 2>&1 | tail -8
+  fi
+fi
 if [ -z "${SKIP_NCU:-}" ] && command -v ncu > /dev/null; then
   stamp ncu
   for run in "int4 kt" "int4 decode" "fp16 kt"; do
     set -- $run
-    timeout 90 ncu --cache-control all --clock-control none -k regex:qc_attn -c 1 \
+    timeout $(cap 60) ncu --cache-control all --clock-control none -k regex:qc_attn -c 1 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section LaunchStats \
       python bench/profile_attention.py --fmt $1 --entry $2 --batch 64 --context 4096 --iters 1 \
@@ -26,15 +37,6 @@ if [ -z "${SKIP_NCU:-}" ] && command -v ncu > /dev/null; then
     echo "-- ncu $1 $2"
     grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|L2 Hit|Issue Slots|Warp Cycles Per Issued" "$OUT/ncu_attn_$1_$2.txt" | head -24
   done
-fi
-if [ -z "${SKIP_STEP:-}" ]; then
-  stamp step
-  timeout 240 bash bench/gpu_step.sh
-  if [ -d /tmp/art1b ] && [ -z "${SKIP_QBENCH:-}" ]; then
-    stamp qbench
-    timeout 200 qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
-      --num-prompts 64 --max-seqs 64 --peer hf-eager --out "$OUT" -q 2>&1 | tail -8
-  fi
 fi
 stamp done
 # the device returns at most 8 files: everything in one archive
