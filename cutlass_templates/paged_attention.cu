@@ -416,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) QC_KERNEL(QC_ATTN_PARAMS) 
   attention<16, DECODE_TN>(QC_ATTN_ARGS);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) QC_CAT(QC_KERNEL, _kt)(QC_ATTN_PARAMS) {
+extern "C" __global__ void __launch_bounds__(THREADS, 5) QC_CAT(QC_KERNEL, _kt)(QC_ATTN_PARAMS) {
   attention_kt(QC_ATTN_ARGS);
 }
 
