@@ -5,14 +5,16 @@ pool, largest bucket first so the smaller ones reuse its memory.
 A captured step is the device part of Engine.step for a bucket of B single-token rows: gather
 the rows' block tables, run the program, write the KV records at their slots, sample every
 row. Its inputs are the step buffers' views for (T = B, B, N = B), so a replay reads whatever
-the host staged there. Before capturing, each bucket runs twice eagerly on a side stream
-(Inductor compiles, split-K counters and the kernels' caches are set up) with synchronising
-calls made errors, which is how a program that cannot be captured (a PyTorch reference op
-that reads lengths on the host) is found: then the engine runs without graphs and says why.
-The warm-up and capture steps are all padding: they write the scratch page only.
+the host staged there. Before capturing, each bucket runs twice eagerly on a side stream: once
+to compile (Inductor), allocate (split-K counters) and fill the kernels' caches, once more
+with synchronising calls made errors, which is how a program that cannot be captured (a
+PyTorch reference op that reads lengths on the host) is found: then the engine runs without
+graphs and says why. Warm-up and capture steps are all padding: they write the scratch page
+only.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Callable
 
@@ -51,19 +53,25 @@ class DecodeGraphs:
     bucket of padding rows and returns their views."""
 
     def __init__(self, step: Callable[[StepInputs, bool], torch.Tensor],
-                 stage: Callable[[int], StepInputs], buckets: tuple[int, ...]):
+                 stage: Callable[[int], StepInputs], buckets: tuple[int, ...],
+                 device: torch.device):
         self.buckets = buckets
-        self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.replays = 0
+        self.replays: collections.Counter = collections.Counter()  # (bucket, random) -> n
+        with torch.cuda.device(device):
+            self.pool = torch.cuda.graph_pool_handle()
+            self._capture(step, stage)
+
+    def _capture(self, step, stage) -> None:
         side = torch.cuda.Stream()
-        for bucket in sorted(buckets, reverse=True):
+        for bucket in sorted(self.buckets, reverse=True):
             for random in (True, False):
                 views = stage(bucket)
                 side.wait_stream(torch.cuda.current_stream())  # the staged copy
-                with torch.cuda.stream(side), no_host_sync():
-                    for _ in range(2):
-                        step(views, random)
+                with torch.cuda.stream(side):
+                    step(views, random)  # compiles, allocates, autotunes: may synchronise
+                    with no_host_sync():
+                        step(views, random)  # as it will be captured: must not
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
@@ -75,5 +83,5 @@ class DecodeGraphs:
         """Run the bucket's graph on the inputs staged for it; its sampled ids [bucket]."""
         graph, ids = self.graphs[bucket, random]
         graph.replay()
-        self.replays += 1
+        self.replays[bucket, random] += 1
         return ids

@@ -106,7 +106,7 @@ class Engine:
     def _capture(self, required: bool) -> None:
         try:
             self.graphs = DecodeGraphs(self._device_step, self._stage_padding,
-                                       self.decode_buckets)
+                                       self.decode_buckets, self.device)
         except Exception as e:  # any reason not to capture: serve eagerly, say why
             if required:
                 raise

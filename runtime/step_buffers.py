@@ -114,7 +114,7 @@ class StepBuffers:
                 self._np[off:off + count * dtype.itemsize].view(_NP[dtype])[:] = values[name]
         if self.dev is not self.host:
             self.dev[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))
         return self.views(t, b, n, u, width)
 
     def views(self, t: int, b: int, n: int, u: int, width: int | None = None) -> StepInputs:

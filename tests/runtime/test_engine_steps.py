@@ -16,6 +16,8 @@ sensitive to how a computation is batched, so bitwise comparisons see any change
 """
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -176,11 +178,11 @@ class ViewReplay:
     the device addresses it was captured with."""
 
     def __init__(self, step, stage, buckets):
-        self.step, self.replays = step, 0
+        self.step, self.replays = step, collections.Counter()
         self.views = {b: stage(b) for b in buckets}
 
     def replay(self, bucket, random):
-        self.replays += 1
+        self.replays[bucket, random] += 1
         return self.step(self.views[bucket], random)
 
 
@@ -213,8 +215,8 @@ def test_decode_buckets_replay_equals_eager(artifact, sampled_logits):
     assert got == want == plain
     assert len(got_logits) == len(want_logits)
     assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits))
-    # every step after the prefill is a pure decode step: 7 of them, bucket rows 6..1
-    assert graphs.graphs.replays == 7
+    # every step after the prefill is a pure decode step: 7 of them, buckets 6, 4, 2, 1
+    assert graphs.graphs.replays == {(6, False): 2, (4, False): 2, (2, False): 1, (1, False): 2}
     assert sorted({x.shape[0] for x in got_logits[1:]}) == [1, 2, 4, 6]
 
 
@@ -234,4 +236,4 @@ def test_bucketed_steps_with_sampling_and_preemption(artifact):
 
     bucketed = _bucketed(artifact, True)
     assert run(bucketed) == run(Engine.load(artifact, max_seqs=6))
-    assert bucketed.graphs.replays > 0
+    assert bucketed.graphs.replays[6, True] > 0  # random rows, recomputed rows, padding
