@@ -8,8 +8,13 @@ as they were (`Request.prefill_ends`), then its generated tokens one per step, a
 decoded. So its KV records and logits come out of the same computations as before, and its
 greedy output does not depend on being preempted (a single prefill chunk of prompt +
 generated tokens rounds differently from the decode steps it replaces: with int8 activations
-and a 4-bit KV cache that changed tokens). The cost is latency: a request preempted after g
-tokens needs g more steps before it produces again (one row each in otherwise normal steps).
+and a 4-bit KV cache that changed tokens). It is readmitted only when the pages of all it had
+computed are free, and takes them at once, so the recomputation does not itself run out of
+pages. The cost is latency: a request preempted after g tokens needs g more steps before it
+produces again (one row each in otherwise normal steps). Measured on the CPU (tiny W4A8 / KV4
+model, 100 requests of 24 new tokens): 288 steps instead of 265 with a 20-page cache (14
+preemptions), 144 as before with 40 pages; in an extreme case (24 requests, 17 pages, 10 of
+them preempted) 150 instead of 104.
 """
 from __future__ import annotations
 
@@ -93,11 +98,13 @@ class Scheduler:
             if end is None:
                 break
             # Leave one page per running sequence so admitting does not force a preemption
-            # on the very next decode step.
+            # on the very next decode step. A preempted request takes the pages of all it
+            # had computed at once, as it will recompute that before producing again.
+            pages_for = max(end, req.num_tokens - 1) if req.out else end
             spare = self.cache.free_blocks - len(self.running)
-            if self.cache.blocks_needed(req.id, end) > spare:
+            if self.cache.blocks_needed(req.id, pages_for) > spare:
                 break
-            self.cache.reserve(req.id, end)
+            self.cache.reserve(req.id, pages_for)
             self.running.append(self.waiting.popleft())
             chunks.append(self._chunk(req, end))
             budget -= end - req.computed
