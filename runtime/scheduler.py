@@ -11,10 +11,8 @@ generated tokens rounds differently from the decode steps it replaces: with int8
 and a 4-bit KV cache that changed tokens). It is readmitted only when the pages of all it had
 computed are free, and takes them at once, so the recomputation does not itself run out of
 pages. The cost is latency: a request preempted after g tokens needs g more steps before it
-produces again (one row each in otherwise normal steps). Measured on the CPU (tiny W4A8 / KV4
-model, 100 requests of 24 new tokens): 288 steps instead of 265 with a 20-page cache (14
-preemptions), 144 as before with 40 pages; in an extreme case (24 requests, 17 pages, 10 of
-them preempted) 150 instead of 104.
+produces again (one row each in otherwise normal steps): 288 steps instead of 265 for 100
+requests on a 20-page cache (bench/results/preemption-replay-2026-12-06.md).
 """
 from __future__ import annotations
 
