@@ -111,7 +111,8 @@ class Engine:
             if required:
                 raise
             warnings.warn(f"CUDA graphs are off, decode steps run eagerly: capturing them "
-                          f"failed ({type(e).__name__}: {e})")
+                          f"failed ({type(e).__name__}: {e}); an op without a kernel in the "
+                          "artifact runs its PyTorch reference, which may synchronise")
 
     @property
     def max_seq_len(self) -> int:
