@@ -53,10 +53,11 @@ class FlatBatch:
         """One-off tensors on `device` (each sequence's block-table row from its pages)."""
         i32 = dict(dtype=torch.int32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
-        return BatchTensors(torch.tensor(self.tokens, **i64), torch.tensor(self.positions, **i64),
-                            torch.tensor(self.block_tables(), **i32),
-                            torch.tensor(self.ctx_lens, **i32), torch.tensor(self.query_start, **i32),
-                            torch.tensor(self.logits_indices, **i64), torch.tensor(self.slots, **i64))
+        return BatchTensors(
+            torch.tensor(self.tokens, **i64), torch.tensor(self.positions, **i64),
+            torch.tensor(self.block_tables(), **i32), torch.tensor(self.ctx_lens, **i32),
+            torch.tensor(self.query_start, **i32), torch.tensor(self.logits_indices, **i64),
+            torch.tensor(self.slots, **i64))
 
 
 @dataclass
