@@ -1,6 +1,7 @@
 """Where a decode step's GPU time goes: one artifact served on CUDA, `--batch` prompts of
-`--input-len` random token ids prefilled, then one decode step profiled with torch.profiler,
-with the attention kernels and again with the attention reference (same engine, same step).
+`--input-len` random token ids prefilled, then one decode step profiled with torch.profiler:
+replaying its CUDA graph, eagerly with the attention kernels, and eagerly with the attention
+reference (same engine, consecutive steps).
 
     python bench/profile_step.py ARTIFACT --batch 64 --input-len 1024 --out OUT
 
@@ -74,13 +75,17 @@ def main(argv=None):
     prefill_s = time.perf_counter() - t0
     for _ in range(2):
         engine.step()
-    rows = {"kernels": profile_step(engine)}
+    graphs, rows = engine.graphs, {}
+    if graphs is not None:
+        rows["kernels, CUDA graph"] = profile_step(engine)
+    engine.graphs = None  # eager steps: the same launches, one by one
+    rows["kernels"] = profile_step(engine)
     table = attention_kernels._TABLE
     attention_kernels._TABLE = None  # the reference attention (fallback path)
     rows["reference attention"] = profile_step(engine)
-    attention_kernels._TABLE = table
+    attention_kernels._TABLE, engine.graphs = table, graphs
     print(f"prefill of {args.batch} x {args.input_len}: {prefill_s:.1f} s")
-    print("| attention | step ms | GPU ms: attention / encode / GEMM / other | attention share "
+    print("| step | step ms | GPU ms: attention / encode / GEMM / other | attention share "
           "| GPU busy | launches | host syncs |\n|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         g = r["gpu_ms"]

@@ -232,18 +232,15 @@ def key_mean(cfg, weights: dict[str, torch.Tensor], seqs, progress: bool = True
 
 def _prefill_inputs(lowering, seqs: list[list[int]], device) -> tuple:
     """A flat prefill of seqs over an empty paged cache sized for them."""
+    from qcompile.runtime.flat_batch import Span, flat_batch
     cache_node = lowering.placeholders()["kv_cache"]
     layers, _, _, block, record = cache_node.meta["val"].shape
-    pages = [-(-len(s) // block) for s in seqs]
-    tables = torch.zeros(len(seqs), max(pages), dtype=torch.int32)
-    start = 0
-    for b, n in enumerate(pages):
-        tables[b, :n] = torch.arange(start, start + n)
+    spans, start = [], 0
+    for s in seqs:
+        n = -(-len(s) // int(block))
+        spans.append(Span(s, 0, range(start, start + n)))
         start += n
-    tokens = torch.tensor([t for s in seqs for t in s])
-    positions = torch.cat([torch.arange(len(s)) for s in seqs])
-    qs = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).to(torch.int32)
-    cache = torch.zeros(int(layers), 2, start, int(block), int(record), dtype=torch.uint8)
-    return tuple(t.to(device) for t in (tokens, positions, cache, tables,
-                                        torch.zeros(len(seqs), dtype=torch.int32), qs,
-                                        qs[1:].long() - 1))
+    x = flat_batch(spans, int(block)).tensors(device)
+    cache = torch.zeros(int(layers), 2, start, int(block), int(record), dtype=torch.uint8,
+                        device=device)
+    return x.program_args(cache)

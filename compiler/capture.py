@@ -11,6 +11,7 @@ import torch
 from torch.export import Dim
 
 from qcompile.models.config import ModelConfig
+from qcompile.runtime.flat_batch import Span, flat_batch
 from qcompile.runtime.ops import kv_record_bytes
 
 INPUT_NAMES = ("tokens", "positions", "kv_cache", "block_tables", "ctx_lens", "query_start",
@@ -36,15 +37,10 @@ class KVSpec:
 
 
 def example_inputs(kv: KVSpec, device="cpu") -> tuple:
-    """Two sequences: 3 new tokens after 2 cached ones, and a 2-token prefill."""
-    i32 = dict(dtype=torch.int32, device=device)
-    return (torch.tensor([5, 6, 7, 8, 9], device=device),
-            torch.tensor([2, 3, 4, 0, 1], device=device),
-            kv.empty(4, device),
-            torch.tensor([[0, 1], [2, 3]], **i32),
-            torch.tensor([2, 0], **i32),
-            torch.tensor([0, 3, 5], **i32),
-            torch.tensor([2, 4], device=device))
+    """Two sequences: 3 new tokens after 2 cached ones, and a 2-token prefill (two pages
+    each, so no dimension is 1)."""
+    spans = [Span([5, 6, 7], 2, [0, 1]), Span([8, 9], 0, [2, 3])]
+    return flat_batch(spans, kv.block_size).tensors(device).program_args(kv.empty(4, device))
 
 
 def dynamic_shapes() -> tuple:

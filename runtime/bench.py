@@ -88,8 +88,9 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, name: str = 
     bar = tqdm(total=len(prompts) * output_len, desc=f"qbench {name}", unit="tok",
                disable=not progress, leave=False)
     while any(r.finish_reason is None for r in reqs):
+        # every running request past its prompt: one token each (a recomputation too)
         decode_only = not sched.waiting and all(
-            len(r.tokens) - r.computed == 1 for r in sched.running)
+            r.computed >= len(r.prompt) for r in sched.running)
         batch = len(sched.running)
         ts = time.perf_counter()
         events = engine.step()  # ends with the host read of the sampled ids: synchronised
@@ -220,6 +221,9 @@ def parser():
                         "torch.compile) or hf (both); repeatable")
     p.add_argument("--hf", type=Path,
                    help="HF checkpoint folder of the peers (default: the artifact's source)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every decode step eagerly (default on cuda: CUDA graphs per "
+                        "decode batch size, captured at load)")
     p.add_argument("--seed", type=int, default=0, help="of the synthetic prompts (default 0)")
     p.add_argument("--out", type=Path, default=Path("."),
                    help="folder of qbench-<artifact>.json and .png (default .)")
@@ -249,7 +253,9 @@ def _run(args) -> int:
                                 "`qcompile MODEL -o DIR`)")
     kv = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
     engine = Engine.load(args.artifact, device=device, kv_cache_bytes=kv, max_seqs=args.max_seqs,
-                         max_batch_tokens=args.max_batch_tokens)
+                         max_batch_tokens=args.max_batch_tokens,
+                         cuda_graphs=None if device.type == "cuda" and not args.no_cuda_graphs
+                         else False)
     if args.input_len + args.output_len > engine.max_seq_len:
         raise ValueError(f"--input-len + --output-len = {args.input_len + args.output_len} "
                          f"exceeds the artifact's {engine.max_seq_len} tokens per sequence: "

@@ -19,13 +19,14 @@ def _common(p: OneLineParser) -> None:
                         "artifact's CUTLASS kernels; the GPU must match its --target)")
 
 
-def _load(args):
+def _load(args, cuda_graphs: bool):
     device = parse_device(args.device)
     if not args.artifact.is_dir():
         raise FileNotFoundError(f"{args.artifact}: no such artifact directory (make one with "
                                 "`qcompile MODEL -o DIR`)")
     from .engine import Engine
-    return Engine.load(args.artifact, device=device)
+    return Engine.load(args.artifact, device=device,
+                       cuda_graphs=None if cuda_graphs and device.type == "cuda" else False)
 
 
 def run_parser() -> OneLineParser:
@@ -47,6 +48,9 @@ def run_parser() -> OneLineParser:
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as is (default: the model's chat template, if it has one)")
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every decode step eagerly (default on cuda: CUDA graphs per "
+                        "decode batch size, captured at load)")
     return p
 
 
@@ -60,7 +64,7 @@ def _run(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed)  # checked before the load
-    engine = _load(args)
+    engine = _load(args, cuda_graphs=not args.no_cuda_graphs)
     chat = not args.raw and bool(getattr(engine.tokenizer, "chat_template", None))
     sampling = dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                     top_p=params.top_p, top_k=params.top_k, seed=params.seed, chat=chat)
@@ -104,7 +108,7 @@ def _eval(args) -> int:
                              f"{2 if flag == 'seq_len' else 1}, got {getattr(args, flag)}")
     text = read_text(args.text) if args.text else None
     name = str(args.text) if args.text else PYDOC
-    engine = _load(args)
+    engine = _load(args, cuda_graphs=False)  # scoring is one prefill: nothing to replay
     r = perplexity(engine, args.seqs, args.seq_len, args.batch, progress=not args.json,
                    text=text, name=name)
     c = engine.artifact.compile

@@ -1,10 +1,20 @@
 """The serving API: `Engine.load(artifact, device=...)`, then `generate()` / `stream()` over
-many prompts with continuous batching on a paged KV cache."""
+many prompts with continuous batching on a paged KV cache; `abort()` drops a request.
+
+A step: the scheduler picks chunks, `flat_batch` lays them out, the step buffers copy them to
+the device in one copy (block-table rows updated in place), then the device part runs: the
+program, the KV write, sampling. On CUDA a step of single-token rows is padded to the
+smallest decode bucket that holds it (padding rows are one token on the scratch page, their
+ids ignored) and replays that bucket's CUDA graph; prefill and mixed steps run eagerly at
+their exact size. Eager steps of single-token rows are padded the same way on CUDA, so
+turning graphs off (`cuda_graphs=False`) changes launch costs, never the numbers. The host
+reads the sampled ids once per step.
+"""
 from __future__ import annotations
 
-import itertools
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -14,10 +24,14 @@ import qcompile.runtime.ops  # noqa: F401  (registers the ops the program calls)
 from qcompile.compiler.capture import KVSpec
 
 from .artifact import Artifact, ArtifactError, load_program, load_weights, open_artifact
+from .block_table import BlockTable
+from .cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
 from .detokenize import IncrementalDecoder
+from .flat_batch import Span, flat_batch
 from .kv_cache import PagedKVCache
 from .sampler import SamplingParams, sample_rows
 from .scheduler import Chunk, Request, Scheduler
+from .step_buffers import SamplingRows, StepBuffers, StepInputs
 
 CPU_KV_BYTES = 1 << 30  # default cache on CPU; on a GPU the cache takes free memory
 
@@ -50,12 +64,25 @@ class Engine:
         self.scheduler = Scheduler(cache, max_batch_tokens, max_seqs)
         self.eos_ids = set(art.model.eos_token_ids) | (
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        width = -(-art.max_seq_len // cache.block_size)  # pages of the longest sequence
+        self.block_table = BlockTable(max_seqs, width, cache.scratch_page, device)
+        self.buffers = StepBuffers(max(max_batch_tokens, max_seqs), max_seqs, max_seqs * width,
+                                   device)
+        self.decode_buckets = decode_buckets(max_seqs) if device.type == "cuda" else ()
+        self._pad = Span([0], 0, [cache.scratch_page], row=self.block_table.scratch_row)
+        self.graphs: DecodeGraphs | None = None
 
     @classmethod
     def load(cls, path, device="cpu", *, kv_cache_bytes: int | None = None,
-             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool = False):
+             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool = False,
+             cuda_graphs: bool | None = None):
+        """cuda_graphs: capture the decode step per batch bucket (default: on CUDA, falling
+        back to eager steps with a warning when the program cannot be captured; True insists,
+        False turns them off)."""
         from transformers import AutoTokenizer
         device = torch.device(device)
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {device}")
         art = open_artifact(path, device)
         program = load_program(art.path).module()
         weights = load_weights(art, device)
@@ -71,7 +98,21 @@ class Engine:
             # compiled program produces the reference ops' int8 codes.
             program = torch.compile(program, dynamic=True,
                                     options={"emulate_precision_casts": True})
-        return cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs)
+        engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs)
+        if device.type == "cuda" and cuda_graphs is not False:
+            engine._capture(required=cuda_graphs is True)
+        return engine
+
+    def _capture(self, required: bool) -> None:
+        try:
+            self.graphs = DecodeGraphs(self._device_step, self._stage_padding,
+                                       self.decode_buckets, self.device)
+        except Exception as e:  # any reason not to capture: serve eagerly, say why
+            if required:
+                raise
+            warnings.warn(f"CUDA graphs are off, decode steps run eagerly: capturing them "
+                          f"failed ({type(e).__name__}: {e}); an op without a kernel in the "
+                          "artifact runs its PyTorch reference, which may synchronise")
 
     @property
     def max_seq_len(self) -> int:
@@ -94,23 +135,32 @@ class Engine:
     def generate(self, prompts, *, chat: bool = False, **sampling) -> list[Completion]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         reqs = self._submit(prompts, chat, SamplingParams(**sampling))
-        for _ in self._run(reqs):
-            pass
+        try:
+            for _ in self._run(reqs):
+                pass
+        finally:  # interrupted: nothing of ours stays in flight
+            for r in reqs:
+                self.abort(r)
         return [Completion(self.tokenizer.decode(r.out, skip_special_tokens=True), r.out,
                            r.finish_reason, len(r.prompt)) for r in reqs]
 
     def stream(self, prompts, *, chat: bool = False, **sampling) -> Iterator[StreamEvent]:
         """One event per generated token with exactly the text it adds, whole characters only
         (a character split over tokens arrives with its last token), so each prompt's texts
-        concatenate to its `generate()` text."""
+        concatenate to its `generate()` text. Closing the iterator early (or dropping it)
+        aborts its requests, freeing their pages."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         reqs = self._submit(prompts, chat, SamplingParams(**sampling))
         decoders = {r.id: IncrementalDecoder(self.tokenizer) for r in reqs}
-        for req, token in self._run(reqs):
-            text = decoders[req.id].push(token)
-            if req.finish_reason:
-                text += decoders[req.id].flush()
-            yield StreamEvent(req.index, text, token, req.finish_reason)
+        try:
+            for req, token, last in self._run(reqs):
+                text = decoders[req.id].push(token)
+                if last:
+                    text += decoders[req.id].flush()
+                yield StreamEvent(req.index, text, token, req.finish_reason if last else None)
+        finally:
+            for r in reqs:
+                self.abort(r)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -139,26 +189,62 @@ class Engine:
             self.scheduler.add(r)
         return reqs
 
-    def _run(self, reqs: list[Request]) -> Iterator[tuple[Request, int]]:
-        pending = set(r.id for r in reqs)
-        while pending:
-            for req, token in self.step():
-                if req.finish_reason:
-                    pending.discard(req.id)
-                yield req, token
+    def abort(self, req: Request) -> None:
+        """Stop req now: it leaves the queue or the batch, its KV pages are freed and its
+        finish_reason becomes "abort". A finished request is left as it is."""
+        self.scheduler.abort(req)
+
+    def _run(self, reqs: list[Request]) -> Iterator[tuple[Request, int, bool]]:
+        """(request, token, whether it is the request's last) for every token of reqs, in
+        order, stepping the engine until all are done. A step serves every request in
+        flight: tokens of other callers' requests (another stream) wait in their requests for
+        their own _run."""
+        sent = {r.id: 0 for r in reqs}
+        live = list(reqs)
+        while live:
+            for r in live:
+                while sent[r.id] < len(r.out):
+                    sent[r.id] += 1
+                    yield r, r.out[sent[r.id] - 1], (r.finish_reason is not None
+                                                     and sent[r.id] == len(r.out))
+            live = [r for r in live if r.finish_reason is None]
+            if live:
+                self.step()
 
     def step(self) -> list[tuple[Request, int]]:
         """One forward over the scheduled chunks; returns the sampled (request, token)s."""
+        chunks, rows, ids = self._launch()
+        return self._complete(chunks, rows, ids[:len(rows)].tolist())  # the one read
+
+    def _launch(self) -> tuple[list[Chunk], list[Request | None], torch.Tensor]:
+        """Schedule, stage and launch a step without synchronising with the device: the
+        chunks, the request sampled at each logits row (None: ignored) and the sampled ids
+        on the device."""
         chunks = self.scheduler.schedule()
         if not chunks:
             raise RuntimeError("scheduler made no progress (KV cache too small for any request)")
-        logits, sampled_chunks = self._forward(chunks)
-        events = []
+        bucket = None
+        if self.decode_buckets and all(c.end - c.start == 1 for c in chunks):
+            bucket = bucket_for(len(chunks), self.decode_buckets)
+        batch, rows, updates = self._layout(chunks, bucket)
+        x = self.buffers.load(batch, _sampling_rows(rows), updates,
+                              width=None if bucket else batch.width)
+        self.block_table.apply(x.update_index, x.update_page)
+        random = any(r is not None and r.params.temperature > 0 for r in rows)
+        if bucket is not None and self.graphs is not None:
+            return chunks, rows, self.graphs.replay(bucket, random)
+        return chunks, rows, self._device_step(x, random)
+
+    def _complete(self, chunks: list[Chunk], rows: list[Request | None],
+                  ids: list[int]) -> list[tuple[Request, int]]:
+        """Account a launched step once its ids are read: computed tokens, new tokens,
+        finished requests."""
         for c in chunks:
             c.req.computed = c.end
-        reqs = [c.req for c in sampled_chunks]
-        tokens = self._sample(logits, reqs).tolist()  # the step's one device -> host read
-        for req, token in zip(reqs, tokens):
+        events = []
+        for req, token in zip(rows, ids):
+            if req is None:
+                continue
             req.out.append(token)
             reason = self._finish_reason(req, token)
             if reason:
@@ -166,64 +252,69 @@ class Engine:
             events.append((req, token))
         return events
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """Next token of every row at once on the logits' device (runtime/sampler.py)."""
-        p = [r.params for r in reqs]
-        dev, f32 = logits.device, torch.float32
-        rows = torch.tensor([[q.temperature, q.top_p] for q in p], dtype=f32).to(dev, non_blocking=True)
-        ints = torch.tensor([[q.top_k, r.seed, len(r.out)] for q, r in zip(p, reqs)],
-                            dtype=torch.int64).to(dev, non_blocking=True)
-        return sample_rows(logits, rows[:, 0], rows[:, 1], ints[:, 0], ints[:, 1], ints[:, 2],
-                           random=any(q.temperature > 0 for q in p))
+    def _layout(self, chunks: list[Chunk], bucket: int | None):
+        """The step's flat batch, the request sampled at each logits row (None: ignored) and
+        the block-table updates. A bucket computes logits for every row, padding included."""
+        self.block_table.release_missing(self.cache.tables)
+        updates: list[tuple[int, int]] = []
+        spans = []
+        for c in chunks:
+            pages = self.cache.tables[c.req.id]
+            row = self.block_table.sync(c.req.id, pages, updates)
+            spans.append(Span(c.req.token_span(c.start, c.end), c.start, pages, row,
+                              logits=bucket is not None or c.samples))
+        if bucket is None:
+            rows = [c.req for c in chunks if c.samples]
+            if not rows:  # the program computes at least one logits row (export's N >= 1)
+                spans[0], rows = replace(spans[0], logits=True), [None]
+        else:
+            rows = [c.req if c.samples else None for c in chunks] + [None] * (bucket - len(chunks))
+            spans += [self._pad] * (bucket - len(chunks))
+        return flat_batch(spans, self.cache.block_size), rows, updates
+
+    def _stage_padding(self, bucket: int) -> StepInputs:
+        """A bucket of padding rows staged (CUDA graph warm-up and capture)."""
+        batch = flat_batch([self._pad] * bucket, self.cache.block_size)
+        return self.buffers.load(batch, _sampling_rows([None] * bucket), [])
+
+    def _device_step(self, x: StepInputs, random: bool) -> torch.Tensor:
+        """The device part of a step (what a decode graph captures): the step's block tables,
+        the program, the KV write, sampling. Sampled ids [N] on the device."""
+        with torch.inference_mode():
+            tables = self.block_table.gather(x.rows, x.width)
+            logits, new_kv = self.program(*self.weights, x.tokens, x.positions, self.cache.tensor,
+                                          tables, x.ctx_lens, x.query_start, x.logits_indices)
+            self.cache.write(new_kv, x.slots)
+            return sample_rows(logits, x.temperature, x.top_p, x.top_k, x.seed, x.position,
+                               random=random)
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         if req.params.stop_on_eos and token in self.eos_ids:
             return "eos"
-        if len(req.out) >= req.params.max_new_tokens or len(req.tokens) >= self.max_seq_len:
+        if len(req.out) >= req.params.max_new_tokens or req.num_tokens >= self.max_seq_len:
             return "length"
         return None
 
-    def _forward(self, chunks: list[Chunk]):
-        pieces = [(c.req.id, c.req.tokens[c.start:c.end], c.start) for c in chunks]
-        ends = itertools.accumulate(c.end - c.start for c in chunks)
-        rows = [end - 1 for c, end in zip(chunks, ends) if c.samples]
-        logits, _ = self.run(pieces, rows or [0])
-        return logits[: len(rows)], [c for c in chunks if c.samples]
-
-    def run(self, pieces, logits_indices: list[int] | None = None):
-        """Run the program once on a flat batch and store its KV records. pieces: (sequence
-        id, new tokens, tokens already cached) per sequence, pages reserved; logits of the flat
-        rows in logits_indices (all rows when None). Returns (logits, row offsets [B + 1])."""
-        tokens, positions, slots, starts = [], [], [], [0]
-        for seq_id, new, start in pieces:
-            tokens += new
-            positions += range(start, start + len(new))
-            slots += self.cache.slots(seq_id, start, start + len(new))
-            starts.append(len(tokens))
-        if logits_indices is None:
-            logits_indices = list(range(len(tokens)))
-        dev, i32 = self.device, torch.int32
-        args = (torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                self.cache.tensor, self.cache.block_table([p[0] for p in pieces]),
-                torch.tensor([p[2] for p in pieces], dtype=i32, device=dev),
-                torch.tensor(starts, dtype=i32, device=dev),
-                torch.tensor(logits_indices, device=dev))
-        with torch.inference_mode():
-            logits, new_kv = self.program(*self.weights, *args)
-            self.cache.write(new_kv, torch.tensor(slots, device=dev))
-        return logits, starts
-
     def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Logits [len, V] of every position of each sequence (one prefill, no sampling)."""
-        ids = [-(i + 1) for i in range(len(sequences))]  # private ids, never scheduled
-        try:
-            for sid, seq in zip(ids, sequences):
-                self.cache.reserve(sid, len(seq))
-            logits, starts = self.run([(sid, seq, 0) for sid, seq in zip(ids, sequences)])
-            return [logits[a:b] for a, b in zip(starts, starts[1:])]
-        finally:
-            for sid in ids:
-                self.cache.free(sid)
+        """Logits [len, V] of every position of each sequence: one prefill over an empty
+        cache. It takes no pages (its records go to the scratch page), so it may run while
+        requests are in flight."""
+        bs = self.cache.block_size
+        spans = [Span(seq, 0, [self.cache.scratch_page] * -(-len(seq) // bs)) for seq in sequences]
+        batch = flat_batch(spans, bs, all_logits=True)
+        x = batch.tensors(self.device)
+        with torch.inference_mode():
+            logits, _ = self.program(*self.weights, *x.program_args(self.cache.tensor))
+        return [logits[a:b] for a, b in zip(batch.query_start, batch.query_start[1:])]
+
+
+def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
+    """Sampling parameters per logits row; None rows (padding, recomputed tokens) greedy."""
+    rows = [(0.0, 1.0, 0, 0, 0) if r is None else
+            (r.params.temperature, r.params.top_p, r.params.top_k, r.seed, len(r.out))
+            for r in reqs]
+    return SamplingRows(*(list(col) for col in zip(*rows))) if rows else \
+        SamplingRows([], [], [], [], [])
 
 
 def _num_blocks(spec: KVSpec, device: torch.device, kv_bytes: int | None, art: Artifact) -> int:

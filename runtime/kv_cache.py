@@ -1,8 +1,11 @@
-"""Paged KV cache: one uint8 tensor [L, 2, NB, BS, R] and the bookkeeping of its pages.
+"""Paged KV cache: one uint8 tensor [L, 2, NB + 1, BS, R] and the bookkeeping of its pages.
 
 Sequences own lists of pages; a step's new records ([L, 2, T, R] from the program) land with
-one index_copy_ at their slots (page * BS + offset). Allocation is all-or-nothing so the
-scheduler can preempt cleanly when pages run out.
+one index_copy_ at their slots (page * BS + offset), slots given as a device tensor, so the
+write needs no host synchronisation and a CUDA graph can capture it. Allocation is
+all-or-nothing so the scheduler can preempt cleanly when pages run out. The page after the
+NB that sequences get is the scratch page: padding rows of a bucketed decode step (CUDA
+graphs) write their records there and read nothing else.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ class OutOfKVBlocks(RuntimeError):
 class PagedKVCache:
     def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device):
         self.spec, self.num_blocks, self.device = spec, num_blocks, device
-        self.tensor = spec.empty(num_blocks, device)
+        self.tensor = spec.empty(num_blocks + 1, device)  # + the scratch page
+        self.scratch_page = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low pages first
         self.tables: dict[int, list[int]] = {}
 
@@ -53,18 +57,7 @@ class PagedKVCache:
     def free(self, seq_id: int) -> None:
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
 
-    def slots(self, seq_id: int, start: int, end: int) -> list[int]:
-        table, bs = self.tables[seq_id], self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def block_table(self, seq_ids: list[int]) -> torch.Tensor:
-        """[B, max pages] int32, rows padded with page 0 (never read past ctx_len)."""
-        width = max(1, max(len(self.tables.get(s, ())) for s in seq_ids))
-        rows = [self.tables.get(s, []) + [0] * (width - len(self.tables.get(s, ())))
-                for s in seq_ids]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
     def write(self, new_kv: torch.Tensor, slots: torch.Tensor) -> None:
-        """new_kv [L, 2, T, R] -> pages at slots [T] (int64)."""
+        """new_kv [L, 2, T, R] -> pages at slots [T] (int64, on the cache's device)."""
         flat = self.tensor.view(self.spec.num_layers, 2, -1, self.spec.record_bytes)
         flat.index_copy_(2, slots, new_kv)

@@ -55,13 +55,16 @@ def test_kernels_generate_the_reference_tokens(ckpt, tmp_path_factory, precision
     if precision != "fp16":
         assert launched > 0, "the quantized GEMMs never ran our kernels"
 
-    table, gemm_kernels._TABLE = gemm_kernels._TABLE, None  # the reference ops, same GPU
+    # the reference ops, same GPU, eager steps (decode graphs replay the kernels they
+    # captured; eager steps have the graphs' shapes, so only the GEMMs differ)
+    table, gemm_kernels._TABLE = gemm_kernels._TABLE, None
+    graphs, gpu.graphs = gpu.graphs, None
     try:
         ref_logits = gpu.score(ids)
         want = [c.token_ids for c in gpu.generate(PROMPTS, chat=True,
                                                   max_new_tokens=NEW_TOKENS)]
     finally:
-        gemm_kernels._TABLE = table
+        gemm_kernels._TABLE, gpu.graphs = table, graphs
     for a, b in zip(logits, ref_logits):
         assert torch.equal(a, b), (a.float() - b.float()).abs().max()
     assert got == want

@@ -1,7 +1,8 @@
 """qrun, qeval and qcompile from the command line: every error is one line on stderr that says
 what to do, with no traceback (a CUDA request on a CPU-only torch or a machine without a GPU,
 an unknown device, a missing artifact, bad sampling values, a bad text file, a bug); qeval
-scores any UTF-8 text and prints JSON for scripts; qrun streams the text generate() returns."""
+scores any UTF-8 text and prints JSON for scripts; qrun streams the text generate() returns;
+--no-cuda-graphs reaches Engine.load."""
 import json
 
 import pytest
@@ -98,6 +99,27 @@ def test_stream_prints_the_generated_text(artifact, capsys):
     want = Engine.load(artifact).generate(["import os"], max_new_tokens=8)[0].text
     assert run_main([str(artifact), "-p", "import os", "--max-new-tokens", "8", "--raw"]) == 0
     assert capsys.readouterr().out == want + "\n"
+
+
+@pytest.mark.parametrize("flags,want", [([], None), (["--no-cuda-graphs"], False)])
+def test_cuda_graphs_flag_reaches_the_engine(artifact, capsys, monkeypatch, flags, want):
+    """On cuda the engine captures decode graphs unless --no-cuda-graphs (a CUDA device is
+    faked: the spy loads the artifact on the CPU)."""
+    import qcompile.runtime.cli as cli
+    seen = []
+    load = Engine.load.__func__
+
+    def spy(cls, path, device, **kw):
+        seen.append((device, kw["cuda_graphs"]))
+        return load(cls, path, "cpu")
+    monkeypatch.setattr(cli, "parse_device", lambda text: torch.device("cuda"))
+    monkeypatch.setattr(Engine, "load", classmethod(spy))
+    assert run_main([str(artifact), "-p", "hi", "--max-new-tokens", "2", "--device", "cuda",
+                     *flags]) == 0
+    assert seen == [(torch.device("cuda"), want)]
+    assert eval_main([str(artifact), "--seqs", "1", "--seq-len", "8", "--json",
+                      "--device", "cuda"]) == 0
+    assert seen[1] == (torch.device("cuda"), False)  # qeval only scores: no graphs
 
 
 # ---- qeval -----------------------------------------------------------------------------

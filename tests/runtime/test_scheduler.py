@@ -1,21 +1,23 @@
 """runtime/kv_cache.py and runtime/scheduler.py: paged KV bookkeeping and continuous batching.
 
 PagedKVCache: reserve is all-or-nothing (OutOfKVBlocks changes nothing), free returns pages,
-slots are page * block_size + offset, block_table pads rows with page 0, write puts each record
-at its slot (checked in the tensor itself).
+the scratch page is never handed out, write puts each record at its slot (page * block_size +
+offset, from the flat batch builder; checked in the tensor itself).
 
 Scheduler, driven by a FAKE model the way engine.Engine.step drives it (no program): schedule(),
 then `computed = end` for every chunk, one token appended per sampling chunk, `finish()` at
 max_new_tokens. The fake model also stores a record (request id, position, token) for every
-token it computes through `cache.slots` / `cache.write`, and before each chunk reads the
-request's cached history back through `cache.block_table`: every earlier position must hold
+token it computes through the flat batch's slots and `cache.write`, and before each chunk reads
+the request's cached history back through its pages: every earlier position must hold
 that request's own record. Invariants checked on every step: the token budget, max_seqs, one
 chunk per request starting at its `computed`, pages of different requests disjoint and
 nothing leaked (owned + free == all pages), a preempted request is the youngest running one
 and goes to the front of the waiting queue with computed = 0. Scenarios: continuous batching
 (a request added while another decodes joins the same flat batch), chunked prefill under the
-token budget, and a tiny cache where requests are preempted yet all finish with exactly their
-tokens (identical to a run with a large cache) and every page is free at the end.
+token budget, a tiny cache where requests are preempted yet all finish with exactly their
+tokens (identical to a run with a large cache) and every page is free at the end, a preempted
+request recomputed in exactly the chunks of its first computation (prompt chunks, then one
+generated token per step), and abort from the queue or the batch.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pytest
 import torch
 
 from qcompile.compiler.capture import KVSpec
+from qcompile.runtime.flat_batch import Span, flat_batch
 from qcompile.runtime.kv_cache import OutOfKVBlocks, PagedKVCache
 from qcompile.runtime.sampler import SamplingParams
 from qcompile.runtime.scheduler import Request, Scheduler
@@ -72,36 +75,37 @@ def test_free_returns_pages_and_they_are_reused():
     assert c.free_blocks == 4 and c.tables == {}
 
 
-def test_slots_and_block_table():
+def test_pages_of_a_sequence_need_not_be_contiguous():
     c = _cache(8, block_size=4)
     c.reserve(7, 4)   # page 0
     c.reserve(8, 6)   # pages 1, 2
-    c.reserve(7, 10)  # pages 0, 3, 4: pages of a sequence need not be contiguous
-    assert c.tables[7] == [0, 3, 4]
-    assert c.slots(7, 0, 10) == [0, 1, 2, 3, 12, 13, 14, 15, 16, 17]
-    assert c.slots(8, 3, 6) == [7, 8, 9]
-    bt = c.block_table([8, 7, 42])
-    assert bt.dtype == torch.int32
-    assert bt.tolist() == [[1, 2, 0], [0, 3, 4], [0, 0, 0]]
-    assert c.block_table([42]).tolist() == [[0]]
+    c.reserve(7, 10)  # pages 0, 3, 4
+    assert c.tables == {7: [0, 3, 4], 8: [1, 2]}
+    assert c.scratch_page == 8 and c.tensor.shape[2] == 9  # never handed out
 
 
 def test_write_puts_records_at_slots():
     c = _cache(6, block_size=4, layers=2)
     c.reserve(1, 3)
     c.reserve(2, 7)
-    slots = c.slots(2, 2, 7) + c.slots(1, 0, 3)
+    slots = _slots(c, 2, 2, 7) + _slots(c, 1, 0, 3)
     t = len(slots)
     new = torch.randint(0, 256, (2, 2, t, 16), dtype=torch.uint8)
     c.write(new, torch.tensor(slots))
-    pages = c.tensor  # [L, 2, NB, BS, R]
-    assert pages.shape == (2, 2, 6, 4, 16)
-    written = torch.zeros(6, 4, dtype=torch.bool)
+    pages = c.tensor  # [L, 2, NB + scratch, BS, R]
+    assert pages.shape == (2, 2, 7, 4, 16)
+    written = torch.zeros(7, 4, dtype=torch.bool)
     for i, s in enumerate(slots):
         page, off = divmod(s, 4)
         assert torch.equal(pages[:, :, page, off], new[:, :, i])
         written[page, off] = True
     assert int(pages[:, :, ~written].count_nonzero()) == 0  # nothing else touched
+
+
+def _slots(c: PagedKVCache, seq_id: int, start: int, end: int) -> list[int]:
+    """Cache slots of positions start..end of seq_id, as the engine's flat batch has them."""
+    span = Span([0] * (end - start), start, c.tables[seq_id])
+    return flat_batch([span], c.block_size).slots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,16 +166,15 @@ class Driver:
     def _forward(self, chunks):
         """Check each chunk's cached history, then write its new records."""
         c = self.cache
-        table = c.block_table([ch.req.id for ch in chunks])
         flat = c.tensor.view(1, 2, -1, 16)
         recs, slots = [], []
-        for row, ch in enumerate(chunks):
+        for ch in chunks:
             for pos in range(ch.start):
-                slot = int(table[row, pos // c.block_size]) * c.block_size + pos % c.block_size
+                slot = c.tables[ch.req.id][pos // c.block_size] * c.block_size + pos % c.block_size
                 for kv in (0, 1):
                     assert torch.equal(flat[0, kv, slot], _record(ch.req, pos, kv)), \
                         f"request {ch.req.index} position {pos}: cache holds another record"
-            slots += c.slots(ch.req.id, ch.start, ch.end)
+            slots += _slots(c, ch.req.id, ch.start, ch.end)
             recs += [torch.stack([_record(ch.req, p, 0), _record(ch.req, p, 1)])
                      for p in range(ch.start, ch.end)]
         c.write(torch.stack(recs, dim=1)[None], torch.tensor(slots))
@@ -320,8 +323,50 @@ def test_preempted_request_resumes_first_and_recomputes():
 
     b_restart, c_start = first_step(b, start=0), first_step(c)
     assert b_restart <= c_start  # front of the queue: b is admitted no later than c
-    restart = next(x for x in d.steps[b_restart] if x[0] is b)
-    assert restart[2] == len(b.prompt) + len(out_at_preemption)  # whole history, one chunk
+    spans = [(st, e, smp) for step in d.steps for r, st, e, smp in step if r is b]
+    cut = [st for st, _, _ in spans].index(0, 1)  # the recomputation starts over
+    first, again = spans[:cut], spans[cut:]
+    # the same chunks as the first time: the prompt, then each generated token in a step of
+    # its own; only the chunk of the newest token samples again
+    history = len(b.prompt) + len(out_at_preemption) - 1
+    assert [(st, e) for st, e, _ in again[:len(first)]] == [(st, e) for st, e, _ in first]
+    assert [(st, e) for st, e, _ in first] == [(0, 4)] + [(p, p + 1) for p in range(4, history)]
+    assert [smp for _, e, smp in again if e <= history] == [False] * len(first)
     assert b.out[: len(out_at_preemption)] == out_at_preemption
     assert [r.out for r in (a, b, c)] == [_expected_out(a, 7), _expected_out(b, 6),
                                           _expected_out(c, 2)]
+
+
+def test_recomputation_repeats_the_prompt_chunks():
+    """A prompt first computed in budget-sized chunks beside a decoding request is recomputed
+    in those same chunks after a preemption, whatever budget is free then."""
+    d = Driver(num_blocks=16, max_batch_tokens=8)
+    a = d.add(3, 30, index=0)
+    d.step()
+    b = d.add(20, 3, index=1)
+    while len(b.out) < 2:
+        d.step()
+    assert b.prefill_ends == [7, 14, 20]
+    d.sched.preempt(b)
+    d.sched.finish(a, "length")  # the whole budget is free now
+    d.run()
+    spans = [(st, e) for step in d.steps for r, st, e, _ in step if r is b]
+    assert spans == [(0, 7), (7, 14), (14, 20), (20, 21), (0, 7), (7, 14), (14, 20), (20, 21),
+                     (21, 22)]
+    assert b.out == _expected_out(b, 3)
+
+
+def test_abort_from_the_batch_and_from_the_queue():
+    d = Driver(num_blocks=8, max_seqs=1)
+    a = d.add(5, 10, index=0)
+    b = d.add(3, 10, index=1)
+    d.step()
+    assert d.sched.running == [a] and list(d.sched.waiting) == [b]
+    d.sched.abort(b)  # waiting
+    d.sched.abort(a)  # running, holding pages
+    assert a.finish_reason == b.finish_reason == "abort"
+    assert not d.sched.has_work() and d.cache.free_blocks == 8 and d.cache.tables == {}
+    d.sched.abort(a)  # twice: harmless
+    c = d.add(4, 2, index=2)
+    d.run()
+    assert c.out == _expected_out(c, 2)

@@ -80,7 +80,7 @@ def test_bpe_merges_stream_to_decode(tiny_tokenizer):
 
 
 class _ScriptedEngine(Engine):
-    """Engine.stream over scripted tokens: _submit and _run replaced, no program."""
+    """Engine.stream over scripted tokens: _submit, _run and abort replaced, no program."""
 
     def __init__(self, tokenizer, outputs):
         self.tokenizer, self.outputs = tokenizer, outputs
@@ -95,7 +95,10 @@ class _ScriptedEngine(Engine):
                 if s < len(out):
                     req.out.append(out[s])
                     req.finish_reason = "length" if s == len(out) - 1 else None
-                    yield req, out[s]
+                    yield req, out[s], s == len(out) - 1
+
+    def abort(self, req):
+        assert req.finish_reason, "a finished stream aborts nothing that runs"
 
 
 def test_engine_stream_interleaves_requests_by_whole_characters(byte_tokenizer):
