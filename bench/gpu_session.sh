@@ -3,7 +3,8 @@
 # (gpu_kernels.sh), the GPU suite, bench/attention.py, Nsight Compute sections of the decode
 # kernels (int4 and fp16, 8B heads, batch 64, context 4096), then the engine decode step
 # (gpu_step.sh) and qbench. Everything lands in $OUT/session.tgz.
-#   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32)
+#   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32),
+#   BENCH="" (no attention bench), LATE_PYTEST (GPU tests run last, in the time left)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -13,7 +14,7 @@ stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 # every stage ends by DEADLINE s (default 540) so the archive is written inside the call's limit
 cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
 stamp kernels
-ONLY=attention PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=attention ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
+ONLY=attention PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
 if [ -z "${SKIP_STEP:-}" ]; then
@@ -37,6 +38,10 @@ if [ -z "${SKIP_NCU:-}" ] && command -v ncu > /dev/null; then
     echo "-- ncu $1 $2"
     grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|L2 Hit|Issue Slots|Warp Cycles Per Issued" "$OUT/ncu_attn_$1_$2.txt" | head -24
   done
+fi
+if [ -n "${LATE_PYTEST:-}" ]; then  # e.g. the engine's CUDA-graph tests, with what time is left
+  stamp late-pytest
+  timeout $(cap 600) python -m pytest -m gpu -q -rs -x $LATE_PYTEST 2>&1 | tee "$OUT/pytest_late.log" | tail -15
 fi
 stamp done
 # the device returns at most 8 files: everything in one archive
