@@ -61,7 +61,8 @@ def copy_bandwidth() -> float:
 
 
 def _cache(fmt, hkv, d, pages, gen):
-    """[2, pages, BS, R] uint8 of valid records (fp16 values / int4 codes with sane params)."""
+    """[2, pages, BS, R] uint8 pages of valid records (fp16 values / int4 codes with sane
+    params)."""
     r = kv_record_bytes(fmt, hkv, d, torch.float16)
     if fmt == "fp16":
         x = torch.randn(2, pages, BS, r // 2, device="cuda", dtype=torch.float16, generator=gen)
@@ -69,9 +70,22 @@ def _cache(fmt, hkv, d, pages, gen):
     cache = torch.randint(0, 256, (2, pages, BS, r), dtype=torch.uint8, device="cuda",
                           generator=gen)
     params = torch.tensor([0.25, -1.875], dtype=torch.float16, device="cuda").view(torch.uint8)
-    p0 = hkv * d // 2
-    cache[..., p0: p0 + 4 * hkv] = params.repeat(hkv)
+    pages_flat = cache.view(2, pages, BS * r)  # head-major pages (PageLayout): params after codes
+    p0 = hkv * BS * d // 2
+    pages_flat[..., p0: p0 + 4 * hkv * BS] = params.repeat(hkv * BS)
     return cache
+
+
+def _records(fmt, hkv, d, gen):
+    """[2, 1, R] one token's K and V records (token-major: codes, then params)."""
+    r = kv_record_bytes(fmt, hkv, d, torch.float16)
+    if fmt == "fp16":
+        x = torch.randn(2, 1, r // 2, device="cuda", dtype=torch.float16, generator=gen)
+        return x.view(torch.uint8)
+    rec = torch.randint(0, 256, (2, 1, r), dtype=torch.uint8, device="cuda", generator=gen)
+    params = torch.tensor([0.25, -1.875], dtype=torch.float16, device="cuda").view(torch.uint8)
+    rec[..., hkv * d // 2: hkv * d // 2 + 4 * hkv] = params.repeat(hkv)
+    return rec
 
 
 def _batch(fmt, b, ctx, new, hq, hkv, d, gen):
@@ -81,7 +95,7 @@ def _batch(fmt, b, ctx, new, hq, hkv, d, gen):
     tables = torch.randperm(b * per, device="cuda", generator=gen).int().reshape(b, per)
     t = b * new
     q = torch.randn(t, hq, d, device="cuda", dtype=torch.float16, generator=gen)
-    kv_new = _cache(fmt, hkv, d, 1, gen).reshape(2, BS, -1)[:, :1].expand(2, t, -1).contiguous()
+    kv_new = _records(fmt, hkv, d, gen).expand(2, t, -1).contiguous()
     ctx_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     starts = torch.arange(0, t + 1, new, dtype=torch.int32, device="cuda")
     return q, kv_new, cache, tables, ctx_lens, starts

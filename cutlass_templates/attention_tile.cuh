@@ -110,25 +110,36 @@ __device__ __forceinline__ int o_dim(int j, int c) {
   return INT4 ? c * (D / 8) + 2 * (j >> 1) + (j & 1) : 8 * j + c;
 }
 
-// Where the sequence's key t lives: a cache page (t < ctx) or this step's records.
+// Where the sequence's key t lives: a cache page (t < ctx) or this step's records. Pages are
+// head-major (runtime/ops/kv.py PageLayout): in page pg, kv head h's token slot o has its codes
+// (or fp16 values) at pg * BS * R + (h * BS + o) * HEAD_BYTES and (int4) its (scale, min) at
+// pg * BS * R + Hkv * BS * HEAD_BYTES + (h * BS + o) * 4; a record of kv_new is [Hkv][HEAD_BYTES]
+// then [Hkv][4]. K and V planes are v_step(t) bytes apart.
 struct KeySource {
   const uint8_t* cache;
   const uint8_t* kv_new;
   const int* table;
-  int ctx, nb, bs, bs_shift, r, t_total, new0;  // bs_shift = log2(bs), or -1
+  int ctx, nb, bs, bs_shift, r, t_total, new0, hkv, h;  // bs_shift = log2(bs), or -1
 
   // Cache page of key t (a block-table read; 0 for a new key, which needs none).
   __device__ __forceinline__ int page(int t) const {
     if (t >= ctx) return 0;
     return __ldg(table + (bs_shift >= 0 ? t >> bs_shift : t / bs));
   }
-  // K record of key t on page pg; its V record is v_step(t) bytes further.
-  __device__ __forceinline__ const uint8_t* k_record(int t, int pg) const {
+  // K codes (fp16: values) of key t on page pg, and its int4 (scale, min) pair.
+  __device__ __forceinline__ const uint8_t* codes(int t, int pg) const {
     if (t < ctx) {
       const int off = bs_shift >= 0 ? t & (bs - 1) : t % bs;
-      return cache + ((size_t)pg * bs + off) * r;
+      return cache + (size_t)pg * bs * r + (size_t)(h * bs + off) * HEAD_BYTES;
     }
-    return kv_new + (size_t)(new0 + t - ctx) * r;
+    return kv_new + (size_t)(new0 + t - ctx) * r + h * HEAD_BYTES;
+  }
+  __device__ __forceinline__ const uint8_t* params(int t, int pg) const {
+    if (t < ctx) {
+      const int off = bs_shift >= 0 ? t & (bs - 1) : t % bs;
+      return cache + (size_t)pg * bs * r + (size_t)hkv * bs * HEAD_BYTES + (h * bs + off) * 4;
+    }
+    return kv_new + (size_t)(new0 + t - ctx) * r + hkv * HEAD_BYTES + 4 * h;
   }
   __device__ __forceinline__ size_t v_step(int t) const {
     return (size_t)(t < ctx ? nb * bs : t_total) * r;
@@ -158,20 +169,21 @@ __device__ __forceinline__ void fetch_pages(int (&pg)[KEYS_PER_THREAD<S>], const
 template <class S>
 __device__ __forceinline__ void load_tile(uint8_t* st, const KeySource& src,
                                           const int (&pg)[KEYS_PER_THREAD<S>], int t0, int t_end,
-                                          int hkv, int h, int tid) {
+                                          int tid) {
   const int part = tid % CHUNKS;
 #pragma unroll
   for (int j = 0; j < KEYS_PER_THREAD<S>; ++j) {
     const int key = tid / CHUNKS + j * (THREADS / CHUNKS), t = t0 + key;
     const bool ok = t < t_end;
-    const uint8_t* kr = ok ? src.k_record(t, pg[j]) : src.cache;
-    const uint8_t* vr = ok ? kr + src.v_step(t) : src.cache;
-    cp_async(st + S::K_OFF + key * K_STRIDE + part * 16, kr + h * HEAD_BYTES + part * 16, ok, 16);
-    cp_async(st + S::V_OFF + key * V_STRIDE + part * 16, vr + h * HEAD_BYTES + part * 16, ok, 16);
+    const uint8_t* kc = ok ? src.codes(t, pg[j]) : src.cache;
+    const size_t vs = ok ? src.v_step(t) : 0;
+    cp_async(st + S::K_OFF + key * K_STRIDE + part * 16, kc + part * 16, ok, 16);
+    cp_async(st + S::V_OFF + key * V_STRIDE + part * 16, kc + vs + part * 16, ok, 16);
     if constexpr (INT4) {
       if (part == 0) {
-        cp_async(st + S::KP_OFF + 4 * key, kr + hkv * (D / 2) + 4 * h, ok, 4);
-        cp_async(st + S::VP_OFF + 4 * key, vr + hkv * (D / 2) + 4 * h, ok, 4);
+        const uint8_t* kp = ok ? src.params(t, pg[j]) : src.cache;
+        cp_async(st + S::KP_OFF + 4 * key, kp, ok, 4);
+        cp_async(st + S::VP_OFF + 4 * key, kp + vs, ok, 4);
       }
     }
   }

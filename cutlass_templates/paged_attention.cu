@@ -9,6 +9,9 @@
 //   and attends causally to its ctx cached tokens (pages) then its own new tokens (kv_new).
 //   Records (R bytes per token, every kv head): fp16 = [Hkv, D] halves; int4 = [Hkv, D/2]
 //   codes (low nibble = even d), then [Hkv] (scale, min) fp16 pairs; x = code * scale + min.
+//   A page holds its BS records head-major (runtime/ops/kv.py PageLayout): [Hkv][BS] codes
+//   (or halves), then [Hkv][BS] pairs, so a CTA reads one contiguous run of its kv head per
+//   page; kv_new stays token-major.
 //
 // Work: a CTA is (block of ROWS query rows of one sequence, kv head h, key split z). A query
 // row is (new token i, query head g of the group): rows of one sequence are numbered
@@ -164,7 +167,7 @@ __device__ Block find_block(const Args& p, int G) {
 // Block-table entries are read one tile ahead of their copies (fetch_pages).
 template <class S, class F>
 __device__ __forceinline__ void run_tiles(uint8_t* smem, const KeySource& src, int k_begin,
-                                          int k_end, int hkv, int h, int tid, F&& compute) {
+                                          int k_end, int tid, F&& compute) {
   constexpr int TN = S::TN;
   const int tiles = k_end > k_begin ? (k_end - k_begin + TN - 1) / TN : 0;
   int pg[KEYS_PER_THREAD<S>];
@@ -172,7 +175,7 @@ __device__ __forceinline__ void run_tiles(uint8_t* smem, const KeySource& src, i
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < tiles) {
       fetch_pages<S>(pg, src, k_begin + i * TN, k_end, tid);
-      load_tile<S>(smem + i * S::BYTES, src, pg, k_begin + i * TN, k_end, hkv, h, tid);
+      load_tile<S>(smem + i * S::BYTES, src, pg, k_begin + i * TN, k_end, tid);
     }
     cp_commit();
   }
@@ -182,8 +185,7 @@ __device__ __forceinline__ void run_tiles(uint8_t* smem, const KeySource& src, i
     __syncthreads();
     const int nxt = i + STAGES - 1;
     if (nxt < tiles) {
-      load_tile<S>(smem + (nxt % STAGES) * S::BYTES, src, pg, k_begin + nxt * TN, k_end, hkv, h,
-                   tid);
+      load_tile<S>(smem + (nxt % STAGES) * S::BYTES, src, pg, k_begin + nxt * TN, k_end, tid);
       fetch_pages<S>(pg, src, k_begin + (nxt + 1) * TN, k_end, tid);
     }
     cp_commit();
@@ -260,8 +262,8 @@ __device__ __forceinline__ void attention(const Args& p) {
 
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
-                      p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0};
-  run_tiles<S>(smem, src, k_begin, k_end, p.Hkv, h, tid, [&](const uint8_t* stage, int key0) {
+                      p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0, p.Hkv, h};
+  run_tiles<S>(smem, src, k_begin, k_end, tid, [&](const uint8_t* stage, int key0) {
     const int k0 = SPLIT_WARPS ? 8 * NT * warp : 0;
     float s[NT][4];
     qk<NT>(st, stage + S::K_OFF, k0, lane, s);
@@ -365,8 +367,8 @@ __device__ __forceinline__ void attention_kt(const Args& p) {
 
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
-                      p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0};
-  run_tiles<S>(smem, src, k_begin, k_end, p.Hkv, h, tid, [&](const uint8_t* stage, int key0) {
+                      p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0, p.Hkv, h};
+  run_tiles<S>(smem, src, k_begin, k_end, tid, [&](const uint8_t* stage, int key0) {
     float s[4];
     qk_t(st, stage + S::K_OFF, 16 * warp, lane, s);
     softmax_pv_t<S>(st, stage, 16 * warp, key0, p.scale_log2, lane, s);

@@ -29,6 +29,7 @@ from .cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
 from .detokenize import IncrementalDecoder
 from .flat_batch import Span, flat_batch
 from .kv_cache import PagedKVCache
+from .ops.kv import PageLayout
 from .sampler import SamplingParams, sample_rows
 from .scheduler import Chunk, Request, Scheduler
 from .step_buffers import SamplingRows, StepBuffers, StepInputs
@@ -89,7 +90,9 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(Path(art.path) / "tokenizer")
         kv = art.manifest["kv"]
         spec = KVSpec(kv["format"], kv["num_layers"], kv["block_size"], kv["record_bytes"])
-        cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device)
+        layout = PageLayout.of(kv["format"], art.model.num_kv_heads, art.model.head_dim,
+                               art.compile.torch_dtype)
+        cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device, layout)
         if device.type == "cuda" and art.manifest["kernels"]:
             from . import attention_kernels, gemm_kernels
             attention_kernels.enable(gemm_kernels.enable(art.path / "kernels" / art.compile.target))

@@ -1,7 +1,8 @@
 """Paged KV cache: one uint8 tensor [L, 2, NB + 1, BS, R] and the bookkeeping of its pages.
 
-Sequences own lists of pages; a step's new records ([L, 2, T, R] from the program) land with
-one index_copy_ at their slots (page * BS + offset), slots given as a device tensor, so the
+Sequences own lists of pages; a step's new records ([L, 2, T, R] from the program) land at
+their slots (page * BS + offset) in the pages' head-major order (`PageLayout`: one index_put_
+for the codes or values, one for int4 parameters), slots given as a device tensor, so the
 write needs no host synchronisation and a CUDA graph can capture it. Allocation is
 all-or-nothing so the scheduler can preempt cleanly when pages run out. The page after the
 NB that sequences get is the scratch page: padding rows of a bucketed decode step (CUDA
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.compiler.capture import KVSpec
+from qcompile.runtime.ops.kv import PageLayout
 
 
 class OutOfKVBlocks(RuntimeError):
@@ -19,8 +21,8 @@ class OutOfKVBlocks(RuntimeError):
 
 
 class PagedKVCache:
-    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device):
-        self.spec, self.num_blocks, self.device = spec, num_blocks, device
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device, layout: PageLayout):
+        self.spec, self.num_blocks, self.device, self.layout = spec, num_blocks, device, layout
         self.tensor = spec.empty(num_blocks + 1, device)  # + the scratch page
         self.scratch_page = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low pages first
@@ -59,5 +61,4 @@ class PagedKVCache:
 
     def write(self, new_kv: torch.Tensor, slots: torch.Tensor) -> None:
         """new_kv [L, 2, T, R] -> pages at slots [T] (int64, on the cache's device)."""
-        flat = self.tensor.view(self.spec.num_layers, 2, -1, self.spec.record_bytes)
-        flat.index_copy_(2, slots, new_kv)
+        self.layout.to_pages(self.tensor, new_kv, slots)

@@ -12,27 +12,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kv import CODECS
+from .kv import CODECS, PageLayout
 
 
-def _gather_past(kv_cache, table, ctx: int) -> torch.Tensor:
-    """[2, NB, BS, R] pages -> [2, ctx, R] records of one sequence, in order."""
+def _gather_past(kv_cache, table, ctx: int, layout: PageLayout) -> torch.Tensor:
+    """[2, NB, BS, R] pages (head-major, see PageLayout) -> [2, ctx, R] records of one
+    sequence, in order."""
     bs = kv_cache.shape[2]
     blocks = table[: -(-ctx // bs)].long()
-    return kv_cache[:, blocks].reshape(2, -1, kv_cache.shape[-1])[:, :ctx]
+    return layout.from_pages(kv_cache[:, blocks])[:, :ctx]
 
 
 def paged_attention_ref(fmt: str, q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
                         num_kv_heads: int, scale: float) -> torch.Tensor:
     decode = CODECS[fmt][1]
     t, hq, d = q.shape
+    layout = PageLayout.of(fmt, num_kv_heads, d, q.dtype)
     out = torch.empty_like(q)
     starts, ctxs = query_start.tolist(), ctx_lens.tolist()
     for b, ctx in enumerate(ctxs):
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        recs = torch.cat([_gather_past(kv_cache, block_tables[b], ctx), kv_new[:, lo:hi]], dim=1)
+        recs = torch.cat([_gather_past(kv_cache, block_tables[b], ctx, layout), kv_new[:, lo:hi]], dim=1)
         kv = decode(recs, num_kv_heads, d, q.dtype).float()  # [2, ctx + n, Hkv, D]
         k, v = (x.transpose(0, 1).repeat_interleave(hq // num_kv_heads, dim=0) for x in kv)
         qb = q[lo:hi].float().transpose(0, 1)  # [Hq, n, D]

@@ -1,8 +1,15 @@
-"""KV-cache record formats: what one token's keys (or values) look like in a cache page.
+"""KV-cache record formats: what one token's keys (or values) look like, and how a cache page
+holds them.
 
-A record holds all KV heads of one token as bytes, so the cache is one uint8 tensor
-[L, 2, num_blocks, block_size, R] whatever the format, the graph's signature does not change
-with `--kv`, and the runtime writes a step's new records with one index_copy_.
+A record holds all KV heads of one token as bytes (what the graph's encode op returns for a
+step's new tokens), and a page holds BS records' bytes, so the cache is one uint8 tensor
+[L, 2, num_blocks, block_size, R] whatever the format and the graph's signature does not
+change with `--kv`. Inside a page the bytes are head-major (`PageLayout`): the BS tokens of
+kv head 0, then head 1, ..., then (int4) the (scale, min) pairs in the same order, so the
+attention kernel's CTA for one kv head reads one contiguous run per page (1 KiB of int4 K
+codes for D = 128, BS = 16) and one run of its parameters, instead of 64 bytes out of every
+544-byte record and a 4-byte pair from a sector seven other CTAs also read (measured L2-bound,
+`bench/results/attention-h100-2026-12-06b.md`).
 
 | format | record layout (R bytes, padded to 16 for 128-bit loads) |
 |---|---|
@@ -14,6 +21,8 @@ s = (max - min) / 15 and m = min, both rounded to fp16; q = clamp(round((x - m) 
 x' = q * s + m.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -72,6 +81,66 @@ def decode_int4(rec: torch.Tensor, h: int, d: int, dtype: torch.dtype) -> torch.
 
 
 CODECS = {"fp16": (encode_float, decode_float), "int4": (encode_int4, decode_int4)}
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Head-major bytes of a page [BS, R]:
+
+    | bytes of the page | holds |
+    |---|---|
+    | [0, H * BS * HB) | [H, BS, HB]: head h, token slot o: its codes (int4) or values |
+    | [H * BS * HB, + H * BS * PB) | [H, BS, PB]: int4 (scale, min) fp16 pairs (PB = 4) |
+    | rest | zero padding (R is a multiple of 16) |
+
+    A record (the encoders' [T, R]) is [H, HB] then [H, PB]; `to_pages` / `from_pages` move
+    records between the two orders."""
+    num_kv_heads: int
+    head_bytes: int   # HB: one (token, head)'s codes or values
+    param_bytes: int  # PB: int4 4 (fp16 scale, fp16 min); fp16 0
+
+    @classmethod
+    def of(cls, fmt: str, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> "PageLayout":
+        if fmt == "fp16":
+            return cls(num_kv_heads, head_dim * dtype.itemsize, 0)
+        if fmt == "int4":
+            return cls(num_kv_heads, head_dim // 2, 4)
+        raise ValueError(f"unknown KV format {fmt!r}; expected fp16 or int4")
+
+    def _regions(self, x: torch.Tensor, bs: int):
+        """x [..., BS * R] page bytes -> views [..., H, BS, HB] and [..., H, BS, PB] (or None)."""
+        h, hb, pb = self.num_kv_heads, self.head_bytes, self.param_bytes
+        lead = x.shape[:-1]
+        codes = x[..., : h * bs * hb].view(*lead, h, bs, hb)
+        params = x[..., h * bs * hb: h * bs * (hb + pb)].view(*lead, h, bs, pb) if pb else None
+        return codes, params
+
+    def to_pages(self, cache: torch.Tensor, recs: torch.Tensor, slots: torch.Tensor) -> None:
+        """cache [..., NB, BS, R] <- recs [..., T, R] at slots [T] (page * BS + offset), in
+        place; device indices only (no host synchronisation, CUDA-graph capturable)."""
+        *lead, nb, bs, r = cache.shape
+        h, hb, pb = self.num_kv_heads, self.head_bytes, self.param_bytes
+        codes, params = self._regions(cache.view(*lead, nb, bs * r), bs)
+        page, off = slots // bs, slots % bs
+        n = len(lead)
+        idx = (slice(None),) * n + (page, slice(None), off)
+        # advanced indices split by a slice: the indexed view is [T, *lead, H, HB]
+        perm = (n, *range(n), n + 1, n + 2)
+        codes[idx] = recs[..., : h * hb].unflatten(-1, (h, hb)).permute(perm)
+        if params is not None:
+            params[idx] = recs[..., h * hb: h * (hb + pb)].unflatten(-1, (h, pb)).permute(perm)
+
+    def from_pages(self, pages: torch.Tensor) -> torch.Tensor:
+        """pages [..., n, BS, R] -> their records [..., n * BS, R] in token order."""
+        *lead, n, bs, r = pages.shape
+        h, hb, pb = self.num_kv_heads, self.head_bytes, self.param_bytes
+        codes, params = self._regions(pages.reshape(*lead, n, bs * r), bs)
+        parts = [codes.transpose(-3, -2).reshape(*lead, n * bs, h * hb)]
+        if params is not None:
+            parts.append(params.transpose(-3, -2).reshape(*lead, n * bs, h * pb))
+        used = h * (hb + pb)
+        parts.append(pages.new_zeros(*lead, n * bs, r - used))
+        return torch.cat(parts, dim=-1)
 
 
 def _encode_pair(fmt: str, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 from qcompile.compiler.capture import KVSpec
 from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import load_checkpoint
+from qcompile.runtime.ops.kv import PageLayout
 
 CASES = [("llama", dict(tie=True)), ("llama", dict(tie=False, llama3_rope=True)),
          ("mistral", {}), ("qwen2", {})]
@@ -21,11 +22,10 @@ def _run(dec, cache, ids, start, table):
     return logits, kv
 
 
-def _write(cache, kv, table, start):
+def _write(cache, kv, table, start, layout):
     bs = cache.shape[3]
-    for i in range(kv.shape[2]):
-        p = start + i
-        cache[:, :, table[p // bs], p % bs] = kv[:, :, i]
+    pos = torch.arange(start, start + kv.shape[2])
+    layout.to_pages(cache, kv, torch.tensor(table)[pos // bs] * bs + pos % bs)
 
 
 @pytest.mark.parametrize("model_type,opts", CASES, ids=lambda c: str(c))
@@ -38,17 +38,19 @@ def test_decoder_matches_transformers(make_tiny_checkpoint, model_type, opts):
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
         spec = KVSpec.of(ckpt.config, "fp16", 16, torch.float32)
+        layout = PageLayout.of("fp16", ckpt.config.num_kv_heads, ckpt.config.head_dim,
+                               torch.float32)
         cache = spec.empty(8)
         table = [6, 1, 3]  # scattered, out-of-order pages
         full, _ = _run(dec, cache, ids.tolist(), 0, table)
         # the same tokens as a prefill chunk of 21, then 19 one-token decode steps
         got = []
         logits, kv = _run(dec, cache, ids[:21].tolist(), 0, table)
-        _write(cache, kv, table, 0)
+        _write(cache, kv, table, 0, layout)
         got.append(logits)
         for p in range(21, 40):
             logits, kv = _run(dec, cache, [int(ids[p])], p, table)
-            _write(cache, kv, table, p)
+            _write(cache, kv, table, p, layout)
             got.append(logits)
     rel = (full - ref).norm() / ref.norm()
     assert rel < 1e-5, f"prefill logits differ from transformers: relative error {rel:.2e}"

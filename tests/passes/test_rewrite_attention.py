@@ -12,7 +12,7 @@ from qcompile.passes.base import call_targets, run_pass
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.rewrite_attention import rewrite_attention
 from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS, kv_record_bytes
-from qcompile.runtime.ops.kv import decode_float, decode_int4
+from qcompile.runtime.ops.kv import PageLayout, decode_float, decode_int4
 
 BLOCK = 16
 # Logits of int4-KV against fp16-KV (here: fp32 records), relative L2 over all calls. Rounding
@@ -55,7 +55,8 @@ def _serve(low, cfg, fmt, dtype, prompts, steps):
         first_kv = new_kv if first_kv is None else first_kv
         # Store each token's record at (page of its position, offset in the page).
         seq = torch.repeat_interleave(torch.arange(b), torch.tensor(lens))
-        cache[:, :, tables[seq, positions // BLOCK].long(), positions % BLOCK] = new_kv
+        slots = tables[seq, positions // BLOCK].long() * BLOCK + positions % BLOCK
+        PageLayout.of(fmt, cfg.num_kv_heads, cfg.head_dim, dtype).to_pages(cache, new_kv, slots)
         logits.append(out)
         ctx = [c + n for c, n in zip(ctx, lens)]
         calls = [torch.randint(0, cfg.vocab_size, (1,), generator=gen) for _ in range(b)]

@@ -15,6 +15,7 @@ import torch
 from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, AttnConfig
 from qcompile.runtime.ops import KV_ENCODE_OPS, kv_record_bytes
 from qcompile.runtime.ops.attention import paged_attention_ref
+from qcompile.runtime.ops.kv import PageLayout
 
 pytestmark = pytest.mark.gpu
 
@@ -47,8 +48,9 @@ def make_batch(fmt, hq, hkv, d, seqs, seed=0, extra_pages=5):
             k = torch.randn(ctx, hkv, d, generator=g).half()
             v = torch.randn(ctx, hkv, d, generator=g).half()
             recs = KV_ENCODE_OPS[fmt](k, v)
-            for t in range(ctx):
-                cache[:, own[t // BS], t % BS] = recs[:, t]
+            pos = torch.arange(ctx)
+            slots = torch.tensor(own, dtype=torch.long)[pos // BS] * BS + pos % BS
+            PageLayout.of(fmt, hkv, d, torch.float16).to_pages(cache, recs, slots)
     t_new = sum(n for _, n in seqs)
     q = torch.randn(t_new, hq, d, generator=g).half()
     kv_new = KV_ENCODE_OPS[fmt](torch.randn(t_new, hkv, d, generator=g).half(),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS, kv_record_bytes
+from qcompile.runtime.ops.kv import PageLayout
 
 HQ, HKV, D, BS, NB = 4, 2, 16, 4, 8
 SCALE = 1 / math.sqrt(D)
@@ -198,9 +199,11 @@ class Seq:
         self.fmt, self.dtype = fmt, dtype
 
     def store(self, cache):
+        """The records into their pages, head-major (PageLayout), as the runtime writes them."""
         assert len(self.table) * BS >= self.ctx
-        for p in range(self.ctx):
-            cache[:, self.table[p // BS], p % BS] = self.recs[:, p]
+        pos = torch.arange(self.ctx)
+        slots = torch.tensor(self.table, dtype=torch.long)[pos // BS] * BS + pos % BS
+        PageLayout.of(self.fmt, HKV, D, self.dtype).to_pages(cache, self.recs[:, :self.ctx], slots)
 
     def decoded(self):
         """K/V as the cache holds them (int4: after quantization), in self.dtype."""
@@ -330,3 +333,29 @@ def test_attention_fake_and_opcheck(fmt):
         fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         out = ATTENTION_OPS[fmt](*fake)
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int4"])
+def test_pages_are_head_major(fmt):
+    """What the CUDA kernel reads: in a page, head h's token slot o at (h * BS + o) * HB, then
+    (int4) its (scale, min) pair at H * BS * HB + (h * BS + o) * 4; records round-trip."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, HKV, D, generator=gen).half()
+    recs = torch.stack([_encode(fmt, x[0], x[1])] * 2)  # [L=2, 2, 5, R]
+    r = recs.shape[-1]
+    cache = torch.zeros(2, 2, NB, BS, r, dtype=torch.uint8)
+    slots = torch.tensor([4 * BS + 1, 2 * BS, 2 * BS + 3, 7 * BS + 2, 0])
+    lay = PageLayout.of(fmt, HKV, D, torch.float16)
+    lay.to_pages(cache, recs, slots)
+    hb, pb = lay.head_bytes, lay.param_bytes
+    for t, s in enumerate(slots.tolist()):
+        page = cache[1, 0, s // BS].reshape(-1)
+        for h in range(HKV):
+            at = (h * BS + s % BS) * hb
+            assert torch.equal(page[at: at + hb], recs[1, 0, t, h * hb: (h + 1) * hb])
+            if pb:
+                at = HKV * BS * hb + (h * BS + s % BS) * pb
+                assert torch.equal(page[at: at + pb], recs[1, 0, t, HKV * hb + h * pb:][:pb])
+    back = lay.from_pages(cache[:, :, slots // BS])  # [2, 2, 5 * BS, R]
+    rows = torch.arange(5) * BS + slots % BS
+    assert torch.equal(back[:, :, rows], recs)

@@ -27,6 +27,7 @@ import torch
 from qcompile.compiler.capture import KVSpec
 from qcompile.runtime.flat_batch import Span, flat_batch
 from qcompile.runtime.kv_cache import OutOfKVBlocks, PagedKVCache
+from qcompile.runtime.ops.kv import PageLayout
 from qcompile.runtime.sampler import SamplingParams
 from qcompile.runtime.scheduler import Request, Scheduler
 
@@ -34,7 +35,8 @@ CPU = torch.device("cpu")
 
 
 def _cache(num_blocks: int, block_size: int = 4, layers: int = 2) -> PagedKVCache:
-    return PagedKVCache(KVSpec("fp16", layers, block_size, 16), num_blocks, CPU)
+    return PagedKVCache(KVSpec("fp16", layers, block_size, 16), num_blocks, CPU,
+                        PageLayout(1, 16, 0))  # one head of 8 fp16 values: R = 16
 
 
 # ---------------------------------------------------------------------------------------------
