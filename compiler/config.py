@@ -1,8 +1,8 @@
 """The one frozen configuration of a compile: CLI flags are generated from its fields and the
 artifact stores it, so the two cannot drift.
 
-`QuantScheme` is the hashable key of every coverage table (weight formats, GEMM ops,
-activation quantizers). Adding a format adds rows, not branches.
+`QuantScheme` is the hashable key of every coverage table; each scheme is one row of
+compiler/schemes.py, from which PRECISIONS and the other tables are derived.
 """
 from __future__ import annotations
 
@@ -11,36 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass(frozen=True)
-class QuantScheme:
-    weight_bits: int
-    act_bits: int
-    group_size: int | None  # None: one scale per output channel
-    symmetric: bool
-
-    @property
-    def name(self) -> str:
-        g = f"-g{self.group_size}" if self.group_size else ""
-        return f"w{self.weight_bits}a{self.act_bits}{g}"
-
-
-W8A8 = QuantScheme(8, 8, None, True)
-W4A8 = QuantScheme(4, 8, None, False)
-W4A8_G128 = QuantScheme(4, 8, 128, False)
-W4A8_G64 = QuantScheme(4, 8, 64, False)
-# Weight-only baseline (AWQ/GPTQ-style): activations stay in the program dtype (act_bits 16).
-W4A16_G128 = QuantScheme(4, 16, 128, False)
+from .schemes import (SCHEMES, W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8,  # noqa: F401
+                      QuantScheme)
 
 # --precision value -> weight/activation scheme (None: keep floating-point linears).
-PRECISIONS: dict[str, QuantScheme | None] = {
-    "fp16": None,
-    "w8a8": W8A8,
-    "w4a8": W4A8,
-    "w4a8-g128": W4A8_G128,
-    "w4a8-g64": W4A8_G64,
-    "w4a16-g128": W4A16_G128,
-}
+PRECISIONS: dict[str, QuantScheme | None] = {s.precision: s.scheme for s in SCHEMES}
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
 QOQ_STEPS = ("rotate", "smooth_attention", "smoothquant", "smooth", "reorder", "clip", "gptq")

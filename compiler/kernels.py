@@ -1,6 +1,6 @@
 """The kernels a lowered graph needs, built for the artifact's target.
 
-Every quantized GEMM node gives (kind, N, K); each needs the kernels that selection can pick
+Every quantized GEMM node whose scheme row has kernels gives (kind, N, K); each needs the kernels that selection can pick
 for it at any M on the target (`kernels_for`), because M (tokens per step) is only known at
 run time. Every paged attention node with float16 activations needs the attention binary of
 its KV format and head dim (decode, prefill, merge and the KV encode).
@@ -14,18 +14,10 @@ import torch
 from torch import fx
 
 import qcompile.runtime.ops  # noqa: F401  (registers torch.ops.qcompile)
+from qcompile.compiler.schemes import WITH_KERNELS, spec_of_call
 from qcompile.cutlass_templates.attention_configs import HEAD_DIMS, KIND_OF_FORMAT, AttnConfig
 from qcompile.cutlass_templates.configs import kernels_for
 from qcompile.runtime.ops import ATTENTION_OPS
-
-# op -> kernel kind. `qcompile::gemm_w4a16` (the weight-only baseline) is deliberately absent:
-# it has no kernel and runs its reference on every device, so it asks for nothing here and
-# runtime/gemm_kernels.py registers no CUDA implementation for it (no fallback is counted).
-_OPS = {
-    torch.ops.qcompile.gemm_w8a8.default: lambda a: "w8a8",
-    torch.ops.qcompile.gemm_w4a8.default: lambda a: "w4a8",
-    torch.ops.qcompile.gemm_w4a8_group.default: lambda a: f"w4a8_g{a['group_size']}",
-}
 
 
 def _named_args(node: fx.Node) -> dict:
@@ -33,13 +25,20 @@ def _named_args(node: fx.Node) -> dict:
     return {**dict(zip(names, node.args)), **node.kwargs}
 
 
+_GEMM_OPS = {s.op for s in WITH_KERNELS}
+
+
 def gemm_shapes(gm: fx.GraphModule) -> list[tuple[str, int, int]]:
-    """(kind, N, K) of every quantized GEMM in the graph, sorted, without repeats."""
+    """(kind, N, K) of every GEMM in the graph that has kernels (its scheme row's kernel kind;
+    a row without kernels, such as the weight-only W4A16 baseline, runs its reference on every
+    device and asks for nothing here), sorted, without repeats."""
     shapes = set()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _OPS:
+        if node.op == "call_function" and node.target in _GEMM_OPS:
             args = _named_args(node)
-            shapes.add((_OPS[node.target](args), args["n"], args["xq"].meta["val"].shape[-1]))
+            spec = spec_of_call(node.target, args)
+            if spec is not None and spec.kernel is not None:
+                shapes.add((spec.kernel.kind, args["n"], args["xq"].meta["val"].shape[-1]))
     return sorted(shapes)
 
 

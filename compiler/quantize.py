@@ -1,17 +1,20 @@
 """Round-to-nearest weight quantization, exactly as DESIGN.md's Numerics.
 
-Each function takes a float weight [N, K] and returns integer codes and scales in the
-logical (unpacked) order; packing into a kernel layout is the layout module's job.
+Each function takes a float weight [N, K] and returns codes and scales in the logical
+(unpacked) order; packing into a kernel layout is the layout module's job. Which quantizer and
+container a scheme uses is its row in compiler/schemes.py.
 QoQ (rotation, smoothing, clipping) changes the weights before these run; the rounding
 contract stays the same.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import QuantScheme
+if TYPE_CHECKING:
+    from .schemes import QuantScheme
 
 PROTECTIVE_RANGE = 119  # level-1 INT8 range of progressive group quantization
 
@@ -21,12 +24,18 @@ class W8Weights:
     q: torch.Tensor      # [N, K] int8 in [-127, 127]
     scale: torch.Tensor  # [N] float32
 
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
 
 @dataclass
 class W4Weights:
     q: torch.Tensor      # [N, K] uint8 in [0, 15]
     scale: torch.Tensor  # [N] float32, s_w
     zero: torch.Tensor   # [N] float32, integer-valued zero point z
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q.float() - self.zero[:, None]) * self.scale[:, None]
 
 
 @dataclass
@@ -37,6 +46,10 @@ class W4GroupWeights:
     z2: torch.Tensor     # [N, K/g] uint8 in [0, 15], level-2 integer zero
     group_size: int
 
+    def dequantize(self) -> torch.Tensor:
+        s2, z2 = (_per_column(t, self) for t in (self.s2, self.z2))
+        return (self.q.float() - z2) * s2 * self.s1[:, None]
+
 
 @dataclass
 class W4FloatGroupWeights:
@@ -45,6 +58,15 @@ class W4FloatGroupWeights:
     scale: torch.Tensor  # [N, K/g] float16 (the stored scale; codes are rounded against it)
     zero: torch.Tensor   # [N, K/g] uint8 in [0, 15], integer zero point
     group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        s, z = (_per_column(t, self) for t in (self.scale, self.zero))
+        return (self.q.float() - z) * s
+
+
+def _per_column(t: torch.Tensor, qw) -> torch.Tensor:
+    """[N, K/g] per-group values -> [N, K] float32 (column k takes group k // g)."""
+    return t.float().repeat_interleave(qw.group_size, dim=1)[:, :qw.q.shape[1]]
 
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
@@ -112,26 +134,11 @@ def quantize_w4_group_fp(w: torch.Tensor, group_size: int) -> W4FloatGroupWeight
 
 
 def dequantize(qw) -> torch.Tensor:
-    """Float weight [N, K] the integer weights stand for (for tests and fake quant)."""
-    if isinstance(qw, W8Weights):
-        return qw.q.float() * qw.scale[:, None]
-    if isinstance(qw, W4Weights):
-        return (qw.q.float() - qw.zero[:, None]) * qw.scale[:, None]
-    k = qw.q.shape[1]
-    if isinstance(qw, W4FloatGroupWeights):
-        s = qw.scale.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
-        z = qw.zero.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
-        return (qw.q.float() - z) * s
-    s2 = qw.s2.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
-    z2 = qw.z2.float().repeat_interleave(qw.group_size, dim=1)[:, :k]
-    return (qw.q.float() - z2) * s2 * qw.s1[:, None]
+    """Float weight [N, K] the quantized weights stand for (for tests and fake quant)."""
+    return qw.dequantize()
 
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme):
-    if scheme.weight_bits == 8:
-        return quantize_w8(w)
-    if scheme.group_size is None:
-        return quantize_w4_per_channel(w)
-    if scheme.act_bits >= 16:  # weight-only: float scales, no INT8 tensor-core input to fit
-        return quantize_w4_group_fp(w, scheme.group_size)
-    return quantize_w4_group(w, scheme.group_size)
+    """The scheme's round-to-nearest quantizer (its row in compiler/schemes.py)."""
+    from .schemes import spec_of
+    return spec_of(scheme).quantize(w)

@@ -37,36 +37,33 @@ bucket holds ``m``, whose ``k_min`` is <= ``k``, whose ``n_max`` (if any) is >= 
 divide one another; split-K only when every slice gets K tiles, each slice a whole number of
 groups).  Every M bucket ends with an unconditional split-free row, so a row always fits.
 :func:`select_kernel` first tries the target's own rows (:data:`TARGET_ROWS`: wgmma on sm90).
-This module is pure Python (no torch, no CUDA): the compiler imports it on any host.
+The kinds and their templates come from the scheme rows (compiler/schemes.py). This module
+needs no CUDA: the compiler imports it on any host.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-# kind -> (template file in this folder, group size: None = W8A8, 0 = per channel).
+from qcompile.compiler.schemes import WITH_KERNELS
+
+# kind -> (template file in this folder, group size: None = W8A8, 0 = per channel), from the
+# scheme rows (compiler/schemes.py): the portable mma.sync kinds.
 KINDS: dict[str, tuple[str, int | None]] = {
-    "w8a8": ("w8a8_sm80.cu", None),
-    "w4a8": ("w4a8_sm80.cu", 0),
-    "w4a8_g128": ("w4a8_sm80.cu", 128),
-    "w4a8_g64": ("w4a8_sm80.cu", 64),
-}
+    s.kernel.kind: (s.kernel.template, s.kernel_group) for s in WITH_KERNELS}
 
 REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
 REDUCE_MODES = ("separate", "fixup", "cluster")
 MAX_CLUSTER = 8  # portable thread-block cluster size
 # Hopper-only templates (wgmma, sm_90a; built for an sm90 target, chosen by TARGET_ROWS). Same
-# arguments as their sm80 kind.
+# arguments as their sm80 kind. The W4A8 ones keep the weights unpacked in wgmma's register A
+# operand, the problem transposed (C^T = W X^T): bm = tokens (wgmma N), bn = weight rows, one
+# warpgroup per 128 (w4a8_rs_sm90.cu). It replaced a template that unpacked the weights into a
+# shared s8 operand (slower at every M, bound by shared memory:
+# bench/results/gemm-h100-2026-11-21{h,j,k-rs}).
 SM90_KINDS: dict[str, tuple[str, int | None]] = {
-    "w8a8_sm90": ("w8a8_sm90.cu", None),
-    # weights unpacked into wgmma's register A operand, the problem transposed (C^T = W X^T):
-    # bm = tokens (wgmma N), bn = weight rows, one warpgroup per 128 (w4a8_rs_sm90.cu). It
-    # replaced a template that unpacked the weights into a shared s8 operand (slower at every
-    # M, bound by shared memory: bench/results/gemm-h100-2026-11-21{h,j,k-rs}).
-    "w4a8_rs_sm90": ("w4a8_rs_sm90.cu", 0),
-    "w4a8_g128_rs_sm90": ("w4a8_rs_sm90.cu", 128),
-    "w4a8_g64_rs_sm90": ("w4a8_rs_sm90.cu", 64),
-}
-RS_KINDS = tuple(k for k in SM90_KINDS if k.endswith("_rs_sm90"))
+    s.kernel.sm90[0]: (s.kernel.sm90[1], s.kernel_group) for s in WITH_KERNELS if s.kernel.sm90}
+RS_TEMPLATE = "w4a8_rs_sm90.cu"  # register-A wgmma: its tile constraints in TileConfig.fits
+RS_KINDS = tuple(k for k, (template, _) in SM90_KINDS.items() if template == RS_TEMPLATE)
 ALL_KINDS = {**KINDS, **SM90_KINDS}
 
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
@@ -294,7 +291,9 @@ MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
 HUGE = TileConfig(128, 256, 64, 2, 4, 4)
 
-W4_KINDS = ("w4a8", "w4a8_g128", "w4a8_g64")
+W4_KINDS = tuple(k for k, (_, group) in KINDS.items() if group is not None)
+# every kind but per-channel W4A8 (whose epilogue also reads the per-token sum)
+NOT_PER_CHANNEL = tuple(k for k, (_, group) in KINDS.items() if group != 0)
 WIDE_N = 16384  # above this many output columns a thin tile has CTAs enough without split-K
 
 
@@ -329,7 +328,7 @@ SELECTION: tuple[Row, ...] = (
     Row(128, 8192, BIG4.with_split(8), kinds=W4_KINDS),
     Row(128, 8192, BIG.with_split(4)),
     Row(128, 4096, MID.with_split(2), n_max=WIDE_N),
-    Row(128, 4096, BIG, kinds=("w8a8", "w4a8_g128", "w4a8_g64")),
+    Row(128, 4096, BIG, kinds=NOT_PER_CHANNEL),
     Row(128, 0, MID),
     Row(256, 8192, BIG.with_split(4)),
     Row(256, 4096, MID, n_max=WIDE_N),
@@ -405,19 +404,19 @@ _W4_SM90 = lambda kernel: (  # noqa: E731
     TargetRow(257, kernel, WGMMA_RS_T64),
     TargetRow(65, kernel, WGMMA_RS, n_min=WIDE_N + 1),
     TargetRow(64, kernel, WGMMA_RS_T64, n_min=WIDE_N + 1))
+_W8_SM90 = lambda kernel: (  # noqa: E731
+    TargetRow(1537, kernel, WGMMA_WIDE),
+    TargetRow(769, kernel, WGMMA_WIDE, k_min=8192),
+    TargetRow(769, kernel, WGMMA, n_max=8192),
+    TargetRow(769, kernel, WGMMA_WIDE),
+    TargetRow(513, kernel, WGMMA),
+    TargetRow(256, kernel, WGMMA_WIDE, n_min=8193, n_max=16384),
+    TargetRow(256, kernel, WGMMA, n_min=4097))
+# target -> template -> its measured rows, for a kernel kind of that template
+TEMPLATE_ROWS = {"sm90": {"w8a8_sm90.cu": _W8_SM90, RS_TEMPLATE: _W4_SM90}}
 TARGET_ROWS: dict[str, dict[str, tuple[TargetRow, ...]]] = {
-    "sm90": {
-        "w8a8": (TargetRow(1537, "w8a8_sm90", WGMMA_WIDE),
-                 TargetRow(769, "w8a8_sm90", WGMMA_WIDE, k_min=8192),
-                 TargetRow(769, "w8a8_sm90", WGMMA, n_max=8192),
-                 TargetRow(769, "w8a8_sm90", WGMMA_WIDE),
-                 TargetRow(513, "w8a8_sm90", WGMMA),
-                 TargetRow(256, "w8a8_sm90", WGMMA_WIDE, n_min=8193, n_max=16384),
-                 TargetRow(256, "w8a8_sm90", WGMMA, n_min=4097)),
-        "w4a8": _W4_SM90("w4a8_rs_sm90"),
-        "w4a8_g128": _W4_SM90("w4a8_g128_rs_sm90"),
-        "w4a8_g64": _W4_SM90("w4a8_g64_rs_sm90"),
-    },
+    "sm90": {s.kernel.kind: TEMPLATE_ROWS["sm90"][s.kernel.sm90[1]](s.kernel.sm90[0])
+             for s in WITH_KERNELS if s.kernel.sm90},
 }
 
 

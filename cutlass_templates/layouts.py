@@ -1,25 +1,19 @@
-"""Registry of named weight layouts: those the INT8 tensor-core GEMM kernels consume, and the
-kernel-less W4A16 baseline format (read by its PyTorch reference only)."""
+"""Registry of named weight layouts: those of the scheme rows (compiler/schemes.py), the formats
+the INT8 tensor-core GEMM kernels consume and the kernel-less W4A16 baseline format (read by
+its PyTorch reference only)."""
 from __future__ import annotations
 
 from typing import Union
 
-from .w4a16_layout import W4A16Layout, w4a16_layout
-from .w4a8_layout import W4A8_PER_CHANNEL, W4Layout, w4a8_group_layout
-from .w8a8_layout import W8A8_ROW_MAJOR, W8Layout
+from qcompile.compiler.schemes import QUANTIZED
+
+from .w4a16_layout import W4A16Layout
+from .w4a8_layout import W4Layout
+from .w8a8_layout import W8Layout
 
 Layout = Union[W4Layout, W8Layout, W4A16Layout]
 
-LAYOUTS: dict[str, Layout] = {
-    layout.name: layout
-    for layout in (
-        W4A8_PER_CHANNEL,
-        w4a8_group_layout(64),
-        w4a8_group_layout(128),
-        W8A8_ROW_MAJOR,
-        w4a16_layout(128),
-    )
-}
+LAYOUTS: dict[str, Layout] = {s.layout.name: s.layout for s in QUANTIZED}
 
 
 def get_layout(name: str) -> Layout:

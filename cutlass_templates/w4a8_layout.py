@@ -187,6 +187,11 @@ class W4Layout:
     def unpack(self, packed: Tensor, n: int, k: int) -> Tensor:
         return unpack_w4(packed, n, k)
 
+    @staticmethod
+    def packed_k(packed: Tensor) -> int:
+        """Kp of a packed [Np/32, Kp/32, 512] weight."""
+        return packed.shape[1] * TILE
+
 
 W4A8_PER_CHANNEL = W4Layout(name="w4a8_pc_sm80", k_multiple=TILE)
 

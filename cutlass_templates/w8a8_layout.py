@@ -64,5 +64,10 @@ class W8Layout:
             )
         return packed[:n, :k].contiguous()
 
+    @staticmethod
+    def packed_k(packed: Tensor) -> int:
+        """Kp of a packed [Np, Kp] weight."""
+        return packed.shape[1]
+
 
 W8A8_ROW_MAJOR = W8Layout(name="w8a8_rm", n_multiple=32, k_multiple=32)

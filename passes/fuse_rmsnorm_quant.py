@@ -1,9 +1,10 @@
-"""Fuse per-token INT8 quantization into the RMSNorm that produces its input.
+"""Fuse per-token activation quantization into the RMSNorm that produces its input.
 
-Matches: `quant_a8(w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype))` with x32 = x.to(float32)
-(the HF / canonical RMSNorm), where the norm output has no other user.
-Emits: the same RMSNorm followed by `quant_a8_ref` as ATen ops (absmax, scale, round, clamp,
-int8 cast, per-token sum), which TorchInductor emits as one kernel.
+Matches: `quant(w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype))` with x32 = x.to(float32)
+(the HF / canonical RMSNorm), where the norm output has no other user, and `quant` is the
+opaque op of an activation quantizer of the scheme rows (`qcompile::quant_a8`, ...).
+Emits: the same RMSNorm followed by the quantizer's reference as ATen ops (absmax, scale,
+round, clamp, cast, per-token sum), which TorchInductor emits as one kernel.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import functools
 
 import torch
 
-from qcompile.runtime.ops.quant import quant_a8_ref
+from qcompile.compiler.schemes import ActQuant
 
 from .base import Lowering
-from .fusion import build_pass
+from .fusion import apply_per_quantizer, arities, build_pass
 
 
 def _rms(x, w, eps):
@@ -23,20 +24,18 @@ def _rms(x, w, eps):
     return w * xf.to(x.dtype)
 
 
-def _search(x, w, eps):
-    return torch.ops.qcompile.quant_a8.default(_rms(x, w, eps))
-
-
-def _replace(x, w, eps):
-    return quant_a8_ref(_rms(x, w, eps))
-
-
 @functools.cache
-def _pass():
-    return build_pass(_search, _replace,
+def _pass(act: ActQuant):
+    def search(x, w, eps):
+        return act.op(_rms(x, w, eps))
+
+    def replace(x, w, eps):
+        return act.reference(_rms(x, w, eps))
+
+    return build_pass(search, replace,
                       lambda dt: [torch.empty(4, 8, dtype=dt), torch.empty(8, dtype=dt)],
-                      scalar_workaround={"eps": 1e-5})
+                      scalar_workaround={"eps": 1e-5}, arities=arities(act))
 
 
 def fuse_rmsnorm_quant(lowering: Lowering) -> int:
-    return _pass().apply(lowering.gm.graph)
+    return apply_per_quantizer(lowering.gm.graph, _pass)

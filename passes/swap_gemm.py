@@ -3,10 +3,11 @@
 Matches: `aten.linear(x, W[, b])` where W is a weight (placeholder with a known value).
 The LM head (a linear whose result reaches the graph output through casts and views only)
 is left in floating point unless asked. Emits: for schemes with quantized activations, one
-`qcompile::quant_a8(x)` per distinct input x, placed right after x's producer (q/k/v sharing a
-norm share one quantization; weight-only schemes, act_bits 16, read x itself), and
-the GEMM op of the scheme with W quantized by round-to-nearest and packed in the kernel
-layout (new weight placeholders `<W>_q`, `<W>_s`, ...). `quantized` gives integer weights
+activation quantization of the scheme (`qcompile::quant_a8(x)`, ...) per distinct input x,
+placed right after x's producer (q/k/v sharing a norm share one quantization; weight-only
+schemes read x itself), and the GEMM op of the scheme with W quantized by round-to-nearest and
+packed in the kernel layout (new weight placeholders `<W>_q`, `<W>_s`, ...), as the scheme's
+row in compiler/schemes.py says. `quantized` gives integer weights
 chosen earlier (GPTQ), keyed by canonical weight name: those are packed as they are, since
 RTN of their dequantized values recomputes the scales and need not give the same codes back.
 Node walking, not a pattern: the replacement creates weight placeholders, which a pattern
@@ -19,18 +20,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from tqdm import tqdm
 
 from qcompile.compiler.calibrate import canonical_name
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8, QuantScheme
-from qcompile.compiler.quantize import quantize_weight
-from qcompile.cutlass_templates.w4a8_layout import (W4A8_PER_CHANNEL, check_group_codes,
-                                                    pack_group_params, w4a8_group_layout)
-from qcompile.cutlass_templates.w4a16_layout import w4a16_layout
-from qcompile.cutlass_templates.w8a8_layout import W8A8_ROW_MAJOR
-from qcompile.runtime.ops import GEMM_OPS
+from qcompile.compiler.schemes import QUANTIZED, QuantScheme, SchemeSpec, spec_of
 
 from .base import Lowering
 
@@ -38,54 +32,22 @@ aten = torch.ops.aten
 _PASSTHROUGH = {aten._to_copy.default, aten.view.default, aten.reshape.default}
 
 
-def _pad(v: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(v.float(), (0, n - v.shape[0]))
-
-
-def _pack_w8a8(w, scheme, qw=None):
-    qw = quantize_weight(w, scheme) if qw is None else qw
-    q = W8A8_ROW_MAJOR.pack(qw.q)
-    return {"q": q, "s": _pad(qw.scale, q.shape[0])}
-
-
-def _pack_w4a8(w, scheme, qw=None):
-    qw = quantize_weight(w, scheme) if qw is None else qw
-    q = W4A8_PER_CHANNEL.pack(qw.q)
-    np_ = q.shape[0] * 32
-    return {"q": q, "s": _pad(qw.scale, np_), "zs": _pad(qw.zero * qw.scale, np_)}
-
-
-def _pack_w4a8_group(w, scheme, qw=None):
-    qw = quantize_weight(w, scheme) if qw is None else qw
-    check_group_codes(qw.q, qw.s2, qw.z2, scheme.group_size)
-    q = w4a8_group_layout(scheme.group_size).pack(qw.q)
-    s2, negzs = pack_group_params(qw.s2, qw.z2)
-    return {"q": q, "s1": _pad(qw.s1, q.shape[0] * 32), "s2": s2, "negzs": negzs}
-
-
-def _pack_w4a16(w, scheme, qw=None):
-    qw = quantize_weight(w, scheme) if qw is None else qw
-    layout = w4a16_layout(scheme.group_size)
-    s, z = layout.pack_params(qw.scale, qw.zero)
-    return {"q": layout.pack(qw.q), "s": s, "z": z}
-
-
 @dataclass(frozen=True)
 class GemmFormat:
     """How a scheme's GEMM op is called: (x_q, s_x, [sum x_q], *weights, bias, n, *extra,
-    out_dtype), or (x, *weights, ...) for weight-only schemes (act_bits 16)."""
-    pack: Callable[[torch.Tensor, QuantScheme], dict]
+    out_dtype), or (x, *weights, ...) for weight-only schemes (act_bits 16). A view of the
+    scheme's row (compiler/schemes.py)."""
+    pack: Callable[..., dict]  # (w, scheme, qw=None) -> {buffer: tensor}
     uses_sum: bool
-    extra: Callable[[QuantScheme], tuple] = lambda s: ()
+    extra: Callable[[QuantScheme], tuple]
 
 
-GEMM_FORMATS = {
-    W8A8: GemmFormat(_pack_w8a8, uses_sum=False),
-    W4A8: GemmFormat(_pack_w4a8, uses_sum=True),
-    W4A8_G128: GemmFormat(_pack_w4a8_group, uses_sum=False, extra=lambda s: (s.group_size,)),
-    W4A8_G64: GemmFormat(_pack_w4a8_group, uses_sum=False, extra=lambda s: (s.group_size,)),
-    W4A16_G128: GemmFormat(_pack_w4a16, uses_sum=False, extra=lambda s: (s.group_size,)),
-}
+def _format(spec: SchemeSpec) -> GemmFormat:
+    return GemmFormat(lambda w, scheme, qw=None: spec.pack_weight(w, qw), spec.uses_sum,
+                      lambda scheme: spec.extra)
+
+
+GEMM_FORMATS = {s.scheme: _format(s) for s in QUANTIZED}
 
 
 def _feeds_output(node: fx.Node) -> bool:
@@ -109,33 +71,33 @@ def _linears(lowering: Lowering, include_head: bool):
         yield node, w
 
 
-def _quantize_input(lowering: Lowering, x: fx.Node, memo: dict) -> tuple:
+def _quantize_input(lowering: Lowering, x: fx.Node, spec: SchemeSpec, memo: dict) -> tuple:
     if x not in memo:
         with lowering.gm.graph.inserting_after(x):
-            q = lowering.call(torch.ops.qcompile.quant_a8.default, (x,))
+            q = lowering.call(spec.act.op, (x,))
         with lowering.gm.graph.inserting_after(q):
-            memo[x] = tuple(lowering.call(operator.getitem, (q, i)) for i in range(3))
+            memo[x] = tuple(lowering.call(operator.getitem, (q, i))
+                            for i in range(spec.act.outputs))
     return memo[x]
 
 
-def _activation_args(lowering: Lowering, x: fx.Node, scheme: QuantScheme, fmt: GemmFormat,
-                     memo: dict) -> tuple:
+def _activation_args(lowering: Lowering, x: fx.Node, spec: SchemeSpec, memo: dict) -> tuple:
     """The GEMM's activation operands: x itself for weight-only schemes, else
-    (x_q, s_x[, sum x_q]) of x's one quant_a8."""
-    if scheme.act_bits >= 16:
+    (x_q, s_x[, sum x_q]) of x's one activation quantization."""
+    if spec.act is None:
         return (x,)
-    xq, sx, xsum = _quantize_input(lowering, x, memo)
-    return (xq, sx, *((xsum,) if fmt.uses_sum else ()))
+    xq, sx, *xsum = _quantize_input(lowering, x, spec, memo)
+    return (xq, sx, *(xsum if spec.uses_sum else ()))
 
 
-def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, scheme: QuantScheme,
+def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, spec: SchemeSpec,
            quantized: dict):
     """(W's canonical name, the integer weights given for it or None), checked against W
     and the scheme."""
+    scheme = spec.scheme
     name = canonical_name(lowering.origin.get(wnode.name, wnode.name))
     qw = quantized.get(name)
-    if qw is not None and (tuple(qw.q.shape) != tuple(w.shape)
-                           or type(qw) is not type(quantize_weight(w[:1], scheme))
+    if qw is not None and (tuple(qw.q.shape) != tuple(w.shape) or type(qw) is not spec.weights
                            or getattr(qw, "group_size", None) != scheme.group_size):
         raise ValueError(f"swap_gemm: the integer weights given for {name} "
                          f"({type(qw).__name__} {tuple(qw.q.shape)}) do not fit its weight "
@@ -145,25 +107,23 @@ def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, scheme: QuantSch
 
 def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = False,
               quantized: dict | None = None) -> int:
-    fmt, op = GEMM_FORMATS[scheme], GEMM_OPS[scheme]
+    spec = spec_of(scheme)
     memo, count, quantized, used = {}, 0, quantized or {}, set()
     todo = list(_linears(lowering, include_head))
     for node, w in tqdm(todo, desc=f"quantize + pack ({scheme.name})", unit="linear",
                         leave=False, disable=None):  # disable=None: only on a terminal
         x, wnode = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
-        xargs = _activation_args(lowering, x, scheme, fmt, memo)
-        name, qw = _given(lowering, wnode, w, scheme, quantized)
-        if qw is None:
-            packed = fmt.pack(w.detach(), scheme)
-        else:
-            packed = fmt.pack(w.detach(), scheme, qw)
+        xargs = _activation_args(lowering, x, spec, memo)
+        name, qw = _given(lowering, wnode, w, spec, quantized)
+        packed = spec.pack_weight(w.detach(), qw)
+        if qw is not None:
             used.add(name)
         wnodes = [lowering.add_weight(f"{wnode.name}_{k}", v) for k, v in packed.items()]
         out = node.meta["val"]
-        args = (*xargs, *wnodes, bias, w.shape[0], *fmt.extra(scheme), out.dtype)
+        args = (*xargs, *wnodes, bias, w.shape[0], *spec.extra, out.dtype)
         with lowering.gm.graph.inserting_before(node):
-            gemm = lowering.call(op, args)
+            gemm = lowering.call(spec.op, args)
         node.replace_all_uses_with(gemm)
         lowering.gm.graph.erase_node(node)
         count += 1

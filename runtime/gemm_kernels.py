@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from qcompile.compiler.schemes import WITH_KERNELS, SchemeSpec, spec_of_call
 from qcompile.cutlass_templates.configs import padded_k, select_config, select_kernel
-from qcompile.runtime.ops import gemm as ref
 
 
 @dataclass
@@ -111,9 +111,8 @@ def enable(kernel_dir=None) -> KernelTable:
     global _TABLE
     _TABLE = KernelTable(kernel_dir or default_kernel_dir())
     split_k_flags(torch.device("cuda"))
-    for op, impl in (("qcompile::gemm_w8a8", _w8a8), ("qcompile::gemm_w4a8", _w4a8),
-                     ("qcompile::gemm_w4a8_group", _w4a8_group)):
-        torch.library.register_kernel(op, "cuda", impl)
+    for op in dict.fromkeys(s.op for s in WITH_KERNELS):  # a group op serves several rows
+        torch.library.register_kernel(op, "cuda", _impl(op))
     return _TABLE
 
 
@@ -187,27 +186,27 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
     return out
 
 
-def _m(xq):
-    return xq.numel() // xq.shape[-1]
+def _impl(op):
+    """The CUDA implementation of a GEMM op of the scheme rows: its call
+    (x_q, s_x, [sum x_q], *weights, bias, n, *extra, out_dtype) launches the kernel of its row's
+    kind with the operands between s_x and n, or runs the row's reference."""
+    names = [a.name for a in op._schema.arguments]
+    n_at = names.index("n")
 
+    def impl(*args, **kwargs):
+        named = {**dict(zip(names, args)), **kwargs}
+        args = [named[name] for name in names]
+        spec: SchemeSpec | None = spec_of_call(op, named)
+        if spec is None:
+            raise ValueError(f"{op}: no scheme row has these arguments "
+                             f"({ {k: v for k, v in named.items() if type(v) is int} })")
+        xq, n = args[0], named["n"]
+        found = _find(spec.kernel.kind, xq.numel() // xq.shape[-1], n, xq.shape[-1],
+                      named["out_dtype"])
+        if found is None:
+            return spec.reference(*args)
+        operands = args[2:n_at]  # [sum x_q], packed weights, bias
+        weight = operands[int(spec.uses_sum)]
+        return _launch(found, xq, args[1], operands, n, spec.layout.packed_k(weight))
 
-def _w8a8(xq, sx, w, sw, bias, n, out_dtype):
-    found = _find("w8a8", _m(xq), n, xq.shape[-1], out_dtype)
-    if found is None:
-        return ref.gemm_w8a8_ref(xq, sx, w, sw, bias, n, out_dtype)
-    return _launch(found, xq, sx, (w, sw, bias), n, w.shape[1])
-
-
-def _w4a8(xq, sx, xsum, w, s, zs, bias, n, out_dtype):
-    found = _find("w4a8", _m(xq), n, xq.shape[-1], out_dtype)
-    if found is None:
-        return ref.gemm_w4a8_ref(xq, sx, xsum, w, s, zs, bias, n, out_dtype)
-    return _launch(found, xq, sx, (xsum, w, s, zs, bias), n, w.shape[1] * 32)
-
-
-def _w4a8_group(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype):
-    kind = f"w4a8_g{group_size}"
-    found = _find(kind, _m(xq), n, xq.shape[-1], out_dtype)
-    if found is None:
-        return ref.gemm_w4a8_group_ref(xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype)
-    return _launch(found, xq, sx, (w, s1, s2, negzs, bias), n, w.shape[1] * 32)
+    return impl

@@ -128,7 +128,8 @@ def test_check_rows_flags_a_wrong_kernel(bench):
     """A 'kernel' reading a corrupted scale must fail the guard; the same args pass."""
     from qcompile.compiler.config import W8A8
     from qcompile.passes.swap_gemm import GEMM_FORMATS
-    from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
+    from qcompile.compiler.schemes import GEMM_OPS
+    from qcompile.runtime.ops import quant_a8_ref
     w = torch.randn(64, 128) * 0.02
     q, s = GEMM_FORMATS[W8A8].pack(w, W8A8).values()
     xq, sx, _ = quant_a8_ref(torch.randn(100, 128))

@@ -6,9 +6,9 @@ fake implementation for export and Inductor. Importing this package registers th
 """
 from . import attention, gemm, kv, quant  # noqa: F401  (registration side effects)
 from .attention import ATTENTION_OPS
-from .gemm import GEMM_OPS, int_matmul
+from .gemm import int_matmul
 from .kv import KV_ENCODE_OPS, kv_record_bytes
 from .quant import quant_a8_ref
 
-__all__ = ["ATTENTION_OPS", "GEMM_OPS", "KV_ENCODE_OPS", "int_matmul", "kv_record_bytes",
-           "quant_a8_ref"]
+# The GEMM ops of each quantization scheme: compiler/schemes.py (GEMM_OPS).
+__all__ = ["ATTENTION_OPS", "KV_ENCODE_OPS", "int_matmul", "kv_record_bytes", "quant_a8_ref"]

@@ -4,6 +4,7 @@ The weight-only W4A16 op takes x itself: y = x . dequant(w_q).
 Weights arrive packed in their kernel layout (`cutlass_templates/`); the references unpack
 them, so a CPU run checks the artifact's bytes, layout included. K is zero-padded to the
 layout's multiple (SmolLM2: K = 576 -> 640 for g128), N is padded to 32 and sliced off.
+Which op and reference a scheme uses is its row in compiler/schemes.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8
 from qcompile.cutlass_templates.w4a8_layout import unpack_group_params, unpack_w4
 from qcompile.cutlass_templates.w4a16_layout import dequantize_packed
 
@@ -147,17 +147,3 @@ gemm_w4a8_group.register_fake(
     lambda xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype: _fake_out(xq, n, out_dtype))
 gemm_w4a16.register_fake(
     lambda x, w, s, z, bias, n, group_size, out_dtype: _fake_out(x, n, out_dtype))
-
-# scheme -> the plain reference function (callable on any device without dispatch: tests and
-# benchmarks compare kernels with it).
-GEMM_REFERENCES = {W8A8: gemm_w8a8_ref, W4A8: gemm_w4a8_ref, W4A8_G128: gemm_w4a8_group_ref,
-                   W4A8_G64: gemm_w4a8_group_ref, W4A16_G128: gemm_w4a16_ref}
-
-# scheme -> the op that runs it (rows, not branches: W4A4 adds a row).
-GEMM_OPS = {
-    W8A8: torch.ops.qcompile.gemm_w8a8.default,
-    W4A8: torch.ops.qcompile.gemm_w4a8.default,
-    W4A8_G128: torch.ops.qcompile.gemm_w4a8_group.default,
-    W4A8_G64: torch.ops.qcompile.gemm_w4a8_group.default,
-    W4A16_G128: torch.ops.qcompile.gemm_w4a16.default,  # reference only: no kernel is built
-}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qcompile.compiler.config import W4A8, W4A8_G128, W8A8
+from qcompile.compiler.schemes import GEMM_OPS, GEMM_REFERENCES
 from qcompile.passes.swap_gemm import GEMM_FORMATS
-from qcompile.runtime.ops import GEMM_OPS
 from qcompile.runtime.ops import gemm as ref
 from qcompile.runtime.ops.quant import quant_a8_ref
 
@@ -20,7 +20,7 @@ KS = (576, 4096, 14336)
 NS = (192, 1536, 4096, 11008)
 SCHEMES = {"w8a8": W8A8, "w4a8": W4A8, "w4a8-g128": W4A8_G128}
 # the references, called directly on CUDA tensors (exact: float64 accumulation on the GPU)
-REFERENCE = ref.GEMM_REFERENCES
+REFERENCE = GEMM_REFERENCES
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_wgmma_w8a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):
 def test_w8a8_op_dispatches_to_wgmma_on_sm90(kernels, wgmma_kernels):  # noqa: F811
     """From M = 513 the public op runs the wgmma template (the kernel table, built for sm90 by
     bench/build_kernels.py, ships it) and still equals the reference."""
-    from qcompile.runtime.ops import GEMM_OPS
+    from qcompile.compiler.schemes import GEMM_OPS
     m, n, k = 1000, 4096, 4096
     head, packed, bias, _ = _operands(W8A8, m, n, k, seed=3)
     before = sum(v for name, v in kernels.STATS.launches.items() if "w8a8_sm90" in name)

@@ -22,7 +22,7 @@ from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.fuse_rmsnorm_quant import fuse_rmsnorm_quant
 from qcompile.passes.fuse_swiglu_quant import fuse_swiglu_quant
 from qcompile.passes.swap_gemm import swap_gemm
-from qcompile.runtime.ops import GEMM_OPS
+from qcompile.compiler.schemes import GEMM_OPS
 
 aten = torch.ops.aten
 QUANT_A8 = torch.ops.qcompile.quant_a8.default

@@ -27,7 +27,8 @@ from qcompile.models.loaders import load_checkpoint
 from qcompile.passes.base import Lowering, call_targets, run_pass
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.swap_gemm import swap_gemm
-from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
+from qcompile.compiler.schemes import GEMM_OPS
+from qcompile.runtime.ops import quant_a8_ref
 
 aten = torch.ops.aten
 QUANT_A8 = torch.ops.qcompile.quant_a8.default

@@ -9,8 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from qcompile.compiler.config import W4A16_G128
 from qcompile.compiler.quantize import W4FloatGroupWeights, dequantize, quantize_weight
 from qcompile.passes.swap_gemm import GEMM_FORMATS
-from qcompile.runtime.ops import GEMM_OPS
-from qcompile.runtime.ops.gemm import GEMM_REFERENCES
+from qcompile.compiler.schemes import GEMM_OPS, GEMM_REFERENCES
 
 OP = GEMM_OPS[W4A16_G128]
 

@@ -30,7 +30,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8
 from qcompile.compiler.quantize import quantize_weight
 from qcompile.passes.swap_gemm import GEMM_FORMATS
-from qcompile.runtime.ops import GEMM_OPS, int_matmul, quant_a8_ref
+from qcompile.compiler.schemes import GEMM_OPS
+from qcompile.runtime.ops import int_matmul, quant_a8_ref
 
 QUANT_A8 = torch.ops.qcompile.quant_a8.default
 SCHEMES = {"w8a8": W8A8, "w4a8": W4A8, "w4a8-g128": W4A8_G128, "w4a8-g64": W4A8_G64}
