@@ -288,8 +288,9 @@ def check_rows(op, dev_args: tuple, cpu_args: tuple, n_act: int, rows: int = 32,
 def build_ours(scheme, probe: Callable):
     """probe(run) -> (run(), why the reference ran instead of our kernel, "" if it did not)."""
     def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
+        from qcompile.compiler.schemes import GEMM_OPS
         from qcompile.passes.swap_gemm import GEMM_FORMATS
-        from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
+        from qcompile.runtime.ops import quant_a8_ref
         fmt, op = GEMM_FORMATS[scheme], GEMM_OPS[scheme]
         cpu = ctx.get(scheme.name, lambda: fmt.pack(ctx.w, scheme))
         dev = ctx.get(scheme.name + "@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
@@ -316,13 +317,14 @@ def build_wgmma(kind: str, cfg, min_m: int = 256):
             raise Skip("wgmma needs sm_90")
         if x.shape[0] < min_m:
             raise Skip(f"M < {min_m}")
-        from qcompile.compiler.config import W4A8, W4A8_G128, W8A8
+        from qcompile.compiler.schemes import GEMM_OPS, WITH_KERNELS
         from qcompile.cutlass_templates.build import build_kernel
         from qcompile.passes.swap_gemm import GEMM_FORMATS
         from qcompile.runtime import gemm_kernels
         from qcompile.runtime.launcher import CudaModule
-        from qcompile.runtime.ops import GEMM_OPS, quant_a8_ref
-        scheme = {"w8a8_sm90": W8A8, "w4a8_rs_sm90": W4A8, "w4a8_g128_rs_sm90": W4A8_G128}[kind]
+        from qcompile.runtime.ops import quant_a8_ref
+        spec = next(s for s in WITH_KERNELS if s.kernel.sm90 and s.kernel.sm90[0] == kind)
+        scheme = spec.scheme
 
         def load():
             fn = CudaModule(build_kernel(kind, cfg, "sm90").path).function(cfg.name(kind))
@@ -336,7 +338,7 @@ def build_wgmma(kind: str, cfg, min_m: int = 256):
         xq, sx, xsum = quant_a8_ref(x)
         head = (xq, sx, xsum) if fmt.uses_sum else (xq, sx)
         w = list(dev.values())
-        kp = w[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+        kp = spec.layout.packed_k(w[0])
         op = lambda *a: gemm_kernels._run(kind, (cfg, fn), a[0], a[1],  # noqa: E731
                                           (*a[2:], None), ctx.n, kp)
         args = (*head, *w)

@@ -21,14 +21,12 @@ import gemm as bg  # noqa: E402  (bench/gemm.py: timing, shapes, import_qcompile
 
 bg.import_qcompile()
 
-from qcompile.compiler.config import W4A8, W4A8_G64, W4A8_G128, W8A8  # noqa: E402
+from qcompile.compiler.schemes import WITH_KERNELS  # noqa: E402
 from qcompile.cutlass_templates import configs as C  # noqa: E402
-from qcompile.passes.swap_gemm import GEMM_FORMATS  # noqa: E402
 from qcompile.runtime import gemm_kernels  # noqa: E402
-from qcompile.runtime.ops import gemm as ref  # noqa: E402
 from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
 
-SCHEMES = {"w4a8": W4A8, "w4a8_g128": W4A8_G128, "w4a8_g64": W4A8_G64, "w8a8": W8A8}
+SCHEMES = {s.kernel.kind: s for s in WITH_KERNELS}  # kernel kind -> its scheme row
 
 
 def main(argv=None) -> None:
@@ -41,21 +39,19 @@ def main(argv=None) -> None:
     p.add_argument("--kernel-dir", type=Path)
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
-    kind, scheme, n, k, m = args.kind, SCHEMES[args.kind], args.n, args.k, args.m
+    kind, spec, n, k, m = args.kind, SCHEMES[args.kind], args.n, args.k, args.m
     table = gemm_kernels.enable(args.kernel_dir)
     target = gemm_kernels.device_target(torch.device("cuda"))
     kkind, cfg = (C.parse_name(args.config) if args.config
                   else C.select_kernel(kind, m, n, k, target))
     kern = table.kernels[cfg.name(kkind)]
     g = torch.Generator().manual_seed(0)
-    packed = [t.cuda() for t in GEMM_FORMATS[scheme].pack(torch.randn(n, k, generator=g),
-                                                           scheme).values()]
+    packed = [t.cuda() for t in spec.pack_weight(torch.randn(n, k, generator=g)).values()]
     xq, sx, xsum = quant_a8_ref((torch.randn(m, k, generator=g) * 3).half().cuda())
-    head = (xq, sx, xsum) if scheme == W4A8 else (xq, sx)
-    extra = (scheme.group_size,) if scheme.group_size else ()
-    kp = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+    head = (xq, sx, xsum) if spec.uses_sum else (xq, sx)
+    kp = spec.layout.packed_k(packed[0])
     out = gemm_kernels._run(kkind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp)
-    want = ref.GEMM_REFERENCES[scheme](*head, *packed, None, n, *extra, torch.float16)
+    want = spec.reference(*head, *packed, None, n, *spec.extra, torch.float16)
     err = (out.float() - want.float()).abs().max().item()
     assert err <= 1e-2 * want.float().abs().max().item() + 1e-3, f"wrong result: {err}"
     for _ in range(args.iters):

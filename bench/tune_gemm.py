@@ -24,16 +24,15 @@ import gemm as bg  # noqa: E402  (bench/gemm.py: timing, shapes, import_qcompile
 
 bg.import_qcompile()
 
-from qcompile.compiler.config import W4A8, W4A8_G128, W8A8  # noqa: E402
+from qcompile.compiler.schemes import WITH_KERNELS  # noqa: E402
 from qcompile.cutlass_templates import configs as C  # noqa: E402
 from qcompile.cutlass_templates.build import build_kernels, write_kernel_table  # noqa: E402
-from qcompile.passes.swap_gemm import GEMM_FORMATS  # noqa: E402
 from qcompile.runtime import gemm_kernels  # noqa: E402
-from qcompile.runtime.ops import gemm as ref  # noqa: E402
 from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
 
-KINDS = {"w4a8": W4A8, "w4a8_g128": W4A8_G128, "w8a8": W8A8}
-REFERENCE = ref.GEMM_REFERENCES
+# kernel kind -> its scheme row; g64 runs the g128 tiles (the default sweep leaves it out)
+KINDS = {s.kernel.kind: s for s in WITH_KERNELS}
+DEFAULT_KINDS = "w4a8,w4a8_g128,w8a8"
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
          C.TileConfig(32, 64, 128, 1, 2, 4),
@@ -50,17 +49,15 @@ T = C.TileConfig
 # Hopper templates (sm_90): wgmma W8A8 (warpgroups along M) and register-A W4A8 (bm tokens x
 # bn weight rows, a warpgroup per 128), with deeper / shallower pipelines and one-warpgroup
 # tiles (two or three CTAs per SM) for the mid-M range
-SM90_BASES = {
-    "w8a8_sm90": (C.WGMMA, C.WGMMA_WIDE, T(128, 128, 128, 8, 1, 3), T(64, 128, 128, 4, 1, 4),
+SM90_BASES = {  # by the Hopper template
+    "w8a8_sm90.cu": (C.WGMMA, C.WGMMA_WIDE, T(128, 128, 128, 8, 1, 3), T(64, 128, 128, 4, 1, 4),
                   T(64, 256, 128, 4, 1, 4)),
-    "rs": (C.WGMMA_RS, T(128, 256, 128, 1, 8, 3), T(128, 256, 128, 1, 8, 5), C.WGMMA_RS_1WG,
+    C.RS_TEMPLATE: (C.WGMMA_RS, T(128, 256, 128, 1, 8, 3), T(128, 256, 128, 1, 8, 5), C.WGMMA_RS_1WG,
            T(128, 128, 128, 1, 4, 6), T(64, 256, 128, 1, 8, 4), T(64, 128, 128, 1, 4, 4),
            T(256, 128, 128, 1, 4, 3)),
 }
 
 
-def sm90_kind(kind: str) -> str:
-    return "w8a8_sm90" if kind == "w8a8" else kind + "_rs_sm90"
 
 
 def candidates(kind: str, k: int, m: int) -> list[tuple[str, C.TileConfig]]:
@@ -77,8 +74,8 @@ def candidates(kind: str, k: int, m: int) -> list[tuple[str, C.TileConfig]]:
                         if base.with_split(split, mode).fits(kind, k):
                             out.append((kind, base.with_split(split, mode)))
     if CLUSTERS:
-        kk = sm90_kind(kind)
-        for cfg in SM90_BASES["w8a8_sm90" if kind == "w8a8" else "rs"]:
+        kk, template = KINDS[kind].kernel.sm90
+        for cfg in SM90_BASES[template]:
             if cfg.fits(kk, k) and cfg.bm <= max(64, 2 * m):
                 out.append((kk, cfg))
     return out
@@ -96,7 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("out/tune"))
     p.add_argument("--m", default="1,16,32,64,128,256,512,1024,4096")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--kinds", default=DEFAULT_KINDS)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--hopper-only", action="store_true",
                    help="only the Hopper templates' tiles (and the selected config)")
@@ -121,17 +118,15 @@ def main(argv=None) -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     cyc = bg.sleep_cycles_per_us()
     rows = []
-    for kind, scheme in kinds.items():
+    for kind, spec in kinds.items():
         for shape, (n, k) in shapes.items():
             g = torch.Generator().manual_seed(n + k)
-            packed = [t.cuda() for t in GEMM_FORMATS[scheme].pack(torch.randn(n, k, generator=g),
-                                                                   scheme).values()]
+            packed = [t.cuda() for t in spec.pack_weight(torch.randn(n, k, generator=g)).values()]
             for m in ms:
                 x = (torch.randn(m, k, generator=g) * 3).half().cuda()
                 xq, sx, xsum = quant_a8_ref(x)
-                head = (xq, sx, xsum) if scheme == W4A8 else (xq, sx)
-                extra = (scheme.group_size,) if scheme.group_size else ()
-                want = REFERENCE[scheme](*head, *packed, None, n, *extra, torch.float16)
+                head = (xq, sx, xsum) if spec.uses_sum else (xq, sx)
+                want = spec.reference(*head, *packed, None, n, *spec.extra, torch.float16)
                 operands = (*head[2:], *packed, None)
                 # weight copies rotated as bench/gemm.py does, so that no call finds its
                 # weights in L2 (decode reads them cold: an L2-hot sweep picks other splits)
@@ -141,7 +136,7 @@ def main(argv=None) -> None:
                 sel_kind, sel = C.select_kernel(kind, m, n, k, target)
                 for kk, cfg in cands(kind, n, k, m):
                     kern = table.kernels[cfg.name(kk)]
-                    kp = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
+                    kp = spec.layout.packed_k(packed[0])
                     calls = [functools.partial(gemm_kernels._run, kk, (cfg, kern), xq, sx, ops,
                                                n, kp) for ops in copies]
                     ok = bool((calls[0]().float() - want.float()).abs().max() <= 1e-2 *
