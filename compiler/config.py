@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .schemes import (SCHEMES, W4A8, W4A8_G64, W4A8_G128, W4A16_G128, W8A8,  # noqa: F401
-                      QuantScheme)
+from .schemes import (FP8, SCHEMES, SPECS, W4A8, W4A8_G64, W4A8_G128,  # noqa: F401
+                      W4A16_G128, W8A8, QuantScheme)
 
 # --precision value -> weight/activation scheme (None: keep floating-point linears).
 PRECISIONS: dict[str, QuantScheme | None] = {s.precision: s.scheme for s in SCHEMES}
@@ -70,8 +70,9 @@ class CompileConfig:
     quantizer: str = _opt("auto: each precision's best measured recipe (config.QOQ_RECIPES): "
                           "w8a8 SmoothQuant (qoq, steps smoothquant), w4a8 / w4a8-g128 / "
                           "w4a8-g64 QoQ (qoq, steps rotate,smooth[,reorder],clip,gptq), rtn for "
-                          "fp16 and w4a16-g128 (no measured QoQ recipe); resolved when the "
-                          "config is made, so the manifest stores what ran. rtn: "
+                          "fp16, w4a16-g128 and fp8 (no measured QoQ recipe; QoQ does not "
+                          "apply to fp8); resolved when the config is made, so the manifest "
+                          "stores what ran. rtn: "
                           "round-to-nearest weights, no calibration. qoq: QServe's QoQ on "
                           "calibration text, the steps of --qoq-steps", ("auto", "rtn", "qoq"),
                           default="auto")
@@ -123,6 +124,13 @@ class CompileConfig:
                              f"{', '.join(QOQ_STEPS)}")
         if self.quantizer == "qoq" and self.scheme is None:
             raise ValueError("--quantizer qoq needs a quantized --precision (w8a8, w4a8, ...)")
+        spec = SPECS[self.precision]
+        if self.quantizer == "qoq" and not spec.qoq:
+            raise ValueError(f"--quantizer qoq does not support --precision {self.precision} "
+                             "(its steps search integer grids): use --quantizer rtn")
+        if self.target not in spec.targets:
+            raise ValueError(f"--precision {self.precision} needs --target "
+                             f"{' or '.join(spec.targets)}, got --target {self.target}")
         if min(self.calib_samples, self.key_calib_samples) < 1 or self.calib_seq_len < 2:
             raise ValueError("--calib-samples and --key-calib-samples must be >= 1 and "
                              "--calib-seq-len >= 2")

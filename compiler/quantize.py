@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .schemes import QuantScheme
 
 PROTECTIVE_RANGE = 119  # level-1 INT8 range of progressive group quantization
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448, the largest finite e4m3 value
 
 
 @dataclass
@@ -62,6 +63,16 @@ class W4FloatGroupWeights:
     def dequantize(self) -> torch.Tensor:
         s, z = (_per_column(t, self) for t in (self.scale, self.zero))
         return (self.q.float() - z) * s
+
+
+@dataclass
+class FP8Weights:
+    """FP8 baseline: w ~ q * s, e4m3 codes with one float32 scale per output channel."""
+    q: torch.Tensor      # [N, K] float8_e4m3fn in [-448, 448]
+    scale: torch.Tensor  # [N] float32, max|w_row| / 448
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
 
 
 def _per_column(t: torch.Tensor, qw) -> torch.Tensor:
@@ -131,6 +142,15 @@ def quantize_w4_group_fp(w: torch.Tensor, group_size: int) -> W4FloatGroupWeight
     q = torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, 15)
     q = q.view(n, -1)[:, :k].to(torch.uint8)
     return W4FloatGroupWeights(q, s.half(), z.to(torch.uint8), group_size)
+
+
+def quantize_fp8(w: torch.Tensor) -> FP8Weights:
+    """e4m3 per output channel: s = max|w_row| / 448, q = e4m3(w / s) (round to nearest even,
+    clamped so that no value rounds past the largest finite code)."""
+    w = w.float()
+    s = _safe(w.abs().amax(dim=1) / E4M3_MAX)
+    q = torch.clamp(w / s[:, None], -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return FP8Weights(q, s)
 
 
 def dequantize(qw) -> torch.Tensor:

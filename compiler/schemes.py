@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 
 import qcompile.runtime.ops  # noqa: F401  (registers torch.ops.qcompile)
+from qcompile.cutlass_templates.fp8_layout import FP8_ROW_MAJOR
 from qcompile.cutlass_templates.w4a8_layout import (W4A8_PER_CHANNEL, check_group_codes,
                                                     pack_group_params, w4a8_group_layout)
 from qcompile.cutlass_templates.w4a16_layout import w4a16_layout
 from qcompile.cutlass_templates.w8a8_layout import W8A8_ROW_MAJOR
 from qcompile.runtime.ops import gemm
-from qcompile.runtime.ops.quant import quant_a8_ref
+from qcompile.runtime.ops.gemm_fp8 import gemm_fp8_ref
+from qcompile.runtime.ops.quant import quant_a8_ref, quant_fp8_ref
 
 from . import quantize as Q
 
@@ -65,6 +67,8 @@ W4A8_G128 = QuantScheme(4, 8, 128, False)
 W4A8_G64 = QuantScheme(4, 8, 64, False)
 # Weight-only baseline (AWQ/GPTQ-style): activations stay in the program dtype (act_bits 16).
 W4A16_G128 = QuantScheme(4, 16, 128, False)
+# FP8 baseline: e4m3 weights per output channel, e4m3 activations per token.
+FP8 = QuantScheme(8, 8, None, True, codes="e4m3")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class ActQuant:
 
 
 A8 = ActQuant("a8", torch.ops.qcompile.quant_a8.default, quant_a8_ref, 3)  # x_q, s_x, sum x_q
+E4M3 = ActQuant("e4m3", torch.ops.qcompile.quant_fp8.default, quant_fp8_ref, 2)  # x_q, s_x
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def _pad(v: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(v.float(), (0, n - v.shape[0]))
 
 
-def _pack_w8(spec, qw):
+def _pack_per_channel(spec, qw):
     q = spec.layout.pack(qw.q)
     return {"q": q, "s": _pad(qw.scale, q.shape[0])}
 
@@ -164,7 +169,7 @@ def _w4a8_group(g: int, scheme: QuantScheme) -> SchemeSpec:
 
 SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec("fp16", qoq=False),
-    SchemeSpec("w8a8", W8A8, Q.W8Weights, Q.quantize_w8, W8A8_ROW_MAJOR, _pack_w8,
+    SchemeSpec("w8a8", W8A8, Q.W8Weights, Q.quantize_w8, W8A8_ROW_MAJOR, _pack_per_channel,
                torch.ops.qcompile.gemm_w8a8.default, gemm.gemm_w8a8_ref, A8,
                kernel=GemmKernel("w8a8", "w8a8_sm80.cu", sm90=("w8a8_sm90", "w8a8_sm90.cu"))),
     SchemeSpec("w4a8", W4A8, Q.W4Weights, Q.quantize_w4_per_channel, W4A8_PER_CHANNEL,
@@ -179,6 +184,11 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                lambda w: Q.quantize_w4_group_fp(w, 128), w4a16_layout(128), _pack_w4a16,
                torch.ops.qcompile.gemm_w4a16.default, gemm.gemm_w4a16_ref,
                static_args=("group_size",)),
+    # no CUTLASS kernel: torch._scaled_mm (cuBLASLt) is the CUDA implementation, and e4m3
+    # tensor cores start with sm89, so of the targets only sm90; QoQ searches integer grids
+    SchemeSpec("fp8", FP8, Q.FP8Weights, Q.quantize_fp8, FP8_ROW_MAJOR, _pack_per_channel,
+               torch.ops.qcompile.gemm_fp8.default, gemm_fp8_ref, E4M3, targets=("sm90",),
+               qoq=False),
 )
 
 SPECS: dict[str, SchemeSpec] = {s.precision: s for s in SCHEMES}

@@ -35,7 +35,7 @@ def _ref_coord(lane, word, byte, nibble):
 
 def test_registry():
     assert set(LAYOUTS) == {"w4a8_pc_sm80", "w4a8_g64_sm80", "w4a8_g128_sm80", "w8a8_rm",
-                            "w4a16_g128_rm"}
+                            "w4a16_g128_rm", "fp8_rm"}
     assert get_layout("w4a8_g128_sm80").k_multiple == 128
     with pytest.raises(KeyError, match="w8a8_rm"):
         get_layout("nope")

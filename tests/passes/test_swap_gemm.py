@@ -27,8 +27,9 @@ from qcompile.models.loaders import load_checkpoint
 from qcompile.passes.base import Lowering, call_targets, run_pass
 from qcompile.passes.canonicalize import canonicalize
 from qcompile.passes.swap_gemm import swap_gemm
-from qcompile.compiler.schemes import GEMM_OPS
+from qcompile.compiler.schemes import GEMM_OPS, spec_of
 from qcompile.runtime.ops import quant_a8_ref
+from qcompile.runtime.ops.quant import quant_fp8_ref
 
 aten = torch.ops.aten
 QUANT_A8 = torch.ops.qcompile.quant_a8.default
@@ -43,9 +44,11 @@ GEMM_RTOL = 1e-5
 FAKE_QUANT_RTOL = 1e-4
 # Logits against the float graph (relative L2). W8A8: measured 1.9-2.1% on the tiny models,
 # bound 5%. 4-bit: round-to-nearest over K = 64/96 puts ~9% error on each weight (DESIGN.md
-# numerics, no QoQ transforms here); 8 GEMMs compound to 20-31% measured; bound 40%.
+# numerics, no QoQ transforms here); 8 GEMMs compound to 20-31% measured; bound 40%. FP8:
+# e4m3 keeps 3 significand bits (up to 2^-4 relative error per operand, where INT8's step is
+# 1/127 of the row max for every value); measured 9.7%, bound 15%.
 FLOAT_RTOL = {"w8a8": 0.05, "w4a8": 0.40, "w4a8-g128": 0.40, "w4a8-g64": 0.40,
-              "w4a16-g128": 0.40}
+              "w4a16-g128": 0.40, "fp8": 0.15}
 
 
 def _dequant(w: torch.Tensor, scheme) -> torch.Tensor:
@@ -56,6 +59,15 @@ def _dequant(w: torch.Tensor, scheme) -> torch.Tensor:
 def _fake_a8(x: torch.Tensor) -> torch.Tensor:
     xq, s, _ = quant_a8_ref(x)
     return (xq.float() * s).to(x.dtype)
+
+
+def _fake_fp8(x: torch.Tensor) -> torch.Tensor:
+    xq, s = quant_fp8_ref(x)
+    return (xq.float() * s).to(x.dtype)
+
+
+FAKE_ACT = {torch.ops.qcompile.quant_a8.default: _fake_a8,
+            torch.ops.qcompile.quant_fp8.default: _fake_fp8}
 
 
 def _linears(low: Lowering) -> dict[str, torch.fx.Node]:
@@ -72,7 +84,7 @@ def _fake_quant_reference(low: Lowering, scheme, head: str) -> Lowering:
         if name == head:
             continue
         with ref.gm.graph.inserting_before(node):
-            xq = ref.gm.graph.call_function(_fake_a8, (node.args[0],))
+            xq = ref.gm.graph.call_function(FAKE_ACT[spec_of(scheme).act.op], (node.args[0],))
         node.args = (xq, *node.args[1:])
         ref.weights[name] = _dequant(ref.weights[name], scheme)
     ref.gm.recompile()
@@ -114,14 +126,14 @@ def qwen2_canonical(tiny_qwen2, decoder_lowering):
     return fresh
 
 
-def _check_wiring(low: Lowering, op, origin: dict) -> None:
-    """Each GEMM reads quant_a8 of its linear's input, gets the linear's bias placeholder (or
-    None), and the float weight is gone."""
+def _check_wiring(low: Lowering, op, origin: dict, quant_op=QUANT_A8) -> None:
+    """Each GEMM reads quant_op (quant_a8) of its linear's input, gets the linear's bias
+    placeholder (or None), and the float weight is gone."""
     for gemm in [n for n in low.gm.graph.nodes if n.target == op]:
         name = _gemm_weight_name(gemm, low)
         x_name, bias = origin[name]
         quant = gemm.args[0].args[0]
-        assert quant.target == QUANT_A8 and quant.args[0].name == x_name, gemm.format_node()
+        assert quant.target == quant_op and quant.args[0].name == x_name, gemm.format_node()
         others = [a.name for a in gemm.args if isinstance(a, torch.fx.Node)
                   and a.name in low.weights and not a.name.startswith(f"{name}_")]
         assert others == ([bias] if bias else []) and (bias or None in gemm.args)
@@ -150,6 +162,7 @@ def _check_gemm_numerics(low: Lowering, op, inputs, origin, float_weights, schem
 def test_swap(tiny_qwen2, qwen2_canonical, precision):
     """qwen2 tiny model (bias on q/k/v), fp32."""
     scheme, op = SCHEMES[precision], GEMM_OPS[SCHEMES[precision]]
+    quant_op = spec_of(scheme).act.op  # quant_a8, or quant_fp8 for fp8
     inputs = example_inputs(KVSpec.of(tiny_qwen2.config, "fp16", 16, torch.float32))
     head = "b_top_lm_head"
     low = qwen2_canonical()
@@ -167,8 +180,8 @@ def test_swap(tiny_qwen2, qwen2_canonical, precision):
     # distinct input (every linear of the canonical decoder reads its own input).
     ops = Counter(call_targets(low.gm))
     assert ops[aten.linear.default] == 1 and set(_linears(low)) == {head}
-    assert ops[op] == LINEARS and ops[QUANT_A8] == LINEARS
-    _check_wiring(low, op, origin)
+    assert ops[op] == LINEARS and ops[quant_op] == LINEARS
+    _check_wiring(low, op, origin, quant_op)
     out = _check_gemm_numerics(low, op, inputs, origin, float_weights, scheme)
     assert _rel(out[0], fq_logits) < FAKE_QUANT_RTOL
     assert _rel(out[0], float_logits) < FLOAT_RTOL[precision]
