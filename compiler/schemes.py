@@ -112,7 +112,9 @@ class SchemeSpec:
     act: ActQuant | None = None                 # None: the op reads x (weight-only)
     uses_sum: bool = False                      # the op reads act's per-token sum
     static_args: tuple[str, ...] = ()           # QuantScheme fields passed after n
-    kernel: GemmKernel | None = None            # None: the reference runs on every device
+    # None: no CUTLASS kernel; the op's own CUDA implementation (fp8: torch._scaled_mm) or
+    # its reference runs on every device
+    kernel: GemmKernel | None = None
     targets: tuple[str, ...] = ("sm80", "sm90")
     qoq: bool = True                            # QoQ's rounding steps know this grid
 

@@ -90,7 +90,8 @@ def _(xq, sx, w, sw, bias, n, out_dtype):
     if not _has_fp8_mma(xq.device.index if xq.device.index is not None
                         else torch.cuda.current_device()):
         return gemm_fp8_ref(xq, sx, w, sw, bias, n, out_dtype)  # no FP8 tensor cores
-    a = _codes(xq, w.shape[1])
+    # cuBLASLt wants A row-major and contiguous scales (no-ops for the quantizers' outputs)
+    a, sa = _codes(xq, w.shape[1]).contiguous(), sx.reshape(-1, 1).contiguous()
     # with a bias: float32 out, then the bias and one rounding, as the reference does
-    y = _scaled_mm(a, w, sx.reshape(-1, 1), sw, torch.float32 if bias is not None else out_dtype)
+    y = _scaled_mm(a, w, sa, sw, torch.float32 if bias is not None else out_dtype)
     return _finish(y, bias, xq.shape[:-1], n, out_dtype)
