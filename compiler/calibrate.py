@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from qcompile.runtime.ops import KV_ENCODE_OPS
@@ -100,25 +101,16 @@ def canonical_name(module_path: str) -> str:
     return module_path.removeprefix("top.")
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, names: dict[str, str], stats: CalibStats, rows: int, gen,
-                 hessian: bool, linears: bool):
-        super().__init__(gm)
-        self.names, self.stats, self.rows, self.gen = names, stats, rows, gen
+class _Collector:
+    """Adds one forward's values into `stats`: a linear's input rows (absmax, `rows` sampled
+    rows, X^T X with `hessian`) and, layer after layer, the keys after RoPE."""
+
+    def __init__(self, stats: CalibStats, rows: int, gen, hessian: bool, linears: bool):
+        self.stats, self.rows, self.gen = stats, rows, gen
         self.hessian, self.linears = hessian, linears
         self.layer = 0
 
-    def run_node(self, n):
-        if n.target is ATTENTION_OPS["fp16"]:
-            return _prefill_attention(*self.fetch_args_kwargs_from_env(n)[0])
-        out = super().run_node(n)
-        if n.target is torch.ops.aten.linear.default and n.args[1].name in self.names:
-            self._linear(self.names[n.args[1].name], self.env[n.args[0]])
-        elif n.target is KV_ENCODE_OPS["fp16"]:
-            self._keys(self.env[n.args[0]])
-        return out
-
-    def _keys(self, k: torch.Tensor) -> None:
+    def keys(self, k: torch.Tensor) -> None:
         """k [T, Hkv, D] of layer self.layer (the encodes run in layer order)."""
         k = k.reshape(k.shape[0], -1).float()
         amax, total = k.abs().amax(0).cpu(), k.double().sum(0).cpu()
@@ -133,7 +125,7 @@ class _Recorder(fx.Interpreter):
             st.key_tokens += k.shape[0]
         self.layer += 1
 
-    def _linear(self, name: str, x: torch.Tensor) -> None:
+    def linear(self, name: str, x: torch.Tensor) -> None:
         if not self.linears:
             return
         x = x.reshape(-1, x.shape[-1]).float()
@@ -147,6 +139,44 @@ class _Recorder(fx.Interpreter):
             prev = self.stats.xtx.get(name)  # float32 GEMM-accumulate, no temporary
             self.stats.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
             self.stats.tokens[name] = self.stats.tokens.get(name, 0) + x.shape[0]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph, handing each linear's input and each layer's keys to a `_Collector`."""
+
+    def __init__(self, gm, names: dict[str, str], collect: _Collector):
+        super().__init__(gm)
+        self.names, self.collect = names, collect
+
+    def run_node(self, n):
+        if n.target is ATTENTION_OPS["fp16"]:
+            return _prefill_attention(*self.fetch_args_kwargs_from_env(n)[0])
+        out = super().run_node(n)
+        if n.target is torch.ops.aten.linear.default and n.args[1].name in self.names:
+            self.collect.linear(self.names[n.args[1].name], self.env[n.args[0]])
+        elif n.target is KV_ENCODE_OPS["fp16"]:
+            self.collect.keys(self.env[n.args[0]])
+        return out
+
+
+class _EagerRecorder(TorchFunctionMode):
+    """The same for the decoder run eagerly: every `F.linear` whose weight is one of `names`
+    (tensor id -> canonical name) and every fp16 key encode goes to the collector, and
+    attention takes the causal prefill path."""
+
+    def __init__(self, names: dict[int, str], collect: _Collector):
+        super().__init__()
+        self.names, self.collect = names, collect
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is ATTENTION_OPS["fp16"]:
+            return _prefill_attention(*args, **kwargs)
+        if func is F.linear and id(args[1]) in self.names:
+            self.collect.linear(self.names[id(args[1])], args[0])
+        elif func is KV_ENCODE_OPS["fp16"]:
+            self.collect.keys(args[0])
+        return func(*args, **kwargs)
 
 
 SAMPLE_ROWS = 512  # input rows kept per linear for the smoothing / reorder / clip searches
@@ -180,67 +210,76 @@ def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int | Non
     X^T X of every linear's input (see the module docstring); without `linears`, keys only.
     rows_per_batch (default: SAMPLE_ROWS over the batches, so the searches see as many rows
     whatever the number of sequences) input rows of each linear are kept per forward."""
-    from .capture import KVSpec  # noqa: F401  (the cache layout the graph reads)
     if rows_per_batch is None:
-        rows_per_batch = -(-SAMPLE_ROWS // -(-len(sequences) // batch))
+        rows_per_batch = _rows_per_batch(sequences, batch)
     names = {ph: canonical_name(path) for ph, path in lowering.origin.items()}
     stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
     weights = list(lowering.weights.values())
     device = weights[0].device
+    kv_shape = tuple(int(n) for n in lowering.placeholders()["kv_cache"].meta["val"].shape)
     for i in tqdm(range(0, len(sequences), batch), desc="calibrate", unit="batch",
                   disable=not progress):
-        rec = _Recorder(lowering.gm, names, stats, rows_per_batch, gen, hessian, linears)
+        collect = _Collector(stats, rows_per_batch, gen, hessian, linears)
         with torch.no_grad():
-            rec.run(*weights, *_prefill_inputs(lowering, sequences[i:i + batch], device))
+            _Recorder(lowering.gm, names, collect).run(
+                *weights, *_prefill_inputs(kv_shape, sequences[i:i + batch], device))
     return stats
 
 
+def _rows_per_batch(sequences, batch: int) -> int:
+    return -(-SAMPLE_ROWS // -(-len(sequences) // batch))
+
+
 class FloatGraph:
-    """One float32 capture of the decoder, canonicalized; its weights are swapped for each
-    calibration (the QoQ steps calibrate the model as they transform it)."""
+    """The float32 decoder (`models/decoder.py`) run eagerly for calibration, with each call's
+    weights (the QoQ steps calibrate the model as they transform it). Eager, not a torch.export
+    capture: a capture costs ~5 s of CPU on SmolLM2-135M on top of the compile's own, and the
+    eager forward runs the same aten ops; `_EagerRecorder` sees every linear's input and every
+    key as `_Recorder` does in a graph (tested equal)."""
 
-    def __init__(self, cfg, weights: dict[str, torch.Tensor], device="cpu"):
-        from qcompile.models.decoder import Decoder
-        from qcompile.passes.base import Lowering, run_pass
-        from qcompile.passes.canonicalize import canonicalize
-
-        from .capture import KVSpec, capture
-        # captured on the CPU (export's example inputs live there; the graph itself is device
-        # agnostic, as the runtime's is), then its weights move to `device`
-        dec = Decoder(cfg, weights, torch.float32)
-        self.low = Lowering.from_exported(capture(dec, KVSpec.of(cfg, "fp16", 16, torch.float32)))
-        run_pass(canonicalize, self.low)
-        for ph, w in self.low.weights.items():
-            self.low.weights[ph] = w.to(device)
+    def __init__(self, cfg, device="cpu"):
+        from .capture import KVSpec
+        self.cfg, self.device = cfg, torch.device(device)
+        spec = KVSpec.of(cfg, "fp16", 16, torch.float32)
+        self.kv_shape = (spec.num_layers, 2, 0, spec.block_size, spec.record_bytes)
 
     def stats(self, weights: dict[str, torch.Tensor], seqs, progress: bool,
-              hessian: bool = False, linears: bool = True) -> CalibStats:
-        for ph, path in self.low.origin.items():
-            name = canonical_name(path)
-            if name in weights:
-                self.low.weights[ph] = weights[name].to(self.low.weights[ph])
-        return calibrate(self.low, seqs, hessian=hessian, linears=linears, progress=progress)
+              hessian: bool = False, linears: bool = True, batch: int = 4,
+              seed: int = 0) -> CalibStats:
+        """Statistics of the float model with these (canonical) weights over `seqs`, as
+        `calibrate` collects them from a graph."""
+        from qcompile.models.decoder import Decoder
+        dec = Decoder(self.cfg, {k: v.to(self.device, torch.float32)
+                                 for k, v in weights.items()}, torch.float32)
+        names = {id(t): canonical_name(path) for path, t in dec.named_buffers()}
+        stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
+        rows = _rows_per_batch(seqs, batch)
+        for i in tqdm(range(0, len(seqs), batch), desc="calibrate", unit="batch",
+                      disable=not progress):
+            collect = _Collector(stats, rows, gen, hessian, linears)
+            with torch.no_grad(), _EagerRecorder(names, collect):
+                dec(*_prefill_inputs(self.kv_shape, seqs[i:i + batch], self.device))
+        return stats
 
 
 def key_mean(cfg, weights: dict[str, torch.Tensor], seqs, progress: bool = True
              ) -> torch.Tensor:
     """[L, Hkv * D] mean post-RoPE key of the float model with these (canonical) weights over
-    the calibration sequences: one forward of the float graph, keys only."""
+    the calibration sequences: one forward of the float decoder, keys only."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return FloatGraph(cfg, weights, device).stats(weights, seqs, progress, linears=False).key_mean
+    return FloatGraph(cfg, device).stats(weights, seqs, progress, linears=False).key_mean
 
 
-def _prefill_inputs(lowering, seqs: list[list[int]], device) -> tuple:
-    """A flat prefill of seqs over an empty paged cache sized for them."""
+def _prefill_inputs(kv_shape: tuple, seqs: list[list[int]], device) -> tuple:
+    """A flat prefill of seqs over an empty paged cache sized for them; kv_shape is the
+    cache's [L, 2, pages, block, record] (its page count is not used)."""
     from qcompile.runtime.flat_batch import Span, flat_batch
-    cache_node = lowering.placeholders()["kv_cache"]
-    layers, _, _, block, record = cache_node.meta["val"].shape
+    layers, _, _, block, record = (int(n) for n in kv_shape)
     spans, start = [], 0
     for s in seqs:
-        n = -(-len(s) // int(block))
+        n = -(-len(s) // block)
         spans.append(Span(s, 0, range(start, start + n)))
         start += n
-    x = flat_batch(spans, int(block)).tensors(device)
-    cache = torch.zeros(int(layers), 2, start, int(block), int(record), dtype=torch.uint8,
-                        device=device)
+    x = flat_batch(spans, block).tensors(device)
+    cache = torch.zeros(layers, 2, start, block, record, dtype=torch.uint8, device=device)
     return x.program_args(cache)

@@ -69,7 +69,7 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = calibration_sequences(ckpt.tokenizer, ccfg.calib_samples, ccfg.calib_seq_len,
                                  ccfg.calib_text)
-    st = FloatGraph(cfg, w, device).stats(w, seqs, progress, hessian=gptq)
+    st = FloatGraph(cfg, device).stats(w, seqs, progress, hessian=gptq)
     lap("calibrate")
     w, st, keys = _smooth(cfg, w, st, steps, scheme, report)
     lap("smooth")

@@ -38,6 +38,30 @@ def test_stats_match_a_direct_forward(make_tiny_checkpoint):
             for n in ("wqkv", "wo", "w_gate_up", "w_down")} <= set(stats.absmax)
 
 
+def test_eager_float_graph_matches_the_captured_graph(make_tiny_checkpoint):
+    """QoQ calibrates the decoder eagerly (`FloatGraph`, no capture); its statistics are those
+    of the captured, canonicalized graph: absmax, the same sampled rows, X^T X, keys."""
+    from qcompile.compiler.calibrate import FloatGraph
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
+    cfg, w = ckpt.config, {k: v.float() for k, v in ckpt.weights.items()}
+    low = Lowering.from_exported(capture(Decoder(cfg, w), KVSpec.of(cfg, "fp16", 16,
+                                                                     torch.float32)))
+    run_pass(canonicalize, low)
+    seqs = [list(range(5, 45)), list(range(50, 70)), list(range(3, 60))]
+    want = calibrate(low, seqs, batch=2, hessian=True, progress=False)
+    got = FloatGraph(cfg).stats(w, seqs, progress=False, hessian=True, batch=2)
+    assert set(got.absmax) == set(want.absmax) == set(got.xtx) and len(got.absmax) == 9
+    for name in want.absmax:
+        for field in ("absmax", "samples", "xtx"):
+            a, b = getattr(got, field)[name], getattr(want, field)[name]
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name,
+                                                                                       field)
+        assert got.tokens[name] == want.tokens[name]
+    assert got.key_tokens == want.key_tokens == 117
+    assert torch.allclose(got.key_mean, want.key_mean, atol=1e-6)
+    assert all(torch.allclose(a, b) for a, b in zip(got.key_absmax, want.key_absmax))
+
+
 def test_calibration_text_is_disjoint_from_eval(tiny_tokenizer):
     from qcompile.runtime.eval import eval_windows
     cal = calibration_sequences(tiny_tokenizer, 4, 64)
@@ -56,7 +80,7 @@ def test_scaled_stats_match_a_recalibration_of_the_smoothed_model(make_tiny_chec
     ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
     cfg, w = ckpt.config, {k: v.float() for k, v in ckpt.weights.items()}
     seqs = [list(range(5, 69)), list(range(70, 134))]
-    graph = FloatGraph(cfg, w)
+    graph = FloatGraph(cfg)
     st = graph.stats(w, seqs, progress=False, hessian=True)
     new, _, scales = smooth_norm_inputs(cfg, w, st, W4A8, (0.5,))
     new, _, more = smooth_linear(cfg, new, st, W4A8)
@@ -105,7 +129,7 @@ def test_calibration_routes_attention_through_the_prefill_path(make_tiny_checkpo
     from qcompile.runtime.ops.attention import paged_attention_ref
     ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
     w = {k: v.float() for k, v in ckpt.weights.items()}
-    graph, seqs = calib.FloatGraph(ckpt.config, w), [list(range(5, 45)), list(range(50, 70))]
+    graph, seqs = calib.FloatGraph(ckpt.config), [list(range(5, 45)), list(range(50, 70))]
     fast = graph.stats(w, seqs, progress=False)
     calls = []
 
