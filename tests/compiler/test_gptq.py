@@ -5,6 +5,8 @@ import json
 
 import pytest
 import safetensors.torch
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -304,3 +306,29 @@ def test_qoq_with_gptq_compiles_packs_exactly_and_serves(make_tiny_checkpoint, t
             assert torch.equal(packed[f"{ph}_{k}"], v), (name, k)
     out = Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0]
     assert out.token_ids
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_batched_gptq_equals_one_at_a_time(scheme, act_order):
+    """`gptq_quantize_many` (how gptq_weights runs every layer's linear of one kind at once)
+    gives each linear the codes GPTQ gives it alone: its own H, grid and act-order."""
+    from qcompile.compiler.gptq import gptq_quantize_many
+    g = torch.Generator().manual_seed(5)
+    ws, hs, grids = [], [], []
+    for _ in range(3):
+        x = torch.randn(300, 200, generator=g) * torch.rand(200, generator=g) * 3
+        x[:, 7] = 0  # a dead channel
+        ws.append(torch.randn(24, 200, generator=g))
+        grids.append(ws[-1] * 0.9)
+        hs.append((2 * x.T.double() @ x.double() / 300))
+    many = gptq_quantize_many(ws, hs, scheme, grid_from=grids, act_order=act_order)
+    for w, h, grid, got in zip(ws, hs, grids, many):
+        want = gptq_quantize(w, h, scheme, grid_from=grid, act_order=act_order)
+        assert type(got) is type(want)
+        same = (got.q == want.q).float().mean()
+        assert same > 0.999, float(same)  # float summation order may flip a rare tie
+        for f in dataclasses.fields(want):
+            a, b = getattr(got, f.name), getattr(want, f.name)
+            if f.name != "q":
+                assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b
