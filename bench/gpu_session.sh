@@ -14,7 +14,7 @@ stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 # every stage ends by DEADLINE s (default 540) so the archive is written inside the call's limit
 cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
 stamp kernels
-ONLY=attention PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
+ONLY=${ONLY-attention} PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
 if [ -z "${SKIP_STEP:-}" ]; then
