@@ -136,9 +136,26 @@ class _Collector:
         old = self.stats.samples.get(name)
         self.stats.samples[name] = pick if old is None else torch.cat([old, pick])
         if self.hessian:
-            prev = self.stats.xtx.get(name)  # float32 GEMM-accumulate, no temporary
-            self.stats.xtx[name] = x.T @ x if prev is None else prev.addmm_(x.T, x)
+            acc = self.stats.xtx.get(name)
+            if acc is None:
+                acc = self.stats.xtx[name] = x.new_zeros(x.shape[1], x.shape[1])
+            add_gram(acc, x)
             self.stats.tokens[name] = self.stats.tokens.get(name, 0) + x.shape[0]
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc [K, K] += X^T X for x [n, K], float32 GEMM-accumulate (no temporary), computing only
+    the blocks on and above the diagonal and mirroring them: the Gram matrix is symmetric, so
+    with b blocks per side b(b+1)/2 of b^2 GEMMs run (SmolLM2's K 576 / 1536: 6.3 / 48 ms per
+    4 x 512 tokens instead of 9.3 / 76; bitwise the full product on the CPU)."""
+    k = x.shape[1]
+    bs = -(-k // max(1, min(8, k // 192)))
+    for i in range(0, k, bs):
+        xi = x[:, i:i + bs]
+        for j in range(i, k, bs):
+            acc[i:i + bs, j:j + bs].addmm_(xi.T, x[:, j:j + bs])
+            if j > i:
+                acc[j:j + bs, i:i + bs].copy_(acc[i:i + bs, j:j + bs].T)
 
 
 class _Recorder(fx.Interpreter):
@@ -162,28 +179,18 @@ class _Recorder(fx.Interpreter):
 class _EagerRecorder(TorchFunctionMode):
     """The same for the decoder run eagerly: every `F.linear` whose weight is one of `names`
     (tensor id -> canonical name) and every fp16 key encode goes to the collector, and
-    attention takes the causal prefill path. With `linear_dtype` (bfloat16), those linears
-    multiply in that dtype (float32 accumulation, float32 out; their recorded inputs stay
-    float32): see `FloatGraph`."""
+    attention takes the causal prefill path."""
 
-    def __init__(self, names: dict[int, str], collect: _Collector,
-                 linear_dtype: torch.dtype | None = None):
+    def __init__(self, names: dict[int, str], collect: _Collector):
         super().__init__()
-        self.names, self.collect, self.linear_dtype = names, collect, linear_dtype
-        self.cast: dict[int, torch.Tensor] = {}  # weight id -> its linear_dtype copy
+        self.names, self.collect = names, collect
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is ATTENTION_OPS["fp16"]:
             return _prefill_attention(*args, **kwargs)
         if func is F.linear and id(args[1]) in self.names:
-            x, w = args[0], args[1]
-            self.collect.linear(self.names[id(w)], x)
-            if self.linear_dtype is not None and not args[2:] and not kwargs:
-                wc = self.cast.get(id(w))
-                if wc is None:
-                    wc = self.cast[id(w)] = w.to(self.linear_dtype)
-                return func(x.to(self.linear_dtype), wc).to(x.dtype)
+            self.collect.linear(self.names[id(args[1])], args[0])
         elif func is KV_ENCODE_OPS["fp16"]:
             self.collect.keys(args[0])
         return func(*args, **kwargs)
@@ -247,23 +254,14 @@ class FloatGraph:
     weights (the QoQ steps calibrate the model as they transform it). Eager, not a torch.export
     capture: a capture costs ~5 s of CPU on SmolLM2-135M on top of the compile's own, and the
     eager forward runs the same aten ops; `_EagerRecorder` sees every linear's input and every
-    key as `_Recorder` does in a graph (tested equal).
+    key as `_Recorder` does in a graph (tested equal). Float32 throughout: running the linears
+    in bfloat16 on the CPU saved only ~4 s of SmolLM2's ~45 s calibration and measured worse on
+    held-out text (cpython-prose 35.25 -> 36.13, package-readmes 20.20 -> 20.65; pydoc, the
+    calibration's own source, 16.24 -> 16.05), so it was not kept."""
 
-    linear_dtype ("auto": bfloat16 on the CPU, float32 elsewhere): the dtype the decoder's
-    linears multiply in (float32 accumulation and output; norms, attention, the recorded
-    inputs and X^T X stay float32). On the CPU the float32 GEMMs were most of the calibration
-    and bfloat16's run 2.6x faster there (AVX512-BF16); calibrating in 16-bit is what QServe
-    (float16, on the GPU) does too. SmolLM2 default compile: calibration 47 -> 38 s, pydoc
-    perplexity 16.24 -> 16.05 (decisions flip either way at this level). X^T X stays float32:
-    in bfloat16 its rounding, relative to the outlier channels' huge entries, exceeds GPTQ's
-    dampening and broke positive definiteness on SmolLM2."""
-
-    def __init__(self, cfg, device="cpu", linear_dtype: torch.dtype | None | str = "auto"):
+    def __init__(self, cfg, device="cpu"):
         from .capture import KVSpec
         self.cfg, self.device = cfg, torch.device(device)
-        if linear_dtype == "auto":
-            linear_dtype = torch.bfloat16 if self.device.type == "cpu" else None
-        self.linear_dtype = linear_dtype
         spec = KVSpec.of(cfg, "fp16", 16, torch.float32)
         self.kv_shape = (spec.num_layers, 2, 0, spec.block_size, spec.record_bytes)
 
@@ -278,13 +276,10 @@ class FloatGraph:
         names = {id(t): canonical_name(path) for path, t in dec.named_buffers()}
         stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
         rows = _rows_per_batch(seqs, batch)
-        cast: dict[int, torch.Tensor] = {}
         for i in tqdm(range(0, len(seqs), batch), desc="calibrate", unit="batch",
                       disable=not progress):
             collect = _Collector(stats, rows, gen, hessian, linears)
-            rec = _EagerRecorder(names, collect, self.linear_dtype)
-            rec.cast = cast  # the weights' bfloat16 copies, made once
-            with torch.no_grad(), rec:
+            with torch.no_grad(), _EagerRecorder(names, collect):
                 dec(*_prefill_inputs(self.kv_shape, seqs[i:i + batch], self.device))
         return stats
 
