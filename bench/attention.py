@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, AttnConfig
+from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, AttnConfig, plan
 from qcompile.runtime.ops import kv_record_bytes
 
 HEADS = {"8B": (32, 8, 128), "1B": (32, 8, 64)}
 BS = 16
 COLD_BYTES = 256 << 20  # rotate caches until each replay round reads this much
+SMS = 132  # replaced by the GPU's SM count in main()
 
 
 def graph_us(fns, iters: int = 3) -> float:
@@ -153,6 +154,12 @@ def decode_rows(args, launch, bw_copy, gen):
                                           entry=entry)
                         row[f"{fmt}_{entry}_us"] = graph_us(fns)
                         del fns
+                    row[f"{fmt}_splits"] = plan(b, b, hq, hkv, ctx, SMS).splits
+                    for sp in args.sweep_splits:  # the plan's entry, other key splits
+                        fns, _ = ours_fns(fmt, b, ctx - 1, 1, hq, hkv, d, gen, launch,
+                                          splits=sp)
+                        row[f"{fmt}_split{sp}_us"] = graph_us(fns)
+                        del fns
                 us = graph_us(sdpa_fns(b, ctx - 1, 1, hq, hkv, d, gen))
                 gbs = 2 * b * ctx * hkv * d * 2 / us / 1e3
                 row["sdpa"] = {"us": us, "GB/s": gbs, "of_copy": gbs / bw_copy}
@@ -197,6 +204,8 @@ def _decode_line(r):
     ref = f" | {r['ref_us'] / 1e3:.1f}" if "ref_us" in r else " | "
     also = sorted(k for k in r if k.endswith("_us") and k != "ref_us")
     ref += " | " + ", ".join(f"{k[:-3]} {r[k]:.1f}" for k in also)
+    ref += "".join(f"; {f} plan splits {r[f + '_splits']}" for f in ("int4", "fp16")
+                   if f + "_splits" in r)
     return (f"| {r['heads']} | {r['batch']} | {r['context']} | {i['us']:.1f} | {i['GB/s']:.0f} "
             f"({i['of_copy']:.0%}) | {f['us']:.1f} | {f['GB/s']:.0f} ({f['of_copy']:.0%}) | "
             f"{s['us']:.1f} | {s['GB/s']:.0f} | {i['us'] / s['us']:.2f} | "
@@ -247,6 +256,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few shapes")
     p.add_argument("--max-gib", type=float, default=24, help="skip shapes whose caches exceed")
     p.add_argument("--no-reference", dest="reference", action="store_false")
+    p.add_argument("--sweep-splits", type=lambda v: [int(x) for x in v.split(",") if x],
+                   default=[], help="also time decode with these key splits (e.g. 1,2,4,8), "
+                   "to tune the plan's choice")
     p.add_argument("--also", nargs="*", default=["decode"], choices=("kt", "decode"),
                    help="decode entries also timed beside the planned one (default: decode)")
     args = p.parse_args(argv)
@@ -258,6 +270,8 @@ def main(argv=None):
     major = torch.cuda.get_device_capability()[0]
     kdir = Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
     attention_kernels.enable(gemm_kernels.enable(kdir))
+    global SMS
+    SMS = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
