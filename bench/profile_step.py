@@ -61,7 +61,6 @@ def main(argv=None):
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args(argv)
-    from qcompile.runtime import attention_kernels
     from qcompile.runtime.engine import Engine
     from qcompile.runtime.sampler import SamplingParams
     engine = Engine.load(args.artifact, device="cuda", max_seqs=args.batch)
@@ -80,10 +79,9 @@ def main(argv=None):
         rows["kernels, CUDA graph"] = profile_step(engine)
     engine.graphs = None  # eager steps: the same launches, one by one
     rows["kernels"] = profile_step(engine)
-    table = attention_kernels._TABLE
-    attention_kernels._TABLE = None  # the reference attention (fallback path)
+    engine.kernels.attention_on = False  # the reference attention (fallback path)
     rows["reference attention"] = profile_step(engine)
-    attention_kernels._TABLE, engine.graphs = table, graphs
+    engine.kernels.attention_on, engine.graphs = True, graphs
     print(f"prefill of {args.batch} x {args.input_len}: {prefill_s:.1f} s")
     print("| step | step ms | GPU ms: attention / encode / GEMM / other | attention share "
           "| GPU busy | launches | host syncs |\n|---|---|---|---|---|---|---|")

@@ -1,13 +1,15 @@
 """CUDA implementations of `qcompile::paged_attention_{fp16,int4}` and
-`qcompile::kv_encode_{fp16,int4}`: the paged_attention.cu entries of a loaded kernel table,
-launched on PyTorch's current stream (CUDA-graph capturable: the launch plan depends on
-shapes only, lengths and block tables are read on the device).
+`qcompile::kv_encode_{fp16,int4}`: the paged_attention.cu entries of the active kernel table
+(`gemm_kernels.Kernels`: an Engine's own, else the process default), launched on PyTorch's
+current stream (CUDA-graph capturable: the launch plan depends on shapes only, lengths and
+block tables are read on the device).
 
-`enable(table)` registers them for CUDA tensors. A call the table has no kernel for (float32
-or bfloat16 activations, a head dim without a build) runs the PyTorch reference, counted in
-`STATS.fallbacks` with the reason, so a benchmark can say what it measured.
-`QCOMPILE_ATTENTION=reference` keeps the reference on CUDA too (to compare, or to rule the
-kernels out when an answer looks wrong).
+`register()` routes CUDA calls of the ops here; `enable(table)` also makes `table` the process
+default's (benchmarks, tests; its counts are `STATS`). A call the active kernels cannot serve
+(float32 or bfloat16 activations, a head dim without a build, attention turned off) runs the
+PyTorch reference, counted in their `attention.fallbacks` with the reason, so a benchmark can
+say what it measured. `QCOMPILE_ATTENTION=reference` keeps the reference on CUDA too (to
+compare, or to rule the kernels out when an answer looks wrong).
 """
 from __future__ import annotations
 
@@ -23,20 +25,24 @@ from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FO
 from qcompile.runtime.ops.attention import paged_attention_ref
 from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes
 
-from .gemm_kernels import KernelTable, Stats
+from .gemm_kernels import _DEFAULT, KernelTable, active
 
-STATS = Stats()
-_TABLE: KernelTable | None = None
+STATS = _DEFAULT.attention  # the process default's counts (benchmarks, tests)
 _LOG2E = 1.4426950408889634
 
 
 def enable(table: KernelTable) -> None:
-    """Route CUDA calls of the attention and KV-encode ops to the kernels in `table` (unless
+    """Make `table` the process default's and route CUDA calls of the attention and
+    KV-encode ops to the active kernels (the default keeps the reference where
     $QCOMPILE_ATTENTION is "reference")."""
-    global _TABLE
-    if os.environ.get("QCOMPILE_ATTENTION", "kernels") == "reference":
-        return
-    _TABLE = table
+    _DEFAULT.table = table
+    _DEFAULT.attention_on = os.environ.get("QCOMPILE_ATTENTION", "kernels") != "reference"
+    register()
+
+
+def register() -> None:
+    """Route CUDA calls of the attention and KV-encode ops to the active kernels (per
+    process; registering again replaces the same implementations)."""
     for fmt in CODECS:
         torch.library.register_kernel(f"qcompile::paged_attention_{fmt}", "cuda",
                                       functools.partial(_attention, fmt))
@@ -46,10 +52,13 @@ def enable(table: KernelTable) -> None:
 
 def _find(fmt: str, head_dim: int, dtype: torch.dtype, what: str):
     """(config, kind) whose binary is in the table, or None with the reason counted."""
-    kind = KIND_OF_FORMAT[fmt]
+    kind, kernels = KIND_OF_FORMAT[fmt], active()
+    table, stats = kernels.table, kernels.attention
     if dtype != torch.float16:
         reason = f"{what} {fmt}: the kernels take float16 activations, not {dtype}"
-    elif _TABLE is None:
+    elif not kernels.attention_on:
+        reason = f"{what} {fmt}: attention kernels turned off (QCOMPILE_ATTENTION=reference)"
+    elif table is None:
         reason = f"{what} {fmt}: no kernel table enabled"
     else:
         try:
@@ -57,12 +66,12 @@ def _find(fmt: str, head_dim: int, dtype: torch.dtype, what: str):
         except ValueError as e:
             cfg, reason = None, f"{what} {fmt}: {e}"
         if cfg is not None:
-            if cfg.name(kind) in _TABLE.kernels:
+            if cfg.name(kind) in table.kernels:
                 return cfg, kind
-            reason = f"{what} {fmt}: {cfg.name(kind)} is not in {_TABLE.dir}"
-    if not STATS.fallbacks[reason]:
+            reason = f"{what} {fmt}: {cfg.name(kind)} is not in {table.dir}"
+    if not stats.fallbacks[reason]:
         warnings.warn(f"qcompile attention runs the PyTorch reference: {reason}")
-    STATS.fallbacks[reason] += 1
+    stats.fallbacks[reason] += 1
     return None
 
 
@@ -102,17 +111,18 @@ def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tabl
     if splits > 1:
         ws_o = torch.empty((splits, t, hq, d), dtype=torch.float32, device=q.device)
         ws_lse = torch.empty((splits, t, hq), dtype=torch.float32, device=q.device)
-    name = cfg.name(kind)
-    kernel = _TABLE.kernels[name if entry == "decode" else f"{name}_{entry}"]  # KeyError: old build
+    name, kernels = cfg.name(kind), active()
+    table = kernels.table.kernels
+    kernel = table[name if entry == "decode" else f"{name}_{entry}"]  # KeyError: an old build
     args = [ptr(q), ptr(kv_new), ptr(kv_cache), ptr(block_tables), ptr(ctx_lens),
             ptr(query_start), ptr(out), ptr(ws_o), ptr(ws_lse), i32(t), i32(b), i32(mb),
             i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E)]
     kernel.launch(p.grid, (cfg.threads(), 1, 1), cfg.smem_bytes(kind, entry), args)
     if splits > 1:
-        _TABLE.kernels[f"{name}_merge"].launch(
+        table[f"{name}_merge"].launch(
             (math.ceil(t * hq / 4), 1, 1), (cfg.threads(), 1, 1), 0,
             [ptr(ws_o), ptr(ws_lse), ptr(out), i32(t), i32(hq), i32(splits)])
-    STATS.launches[f"{name}_{entry}" + (f"_split{splits}" if splits > 1 else "")] += 1
+    kernels.attention.launches[f"{name}_{entry}" + (f"_split{splits}" if splits > 1 else "")] += 1
     return out
 
 
@@ -131,9 +141,10 @@ def launch_encode(cfg: AttnConfig, kind: str, k, v):
     r = kv_record_bytes(ATTN_KINDS[kind][1], hkv, d, k.dtype)
     out = torch.empty((2, t, r), dtype=torch.uint8, device=k.device)
     if t:
-        _TABLE.kernels[f"{cfg.name(kind)}_encode"].launch(
+        kernels = active()
+        kernels.table.kernels[f"{cfg.name(kind)}_encode"].launch(
             (math.ceil(2 * t * hkv / 4), 1, 1), (cfg.threads(), 1, 1), 0,
             [ptr(k), ptr(v), ptr(out), i32(t), i32(hkv), i32(r)])
-        STATS.launches[f"{cfg.name(kind)}_encode"] += 1
+        kernels.attention.launches[f"{cfg.name(kind)}_encode"] += 1
     return out
 

@@ -59,8 +59,13 @@ class StreamEvent:
 
 class Engine:
     def __init__(self, art: Artifact, program, weights, tokenizer, cache: PagedKVCache,
-                 device: torch.device, max_batch_tokens: int, max_seqs: int):
-        self.artifact, self.program, self.weights = art, program, weights
+                 device: torch.device, max_batch_tokens: int, max_seqs: int, kernels=None):
+        from .gemm_kernels import Kernels
+        # this engine's kernel table and launch / fallback counts, active while its program
+        # runs (two engines in one process keep their own)
+        self.kernels = kernels if kernels is not None else Kernels()
+        self.artifact, self.weights = art, weights
+        self.program = self.kernels.wrap(program)
         self.tokenizer, self.cache, self.device = tokenizer, cache, device
         self.scheduler = Scheduler(cache, max_batch_tokens, max_seqs)
         self.eos_ids = set(art.model.eos_token_ids) | (
@@ -93,15 +98,21 @@ class Engine:
         layout = PageLayout.of(kv["format"], art.model.num_kv_heads, art.model.head_dim,
                                art.compile.torch_dtype)
         cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device, layout)
+        kernels = None
         if device.type == "cuda" and art.manifest["kernels"]:
             from . import attention_kernels, gemm_kernels
-            attention_kernels.enable(gemm_kernels.enable(art.path / "kernels" / art.compile.target))
+            kernels = gemm_kernels.Kernels(gemm_kernels.KernelTable(
+                art.path / "kernels" / art.compile.target))
+            gemm_kernels.split_k_flags(device)
+            gemm_kernels.register()
+            attention_kernels.register()
         if compile:
             # Round to the activation dtype where eager does (before quantization), so the
             # compiled program produces the reference ops' int8 codes.
             program = torch.compile(program, dynamic=True,
                                     options={"emulate_precision_casts": True})
-        engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs)
+        engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
+                     kernels)
         if device.type == "cuda" and cuda_graphs is not False:
             engine._capture(required=cuda_graphs is True)
         return engine

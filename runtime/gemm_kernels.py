@@ -1,16 +1,21 @@
 """CUDA implementations of the quantized GEMM ops: choose the tile config for (M, N, K),
-take its kernel from the loaded kernel table, check the inputs, launch on PyTorch's current
+take its kernel from the active kernel table, check the inputs, launch on PyTorch's current
 stream (so CUDA graphs capture it).
 
-`enable(kernel_dir)` loads a kernel table (an artifact's `kernels/<target>/`, or a build
-directory) and registers these implementations for CUDA tensors. A call the table has no
-kernel for (a float32 program, a shape it was not built for) runs the reference
-implementation, counted in `STATS.fallbacks` with the reason, so a benchmark can say what
-it measured.
+Kernel tables belong to their users: an `Engine` holds a `Kernels` (its table and the counts
+of its launches and reference fallbacks) and makes it active around each call of its program
+(`Kernels.wrap`, `using`), so two engines in one process keep their own tables and counts.
+The CUDA implementations are registered once per process (`register`) and serve whichever
+`Kernels` is active; outside any, the process default that `enable(kernel_dir)` loads
+(benchmarks, tests; its counts are `STATS`). A call the active table has no kernel for (a
+float32 program, a shape it was not built for) runs the reference implementation, counted in
+its `gemm.fallbacks` with the reason, so a benchmark can say what it measured.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import functools
 import os
 import warnings
@@ -29,9 +34,6 @@ class Stats:
     fallbacks: collections.Counter = field(default_factory=collections.Counter)
 
 
-STATS = Stats()
-
-
 class KernelTable:
     """name -> loaded CudaKernel, from a directory holding kernels.json and the binaries."""
 
@@ -48,7 +50,46 @@ class KernelTable:
                 self.kernels[name] = kernel
 
 
-_TABLE: KernelTable | None = None
+class Kernels:
+    """One user's kernels: a kernel table (None: every op runs its reference) and the counts
+    of its GEMM and attention launches and fallbacks. `gemm_on` / `attention_on` False keep
+    those ops on their references (to compare; attention's default is off where
+    $QCOMPILE_ATTENTION is "reference")."""
+
+    def __init__(self, table: KernelTable | None = None, *, attention: bool | None = None):
+        self.table, self.gemm_on = table, True
+        self.attention_on = (os.environ.get("QCOMPILE_ATTENTION", "kernels") != "reference"
+                             if attention is None else attention)
+        self.gemm, self.attention = Stats(), Stats()
+
+    def wrap(self, program):
+        """`program`, called with these kernels active (what an Engine runs)."""
+        def run(*args, **kwargs):
+            with using(self):
+                return program(*args, **kwargs)
+        return run
+
+
+_DEFAULT = Kernels()  # the process default: enable() loads its table
+_ACTIVE: contextvars.ContextVar[Kernels | None] = contextvars.ContextVar("qcompile_kernels",
+                                                                        default=None)
+STATS = _DEFAULT.gemm  # the default's GEMM counts (benchmarks, tests)
+
+
+def active() -> Kernels:
+    """The kernels of the current call: the innermost `using`, else the process default."""
+    return _ACTIVE.get() or _DEFAULT
+
+
+@contextlib.contextmanager
+def using(kernels: Kernels):
+    """Make `kernels` the active ones for the ops called inside (this thread or task)."""
+    token = _ACTIVE.set(kernels)
+    try:
+        yield kernels
+    finally:
+        _ACTIVE.reset(token)
+
 
 # Split-K arrival counters (common.cuh), one zeroed buffer per device that every split-K launch
 # on it shares: kernels leave them zero, and launches on one stream run one after another.
@@ -106,36 +147,46 @@ def default_kernel_dir() -> Path:
     return Path(os.environ.get("QCOMPILE_KERNEL_DIR", f"build/kernels_sm{major}0"))
 
 
-def enable(kernel_dir=None) -> KernelTable:
-    """Load the kernels in kernel_dir and route CUDA calls of the GEMM ops to them."""
-    global _TABLE
-    _TABLE = KernelTable(kernel_dir or default_kernel_dir())
-    split_k_flags(torch.device("cuda"))
+def register() -> None:
+    """Route CUDA calls of the GEMM ops to the active kernels (per process; registering again
+    replaces the same implementations)."""
     for op in dict.fromkeys(s.op for s in WITH_KERNELS):  # a group op serves several rows
         torch.library.register_kernel(op, "cuda", _impl(op))
-    return _TABLE
+
+
+def enable(kernel_dir=None) -> KernelTable:
+    """Load the kernels in kernel_dir as the process default and route CUDA calls of the GEMM
+    ops to the active kernels (benchmarks and tests; an Engine holds its own)."""
+    _DEFAULT.table = KernelTable(kernel_dir or default_kernel_dir())
+    split_k_flags(torch.device("cuda"))
+    register()
+    return _DEFAULT.table
 
 
 def _find(kind: str, m: int, n: int, k: int, out_dtype):
     """(kernel kind, config, kernel), or None with the reason counted (and warned once)."""
+    kernels = active()
+    table, stats = kernels.table, kernels.gemm
     if out_dtype != torch.float16:
         reason = f"{kind}: the kernels write float16, the program asks for {out_dtype}"
-    elif _TABLE is None:
+    elif table is None:
         reason = f"{kind}: no kernel table enabled"
+    elif not kernels.gemm_on:
+        reason = f"{kind}: GEMM kernels turned off"
     else:
         # the target's own template first (wgmma on sm90), if the table has it (an artifact
         # built for sm80 running on an H100 has not), else the portable mma.sync kernel
         kkind, cfg = select_kernel(kind, m, n, k, device_target(torch.device("cuda")))
-        kernel = _TABLE.kernels.get(cfg.name(kkind))
+        kernel = table.kernels.get(cfg.name(kkind))
         if kernel is None and kkind != kind:
             kkind, cfg = kind, select_config(kind, m, n, k)
-            kernel = _TABLE.kernels.get(cfg.name(kind))
+            kernel = table.kernels.get(cfg.name(kind))
         if kernel is not None:
             return kkind, cfg, kernel
-        reason = f"{kind}: {cfg.name(kind)} is not in {_TABLE.dir}"
-    if not STATS.fallbacks[reason]:
+        reason = f"{kind}: {cfg.name(kind)} is not in {table.dir}"
+    if not stats.fallbacks[reason]:
         warnings.warn(f"qcompile GEMM runs the PyTorch reference: {reason}")
-    STATS.fallbacks[reason] += 1
+    stats.fallbacks[reason] += 1
     return None
 
 
@@ -150,6 +201,7 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
     entry) into out (fp16 [..., n]; allocated when None: tests pass a poisoned one)."""
     from qcompile.runtime.launcher import check_tensor, i32, ptr
     cfg, kernel = found
+    kernels = active()
     k = xq.shape[-1]
     m = xq.numel() // k
     check_tensor(xq, name="x_q", dtype=torch.int8)
@@ -180,9 +232,9 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
                   cluster=cfg.cluster_dims())
     reduce = cfg.reduce_launch(m, n)
     if reduce is not None:  # the separate split-K reduction, next on the same stream
-        _TABLE.kernels[cfg.name(kind) + "_reduce"].launch(
+        kernels.table.kernels[cfg.name(kind) + "_reduce"].launch(
             *reduce, 0, args, pdl=PDL and has_clusters(xq.device))
-    STATS.launches[cfg.label(kind)] += 1
+    kernels.gemm.launches[cfg.label(kind)] += 1
     return out
 
 

@@ -45,26 +45,28 @@ def test_kernels_generate_the_reference_tokens(ckpt, tmp_path_factory, precision
                              progress=False)
     gpu = Engine.load(art, device="cuda")
     ids = [gpu.encode(p, chat=True) for p in PROMPTS]
-    before = sum(gemm_kernels.STATS.launches.values())
-    fallbacks_before = collections.Counter(gemm_kernels.STATS.fallbacks)
+    stats = gpu.kernels.gemm  # the engine's own counts
+    assert gemm_kernels.STATS is not stats
+    before = sum(stats.launches.values())
+    fallbacks_before = collections.Counter(stats.fallbacks)
     logits = gpu.score(ids)
     got = [c.token_ids for c in gpu.generate(PROMPTS, chat=True, max_new_tokens=NEW_TOKENS)]
-    launched = sum(gemm_kernels.STATS.launches.values()) - before
-    fell_back = gemm_kernels.STATS.fallbacks - fallbacks_before
+    launched = sum(stats.launches.values()) - before
+    fell_back = stats.fallbacks - fallbacks_before
     assert not fell_back, f"GEMMs ran the PyTorch reference instead of a kernel: {fell_back}"
     if precision != "fp16":
         assert launched > 0, "the quantized GEMMs never ran our kernels"
 
     # the reference ops, same GPU, eager steps (decode graphs replay the kernels they
     # captured; eager steps have the graphs' shapes, so only the GEMMs differ)
-    table, gemm_kernels._TABLE = gemm_kernels._TABLE, None
+    gpu.kernels.gemm_on = False
     graphs, gpu.graphs = gpu.graphs, None
     try:
         ref_logits = gpu.score(ids)
         want = [c.token_ids for c in gpu.generate(PROMPTS, chat=True,
                                                   max_new_tokens=NEW_TOKENS)]
     finally:
-        gemm_kernels._TABLE, gpu.graphs = table, graphs
+        gpu.kernels.gemm_on, gpu.graphs = True, graphs
     for a, b in zip(logits, ref_logits):
         assert torch.equal(a, b), (a.float() - b.float()).abs().max()
     assert got == want
@@ -91,15 +93,17 @@ def test_attention_kernels_match_the_reference(ckpt, tmp_path_factory, kv):
                              progress=False)
     gpu = Engine.load(art, device="cuda")
     ids = [gpu.encode(p, chat=True) for p in PROMPTS]
-    before = sum(attention_kernels.STATS.launches.values())
+    stats = gpu.kernels.attention  # the engine's own counts
+    assert attention_kernels.STATS is not stats
+    before = sum(stats.launches.values())
     logits = gpu.score(ids)
-    assert sum(attention_kernels.STATS.launches.values()) > before
-    assert not attention_kernels.STATS.fallbacks
-    table, attention_kernels._TABLE = attention_kernels._TABLE, None
+    assert sum(stats.launches.values()) > before
+    assert not stats.fallbacks
+    gpu.kernels.attention_on = False
     try:
         ref = gpu.score(ids)
     finally:
-        attention_kernels._TABLE = table
+        gpu.kernels.attention_on = True
     for a, b in zip(logits, ref):
         kl = torch.nn.functional.kl_div(a.float().log_softmax(-1), b.float().log_softmax(-1),
                                         log_target=True, reduction="none").sum(-1)

@@ -75,7 +75,7 @@ def test_poisoned_output_is_fully_written(kernels):
         head, packed, bias, extra = _operands(W4A8, m, n, k, seed=7)
         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
         cfg = select_config("w4a8", m, n, k)
-        kernel = kernels._TABLE.kernels[cfg.name("w4a8")]
+        kernel = kernels.active().table.kernels[cfg.name("w4a8")]
         kernels._run("w4a8", (cfg, kernel), head[0], head[1], (head[2], *packed, bias), n,
                      packed[0].shape[1] * 32, out=out)
         want = ref.gemm_w4a8_ref(*head, *packed, bias, n, torch.float16)
@@ -113,7 +113,7 @@ def test_split_k_is_bitwise_unsplit_and_leaves_counters_zero(kernels, name):
     assert cfg.split_k > 1 and cfg.reduce == "separate"
     outs = []
     fix = cfg.with_split(cfg.split_k, "fixup")
-    kernel = kernels._TABLE.kernels[cfg.name(kind)]
+    kernel = kernels.active().table.kernels[cfg.name(kind)]
     # the unsplit twin is not in the table: build it (cached; about a second of nvcc)
     from qcompile.cutlass_templates.build import build_kernel
     from qcompile.runtime.launcher import CudaModule
@@ -150,8 +150,9 @@ def test_raster_bands_cover_every_tile_once(kernels, name):
     assert cfg.grid(m, n)[:2] == (130, 10)
     out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
     k_packed = packed[0].shape[1] * (32 if scheme.weight_bits == 4 else 1)
-    got = kernels._run(kind, (cfg, kernels._TABLE.kernels[cfg.name(kind)]), head[0], head[1],
-                       (*head[2:], *packed, bias), n, k_packed, out=out)
+    kernel = kernels.active().table.kernels[cfg.name(kind)]
+    got = kernels._run(kind, (cfg, kernel), head[0], head[1], (*head[2:], *packed, bias), n,
+                       k_packed, out=out)
     want = REFERENCE[scheme](*head, *packed, bias, n, *extra, torch.float16)
     assert torch.isfinite(got).all()
     assert _sqnr_db(want, got) > 60

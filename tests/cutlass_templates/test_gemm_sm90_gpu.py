@@ -39,7 +39,7 @@ def test_wgmma_w8a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):
     from qcompile.cutlass_templates.configs import select_config
     head, packed, bias, _ = _operands(W8A8, m, n, k, seed=m + n)
     sm80 = select_config("w8a8", m, n, k)
-    want = kernels._run("w8a8", (sm80, kernels._TABLE.kernels[sm80.name("w8a8")]), head[0],
+    want = kernels._run("w8a8", (sm80, kernels.active().table.kernels[sm80.name("w8a8")]), head[0],
                         head[1], (*packed, bias), n, packed[0].shape[1])
     assert _sqnr_db(ref.gemm_w8a8_ref(*head, *packed, bias, n, torch.float16), want) > 60
     for (kind, cfg), fn in wgmma_kernels.items():
@@ -75,7 +75,7 @@ def test_wgmma_w4a8_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, n, k):
     head, packed, bias, _ = _operands(W4A8, m, n, k, seed=m + n + 1)
     sm80 = select_config("w4a8", m, n, k)
     kp = packed[0].shape[1] * 32
-    want = kernels._run("w4a8", (sm80, kernels._TABLE.kernels[sm80.name("w4a8")]), head[0],
+    want = kernels._run("w4a8", (sm80, kernels.active().table.kernels[sm80.name("w4a8")]), head[0],
                         head[1], (head[2], *packed, bias), n, kp)
     assert _sqnr_db(ref.gemm_w4a8_ref(*head, *packed, bias, n, torch.float16), want) > 60
     for (kind, cfg), fn in wgmma_kernels.items():
@@ -101,7 +101,7 @@ def test_wgmma_w4a8_group_is_bitwise_the_sm80_kernel(kernels, wgmma_kernels, m, 
     head, packed, bias, extra = _operands(scheme, m, n, k, seed=m + n + 2)
     sm80 = select_config(base, m, n, k)
     kp = packed[0].shape[1] * 32
-    want = kernels._run(base, (sm80, kernels._TABLE.kernels[sm80.name(base)]),
+    want = kernels._run(base, (sm80, kernels.active().table.kernels[sm80.name(base)]),
                         head[0], head[1], (*packed, bias), n, kp)
     assert _sqnr_db(ref.gemm_w4a8_group_ref(*head, *packed, bias, n, *extra, torch.float16),
                     want) > 60
