@@ -272,7 +272,7 @@ class FloatGraph:
         `calibrate` collects them from a graph."""
         from qcompile.models.decoder import Decoder
         dec = Decoder(self.cfg, {k: v.to(self.device, torch.float32)
-                                 for k, v in weights.items()}, torch.float32)
+                                 for k, v in weights.items()}, torch.float32).to(self.device)
         names = {id(t): canonical_name(path) for path, t in dec.named_buffers()}
         stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
         rows = _rows_per_batch(seqs, batch)
