@@ -11,11 +11,17 @@ from __future__ import annotations
 import torch
 
 
+# _nonzero: `s + (s == 0)` sets a zero scale to 1 and leaves the others bitwise unchanged.
+# Not `torch.where(s > 0, s, 1.0)`: torch.export records that 1.0 as a CPU scalar tensor, and
+# on CUDA each call then copies it from the host, a synchronisation that breaks CUDA-graph
+# capture (found by tests/runtime/test_cuda_graphs_gpu.py on an H100).
+
+
 def quant_a8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., K] float -> (x_q [..., K] int8, s_x [..., 1] float32, sum_k x_q [..., 1] int32)."""
     xf = x.float()
     s = xf.abs().amax(dim=-1, keepdim=True) / 127
-    s = torch.where(s > 0, s, 1.0)  # an all-zero row quantizes to zeros (no device baked in)
+    s = s + (s == 0)  # an all-zero row quantizes to zeros; see _nonzero
     xq = torch.clamp(torch.round(xf / s), -127, 127).to(torch.int8)
     return xq, s, xq.sum(dim=-1, keepdim=True, dtype=torch.int32)
 
@@ -37,11 +43,13 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 def quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] float -> (x_q [..., K] float8_e4m3fn, s_x [..., 1] float32): s_x =
-    max|x_row| / 448, x_q = e4m3(x / s_x) rounded to nearest even (clamped first, so a row's
+    max|x_row| * (1 / 448), x_q = e4m3(x / s_x) rounded to nearest even (clamped first, so a row's
     largest value maps to 448 on every device, saturating or not)."""
     xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
-    s = torch.where(s > 0, s, 1.0)  # an all-zero row quantizes to zeros
+    # times the reciprocal, not divided: CUDA divides a tensor by a Python scalar as a multiply
+    # by its reciprocal, so the CPU does the same for bitwise equal scales on both
+    s = xf.abs().amax(dim=-1, keepdim=True) * (1.0 / E4M3_MAX)
+    s = s + (s == 0)  # an all-zero row quantizes to zeros; see _nonzero
     xq = torch.clamp(xf / s, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return xq, s
 
