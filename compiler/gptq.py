@@ -146,25 +146,30 @@ class _Rounder:
         return q, (q - z) * s
 
 
-def inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float = PERCDAMP, *,
+                           reversed_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, dead): U [..., K, K] float64 upper triangular with U^T U = (H')^-1, H' = H with dead
     channels' diagonal set to 1, dampened by percdamp * mean(diag); dead [..., K] bool. A
     leading batch of Hessians gives a batch of factors."""
-    h = h.detach().to(torch.float64, copy=True)
     if h.dim() < 2 or h.shape[-1] != h.shape[-2]:
         raise ValueError(f"Hessian must be square [K, K], got {tuple(h.shape)}")
-    if not bool(torch.isfinite(h).all()):
+    # U without forming H^-1: with J the reversal of the channels and L the lower Cholesky
+    # factor of J H J, H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J, upper triangular with a
+    # positive diagonal, hence THE Cholesky factor (one factorization and one triangular
+    # inverse instead of the reference's factorize, invert, factorize again: half the flops).
+    # `reversed_input`: h is J H J already (gptq_quantize_many gathers it so, saving a copy);
+    # without it, h is left unchanged.
+    h = (h.detach().to(torch.float64) if reversed_input
+         else h.detach().to(torch.float64).flip(-2, -1))
+    # one reduction instead of a [.., K, K] bool tensor: any inf or nan makes the sum so
+    if not bool(torch.isfinite(h.sum(dim=(-2, -1))).all()):
         raise ValueError("Hessian has non-finite entries (inf/nan in the calibration inputs?)")
     diag = h.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = 1.0
     diag.add_(percdamp * diag.mean(-1, keepdim=True))
-    # U without forming H^-1: with J the reversal of the channels and L the lower Cholesky
-    # factor of J H J, H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J, upper triangular with a
-    # positive diagonal, hence THE Cholesky factor (one factorization and one triangular
-    # inverse instead of the reference's factorize, invert, factorize again: half the flops)
-    lower, info = torch.linalg.cholesky_ex(h.flip(-2, -1))
+    dead = dead.flip(-1)
+    lower, info = torch.linalg.cholesky_ex(h)
     if bool((info != 0).any()):
         raise ValueError(f"Hessian not positive definite after dampening {percdamp} (leading "
                          f"minor {int(info.max())}): raise percdamp or calibrate on more "
@@ -210,9 +215,10 @@ def gptq_quantize_many(ws: list[torch.Tensor], hs: list[torch.Tensor], scheme: Q
         orders = (torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True,
                                 stable=True) if act_order
                   else torch.arange(k, device=device).expand(len(ws), k))
-        h = torch.gather(torch.gather(h, 1, orders[:, :, None].expand(-1, -1, k)), 2,
-                         orders[:, None, :].expand(-1, k, -1))
-        u, dead = inverse_hessian_factor(h, percdamp)
+        rev = orders.flip(-1)  # J H[order][:, order] J in one indexing copy
+        layer = torch.arange(len(ws), device=device)[:, None, None]
+        h = h[layer, rev[:, :, None], rev[:, None, :]]
+        u, dead = inverse_hessian_factor(h, percdamp, reversed_input=True)
         w = torch.stack([torch.gather(x.detach().float(), 1, o.expand(x.shape[0], -1))
                          for x, o in zip(ws, orders)])  # [L, N, K], columns in order
         w.masked_fill_(dead[:, None, :], 0.0)  # never seen: 0 is on every grid, no error
