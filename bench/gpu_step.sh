@@ -14,5 +14,9 @@ python bench/make_checkpoint.py llama-3.2-1b /tmp/llama1b || exit 1
   --quantizer rtn --kv-key-centering none --max-seq-len 2048 -o /tmp/art1b -q \
   > "$OUT/compile.log" 2>&1 || { tail -20 "$OUT/compile.log"; exit 1; }
 grep -E "Elapsed|Maximum resident" "$OUT/compile.log"
+if [ -n "${FP16:-}" ]; then  # the fp16 / KV16 artifact of the same checkpoint, for qbench's ratio
+  qcompile /tmp/llama1b --target "sm${major}0" --precision fp16 --kv fp16 --max-seq-len 2048 \
+    -o /tmp/art1b_fp16 -q > "$OUT/compile_fp16.log" 2>&1 || tail -5 "$OUT/compile_fp16.log"
+fi
 python bench/profile_step.py /tmp/art1b --batch ${BATCH:-64} --input-len ${INPUT_LEN:-1024} \
   --out "$OUT" 2>&1 | tee "$OUT/profile_step.log" | grep -v Warning | tail -12
