@@ -229,24 +229,30 @@ def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int | Non
     X^T X of every linear's input (see the module docstring); without `linears`, keys only.
     rows_per_batch (default: SAMPLE_ROWS over the batches, so the searches see as many rows
     whatever the number of sequences) input rows of each linear are kept per forward."""
-    if rows_per_batch is None:
-        rows_per_batch = _rows_per_batch(sequences, batch)
     names = {ph: canonical_name(path) for ph, path in lowering.origin.items()}
-    stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
     weights = list(lowering.weights.values())
-    device = weights[0].device
     kv_shape = tuple(int(n) for n in lowering.placeholders()["kv_cache"].meta["val"].shape)
+
+    def forward(collect, seqs):
+        _Recorder(lowering.gm, names, collect).run(
+            *weights, *_prefill_inputs(kv_shape, seqs, weights[0].device))
+    return _collect(forward, sequences, batch, rows_per_batch, seed, hessian, linears,
+                    progress)
+
+
+def _collect(forward, sequences, batch: int, rows_per_batch: int | None, seed: int,
+             hessian: bool, linears: bool, progress: bool) -> CalibStats:
+    """The statistics of `forward(collector, sequences)` run on `batch` sequences at a time:
+    the loop `calibrate` (a graph) and `FloatGraph` (the eager decoder) share."""
+    if rows_per_batch is None:  # SAMPLE_ROWS over the batches
+        rows_per_batch = -(-SAMPLE_ROWS // -(-len(sequences) // batch))
+    stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
     for i in tqdm(range(0, len(sequences), batch), desc="calibrate", unit="batch",
                   disable=not progress):
-        collect = _Collector(stats, rows_per_batch, gen, hessian, linears)
         with torch.no_grad():
-            _Recorder(lowering.gm, names, collect).run(
-                *weights, *_prefill_inputs(kv_shape, sequences[i:i + batch], device))
+            forward(_Collector(stats, rows_per_batch, gen, hessian, linears),
+                    sequences[i:i + batch])
     return stats
-
-
-def _rows_per_batch(sequences, batch: int) -> int:
-    return -(-SAMPLE_ROWS // -(-len(sequences) // batch))
 
 
 class FloatGraph:
@@ -274,14 +280,11 @@ class FloatGraph:
         dec = Decoder(self.cfg, {k: v.to(self.device, torch.float32)
                                  for k, v in weights.items()}, torch.float32).to(self.device)
         names = {id(t): canonical_name(path) for path, t in dec.named_buffers()}
-        stats, gen = CalibStats(), torch.Generator().manual_seed(seed)
-        rows = _rows_per_batch(seqs, batch)
-        for i in tqdm(range(0, len(seqs), batch), desc="calibrate", unit="batch",
-                      disable=not progress):
-            collect = _Collector(stats, rows, gen, hessian, linears)
-            with torch.no_grad(), _EagerRecorder(names, collect):
-                dec(*_prefill_inputs(self.kv_shape, seqs[i:i + batch], self.device))
-        return stats
+
+        def forward(collect, part):
+            with _EagerRecorder(names, collect):
+                dec(*_prefill_inputs(self.kv_shape, part, self.device))
+        return _collect(forward, seqs, batch, None, seed, hessian, linears, progress)
 
 
 def key_mean(cfg, weights: dict[str, torch.Tensor], seqs, progress: bool = True

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 
 import torch
@@ -25,7 +24,7 @@ from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FO
 from qcompile.runtime.ops.attention import paged_attention_ref
 from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes
 
-from .gemm_kernels import _DEFAULT, KernelTable, active
+from .gemm_kernels import _DEFAULT, KernelTable, active, attention_by_default
 
 STATS = _DEFAULT.attention  # the process default's counts (benchmarks, tests)
 _LOG2E = 1.4426950408889634
@@ -36,7 +35,7 @@ def enable(table: KernelTable) -> None:
     KV-encode ops to the active kernels (the default keeps the reference where
     $QCOMPILE_ATTENTION is "reference")."""
     _DEFAULT.table = table
-    _DEFAULT.attention_on = os.environ.get("QCOMPILE_ATTENTION", "kernels") != "reference"
+    _DEFAULT.attention_on = attention_by_default()
     register()
 
 

@@ -100,12 +100,8 @@ class Engine:
         cache = PagedKVCache(spec, _num_blocks(spec, device, kv_cache_bytes, art), device, layout)
         kernels = None
         if device.type == "cuda" and art.manifest["kernels"]:
-            from . import attention_kernels, gemm_kernels
-            kernels = gemm_kernels.Kernels(gemm_kernels.KernelTable(
-                art.path / "kernels" / art.compile.target))
-            gemm_kernels.split_k_flags(device)
-            gemm_kernels.register()
-            attention_kernels.register()
+            from .gemm_kernels import Kernels
+            kernels = Kernels.load(art.path / "kernels" / art.compile.target, device)
         if compile:
             # Round to the activation dtype where eager does (before quantization), so the
             # compiled program produces the reference ops' int8 codes.

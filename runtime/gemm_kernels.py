@@ -58,9 +58,19 @@ class Kernels:
 
     def __init__(self, table: KernelTable | None = None, *, attention: bool | None = None):
         self.table, self.gemm_on = table, True
-        self.attention_on = (os.environ.get("QCOMPILE_ATTENTION", "kernels") != "reference"
-                             if attention is None else attention)
+        self.attention_on = attention_by_default() if attention is None else attention
         self.gemm, self.attention = Stats(), Stats()
+
+    @classmethod
+    def load(cls, kernel_dir, device: torch.device) -> "Kernels":
+        """The kernels in kernel_dir, with the ops routed to the active kernels and the
+        device's split-K counters allocated (before any CUDA-graph capture)."""
+        from . import attention_kernels
+        kernels = cls(KernelTable(kernel_dir))
+        split_k_flags(device)
+        register()
+        attention_kernels.register()
+        return kernels
 
     def wrap(self, program):
         """`program`, called with these kernels active (what an Engine runs)."""
@@ -68,6 +78,11 @@ class Kernels:
             with using(self):
                 return program(*args, **kwargs)
         return run
+
+
+def attention_by_default() -> bool:
+    """Attention kernels on unless $QCOMPILE_ATTENTION is "reference"."""
+    return os.environ.get("QCOMPILE_ATTENTION", "kernels") != "reference"
 
 
 _DEFAULT = Kernels()  # the process default: enable() loads its table
