@@ -49,11 +49,11 @@ class CalibStats:
     tokens: dict[str, int] = field(default_factory=dict)            # name -> rows summed in xtx
 
     def hessian(self, name: str) -> torch.Tensor:
-        """GPTQ's H = 2 X^T X / n of linear `name` over every calibration token, [K, K] f64
+        """GPTQ's H = 2 X^T X / n of linear `name` over every calibration token, [K, K] f32
         (the Hessian of the layer's squared output error ||X W^T - X Q^T||^2 / n in W)."""
         if name not in self.xtx:
             raise KeyError(f"no Hessian for {name}: calibrate(..., hessian=True) collects them")
-        return self.xtx[name].double() * (2.0 / self.tokens[name])
+        return self.xtx[name] * (2.0 / self.tokens[name])
 
     def scaled(self, scales: dict[str, torch.Tensor]) -> "CalibStats":
         """The statistics of the model in which input channel j of each linear `name` is

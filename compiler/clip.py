@@ -72,15 +72,10 @@ def fake_quant_act(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Per-token symmetric fake quantization of activations x [..., K] (A8: the runtime's
     `quant_a8_ref`, dequantized)."""
     x = x.float()
-    if bits == 8:
-        xq, s, _ = quant_a8_ref(x)
-        return xq.float() * s
     if bits >= 16:
         return x
-    qmax = 2 ** (bits - 1) - 1
-    s = x.abs().amax(dim=-1, keepdim=True) / qmax
-    s = torch.where(s > 0, s, 1.0)
-    return torch.clamp(torch.round(x / s), -qmax, qmax) * s
+    codes, s = _act_codes(x, bits)
+    return codes * s
 
 
 def fake_quant_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -183,10 +178,20 @@ def row_errors(w: torch.Tensor, x: torch.Tensor, scheme: QuantScheme,
                ratios: Sequence[float] = DEFAULT_RATIOS,
                max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
     """Output error per (ratio, output channel): [R, N] float64, entry (r, n) is
-    sum_s (X W^T - Q_a(X) Q_w(clip_r(W))^T)[s, n]^2. x [S, K] are input rows of the linear."""
+    sum_s (X W^T - Q_a(X) Q_w(clip_r(W))^T)[s, n]^2. x [S, K] are input rows of the linear.
+
+    The error is split as Q_a(X) (Q_w - W)^T + (Q_a(X) - X) W^T: the second term does not
+    depend on the ratio (one float32 GEMM), and the first, R times larger, runs in bfloat16
+    on the activations' integer codes (exact in bfloat16) times the small differences Q_w - W, its
+    per-token scale applied after. Relative error of each entry ~2^-8, which only reorders
+    ratios whose errors tie to that precision (99% of rows choose as in float32), at half the
+    time of one float32 GEMM of Q_a(X) by every clipped weight (SmolLM2-135M: clip 13 -> 7 s
+    on 2 cores)."""
     w = w.float()
     x = x.to(device=w.device, dtype=torch.float32)
-    xq = fake_quant_act(x, scheme.act_bits)
+    codes, s_x = _act_codes(x, scheme.act_bits)
+    xq_err = codes * s_x - x  # Q_a(X) - X
+    codes = codes.to(torch.bfloat16)
     rt = _ratios(ratios)
     nr, (n, k), s = len(rt), w.shape, x.shape[0]
     chunk = max(1, max_elements // (nr * max(k, s)))
@@ -194,10 +199,25 @@ def row_errors(w: torch.Tensor, x: torch.Tensor, scheme: QuantScheme,
     for n0 in range(0, n, chunk):
         wc = w[n0:n0 + chunk]
         m = wc.shape[0]
-        wq = _fake_quant_clipped(wc, rt, scheme).reshape(nr * m, k)
-        d = (xq @ wq.T).view(s, nr, m).sub_((x @ wc.T)[:, None, :])  # [S, R, m]
+        dw = _fake_quant_clipped(wc, rt, scheme).sub_(wc).reshape(nr * m, k)
+        d = torch.addcmul((xq_err @ wc.T)[:, None, :],  # [S, R, m]
+                          (codes @ dw.to(torch.bfloat16).T).view(s, nr, m), s_x[:, :, None])
         err[:, n0:n0 + m] = torch.linalg.vector_norm(d, dim=0).square_()
     return err
+
+
+def _act_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, s) with Q_a(x) = codes * s: the integer codes as float (exact in bfloat16 for 8
+    bits and fewer) and per-token scales [S, 1]; 16-bit activations: (x, 1)."""
+    if bits >= 16:
+        return x, torch.ones(x.shape[0], 1, device=x.device)
+    if bits == 8:
+        q, s, _ = quant_a8_ref(x)
+        return q.float(), s
+    qmax = 2 ** (bits - 1) - 1
+    s = x.abs().amax(dim=-1, keepdim=True) / qmax
+    s = torch.where(s > 0, s, 1.0)
+    return torch.clamp(torch.round(x / s), -qmax, qmax), s
 
 
 def search_clip_ratio(w: torch.Tensor, x: torch.Tensor, scheme: QuantScheme,

@@ -191,8 +191,9 @@ def test_clip_helps_with_weight_outliers(scheme):
     assert r in DEFAULT_RATIOS
     e1, er = _out_err(w, x, scheme), _out_err(w, x, scheme, clip_weight(w, r, scheme))
     assert er <= e1 * (1 + 1e-6)
-    assert errs[DEFAULT_RATIOS.index(r)].item() == pytest.approx(er, rel=1e-4)
-    assert errs[0].item() == pytest.approx(e1, rel=1e-4)
+    # the search's error term that depends on the ratio runs in bfloat16 (row_errors)
+    assert errs[DEFAULT_RATIOS.index(r)].item() == pytest.approx(er, rel=1e-3)
+    assert errs[0].item() == pytest.approx(e1, rel=1e-3)
     if scheme.weight_bits == 4:
         assert r < 1.0, f"{scheme.name}: clipping should pay off with outliers, errors {errs}"
         assert er < e1
