@@ -12,7 +12,9 @@ linear's input X [T, K]: K^2 float32 per linear (SmolLM2-135M: 0.4 GB for 30 lay
 off by default. Fused linears (wqkv, w_gate_up) are one linear in the graph with one input, so
 they get one matrix. Each batch adds its product into the sum with one float32 GEMM (`addmm_`:
 no temporary, no conversion; the sum over a batch's 2048 tokens already rounds to ~1e-6
-relative, and the few batches add little); `hessian()` hands GPTQ float64.
+relative, and the few batches add little); `hessian()` hands GPTQ float32. bfloat16 blocks
+(twice float32's GEMM rate on this CPU) were tried and dropped: their ~0.3% error per entry
+left some of SmolLM2's H indefinite after GPTQ's 1% dampening.
 
 Attention runs by SDPA's causal kernel (`_prefill_attention`): calibration only prefills empty
 caches, where the runtime's reference op (explicit mask, repeated kv heads) computes the same
