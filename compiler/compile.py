@@ -40,7 +40,8 @@ def compile_model(source, cfg: CompileConfig, out, *, trust_pickle: bool = False
     and the calibration text are checked before the checkpoint is loaded; `force` lets `out`
     replace something that is not a previous artifact (compiler/artifact.py: check_output)."""
     check_inputs(cfg, out, force, protect=(source,))
-    return compile_checkpoint(load_checkpoint(source, trust_pickle=trust_pickle), cfg, out,
+    return compile_checkpoint(load_checkpoint(source, trust_pickle=trust_pickle,
+                                              progress=progress), cfg, out,
                               progress=progress, force=force)
 
 

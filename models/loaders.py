@@ -56,8 +56,9 @@ class PickleRefusedError(ValueError):
     """A pickled checkpoint was given without `trust_pickle=True`."""
 
 
-def load_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
-    """Load `path` (see the module docstring for accepted inputs) into a `Checkpoint`.
+def load_checkpoint(path, *, trust_pickle: bool = False, progress: bool = True) -> Checkpoint:
+    """Load `path` (see the module docstring for accepted inputs) into a `Checkpoint`;
+    `progress=False` also silences transformers' bars (a GGUF's dequantization).
 
     The architecture is checked from the config before any tensor is read; every tensor is
     checked against the config's shapes; missing or unexpected tensors are errors."""
@@ -68,7 +69,7 @@ def load_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
     if path.is_dir():
         config, hf_weights, tokenizer = _load_hf_dir(path)
     elif suffix == ".gguf":
-        config, hf_weights, tokenizer = _load_gguf(path)
+        config, hf_weights, tokenizer = _load_gguf(path, progress)
     elif suffix in (".pt", ".pth"):
         config, hf_weights, tokenizer = _load_pickle(path, trust_pickle)
     else:
@@ -123,18 +124,41 @@ def _dir_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_gguf(path: Path):
+def _load_gguf(path: Path, progress: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     reader = check_gguf(path)
     folder, name = path.parent, path.name
-    with _one_header_parse(path, reader):
+    with _one_header_parse(path, reader), _transformers_bars(progress):
         hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
         config = ModelConfig.from_hf(hf_config)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config,
                                                      dtype=torch.float32)
         tokenizer = load_gguf_tokenizer(path, reader)
     return config, model.state_dict(), tokenizer
+
+
+@contextlib.contextmanager
+def _transformers_bars(progress: bool):
+    """transformers' progress bars while it loads a GGUF ("Converting and de-quantizing GGUF
+    tensors", "Loading weights") follow qcompile's -q: its logging switch covers the second,
+    and the first is a plain tqdm of its GGUF module, given disable=True here."""
+    if progress:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    was_on, bar = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -285,3 +285,19 @@ def test_smollm2_gguf_tokenizer(smollm2):
                                      add_generation_prompt=True)
     assert "Hi" in prompt and "assistant" in prompt
     assert tok.eos_token_id is not None
+
+
+def test_quiet_load_silences_transformers_bars():
+    """qcompile -q: transformers' GGUF dequantization bar and its logging bars are off while
+    a GGUF loads, and back after."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from qcompile.models.loaders import _transformers_bars
+    bar = gguf_utils.tqdm
+    with _transformers_bars(False):
+        assert gguf_utils.tqdm(range(3)).disable
+        assert not hf_logging.is_progress_bar_enabled()
+    assert gguf_utils.tqdm is bar and hf_logging.is_progress_bar_enabled()
+    with _transformers_bars(True):
+        assert gguf_utils.tqdm is bar
