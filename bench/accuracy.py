@@ -94,12 +94,12 @@ def main_rows() -> list[Row]:
 def calibration_rows() -> list[Row]:
     """The W4A8 KV4 recipes calibrated on each calibration text (the default's is the main
     table's row), and on pydoc: the old default, whose pydoc cell is left out."""
-    from qcompile.compiler.config import CALIB_SOURCES, CompileConfig
+    from qcompile.compiler.config import CALIB_CHOICES, CompileConfig
     default = CompileConfig().calib_source
     table = "calibration, W4A8 KV4"
     return [Row(f"{table}: {label}, {src}", qoq(p, calib_source=src), ("int4",), table)
             for p, label in (("w4a8", "per-channel"), ("w4a8-g64", "g64"))
-            for src in [s for s in CALIB_SOURCES if s != default] + ["pydoc"]]
+            for src in CALIB_CHOICES if src != default]
 
 
 def kv_ablation() -> list[Row]:
