@@ -220,30 +220,6 @@ def _act_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(x / s), -qmax, qmax), s
 
 
-@torch.no_grad()
-def row_errors_hessian(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme,
-                       ratios: Sequence[float] = DEFAULT_RATIOS,
-                       max_elements: int = MAX_ELEMENTS, damp: float = 0.0) -> torch.Tensor:
-    """Output error per (ratio, output channel) over EVERY calibration token, [R, N] float64:
-    entry (r, n) is dW H dW^T for dW = Q_w(clip_r(W))[n] - W[n] and H = 2 X^T X / T (the
-    linear's Hessian, `CalibStats.hessian`): the squared output error of the weight rounding
-    alone (activations in float), from all T tokens instead of a sample of rows."""
-    w = w.float()
-    h = h.to(device=w.device, dtype=torch.float32)
-    if damp:
-        h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], device=h.device)
-    rt = _ratios(ratios)
-    nr, (n, k) = len(rt), w.shape
-    chunk = max(1, max_elements // (nr * k))
-    err = torch.empty(nr, n, dtype=torch.float64, device=w.device)
-    for n0 in range(0, n, chunk):
-        wc = w[n0:n0 + chunk]
-        m = wc.shape[0]
-        d = _fake_quant_clipped(wc, rt, scheme).sub_(wc[None])  # [R, m, K]
-        err[:, n0:n0 + m] = ((d.reshape(-1, k) @ h).view(nr, m, k) * d).sum(-1)
-    return err
-
-
 def search_clip_ratio(w: torch.Tensor, x: torch.Tensor, scheme: QuantScheme,
                       ratios: Sequence[float] = DEFAULT_RATIOS) -> tuple[float, torch.Tensor]:
     """(best ratio, output error of every ratio [R]) for one linear w [N, K] on rows x."""
@@ -269,8 +245,7 @@ LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
 @torch.no_grad()
 def clip_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, scheme: QuantScheme,
                  ratios: Sequence[float] = DEFAULT_RATIOS, *, granularity: str = "row",
-                 objective: str = "samples", hessian_damp: float = 0.0, progress: bool = False,
-                 max_elements: int = MAX_ELEMENTS
+                 progress: bool = False, max_elements: int = MAX_ELEMENTS
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Clip every decoder linear (not the head) at its searched ratio.
 
@@ -294,11 +269,7 @@ def clip_weights(cfg, weights: dict[str, torch.Tensor], stats: CalibStats, schem
         if name not in stats.samples:
             raise KeyError(f"clip_weights: no calibration samples for {name}")
         w = weights[name]
-        if objective == "hessian":
-            err = row_errors_hessian(w, stats.hessian(name), scheme, ratios, max_elements,
-                                     hessian_damp)
-        else:
-            err = row_errors(w, stats.samples[name], scheme, ratios, max_elements)
+        err = row_errors(w, stats.samples[name], scheme, ratios, max_elements)
         per_row = torch.empty(w.shape[0], dtype=torch.float32)
         for suffix, lo, hi in _blocks(cfg, name):
             hi = w.shape[0] if hi is None else hi
