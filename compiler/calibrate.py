@@ -85,13 +85,18 @@ class CalibStats:
 
 
 def calibration_sequences(tokenizer, num_samples: int, seq_len: int,
-                          text_file: str | Path | None = None) -> list[list[int]]:
-    """num_samples windows of seq_len tokens (the pydoc text after the eval split by default)."""
+                          text_file: str | Path | None = None,
+                          source: str = "pydoc") -> list[list[int]]:
+    """num_samples windows of seq_len tokens of text_file, else of `source`: "pydoc" is the
+    pydoc text after the evaluation split, any other a `runtime/texts.py` source."""
     from qcompile.runtime.eval import EVAL_TOKENS_RESERVED, pydoc_text
     if text_file is not None:
         ids = tokenizer.encode(Path(text_file).read_text())
-    else:
+    elif source == "pydoc":
         ids = tokenizer.encode(pydoc_text())[EVAL_TOKENS_RESERVED:]
+    else:
+        from qcompile.runtime.texts import read_source
+        ids = tokenizer.encode(read_source(source))
     if len(ids) < num_samples * seq_len:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than {num_samples} x "
                          f"{seq_len}: use fewer or shorter samples, or a longer --calib-text")

@@ -82,7 +82,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
         from .calibrate import calibration_sequences
         from .calibrate import key_mean as measure_key_mean
         seqs = calibration_sequences(ckpt.tokenizer, cfg.key_calib_samples, cfg.calib_seq_len,
-                                     cfg.calib_text)
+                                     cfg.calib_text, cfg.calib_source)
         key_mean = measure_key_mean(mcfg, weights, seqs, progress)
     bar = tqdm(total=4, desc="qcompile", disable=not progress, unit="step")
 

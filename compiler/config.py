@@ -41,6 +41,8 @@ MIN_SEQ_LEN = 2            # a prompt token and one generated token
 MAX_SEQ_LEN = 1 << 24      # 16M tokens: beyond every released model's context
 
 
+CALIB_CHOICES = ("pydoc", "stdlib-docstrings")  # runtime/texts.py CALIB_SOURCES + pydoc
+
 def _opt(help: str, choices=None, **kw):
     return field(metadata={"help": help, "choices": choices}, **kw)
 
@@ -99,8 +101,12 @@ class CompileConfig:
                                   "where QoQ does not measure them (a keys-only forward; 8 "
                                   "is within 0.03 perplexity of 32 on SmolLM2 fp16 KV4, "
                                   "CHANGELOG.md)", default=8)
-    calib_text: str | None = _opt("calibration text file (default: pydoc topics after the "
-                                  "evaluation split)", default=None)
+    calib_text: str | None = _opt("calibration text file (default: --calib-source)",
+                                  default=None)
+    calib_source: str = _opt("calibration text when no --calib-text is given: pydoc (the "
+                             "pydoc topics after the evaluation split) or stdlib-docstrings "
+                             "(the standard library's docstrings, a text no evaluation "
+                             "scores; runtime/texts.py)", CALIB_CHOICES, default="pydoc")
     kernels: str = _opt("build: compile the GEMM and attention kernels the graph uses for "
                         "--target with nvcc and ship them; skip: ship none (every op runs its "
                         "PyTorch reference)",

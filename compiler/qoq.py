@@ -68,7 +68,7 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
         return _result(w, {}, None, report, t0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = calibration_sequences(ckpt.tokenizer, ccfg.calib_samples, ccfg.calib_seq_len,
-                                 ccfg.calib_text)
+                                 ccfg.calib_text, ccfg.calib_source)
     st = FloatGraph(cfg, device).stats(w, seqs, progress, hessian=gptq)
     lap("calibrate")
     w, st, keys = _smooth(cfg, w, st, steps, scheme, report)
