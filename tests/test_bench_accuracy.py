@@ -48,28 +48,34 @@ def test_rows_are_data(bench):
 def test_runner_on_tiny_checkpoint(bench, make_tiny_checkpoint, tmp_path, capsys):
     model = make_tiny_checkpoint("llama", num_hidden_layers=1)
     argv = ["--model", str(model), "--rows", "^(FP16|W4A16 g128 RTN)$", "--num-seqs", "2",
-            "--seq-len", "32", "--out", str(tmp_path), "--stem", "acc"]
+            "--seq-len", "32", "--out", str(tmp_path), "--stem", "acc", "--sources", "pydoc,package-readmes"]
 
     assert bench.main(argv) == 0
 
     results = json.loads((tmp_path / "acc.json").read_text())["results"]
-    assert len(results) == 4  # 2 rows x 2 KV formats
+    # 2 rows x 2 KV formats x 2 sources, less pydoc at KV4: its key means calibrate on pydoc
+    assert len(results) == 6
+    assert {(r["kv"], r["source"]) for r in results.values() if r["row"] == "FP16"} == {
+        ("fp16", "pydoc"), ("fp16", "package-readmes"), ("int4", "package-readmes")}
     for r in results.values():
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and r["tokens"] == 62
         assert r["compile_seconds"] > 0
     table = (tmp_path / "acc.md").read_text()
-    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
-    fp16 = next(r for r in results.values() if r["row"] == "FP16" and r["kv"] == "fp16")
-    assert f"{fp16['perplexity']:.2f}" in lines["| FP16"] and "+0.0%" in lines["| FP16"]
+    lines = {tuple(line.split(" | ")[:2]): line for line in table.splitlines()
+             if line.startswith("| ")}  # (| precision, KV)
+    fp16 = next(r for r in results.values() if r["row"] == "FP16" and r["kv"] == "fp16"
+                and r["source"] == "pydoc")
+    assert f"{fp16['perplexity']:.2f} (+0.0%)" in lines["| FP16", "16"]
+    assert "| calib |" in lines["| FP16", "4"]  # KV4's key means read pydoc: no pydoc cell
     assert "W4A16 g128 RTN" in table
     assert (tmp_path / "acc.png").stat().st_size > 10_000
     capsys.readouterr()
 
     assert bench.main(argv) == 0  # everything cached: no compile
-    assert capsys.readouterr().out.count("cached") == 4
+    assert capsys.readouterr().out.count("cached") == 4  # one line per row and KV format
 
     report = [a if a != argv[3] else "^(FP16|W8A8 RTN)$" for a in argv] + ["--report"]
     assert bench.main(report) == 0  # W8A8 RTN is not cached: reported empty, not compiled
     out = capsys.readouterr().out
     assert out.count("cached") == 2 and out.count("not in the cache") == 2
-    assert len(json.loads((tmp_path / "acc.json").read_text())["results"]) == 4
+    assert len(json.loads((tmp_path / "acc.json").read_text())["results"]) == 6
