@@ -51,3 +51,24 @@ def test_qbench_bad_arguments(served_artifact, tmp_path, capsys, argv, msg):
     assert rc == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_qbench_static_peer_and_a_failing_peer(served_artifact, tmp_path, capsys, monkeypatch):
+    """HF's static-cache peer runs (on the CPU without its compile); a peer that fails is left
+    out with a one-line message, and our row is still measured and written."""
+    rc = bench.main([str(served_artifact), "--device", "cpu", "--input-len", "12",
+                     "--output-len", "4", "--num-prompts", "2", "--max-seqs", "2",
+                     "--peer", "hf-static", "--out", str(tmp_path), "-q"])
+    assert rc == 0 and "| hf static+compile |" in capsys.readouterr().out
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten")
+    monkeypatch.setattr(bench, "bench_hf", broken)
+    rc = bench.main([str(served_artifact), "--device", "cpu", "--input-len", "12",
+                     "--output-len", "4", "--num-prompts", "2", "--max-seqs", "2",
+                     "--peer", "hf", "--out", str(tmp_path), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "| qcompile fp16 kv fp16 |" in out and "| hf" not in out
+    assert err.count("qbench: peer") == 2 and "CUDAGraphs" in err
+    data = json.loads((tmp_path / f"qbench-{served_artifact.name}.json").read_text())
+    assert [r["name"] for r in data["results"]] == ["qcompile fp16 kv fp16"]
