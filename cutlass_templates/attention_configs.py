@@ -28,7 +28,12 @@ DECODE_ROWS, KT_ROWS, PREFILL_ROWS = 16, 8, 64
 ROWS = {"decode": DECODE_ROWS, "kt": KT_ROWS, "prefill": PREFILL_ROWS}
 MIN_SPLIT_KEYS = 128  # one int4 decode stage: a shorter split is all launch and merge
 MAX_SPLITS = 64
-WAVE_CTAS_PER_SM = 8  # split until ~8 CTAs per SM (2-3 waves of 3 resident): a small last wave
+# Split targets, measured on an H200 (bench/results/gpu-h200-2026-12-07.md, 8B heads): with
+# fewer (sequence, kv head) CTAs than SMs (batch 1) split up to one CTA per SM (4096 keys: 16
+# splits 15.5 us, 32 splits 18.3 us, as two CTAs on one SM serialise); with more, split until
+# ~WAVE_CTAS_PER_SM CTAs per SM so that the last wave is small (batch 64 x 8 kv heads: 2 splits
+# 147 us at 4096 keys, 3 splits 150, 1 split 175; fp16 pages 338 / 346 / 328).
+WAVE_CTAS_PER_SM = 4
 
 
 def _kind(kind: str) -> tuple[str, str]:
@@ -106,10 +111,10 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     """Entry, grid and key splits for T query tokens of B sequences with up to max_keys keys
     each (block-table width x page size). A decode entry when the batch is mostly
     single-token steps (T <= 2B): "kt" (8 rows per CTA) when a sequence averages at most 8
-    query rows (T * G <= 8 B), else "decode" (16 rows); prefill otherwise. Keys split until
-    about WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave costs little (64 x 8 heads =
-    512 CTAs on 132 SMs x 3 resident is 1.3 waves: 35% of the second wave idle), each split
-    at least MIN_SPLIT_KEYS keys. Any entry is correct for any batch (a sequence with more
+    query rows (T * G <= 8 B), else "decode" (16 rows); prefill otherwise. Keys split up to
+    one CTA per SM when the batch's CTAs are fewer than the SMs, else until about
+    WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave costs little (64 x 8 heads = 512
+    CTAs on 132 SMs: 2 splits); each split at least MIN_SPLIT_KEYS keys. Any entry is correct for any batch (a sequence with more
     rows than a CTA holds gets several CTAs); `entry` / `splits` override (tests, benchmarks)."""
     g = hq // hkv
     if entry is None:
@@ -119,7 +124,7 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     rows = ROWS[entry]
     row_blocks = -(-t * g // rows) + b  # >= sum over sequences of ceil(n_b * G / rows)
     if splits is None:
-        busy = (min(b, t) if entry != "prefill" else -(-t * g // rows)) * hkv
-        splits = max(1, min(-(-WAVE_CTAS_PER_SM * sm_count // max(busy, 1)),
-                            max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
+        busy = max(1, (min(b, t) if entry != "prefill" else -(-t * g // rows)) * hkv)
+        target = sm_count if busy < sm_count else WAVE_CTAS_PER_SM * sm_count
+        splits = max(1, min(-(-target // busy), max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)

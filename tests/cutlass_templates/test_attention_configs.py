@@ -46,16 +46,18 @@ def test_shared_memory():
 
 
 def test_plan_entry_and_splits():
-    dec = plan(64, 64, 32, 8, 1024, 132)  # 512 CTAs: split to fill the last wave
-    assert dec.entry == "kt" and dec.splits == 3 and dec.grid == (64 * 4 // 8 + 64, 8, 3)
+    dec = plan(64, 64, 32, 8, 1024, 132)  # 512 CTAs: split to even out the last wave
+    assert dec.entry == "kt" and dec.splits == 2 and dec.grid == (64 * 4 // 8 + 64, 8, 2)
     # 16 query rows a sequence on average (two tokens of G = 8): the 16-row entry
     assert plan(128, 64, 64, 8, 1024, 132).entry == "decode"
     with pytest.raises(ValueError, match="unknown entry"):
         plan(1, 1, 8, 8, 64, 132, entry="decod")
     big = plan(256, 256, 32, 8, 4096, 132)
     assert big.splits == 1
-    one = plan(1, 1, 32, 8, 32768, 132)  # one long sequence: split its keys
-    assert one.splits == MAX_SPLITS and one.grid[2] == MAX_SPLITS
+    one = plan(1, 1, 32, 8, 32768, 132)  # one long sequence: split its keys, a CTA per SM
+    assert one.splits == 17 and one.grid[2] == 17  # 8 kv heads x 17 >= 132 SMs
+    assert plan(1, 1, 32, 8, 4096, 132).splits == 17
+    assert plan(1, 1, 32, 1, 32768, 132).splits == MAX_SPLITS  # one kv head: capped
     short = plan(1, 1, 32, 8, 512, 132)  # never below MIN_SPLIT_KEYS keys a split
     assert short.splits == 512 // MIN_SPLIT_KEYS
     pre = plan(4096, 2, 32, 8, 4096, 132)
