@@ -6,7 +6,8 @@
 #   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32),
 #   BENCH="" (no attention bench), LATE_PYTEST (GPU tests run last, in the time left),
 #   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager; hf adds
-#   HF's static cache + torch.compile)
+#   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --compile: Inductor on our glue),
+#   COMPILE=1 (gpu_step.sh also profiles the step with Inductor)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -25,11 +26,12 @@ if [ -z "${SKIP_STEP:-}" ]; then
   if [ -d /tmp/art1b ] && [ -z "${SKIP_QBENCH:-}" ]; then
     stamp qbench
     timeout $(cap 200) qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
-      --num-prompts 64 --max-seqs 64 --peer ${QBENCH_PEER:-hf-eager} --out "$OUT" -q 2>&1 | tail -8
+      --num-prompts 64 --max-seqs 64 --peer ${QBENCH_PEER:-hf-eager} ${QBENCH_ARGS:-} --out "$OUT" \
+      -q 2>&1 | tail -8
     if [ -d /tmp/art1b_fp16 ]; then
       stamp qbench-fp16
       timeout $(cap 120) qbench /tmp/art1b_fp16 --input-len 1024 --output-len ${QBENCH_OUT:-32} \
-        --num-prompts 64 --max-seqs 64 --out "$OUT" -q 2>&1 | tail -6
+        --num-prompts 64 --max-seqs 64 ${QBENCH_ARGS:-} --out "$OUT" -q 2>&1 | tail -6
     fi
   fi
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: a synthetic Llama-3.2-1B-shaped checkpoint compiled to w4a8 / KV int4
 # for this GPU (RTN: the step profile does not depend on the recipe), served on CUDA, one
-# batch-64 decode step profiled with our attention kernels and with the reference attention.
+# batch-64 decode step profiled with our attention kernels and with the reference attention
+# (COMPILE=1: also with Inductor on the glue).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -19,4 +20,10 @@ if [ -n "${FP16:-}" ]; then  # the fp16 / KV16 artifact of the same checkpoint, 
     -o /tmp/art1b_fp16 -q > "$OUT/compile_fp16.log" 2>&1 || tail -5 "$OUT/compile_fp16.log"
 fi
 python bench/profile_step.py /tmp/art1b --batch ${BATCH:-64} --input-len ${INPUT_LEN:-1024} \
-  --out "$OUT" 2>&1 | tee "$OUT/profile_step.log" | grep -v Warning | tail -12
+  --out "$OUT" 2>&1 | tee "$OUT/profile_step.log" | grep -v Warning | tail -30
+if [ -n "${COMPILE:-}" ]; then  # the same step with Inductor on the glue (issue 13 item 4)
+  mkdir -p "$OUT/compiled"
+  python bench/profile_step.py /tmp/art1b --batch ${BATCH:-64} --input-len ${INPUT_LEN:-1024} \
+    --compile --out "$OUT/compiled" 2>&1 | tee "$OUT/profile_step_compiled.log" \
+    | grep -v Warning | tail -30
+fi

@@ -3,12 +3,15 @@
 replaying its CUDA graph, eagerly with the attention kernels, and eagerly with the attention
 reference (same engine, consecutive steps).
 
-    python bench/profile_step.py ARTIFACT --batch 64 --input-len 1024 --out OUT
+    python bench/profile_step.py ARTIFACT --batch 64 --input-len 1024 --out OUT [--compile]
 
-Prints per step: wall ms, GPU kernel ms by family (attention = qc_attn*, GEMM = qc_w*, the
-rest), attention share, GPU busy fraction (union of kernel intervals / wall), kernel launches,
-and host synchronisations (cudaStreamSynchronize / cudaDeviceSynchronize / blocking
-cudaMemcpy calls). Writes profile-step.json.
+Prints the load time, the unprofiled decode step (20 steps; the profiler itself about doubles
+a replayed graph's wall time), and per profiled step: wall ms, GPU kernel ms by family
+(attention = qc_attn*, GEMM = qc_w*, the rest: the glue), attention share, GPU busy fraction
+(union of kernel intervals / wall), kernel launches in all and per decoder layer, host
+synchronisations (cudaStreamSynchronize / cudaDeviceSynchronize / blocking cudaMemcpy calls),
+and the glue's kernels by GPU time (what fusion should remove). `--compile` loads with
+Inductor on the glue (issue 13 item 4), to compare. Writes profile-step.json.
 """
 from __future__ import annotations
 
@@ -37,12 +40,16 @@ def profile_step(engine) -> dict:
         engine.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    times, spans, syncs = {}, [], 0
+    times, spans, syncs, other = {}, [], 0, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             fam = _family(e.name)
-            times[fam] = times.get(fam, 0.0) + e.time_range.elapsed_us() / 1e3
+            us = e.time_range.elapsed_us()
+            times[fam] = times.get(fam, 0.0) + us / 1e3
             spans.append((e.time_range.start, e.time_range.end))
+            if fam == "other":  # the glue: which kernels, how many, how long
+                n, t = other.get(e.name, (0, 0.0))
+                other[e.name] = (n + 1, t + us)
         elif e.name in SYNCS:
             syncs += 1
     busy, end = 0.0, float("-inf")
@@ -50,8 +57,22 @@ def profile_step(engine) -> dict:
         busy += max(0.0, b - max(a, end))
         end = max(end, b)
     gpu = sum(times.values())
+    top = sorted(other.items(), key=lambda kv: -kv[1][1])[:15]
     return {"wall_ms": wall, "gpu_ms": times, "attention_share": times.get("attention", 0) / gpu,
-            "gpu_busy": busy / 1e3 / wall, "launches": len(spans), "host_syncs": syncs}
+            "gpu_busy": busy / 1e3 / wall, "launches": len(spans), "host_syncs": syncs,
+            "other_kernels": [{"name": k[:120], "count": n, "us": round(t, 1)}
+                              for k, (n, t) in top]}
+
+
+def unprofiled_step_ms(engine, steps: int = 20) -> float:
+    """Mean wall time of `steps` decode steps without the profiler (which slows a replayed
+    graph's step about 2x)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / steps
 
 
 def main(argv=None):
@@ -60,13 +81,18 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--compile", action="store_true",
+                   help="load with Inductor on the program's glue (Engine.load(compile=True))")
     args = p.parse_args(argv)
     from qcompile.runtime.engine import Engine
     from qcompile.runtime.sampler import SamplingParams
-    engine = Engine.load(args.artifact, device="cuda", max_seqs=args.batch)
+    t0 = time.perf_counter()
+    engine = Engine.load(args.artifact, device="cuda", max_seqs=args.batch,
+                         compile=args.compile)
+    load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 1000, (args.batch, args.input_len), generator=gen).tolist()
-    reqs = engine._submit(prompts, False, SamplingParams(max_new_tokens=64, stop_on_eos=False))
+    reqs = engine._submit(prompts, False, SamplingParams(max_new_tokens=96, stop_on_eos=False))
     t0 = time.perf_counter()
     while any(r.computed < len(r.prompt) for r in reqs):
         engine.step()
@@ -75,6 +101,7 @@ def main(argv=None):
     for _ in range(2):
         engine.step()
     graphs, rows = engine.graphs, {}
+    step_ms = unprofiled_step_ms(engine)
     if graphs is not None:
         rows["kernels, CUDA graph"] = profile_step(engine)
     engine.graphs = None  # eager steps: the same launches, one by one
@@ -82,19 +109,28 @@ def main(argv=None):
     engine.kernels.attention_on = False  # the reference attention (fallback path)
     rows["reference attention"] = profile_step(engine)
     engine.kernels.attention_on, engine.graphs = True, graphs
-    print(f"prefill of {args.batch} x {args.input_len}: {prefill_s:.1f} s")
-    print("| step | step ms | GPU ms: attention / encode / GEMM / other | attention share "
-          "| GPU busy | launches | host syncs |\n|---|---|---|---|---|---|---|")
+    layers = engine.artifact.model.num_layers
+    print(f"load {load_s:.1f} s (compile={args.compile}); prefill of {args.batch} x "
+          f"{args.input_len}: {prefill_s:.1f} s; decode step {step_ms:.2f} ms unprofiled "
+          f"({'CUDA graphs' if graphs is not None else 'eager'})")
+    print("| step | step ms (profiled) | GPU ms: attention / encode / GEMM / other | attention "
+          "share | GPU busy | launches | per layer | host syncs |\n|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         g = r["gpu_ms"]
         print(f"| {name} | {r['wall_ms']:.1f} | {g.get('attention', 0):.2f} / "
               f"{g.get('encode', 0):.2f} / {g.get('gemm', 0):.2f} / {g.get('other', 0):.2f} | "
               f"{r['attention_share']:.1%} | {r['gpu_busy']:.0%} | {r['launches']} | "
-              f"{r['host_syncs']} |")
+              f"{r['launches'] / layers:.0f} | {r['host_syncs']} |")
+    first = next(iter(rows.values()))
+    print("\nglue kernels (\"other\") of the first row, by GPU time:\n| kernel | count | us |"
+          "\n|---|---|---|")
+    for k in first["other_kernels"]:
+        print(f"| {k['name'][:90]} | {k['count']} | {k['us']:.0f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile-step.json").write_text(json.dumps(
         {"gpu": torch.cuda.get_device_name(), "artifact": str(args.artifact),
          "batch": args.batch, "input_len": args.input_len, "prefill_s": prefill_s,
+         "load_s": load_s, "compile": args.compile, "step_ms_unprofiled": step_ms,
          "rows": rows}, indent=1))
 
 
