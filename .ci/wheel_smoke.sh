@@ -24,6 +24,7 @@ import qcompile.runtime.ops, qcompile.cutlass_templates as t, pathlib, sys
 assert sys.prefix == '$work/env' and '$work/env' in qcompile.runtime.ops.__file__
 assert (pathlib.Path(t.__file__).parent / 'w4a8_sm80.cu').is_file()"
 qcompile --help > /dev/null
+qserve --help > /dev/null
 python -c "
 import sys; sys.path.insert(0, '$repo/tests')
 from conftest import build_tiny_tokenizer, save_tiny_checkpoint
