@@ -1,4 +1,5 @@
-"""`qbench ARTIFACT`: the serving benchmark, in the manner of `vllm bench throughput`.
+"""`qbench ARTIFACT`: the serving benchmark, in the manner of `vllm bench throughput`
+(`qbench --url URL` drives a running server instead: runtime/bench_client.py).
 
 N synthetic prompts of `--input-len` random token ids (seeded), each generating exactly
 `--output-len` tokens (EOS ignored, greedy), all submitted at once to one engine with
@@ -228,7 +229,19 @@ def parser():
     p = OneLineParser(prog="qbench", description="Serving throughput and latency of an artifact "
                       "on synthetic prompts (EOS ignored, greedy), optionally beside HF "
                       "transformers on the same checkpoint and prompts.")
-    p.add_argument("artifact", type=Path, help="directory written by qcompile")
+    p.add_argument("artifact", type=Path, nargs="?",
+                   help="directory written by qcompile (not with --url)")
+    p.add_argument("--url", help="client mode: drive the OpenAI-compatible server at this "
+                   "base URL (e.g. http://127.0.0.1:8000/v1) instead of loading an artifact")
+    p.add_argument("--model", help="client mode: model id (default: the server's first)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="client mode: Poisson arrivals, requests/s (default inf: all at once)")
+    p.add_argument("--prompt-ids", type=int, default=1000,
+                   help="client mode: prompt token ids are drawn below this (default 1000)")
+    p.add_argument("--slo-ttft-ms", type=float, default=float("inf"),
+                   help="client mode: goodput counts requests with TTFT at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=float("inf"),
+                   help="client mode: goodput counts requests with TPOT at most this")
     p.add_argument("--device", default="cuda", help="cuda[:N] (default) or cpu")
     p.add_argument("--input-len", type=int, default=1024, help="prompt tokens (default 1024)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
@@ -265,6 +278,11 @@ def _peers(args) -> list[str]:
 
 
 def _run(args) -> int:
+    if args.url:
+        from .bench_client import run
+        return run(args)
+    if args.artifact is None:
+        raise ValueError("give an ARTIFACT to load, or --url of a running server")
     from .device import parse_device
     from .engine import Engine
     for flag in ("input_len", "output_len", "num_prompts", "max_seqs", "max_batch_tokens"):

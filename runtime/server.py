@@ -254,6 +254,7 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
         stop: str | list[str] | None = None
         seed: int | None = None
         stream: bool = False
+        ignore_eos: bool = False  # vLLM's extension: exactly max_tokens tokens (benchmarks)
 
     class CompletionBody(_Sampling):
         prompt: str | list[int]
@@ -321,7 +322,7 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
                            f"exceed the model's {engine.max_seq_len}: ask for at most {room}",
                            "max_tokens", code="context_length_exceeded")
         return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, seed=body.seed)
+                              top_p=body.top_p, seed=body.seed, stop_on_eos=not body.ignore_eos)
 
     def _stops(body: _Sampling) -> list[str]:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

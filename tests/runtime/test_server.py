@@ -209,3 +209,24 @@ def test_qserve_bad_artifact_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), "--device", "cpu"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("qserve: ") and err.count("\n") == 1
+
+
+def test_qbench_client_mode(server, tmp_path, capsys):
+    """qbench --url drives the server at a request rate: every request completes with exactly
+    --output-len tokens (ignore_eos), percentiles and goodput reported, JSON and plot written."""
+    import json
+
+    from qcompile.runtime import bench
+    rc = bench.main(["--url", server[0] + "/v1", "--num-prompts", "12", "--input-len", "8",
+                     "--output-len", "6", "--request-rate", "40", "--prompt-ids", "200",
+                     "--out", str(tmp_path),
+                     "-q", "--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "goodput" in out and "| req/s |" in out
+    data = json.loads((tmp_path / f"qbench-serve-{MODEL}.json").read_text())
+    assert data["completed"] == 12 and data["failed"] == 0
+    assert data["output_tokens"] == 12 * 6  # exactly output_len each: EOS ignored
+    assert data["ttft_ms"]["p50"] > 0 and data["tpot_ms"]["p99"] >= data["tpot_ms"]["p50"]
+    assert data["goodput_req_s"] == pytest.approx(data["request_per_s"])
+    assert (tmp_path / f"qbench-serve-{MODEL}.png").stat().st_size > 1000
