@@ -230,3 +230,21 @@ def test_qbench_client_mode(server, tmp_path, capsys):
     assert data["ttft_ms"]["p50"] > 0 and data["tpot_ms"]["p99"] >= data["tpot_ms"]["p50"]
     assert data["goodput_req_s"] == pytest.approx(data["request_per_s"])
     assert (tmp_path / f"qbench-serve-{MODEL}.png").stat().st_size > 1000
+
+
+def test_engine_failure_is_503_not_a_dead_server(served_artifact):
+    """An engine that fails mid-step answers its clients and every later request with 503,
+    and /health says so; the HTTP server stays up."""
+    from fastapi.testclient import TestClient
+    engine = Engine.load(served_artifact, max_seqs=4)
+
+    def broken():
+        raise RuntimeError("CUDA error: out of memory (simulated)")
+    engine.step = broken
+    with TestClient(create_app(engine, MODEL)) as http:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a b", "max_tokens": 4})
+        assert r.status_code == 503 and "out of memory" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 503
+        assert http.get("/health").status_code == 503
+        assert http.get("/v1/models").status_code == 200
