@@ -13,7 +13,7 @@ matches, aborts its request at the next step boundary, which frees its KV pages.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the model's chat template),
 both streamed (`"stream": true`) or not; `GET /v1/models`; `GET /health`; `GET /metrics`
-(Prometheus text: requests, tokens, queue length, KV pages in use, step time). Bad requests
+(Prometheus text: requests, tokens, queue length, KV pages in use, preemptions, step time). Bad requests
 get OpenAI-style JSON errors (`{"error": {"message", "type", "param", "code"}}`) with 400,
 404 (unknown model), 413 (body too large), 429 (queue full) or 503 (engine stopped).
 """
@@ -56,6 +56,7 @@ class Metrics:
     generated_tokens: int = 0
     steps: int = 0
     step_seconds: float = 0.0
+    preemptions: int = 0    # of finished requests (out of KV pages: recomputed, not dropped)
 
     def text(self, engine, queued: int) -> str:
         cache = engine.cache
@@ -78,6 +79,8 @@ class Metrics:
             f"qcompile_kv_pages_used {used}",
             "# TYPE qcompile_kv_pages_total gauge",
             f"qcompile_kv_pages_total {cache.num_blocks}",
+            "# TYPE qcompile_preemptions_total counter",
+            f"qcompile_preemptions_total {self.preemptions}",
             "# TYPE qcompile_step_seconds summary",
             f"qcompile_step_seconds_count {self.steps}",
             f"qcompile_step_seconds_sum {self.step_seconds:.6f}",
@@ -194,6 +197,7 @@ class EngineLoop:
         with self.lock:
             reason = req.finish_reason or "abort"
             self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
+            self.metrics.preemptions += req.preemptions
 
 
 def _set(fut: asyncio.Future, value, error) -> None:

@@ -248,3 +248,49 @@ def test_engine_failure_is_503_not_a_dead_server(served_artifact):
         assert r.status_code == 503
         assert http.get("/health").status_code == 503
         assert http.get("/v1/models").status_code == 200
+
+
+def test_out_of_kv_pages_preempts_and_keeps_tokens(served_artifact, server):
+    """A server whose KV cache holds one sequence's worth of pages (16), under 48 concurrent
+    streams: requests are preempted and recomputed, none is dropped, and each returns the
+    tokens it gets alone; every page is free afterwards."""
+    from qcompile.runtime.kv_cache import PagedKVCache
+    ref = server[2]
+    per_page = PagedKVCache.bytes_per_block(ref.cache.spec)
+    pages = -(-ref.max_seq_len // ref.cache.block_size)
+    engine = Engine.load(served_artifact, max_seqs=16, kv_cache_bytes=pages * per_page)
+    assert engine.cache.num_blocks == pages
+    app = create_app(engine, MODEL)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if srv.started:
+                break
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        rng = random.Random(1)
+        jobs = [(f"p{i} " * rng.randint(2, 8), rng.randint(20, 60)) for i in range(48)]
+        wants = {p: ref.generate([p], max_new_tokens=n, stop_on_eos=False)[0].text
+                 for p, n in jobs}
+        aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+
+        async def one(prompt, n):
+            r = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+            return r.choices[0].text
+
+        async def run():
+            return await asyncio.wait_for(asyncio.gather(*(one(*j) for j in jobs)), 240)
+        got = asyncio.run(run())
+        assert got == [wants[p] for p, _ in jobs]
+        metrics = httpx.get(base + "/metrics").text
+        preempted = float(next(line.split()[-1] for line in metrics.splitlines()
+                               if line.startswith("qcompile_preemptions_total ")))
+        assert preempted > 0, "the small cache never preempted: the test proves nothing"
+        assert _pages_free(engine)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
