@@ -12,6 +12,7 @@ reads the sampled ids once per step.
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from dataclasses import dataclass, replace
@@ -103,6 +104,7 @@ class Engine:
             from .gemm_kernels import Kernels
             kernels = Kernels.load(art.path / "kernels" / art.compile.target, device)
         if compile:
+            _persistent_inductor_cache()
             # Round to the activation dtype where eager does (before quantization), so the
             # compiled program produces the reference ops' int8 codes.
             program = torch.compile(program, dynamic=True,
@@ -325,6 +327,16 @@ def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
             for r in reqs]
     return SamplingRows(*(list(col) for col in zip(*rows))) if rows else \
         SamplingRows([], [], [], [], [])
+
+
+def _persistent_inductor_cache() -> None:
+    """Inductor's caches (compiled graphs, autotuning) under qcompile's cache folder unless
+    TORCHINDUCTOR_CACHE_DIR is set: its default is under /tmp, which a reboot clears, and a
+    warm load should find the compiled glue of its last run (issue 13: load to first token
+    in seconds when warm)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from qcompile.models.default_model import cache_dir
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 def _num_blocks(spec: KVSpec, device: torch.device, kv_bytes: int | None, art: Artifact) -> int:
