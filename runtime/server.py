@@ -118,8 +118,7 @@ class EngineLoop:
         """(request, its token queue); raises APIError for what the engine refuses."""
         if self.error is not None:
             raise APIError(503, f"the engine stopped: {self.error}", type_="server_error")
-        if self.engine.scheduler.waiting and \
-                len(self.engine.scheduler.waiting) + self.inbox.qsize() >= self.max_queued:
+        if len(self.engine.scheduler.waiting) + self.inbox.qsize() >= self.max_queued:
             raise APIError(429, f"too many requests queued ({self.max_queued}): retry later",
                            type_="rate_limit_exceeded")
         loop = asyncio.get_running_loop()
