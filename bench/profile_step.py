@@ -1,7 +1,8 @@
 """Where a decode step's GPU time goes: one artifact served on CUDA, `--batch` prompts of
 `--input-len` random token ids prefilled, then one decode step profiled with torch.profiler:
 replaying its CUDA graph, eagerly with the attention kernels, and eagerly with the attention
-reference (same engine, consecutive steps).
+reference (same engine, consecutive steps); then one prefill step of fresh prompts (the
+scheduler's token budget), where a serving benchmark's time to first token goes.
 
     python bench/profile_step.py ARTIFACT --batch 64 --input-len 1024 --out OUT [--compile]
 
@@ -109,6 +110,17 @@ def main(argv=None):
     engine.kernels.attention_on = False  # the reference attention (fallback path)
     rows["reference attention"] = profile_step(engine)
     engine.kernels.attention_on, engine.graphs = True, graphs
+    # a prefill step (warm: the first prefill above compiled or tuned whatever it needed):
+    # the scheduler's token budget of fresh prompts, one chunk each
+    for r in reqs:
+        engine.abort(r)
+    n = max(1, engine.scheduler.max_batch_tokens // args.input_len)
+    more = engine._submit(prompts[:n], False, SamplingParams(max_new_tokens=4,
+                                                             stop_on_eos=False))
+    prefill = profile_step(engine)
+    prefill_tokens = n * min(args.input_len, engine.scheduler.max_batch_tokens)
+    for r in more:
+        engine.abort(r)
     layers = engine.artifact.model.num_layers
     print(f"load {load_s:.1f} s (compile={args.compile}); prefill of {args.batch} x "
           f"{args.input_len}: {prefill_s:.1f} s; decode step {step_ms:.2f} ms unprofiled "
@@ -121,6 +133,14 @@ def main(argv=None):
               f"{g.get('encode', 0):.2f} / {g.get('gemm', 0):.2f} / {g.get('other', 0):.2f} | "
               f"{r['attention_share']:.1%} | {r['gpu_busy']:.0%} | {r['launches']} | "
               f"{r['launches'] / layers:.0f} | {r['host_syncs']} |")
+    g = prefill["gpu_ms"]
+    print(f"\nprefill step ({prefill_tokens} tokens: {n} prompts): {prefill['wall_ms']:.1f} ms "
+          f"profiled, GPU ms attention {g.get('attention', 0):.2f} / encode "
+          f"{g.get('encode', 0):.2f} / GEMM {g.get('gemm', 0):.2f} / other "
+          f"{g.get('other', 0):.2f}, GPU busy {prefill['gpu_busy']:.0%}, "
+          f"{prefill['launches']} launches; its glue by GPU time:")
+    for k in prefill["other_kernels"][:8]:
+        print(f"  {k['us']:8.0f} us  x{k['count']:<4} {k['name'][:90]}")
     first = next(iter(rows.values()))
     print("\nglue kernels (\"other\") of the first row, by GPU time:\n| kernel | count | us |"
           "\n|---|---|---|")
@@ -131,7 +151,7 @@ def main(argv=None):
         {"gpu": torch.cuda.get_device_name(), "artifact": str(args.artifact),
          "batch": args.batch, "input_len": args.input_len, "prefill_s": prefill_s,
          "load_s": load_s, "compile": args.compile, "step_ms_unprofiled": step_ms,
-         "rows": rows}, indent=1))
+         "rows": rows, "prefill": {"tokens": prefill_tokens, **prefill}}, indent=1))
 
 
 if __name__ == "__main__":
