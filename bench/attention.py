@@ -204,6 +204,10 @@ def prefill_rows(args, launch, gen):
             fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch)
             us = graph_us(fns)
             row[fmt] = {"us": us, "TFLOP/s": flops / us / 1e6}
+            for sp in args.sweep_splits:  # the prefill entry with other key splits
+                fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch,
+                                  entry="prefill", splits=sp)
+                row[f"{fmt}_split{sp}_us"] = graph_us(fns)
         us = graph_us(sdpa_fns(b, prefix, new, hq, hkv, d, gen))
         row["sdpa"] = {"us": us, "TFLOP/s": flops / us / 1e6}
         rows.append(row)
@@ -231,7 +235,8 @@ def _prefill_line(r):
     return (f"| {r['heads']} | {r['batch']} | {r['prefix']} | {r['new']} | {i['us']:.0f} | "
             f"{i['TFLOP/s']:.0f} | {f['us']:.0f} | {f['TFLOP/s']:.0f} | {s['us']:.0f} | "
             f"{s['TFLOP/s']:.0f} | {i['TFLOP/s'] / s['TFLOP/s']:.2f} | "
-            f"{f['TFLOP/s'] / s['TFLOP/s']:.2f} |")
+            f"{f['TFLOP/s'] / s['TFLOP/s']:.2f} | "
+            + ", ".join(f"{k[:-3]} {r[k]:.0f}" for k in sorted(r) if k.endswith("_us")) + " |")
 
 
 DECODE_HEAD = ("| heads | batch | context | int4 us | int4 GB/s (of copy / read) | fp16 us | "
@@ -240,8 +245,9 @@ DECODE_HEAD = ("| heads | batch | context | int4 us | int4 GB/s (of copy / read)
                "reference ms | other decode entries, us |\n"
                "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 PREFILL_HEAD = ("| heads | batch | prefix | new | int4 us | int4 TFLOP/s | fp16 us | "
-                "fp16 TFLOP/s | SDPA us | SDPA TFLOP/s | int4/SDPA | fp16/SDPA |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|")
+                "fp16 TFLOP/s | SDPA us | SDPA TFLOP/s | int4/SDPA | fp16/SDPA | "
+                "prefill entry at other splits, us |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def plot(rows, path):

@@ -86,12 +86,18 @@ class AttnConfig:
         v_stride = d // 2 + 16 if int4 else 2 * d + 16
         return self.stage_keys(kind, entry) * (k_stride + v_stride + (8 if int4 else 0))
 
+    def entry_stages(self, kind: str, entry: str) -> int:
+        """Pipeline depth of an entry (KT_STAGES in attention_decode.cuh): the int4 keys-as-M
+        decode takes one stage more (memory-bound on the bytes in flight per SM, and its
+        9.7 KB stages leave room for it at 5 CTAs per SM)."""
+        return self.stages + (entry == "kt" and _kind(kind)[1] == "int4")
+
     def smem_bytes(self, kind: str, entry: str | None = None) -> int:
         """Dynamic shared memory of an entry (None: the most any entry takes): the stages; the
         decode entries also merge their 4 warps' rows there ([4][rows][D + 4] fp32 + m, l)."""
         if entry is None:
             return max(self.smem_bytes(kind, e) for e in ROWS)
-        stages = self.stages * self.stage_bytes(kind, entry)
+        stages = self.entry_stages(kind, entry) * self.stage_bytes(kind, entry)
         if entry == "prefill":
             return stages
         rows = ROWS[entry]  # the decode entries merge their 4 warps' rows in shared memory
@@ -114,7 +120,8 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     query rows (T * G <= 8 B), else "decode" (16 rows); prefill otherwise. Keys split up to
     one CTA per SM when the batch's CTAs are fewer than the SMs, else until about
     WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave costs little (64 x 8 heads = 512
-    CTAs on 132 SMs: 2 splits); each split at least MIN_SPLIT_KEYS keys. Any entry is correct for any batch (a sequence with more
+    CTAs on 132 SMs: 2 splits; prefill only up to one CTA per SM); each split at least
+    MIN_SPLIT_KEYS keys. Any entry is correct for any batch (a sequence with more
     rows than a CTA holds gets several CTAs); `entry` / `splits` override (tests, benchmarks)."""
     g = hq // hkv
     if entry is None:
@@ -125,6 +132,9 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     row_blocks = -(-t * g // rows) + b  # >= sum over sequences of ceil(n_b * G / rows)
     if splits is None:
         busy = max(1, (min(b, t) if entry != "prefill" else -(-t * g // rows)) * hkv)
-        target = sm_count if busy < sm_count else WAVE_CTAS_PER_SM * sm_count
+        # prefill CTAs are many and uneven (causal): a split there only adds the fp32
+        # workspace round trip and the merge, so split only to reach one CTA per SM
+        target = (sm_count if busy < sm_count or entry == "prefill"
+                  else WAVE_CTAS_PER_SM * sm_count)
         splits = max(1, min(-(-target // busy), max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)

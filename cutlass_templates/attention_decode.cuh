@@ -26,9 +26,15 @@ namespace {
 constexpr int KT_ROWS = 8;
 constexpr int KT_TN = 64;               // keys per stage: 16 per warp (one m-tile)
 constexpr int KT_MT = D / 16;           // m16 tiles of O^T (head dims)
+// Decode is memory-bound and, at 5 CTAs per SM (the registers' limit), bound by the bytes in
+// flight per SM: an H200 served 1.63 TB/s with 3.9 CTAs per SM and 1.94 with 5, about in
+// proportion (bench/results/gpu-h200-2026-12-07.md). An int4 stage is 9.7 KB, so a fourth
+// stage (STAGES - 1 = 3 tiles ahead, 39 KB a CTA) still fits 5 CTAs per SM; an fp16 stage
+// (36 KB) would not, and keeps STAGES.
+constexpr int KT_STAGES = INT4 ? STAGES + 1 : STAGES;
 constexpr int KT_MERGE_BYTES = WARPS * KT_ROWS * (D + 4) * 4 + 2 * WARPS * KT_ROWS * 4;
-constexpr int SMEM_KT = STAGES * Stage<KT_TN>::BYTES > KT_MERGE_BYTES
-                            ? STAGES * Stage<KT_TN>::BYTES : KT_MERGE_BYTES;
+constexpr int SMEM_KT = KT_STAGES * Stage<KT_TN>::BYTES > KT_MERGE_BYTES
+                            ? KT_STAGES * Stage<KT_TN>::BYTES : KT_MERGE_BYTES;
 #if defined(QC_SMEM_KT)
 static_assert(SMEM_KT == QC_SMEM_KT, "AttnConfig.smem_bytes(kt) disagrees with the template");
 #endif

@@ -126,7 +126,9 @@ struct Block {
 };
 
 // Which sequence and row block blockIdx.x is (b = -1: none). Row blocks of sequence b:
-// ceil(n_b * G / ROWS), enumerated in sequence order (a warp-wide prefix sum).
+// ceil(n_b * G / ROWS), enumerated in sequence order (a warp-wide prefix sum), each
+// sequence's last block first: under the causal mask it reads the most keys, and the
+// lightest blocks then fill the last wave.
 template <int ROWS>
 __device__ Block find_block(const Args& p, int G) {
   __shared__ Block blk;
@@ -149,7 +151,7 @@ __device__ Block find_block(const Args& p, int G) {
       const int x = blockIdx.x;
       if (x >= start && x < start + blocks) {
         blk.b = b;
-        blk.row0 = (x - start) * ROWS;
+        blk.row0 = (start + blocks - 1 - x) * ROWS;  // last rows (most keys, causal) first
         blk.nrows = n;
         blk.tok0 = __ldg(p.query_start + b);
         blk.ctx = __ldg(p.ctx_lens + b);
@@ -165,7 +167,7 @@ __device__ Block find_block(const Args& p, int G) {
 // The keys [k_begin, k_end) of one kv head through the STAGES-deep cp.async pipeline:
 // compute(stage, first key of the tile) runs once per tile, all threads, between barriers.
 // Block-table entries are read one tile ahead of their copies (fetch_pages).
-template <class S, class F>
+template <class S, int STAGES = STAGES, class F>
 __device__ __forceinline__ void run_tiles(uint8_t* smem, const KeySource& src, int k_begin,
                                           int k_end, int tid, F&& compute) {
   constexpr int TN = S::TN;
@@ -368,7 +370,7 @@ __device__ __forceinline__ void attention_kt(const Args& p) {
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
                       p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0, p.Hkv, h};
-  run_tiles<S>(smem, src, k_begin, k_end, tid, [&](const uint8_t* stage, int key0) {
+  run_tiles<S, KT_STAGES>(smem, src, k_begin, k_end, tid, [&](const uint8_t* stage, int key0) {
     float s[4];
     qk_t(st, stage + S::K_OFF, 16 * warp, lane, s);
     softmax_pv_t<S>(st, stage, 16 * warp, key0, p.scale_log2, lane, s);

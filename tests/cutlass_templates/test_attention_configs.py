@@ -43,6 +43,9 @@ def test_shared_memory():
     assert AttnConfig(128).stage_bytes("attn_int4", "decode") == 128 * (64 + 80 + 8)
     assert AttnConfig(128).stage_bytes("attn_fp16", "prefill") == 64 * (288 + 272)
     assert AttnConfig(128).stage_bytes("attn_int4", "kt") == 64 * (64 + 80 + 8)
+    # the int4 keys-as-M decode runs one stage deeper, still 5 CTAs (of 227 KB) per SM
+    assert AttnConfig(128).smem_bytes("attn_int4", "kt") == 4 * 64 * (64 + 80 + 8) <= 227 * 1024 // 5
+    assert AttnConfig(128).smem_bytes("attn_fp16", "kt") == 3 * 64 * (288 + 272)
 
 
 def test_plan_entry_and_splits():
@@ -62,6 +65,11 @@ def test_plan_entry_and_splits():
     assert short.splits == 512 // MIN_SPLIT_KEYS
     pre = plan(4096, 2, 32, 8, 4096, 132)
     assert pre.entry == "prefill" and pre.splits == 1
+    # 1024 new tokens of one sequence: 64 row blocks x 8 kv heads = 512 CTAs, no split (a
+    # decode batch of as many CTAs splits in 2); 64 tokens after a long prefix: 4 x 8 CTAs
+    # split to reach the 132 SMs
+    assert plan(1024, 1, 32, 8, 4096, 132).splits == 1
+    assert plan(64, 1, 32, 8, 8192, 132).splits == 5
     forced = plan(64, 64, 32, 8, 1024, 132, entry="prefill", splits=3)
     assert forced.entry == "prefill" and forced.grid == (64 * 4 // 64 + 64, 8, 3)
 
