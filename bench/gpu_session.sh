@@ -7,7 +7,8 @@
 #   BENCH="" (no attention bench), LATE_PYTEST (GPU tests run last, in the time left),
 #   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager; hf adds
 #   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --compile: Inductor on our glue),
-#   COMPILE=1 (gpu_step.sh also profiles the step with Inductor)
+#   COMPILE=1 (gpu_step.sh also profiles the step with Inductor), NCU_RUNS ("fmt entry batch
+#   context new;..." kernels for Nsight Compute)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -37,15 +38,20 @@ if [ -z "${SKIP_STEP:-}" ]; then
 fi
 if [ -z "${SKIP_NCU:-}" ] && command -v ncu > /dev/null; then
   stamp ncu
-  for run in "int4 kt" "int4 decode" "fp16 kt"; do
+  # NCU_RUNS: "fmt entry batch context new" items, ';'-separated
+  IFS=';' read -ra runs <<< "${NCU_RUNS:-int4 kt 64 4096 1;int4 decode 64 4096 1;fp16 kt 64 4096 1}"
+  for run in "${runs[@]}"; do
     set -- $run
-    timeout $(cap 60) ncu --cache-control all --clock-control none -k regex:qc_attn -c 1 \
+    tag="$1_$2_b$3_c$4_n$5"
+    kre="qc_attn.*_$2\$"; [ "$2" = decode ] && kre="qc_attn_[a-z0-9]+_d[0-9]+_s[0-9]+\$"
+    timeout $(cap 60) ncu --cache-control all --clock-control none -k regex:"$kre" -c 1 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
-      --section MemoryWorkloadAnalysis --section LaunchStats \
-      python bench/profile_attention.py --fmt $1 --entry $2 --batch 64 --context 4096 --iters 1 \
-      > "$OUT/ncu_attn_$1_$2.txt" 2>&1
-    echo "-- ncu $1 $2"
-    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|L2 Hit|Issue Slots|Warp Cycles Per Issued" "$OUT/ncu_attn_$1_$2.txt" | head -24
+      --section MemoryWorkloadAnalysis --section LaunchStats --section ComputeWorkloadAnalysis \
+      --section InstructionStats \
+      python bench/profile_attention.py --fmt $1 --entry $2 --batch $3 --context $4 --new $5 \
+      --iters 1 > "$OUT/ncu_attn_$tag.txt" 2>&1
+    echo "-- ncu $tag"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|L2 Hit|Issue Slots|Warp Cycles Per Issued|Executed Ipc|Block Limit" "$OUT/ncu_attn_$tag.txt" | head -30
   done
 fi
 if [ -n "${LATE_PYTEST:-}" ]; then  # e.g. the engine's CUDA-graph tests, with what time is left
