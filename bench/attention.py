@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, AttnConfig, plan
+from qcompile.cutlass_templates.attention_configs import (KIND_OF_FORMAT, PREFILL_ENTRIES,
+                                                         AttnConfig, plan)
 from qcompile.runtime.ops import kv_record_bytes
 
 HEADS = {"8B": (32, 8, 128), "1B": (32, 8, 64)}
@@ -196,18 +198,20 @@ def reference_us(fmt, batch, hkv, d) -> float:
 
 def prefill_rows(args, launch, gen):
     rows = []
-    hq, hkv, d = HEADS["8B"]
-    for b, prefix, new in args.prefill:
+    for heads, (b, prefix, new) in itertools.product(("8B", "1B"), args.prefill):
+        hq, hkv, d = HEADS[heads]
         flops = 4 * hq * d * b * sum(prefix + i + 1 for i in range(new))
-        row = {"heads": "8B", "batch": b, "prefix": prefix, "new": new}
+        row = {"heads": heads, "batch": b, "prefix": prefix, "new": new}
         for fmt in ("int4", "fp16"):
             fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch)
             us = graph_us(fns)
             row[fmt] = {"us": us, "TFLOP/s": flops / us / 1e6}
-            for sp in args.sweep_splits:  # the prefill entry with other key splits
-                fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch,
-                                  entry="prefill", splits=sp)
-                row[f"{fmt}_split{sp}_us"] = graph_us(fns)
+            for entry in PREFILL_ENTRIES:  # each prefill entry, planned and at other splits
+                for sp in (None, *args.sweep_splits):
+                    fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch,
+                                      entry=entry, splits=sp)
+                    tag = f"_split{sp}" if sp else ""
+                    row[f"{fmt}_{entry}{tag}_us"] = graph_us(fns)
         us = graph_us(sdpa_fns(b, prefix, new, hq, hkv, d, gen))
         row["sdpa"] = {"us": us, "TFLOP/s": flops / us / 1e6}
         rows.append(row)
@@ -246,7 +250,7 @@ DECODE_HEAD = ("| heads | batch | context | int4 us | int4 GB/s (of copy / read)
                "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 PREFILL_HEAD = ("| heads | batch | prefix | new | int4 us | int4 TFLOP/s | fp16 us | "
                 "fp16 TFLOP/s | SDPA us | SDPA TFLOP/s | int4/SDPA | fp16/SDPA | "
-                "prefill entry at other splits, us |\n"
+                "prefill entries (planned, other splits), us |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 

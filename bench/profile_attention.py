@@ -22,7 +22,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
     p.add_argument("--new", type=int, default=1, help="new tokens per sequence")
     p.add_argument("--iters", type=int, default=2)
-    p.add_argument("--entry", choices=("kt", "decode", "prefill"), help="default: the plan's")
+    p.add_argument("--entry", choices=("kt", "decode", "prefill", "prefill2"), help="default: the plan's")
     args = p.parse_args(argv)
     from qcompile.runtime import attention_kernels, gemm_kernels
     major = torch.cuda.get_device_capability()[0]

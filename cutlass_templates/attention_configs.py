@@ -1,10 +1,11 @@
 """Kernel configs of the paged attention template (``paged_attention.cu``) and the launch plan.
 
-One binary per (KV format, head dim) holds five ``extern "C"`` entries (:meth:`AttnConfig.entries`):
+One binary per (KV format, head dim) holds six ``extern "C"`` entries (:meth:`AttnConfig.entries`):
 the decode kernel (16 query rows per CTA as the MMA's M, the 4 warps split each tile), the
 keys-as-M decode kernel ``_kt`` (8 query rows as the MMA's N, keys as M: half the MMAs and
-accumulators of the first for GQA decode, attention_decode.cuh), the prefill kernel (64 rows
-per CTA, FlashAttention-2 style), the split-KV merge and the KV encode. The first three take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
+accumulators of the first for GQA decode, attention_decode.cuh), two prefill kernels
+(FlashAttention-2 style: ``_prefill`` 64 rows per CTA, 16 a warp; ``_prefill2`` 128 rows, 32 a
+warp, each K / V fragment read once for two m16 tiles), the split-KV merge and the KV encode. The first three take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
 B, MB, NB, BS, R, Hq, Hkv, scale_log2)``.
 
 :func:`plan` chooses the entry and the key splits from shapes only (never from device data),
@@ -24,8 +25,10 @@ KIND_OF_FORMAT = {fmt: kind for kind, (_, fmt) in ATTN_KINDS.items()}
 HEAD_DIMS = (64, 128)
 THREADS = 128     # 4 warps (paged_attention.cu THREADS)
 TILE_KEYS = 64    # keys per shared-memory stage (TN), but see AttnConfig.stage_keys
-DECODE_ROWS, KT_ROWS, PREFILL_ROWS = 16, 8, 64
-ROWS = {"decode": DECODE_ROWS, "kt": KT_ROWS, "prefill": PREFILL_ROWS}
+DECODE_ROWS, KT_ROWS, PREFILL_ROWS, PREFILL2_ROWS = 16, 8, 64, 128
+ROWS = {"decode": DECODE_ROWS, "kt": KT_ROWS, "prefill": PREFILL_ROWS,
+        "prefill2": PREFILL2_ROWS}
+PREFILL_ENTRIES = ("prefill", "prefill2")
 MIN_SPLIT_KEYS = 128  # one int4 decode stage: a shorter split is all launch and merge
 MAX_SPLITS = 64
 # Split targets, measured on an H200 (bench/results/gpu-h200-2026-12-07.md, 8B heads): with
@@ -60,7 +63,8 @@ class AttnConfig:
 
     def entries(self, kind: str) -> tuple[str, ...]:
         name = self.name(kind)
-        return (name, name + "_kt", name + "_prefill", name + "_merge", name + "_encode")
+        return (name, name + "_kt", name + "_prefill", name + "_prefill2", name + "_merge",
+                name + "_encode")
 
     def defines(self, kind: str) -> list[str]:
         int4 = _kind(kind)[1] == "int4"
@@ -69,14 +73,18 @@ class AttnConfig:
                 f"-DQC_KV_INT4={int(int4)}", f"-DQC_STAGES={self.stages}",
                 f"-DQC_SMEM_DECODE={self.smem_bytes(kind, 'decode')}",
                 f"-DQC_SMEM_PREFILL={self.smem_bytes(kind, 'prefill')}",
+                f"-DQC_SMEM_PREFILL2={self.smem_bytes(kind, 'prefill2')}",
                 f"-DQC_SMEM_KT={self.smem_bytes(kind, 'kt')}"]
 
     def threads(self) -> int:
         return THREADS
 
     def stage_keys(self, kind: str, entry: str) -> int:
-        """Keys per stage (DECODE_TN / KT_TN / 64 in the .cu): the int4 decode entry takes 128,
-        so its 4 warps get 32 keys each per barrier; every other stage holds 64."""
+        """Keys per stage (DECODE_TN / KT_TN / 64 / P2_TN in the .cu): the int4 decode entry
+        takes 128, so its 4 warps get 32 keys each per barrier; _prefill2 at head dim 128 takes
+        32 (S of a warp's 32 rows stays in registers beside their O); every other stage 64."""
+        if entry == "prefill2":
+            return 32 if self.head_dim == 128 else TILE_KEYS
         return 128 if entry == "decode" and _kind(kind)[1] == "int4" else TILE_KEYS
 
     def stage_bytes(self, kind: str, entry: str = "decode") -> int:
@@ -100,6 +108,8 @@ class AttnConfig:
         stages = self.entry_stages(kind, entry) * self.stage_bytes(kind, entry)
         if entry == "prefill":
             return stages
+        if entry == "prefill2":  # + the Q fragments of 4 warps x 2 m-tiles (16 B a lane)
+            return stages + 4 * 2 * (self.head_dim // 16) * 32 * 16
         rows = ROWS[entry]  # the decode entries merge their 4 warps' rows in shared memory
         merge = 4 * rows * (self.head_dim + 4) * 4 + 2 * 4 * rows * 4
         return max(stages, merge)
@@ -131,10 +141,11 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     rows = ROWS[entry]
     row_blocks = -(-t * g // rows) + b  # >= sum over sequences of ceil(n_b * G / rows)
     if splits is None:
-        busy = max(1, (min(b, t) if entry != "prefill" else -(-t * g // rows)) * hkv)
+        prefill = entry in PREFILL_ENTRIES
+        busy = max(1, (-(-t * g // rows) if prefill else min(b, t)) * hkv)
         # prefill CTAs are many and uneven (causal): a split there only adds the fp32
         # workspace round trip and the merge, so split only to reach one CTA per SM
-        target = (sm_count if busy < sm_count or entry == "prefill"
+        target = (sm_count if busy < sm_count or prefill
                   else WAVE_CTAS_PER_SM * sm_count)
         splits = max(1, min(-(-target // busy), max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)

@@ -45,9 +45,19 @@ constexpr int MERGE_BYTES = WARPS * 16 * (D + 4) * 4 + 2 * WARPS * 16 * 4;
 constexpr int SMEM_DECODE = STAGES * Stage<DECODE_TN>::BYTES > MERGE_BYTES
                                 ? STAGES * Stage<DECODE_TN>::BYTES : MERGE_BYTES;
 constexpr int SMEM_PREFILL = STAGES * Stage<64>::BYTES;
+// The _prefill2 entry: each warp owns P2_MT m16 tiles of rows, so every K and V fragment it
+// reads from a stage (and turns into fp16) serves 32 rows, as FlashAttention-2 does; its Q
+// fragments wait in shared memory after the stages (registers hold 2 x 16 rows of O).
+constexpr int P2_MT = 2, P2_ROWS = WARPS * 16 * P2_MT;
+constexpr int P2_TN = D == 128 ? 32 : 64;  // keys per stage: S of 32 rows x TN in registers
+constexpr int P2_Q_BYTES = WARPS * P2_MT * KSTEPS * 32 * 16;
+constexpr int SMEM_PREFILL2 = STAGES * Stage<P2_TN>::BYTES + P2_Q_BYTES;
 #if defined(QC_SMEM_DECODE) && defined(QC_SMEM_PREFILL)  // attention_configs.py's numbers
 static_assert(SMEM_DECODE == QC_SMEM_DECODE && SMEM_PREFILL == QC_SMEM_PREFILL,
               "AttnConfig.smem_bytes disagrees with this template's shared-memory layout");
+#endif
+#if defined(QC_SMEM_PREFILL2)
+static_assert(SMEM_PREFILL2 == QC_SMEM_PREFILL2, "AttnConfig.smem_bytes(prefill2) disagrees");
 #endif
 
 
@@ -150,6 +160,7 @@ struct KeySource {
 // key and thread; a warp instruction copies whole 64- or 256-byte runs).
 template <class S>
 constexpr int KEYS_PER_THREAD = S::TN * CHUNKS / THREADS;
+static_assert(P2_TN * CHUNKS % THREADS == 0, "a _prefill2 stage is whole keys per thread");
 
 // The pages of the keys this thread will copy for the tile at t0, read from the block table
 // one tile ahead of the copy, so the table's latency hides behind a tile of maths instead of
@@ -240,13 +251,15 @@ __device__ __forceinline__ void key_params(const uint8_t* at, float (&scale)[2],
   scale[0] = p0.x; mn[0] = p0.y; scale[1] = p1.x; mn[1] = p1.y;
 }
 
-// Online softmax over NT n8 tiles of keys (absolute index key0 + tile key), then O += P V.
+// Online softmax over NT n8 tiles of keys (absolute index key0 + tile key): masked logits
+// (log2 units), the running max and sums, O rescaled, and P (V scales folded in) as fp16 A
+// fragments, two n8 key tiles per k16 step: pf[kk] = a0 (g, k lo) a1 (g+8, k lo) a2 (g, k hi)
+// a3 (g+8, k hi).
 template <class S, int NT>
-__device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, int k0, int key0,
-                                           float scale_log2, int lane, float (&s)[NT][4]) {
-  const int g = lane >> 2, q = lane & 3;
-  const uint8_t* sv = stage + S::V_OFF;
-  // logits (log2 units), masked
+__device__ __forceinline__ void softmax_p(RowState& st, const uint8_t* stage, int k0, int key0,
+                                          float scale_log2, int lane, float (&s)[NT][4],
+                                          uint32_t (&pf)[NT / 2][4]) {
+  const int q = lane & 3;
   float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -280,10 +293,8 @@ __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, i
     st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
     st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
   }
-  // P (fp16 A fragments, two n8 key tiles per k16 step) and O += P V
 #pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {
-    uint32_t a[4];
+  for (int kk = 0; kk < NT / 2; ++kk)
 #pragma unroll
     for (int t2 = 0; t2 < 2; ++t2) {
       const int nt = 2 * kk + t2, key = k0 + nt * 8 + 2 * q;
@@ -294,9 +305,20 @@ __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, i
         const float p0 = exp2f(s[nt][2 * r] - base[r]), p1 = exp2f(s[nt][2 * r + 1] - base[r]);
         st.l[r] += p0 + p1;
         if (INT4) st.pm[r] += p0 * vm[0] + p1 * vm[1];
-        a[2 * t2 + r] = pack_half2(p0 * vs[0], p1 * vs[1]);  // a0 (g, k lo) a1 (g+8, k lo) a2 (g, k hi) a3 (g+8, k hi)
+        pf[kk][2 * t2 + r] = pack_half2(p0 * vs[0], p1 * vs[1]);
       }
     }
+}
+
+// O += P V for MT row states (st[0..MT)) over the k16 steps of NT n8 key tiles at k0 of the
+// stage: each V fragment is read (int4: and turned into fp16) once for all MT states.
+template <class S, int NT, int MT>
+__device__ __forceinline__ void pv(RowState* st, const uint32_t (*pf)[NT / 2][4],
+                                   const uint8_t* stage, int k0, int lane) {
+  const int g = lane >> 2, q = lane & 3;
+  const uint8_t* sv = stage + S::V_OFF;
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
     const int kb = k0 + 16 * kk;  // first key of this k16 step
     if constexpr (INT4) {
       constexpr int VB = D / 16;  // bytes of a key's V codes per thread
@@ -318,10 +340,15 @@ __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, i
         const uint32_t x89 = __byte_perm(v[2][pb >> 2], v[3][pb >> 2], sel);
         // codes exact in fp16 (the 1024 offset subtracted before the MMA: left in, it would
         // accumulate over thousands of keys in the tensor core's fp32 sum and lose bits)
-        mma(st.o[2 * pb], a, sub_magic((x01 & 0x000F000Fu) | MAGIC),
-            sub_magic((x89 & 0x000F000Fu) | MAGIC));
-        mma(st.o[2 * pb + 1], a, sub_magic((x01 & 0x00F000F0u) | MAGIC),
-            sub_magic((x89 & 0x00F000F0u) | MAGIC));
+        const uint32_t lo0 = sub_magic((x01 & 0x000F000Fu) | MAGIC);
+        const uint32_t lo1 = sub_magic((x89 & 0x000F000Fu) | MAGIC);
+        const uint32_t hi0 = sub_magic((x01 & 0x00F000F0u) | MAGIC);
+        const uint32_t hi1 = sub_magic((x89 & 0x00F000F0u) | MAGIC);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(st[mt].o[2 * pb], pf[mt][kk], lo0, lo1);
+          mma(st[mt].o[2 * pb + 1], pf[mt][kk], hi0, hi1);
+        }
       }
     } else {
 #pragma unroll
@@ -329,8 +356,86 @@ __device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, i
         uint32_t b[4];
         const int key = kb + (lane & 7) + 8 * ((lane >> 3) & 1);
         ldsm_x4_trans(sv + key * V_STRIDE + 2 * 8 * (2 * jp + (lane >> 4)), b);
-        mma(st.o[2 * jp], a, b[0], b[1]);
-        mma(st.o[2 * jp + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(st[mt].o[2 * jp], pf[mt][kk], b[0], b[1]);
+          mma(st[mt].o[2 * jp + 1], pf[mt][kk], b[2], b[3]);
+        }
+      }
+    }
+  }
+}
+
+// Online softmax over NT n8 tiles of keys, then O += P V (one row state).
+template <class S, int NT>
+__device__ __forceinline__ void softmax_pv(RowState& st, const uint8_t* stage, int k0, int key0,
+                                           float scale_log2, int lane, float (&s)[NT][4]) {
+  uint32_t pf[1][NT / 2][4];
+  softmax_p<S, NT>(st, stage, k0, key0, scale_log2, lane, s, pf[0]);
+  pv<S, NT, 1>(&st, pf, stage, k0, lane);
+}
+
+// S = Q K^T for MT row states whose Q fragments are parked in shared memory (sq: [MT][KSTEPS]
+// [32 lanes] uint4, the warp's own, each thread reading back what it wrote), over NT n8 tiles
+// of keys at k0. A K fragment (int4: turned into fp16) is read once for all MT states.
+template <int MT, int NT>
+__device__ __forceinline__ void qk_sq(const uint4* sq, const uint8_t* sk, int k0, int lane,
+                                      float (&s)[MT][NT][4]) {
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+  if constexpr (INT4) {
+    uint32_t kw[NT][D / 32];  // the thread's K words of every key tile (see qk)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint8_t* row = sk + (k0 + nt * 8 + g) * K_STRIDE;
+      if constexpr (D == 128) {
+        const uint4 v = *reinterpret_cast<const uint4*>(row + q * 16);
+        kw[nt][0] = v.x; kw[nt][1] = v.y; kw[nt][2] = v.z; kw[nt][3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(row + q * 8);
+        kw[nt][0] = v.x; kw[nt][1] = v.y;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) {  // k16 steps 2j (bytes 0, 2 of word j) and 2j + 1
+      uint32_t a[MT][2][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 x = sq[(mt * KSTEPS + 2 * j + h) * 32 + lane];
+          a[mt][h][0] = x.x; a[mt][h][1] = x.y; a[mt][h][2] = x.z; a[mt][h][3] = x.w;
+        }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t w = kw[nt][j], hi = w >> 8;
+        const uint32_t b0 = (w & 0x000F000Fu) | MAGIC, b1 = (w & 0x00F000F0u) | MAGIC;
+        const uint32_t b2 = (hi & 0x000F000Fu) | MAGIC, b3 = (hi & 0x00F000F0u) | MAGIC;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(s[mt][nt], a[mt][0], b0, b1);
+          mma(s[mt][nt], a[mt][1], b2, b3);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 x = sq[(mt * KSTEPS + ks) * 32 + lane];
+        a[mt][0] = x.x; a[mt][1] = x.y; a[mt][2] = x.z; a[mt][3] = x.w;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint2 v = *reinterpret_cast<const uint2*>(sk + (k0 + nt * 8 + g) * K_STRIDE +
+                                                        32 * ks + 8 * q);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma(s[mt][nt], a[mt], v.x, v.y);
       }
     }
   }

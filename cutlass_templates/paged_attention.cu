@@ -22,6 +22,8 @@
 //   _decode  : ROWS = 16, the 4 warps share the rows and split each key tile (16 fp16 or 32
 //              int4 keys each), then merge in shared memory (flash-decoding inside the CTA).
 //   _prefill : ROWS = 64, each warp owns 16 rows and reads every key of the tile (FA2).
+//   _prefill2: ROWS = 128, each warp owns 32 rows (two m16 tiles sharing every K / V
+//              fragment read), its Q fragments parked in shared memory.
 // Keys [0, ctx + i_last] of a block are cut into gridDim.z splits of whole tiles. With one
 // split the CTA writes fp16 out; with more, fp32 partial (O / l, log2-sum-exp) to workspace and
 // the _merge entry combines them.
@@ -43,7 +45,7 @@
 //
 // Entries (all: grid from the launcher, THREADS threads):
 //   QC_KERNEL          (decode)  args below, grid (row blocks, Hkv, splits)
-//   QC_KERNEL_prefill            same args
+//   QC_KERNEL_prefill, _prefill2 same args
 //   QC_KERNEL_merge    (ws_o, ws_lse, out, T, Hq, splits), grid ceil(T*Hq/4)
 //   QC_KERNEL_encode   (k, v, out, T, Hkv, R), grid ceil(2*T*Hkv/4): records of one step
 #if !defined(QC_KERNEL) || !defined(QC_HEAD_DIM) || !defined(QC_KV_INT4) || !defined(QC_STAGES)
@@ -309,6 +311,77 @@ __device__ __forceinline__ void attention(const Args& p) {
   }
 }
 
+// The _prefill2 entry: a CTA is P2_ROWS (128) query rows of one sequence; warp w owns rows
+// 32 w .. 32 w + 31 as P2_MT m16 tiles, reads each K / V fragment once for both, and skips a
+// tile that is wholly past its rows' causal limits.
+__device__ __forceinline__ void attention_p2(const Args& p) {
+  constexpr int MT = P2_MT, NT = P2_TN / 8;
+  using S = Stage<P2_TN>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int G = p.Hq / p.Hkv, h = blockIdx.y, split = blockIdx.z;
+  const Block blk = find_block<P2_ROWS>(p, G);
+  if (blk.b < 0) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int2 kr = key_range<P2_ROWS, P2_TN>(blk, G);
+  const int k_begin = kr.x, k_end = kr.y;
+  uint4* sq = reinterpret_cast<uint4*>(smem + STAGES * S::BYTES) + warp * MT * KSTEPS * 32;
+
+  RowState st[MT];
+  int lim_max = 0;  // this thread's rows see keys < lim_max
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int wrow0 = blk.row0 + 16 * (MT * warp + mt);
+    load_q(st[mt], p, blk.tok0, h, G, wrow0, blk.nrows, lane);
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s)
+      sq[(mt * KSTEPS + s) * 32 + lane] =
+          make_uint4(st[mt].a[s][0], st[mt].a[s][1], st[mt].a[s][2], st[mt].a[s][3]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wrow0 + g + 8 * r;
+      st[mt].m[r] = NEG_INF;
+      st[mt].l[r] = st[mt].pm[r] = 0.f;
+      st[mt].lim[r] = row < blk.nrows ? min(k_end, blk.ctx + row / G + 1) : 0;
+      lim_max = max(lim_max, st[mt].lim[r]);
+    }
+#pragma unroll
+    for (int j = 0; j < NTILES; ++j)
+      st[mt].o[j][0] = st[mt].o[j][1] = st[mt].o[j][2] = st[mt].o[j][3] = 0.f;
+  }
+
+  const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
+  const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
+                      p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0, p.Hkv, h};
+  run_tiles<S>(smem, src, k_begin, k_end, tid, [&](const uint8_t* stage, int key0) {
+    // every key of the tile masked for every row of the warp: nothing would change (exact)
+    if (!__any_sync(0xffffffffu, key0 < lim_max)) return;
+    float s[MT][NT][4];
+    qk_sq<MT, NT>(sq, stage + S::K_OFF, 0, lane, s);
+    uint32_t pf[MT][NT / 2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      softmax_p<S, NT>(st[mt], stage, 0, key0, p.scale_log2, lane, s[mt], pf[mt]);
+    pv<S, NT, MT>(st, pf, stage, 0, lane);
+  });
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    finish_rows(st[mt]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int brow = blk.row0 + 16 * (MT * warp + mt) + g + 8 * r;
+      if (brow >= blk.nrows) continue;
+      const int tok = blk.tok0 + brow / G, hq = h * G + brow % G;
+#pragma unroll
+      for (int j = 0; j < NTILES; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          store(p, tok, hq, o_dim(j, 2 * q + c), st[mt].o[j][2 * r + c], st[mt].l[r], split);
+      if (q == 0) store_lse(p, tok, hq, st[mt].m[r], st[mt].l[r], split);
+    }
+  }
+}
+
 // Q^T B fragments of row block row0 + g (zero past nrows), and the int4 row sums of rows 2q,
 // 2q + 1 (computed by their own lanes, then fetched).
 __device__ __forceinline__ void load_q_t(KtState& st, const Args& p, int tok0, int h, int G,
@@ -426,6 +499,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 5) QC_CAT(QC_KERNEL, _kt)(
 
 extern "C" __global__ void __launch_bounds__(THREADS) QC_CAT(QC_KERNEL, _prefill)(QC_ATTN_PARAMS) {
   attention<64, 64>(QC_ATTN_ARGS);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) QC_CAT(QC_KERNEL, _prefill2)(QC_ATTN_PARAMS) {
+  attention_p2(QC_ATTN_ARGS);
 }
 
 // out[t, hq, :] = sum_z 2^(lse_z - M) O_z / sum_z 2^(lse_z - M); one warp per (t, hq).

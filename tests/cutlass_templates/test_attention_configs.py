@@ -17,6 +17,7 @@ def test_names_entries_defines():
     assert cfg.name("attn_int4") == "qc_attn_int4_d128_s3"
     assert cfg.entries("attn_fp16") == ("qc_attn_fp16_d128_s3", "qc_attn_fp16_d128_s3_kt",
                                         "qc_attn_fp16_d128_s3_prefill",
+                                        "qc_attn_fp16_d128_s3_prefill2",
                                         "qc_attn_fp16_d128_s3_merge",
                                         "qc_attn_fp16_d128_s3_encode")
     d = cfg.defines("attn_int4")
@@ -35,10 +36,11 @@ def test_shared_memory():
         for d in (64, 128):
             cfg = AttnConfig(d)
             dec, pre = cfg.smem_bytes(kind, "decode"), cfg.smem_bytes(kind, "prefill")
-            kt = cfg.smem_bytes(kind, "kt")
+            kt, pre2 = cfg.smem_bytes(kind, "kt"), cfg.smem_bytes(kind, "prefill2")
             assert dec >= 4 * 16 * d * 4  # the decode entries merge 4 warps' fp32 rows there
             assert kt >= 4 * 8 * d * 4
-            assert cfg.smem_bytes(kind) == max(dec, pre, kt) <= 227 * 1024
+            assert pre2 >= 4 * 32 * d * 2  # + 4 warps' Q fragments, 32 rows each
+            assert cfg.smem_bytes(kind) == max(dec, pre, kt, pre2) <= 227 * 1024
     # int4 records are ~4x smaller: its stage holds 128 keys in the decode entry
     assert AttnConfig(128).stage_bytes("attn_int4", "decode") == 128 * (64 + 80 + 8)
     assert AttnConfig(128).stage_bytes("attn_fp16", "prefill") == 64 * (288 + 272)

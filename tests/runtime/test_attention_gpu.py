@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, AttnConfig
+from qcompile.cutlass_templates.attention_configs import KIND_OF_FORMAT, ROWS, AttnConfig
 from qcompile.runtime.ops import KV_ENCODE_OPS, kv_record_bytes
 from qcompile.runtime.ops.attention import paged_attention_ref
 from qcompile.runtime.ops.kv import PageLayout
@@ -90,7 +90,7 @@ MIXED = [(0, 1), (5, 1), (16, 1), (17, 0), (33, 1), (100, 37), (0, 130), (250, 1
 def test_mixed_batch_every_entry(kernels, fmt, d, hq, hkv):
     batch = make_batch(fmt, hq, hkv, d, MIXED, seed=hq + d)
     ref = _reference(fmt, batch, hkv, d)
-    for entry in ("kt", "decode", "prefill"):
+    for entry in ROWS:
         for splits in (1, 3):
             got = _run(kernels, fmt, batch, hkv, d, entry=entry, splits=splits)
             _check(got, ref, f"{fmt} d{d} {hq}/{hkv} {entry} splits={splits}")
