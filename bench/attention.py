@@ -69,7 +69,7 @@ def read_bandwidth() -> float:
     SDPA's decode read its cache at 4,426 GB/s against a copy of 2,771)."""
     src = torch.zeros(1 << 28, dtype=torch.int32, device="cuda")
     out = torch.empty((), dtype=torch.int64, device="cuda")
-    us = graph_us([lambda: torch.sum(src, dtype=torch.int64, out=out)])
+    us = graph_us([lambda: torch.sum(src, dim=0, dtype=torch.int64, out=out)])
     return 4 * src.numel() / us / 1e3
 
 
