@@ -42,7 +42,7 @@ def compile_model(source, cfg: CompileConfig, out, *, trust_pickle: bool = False
     check_inputs(cfg, out, force, protect=(source,))
     return compile_checkpoint(load_checkpoint(source, trust_pickle=trust_pickle,
                                               progress=progress), cfg, out,
-                              progress=progress, force=force)
+                              progress=progress, force=force, consume=True)
 
 
 def check_inputs(cfg: CompileConfig, out, force: bool, protect=()) -> None:
@@ -66,7 +66,10 @@ def served_length(cfg: CompileConfig, mcfg: ModelConfig) -> int:
 
 
 def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
-                       progress: bool = True, force: bool = False) -> Path:
+                       progress: bool = True, force: bool = False, consume: bool = False) -> Path:
+    """`consume`: the caller hands ckpt over: its weights are emptied once the program is
+    captured, so that each float weight is freed as soon as its packed form exists (peak host
+    memory about the checkpoint plus the packed weights, not twice the checkpoint)."""
     out, t0 = Path(out), time.perf_counter()
     check_inputs(cfg, out, force, protect=(ckpt.source,))
     if ckpt.tokenizer is None:
@@ -90,7 +93,9 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     decoder = Decoder(mcfg, weights, cfg.torch_dtype)
     lowering = Lowering.from_exported(
         capture(decoder, KVSpec.of(mcfg, "fp16", cfg.kv_block_size, cfg.torch_dtype)))
-    del decoder
+    del decoder, weights
+    if consume:  # the lowering holds the only references now (swap_gemm frees them one by one)
+        ckpt.weights = {}
     bar.update()
 
     bar.set_postfix_str("passes")

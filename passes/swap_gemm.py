@@ -110,8 +110,9 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
     spec = spec_of(scheme)
     memo, count, quantized, used = {}, 0, quantized or {}, set()
     todo = list(_linears(lowering, include_head))
-    for node, w in tqdm(todo, desc=f"quantize + pack ({scheme.name})", unit="linear",
-                        leave=False, disable=None):  # disable=None: only on a terminal
+    for i in tqdm(range(len(todo)), desc=f"quantize + pack ({scheme.name})", unit="linear",
+                  leave=False, disable=None):  # disable=None: only on a terminal
+        (node, w), todo[i] = todo[i], None  # hold no float weight past its own packing
         x, wnode = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
         xargs = _activation_args(lowering, x, spec, memo)
@@ -126,6 +127,12 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
             gemm = lowering.call(spec.op, args)
         node.replace_all_uses_with(gemm)
         lowering.gm.graph.erase_node(node)
+        # the float weight's last reader is gone: free it now, not when the pipeline ends, so
+        # the compile's peak memory is the checkpoint plus one linear (issue 13: 8B in <= 2x)
+        if not wnode.users and wnode.name in lowering.weights:
+            del lowering.weights[wnode.name]
+            lowering.gm.graph.erase_node(wnode)
+        del w, packed
         count += 1
     if set(quantized) - used:
         raise ValueError(f"swap_gemm: integer weights given for linears it did not swap: "
