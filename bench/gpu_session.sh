@@ -6,7 +6,7 @@
 #   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32),
 #   BENCH="" (no attention bench), LATE_PYTEST (GPU tests run last, in the time left),
 #   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager; hf adds
-#   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --compile: Inductor on our glue),
+#   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --no-compile, --overlap),
 #   COMPILE=1 (gpu_step.sh also profiles the step with Inductor), NCU_RUNS ("fmt entry batch
 #   context new;..." kernels for Nsight Compute)
 set -uo pipefail

@@ -257,9 +257,12 @@ def parser():
                         "torch.compile) or hf (both); repeatable")
     p.add_argument("--hf", type=Path,
                    help="HF checkpoint folder of the peers (default: the artifact's source)")
-    p.add_argument("--compile", action="store_true",
-                   help="Inductor on the program's glue (Engine.load(compile=True)); its "
-                        "compile time is part of the load, not of the measurement")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="no Inductor on the program's glue (default on cuda: compiled, its "
+                        "compile time part of the load, not of the measurement)")
+    p.add_argument("--overlap", action="store_true",
+                   help="launch each step before reading the previous one's sampled ids "
+                        "(Engine.load(overlap=True))")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every decode step eagerly (default on cuda: CUDA graphs per "
                         "decode batch size, captured at load)")
@@ -298,7 +301,7 @@ def _run(args) -> int:
     kv = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
     engine = Engine.load(args.artifact, device=device, kv_cache_bytes=kv, max_seqs=args.max_seqs,
                          max_batch_tokens=args.max_batch_tokens,
-                         compile=args.compile,
+                         compile=None if args.compile else False, overlap=args.overlap,
                          cuda_graphs=None if device.type == "cuda" and not args.no_cuda_graphs
                          else False)
     if args.input_len + args.output_len > engine.max_seq_len:
@@ -315,7 +318,8 @@ def _run(args) -> int:
     c = engine.artifact.compile
     results = [bench_engine(engine, prompts, args.output_len,
                             f"qcompile {c.precision} kv {c.kv}"
-                            + (" inductor" if args.compile else ""), progress=not args.quiet)]
+                            + (" inductor" if engine.compiled else "")
+                            + (" overlap" if args.overlap else ""), progress=not args.quiet)]
     del engine
     for peer in peers:  # a peer that fails costs its row, not our measurement
         try:

@@ -17,6 +17,9 @@ def _common(p: OneLineParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu (the PyTorch reference ops, any artifact) or cuda[:N] (the "
                         "artifact's CUTLASS kernels; the GPU must match its --target)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="on cuda, no TorchInductor on the program's glue (default: compiled "
+                        "once and cached on disk; the first load of an artifact takes minutes)")
 
 
 def _load(args, cuda_graphs: bool):
@@ -26,7 +29,8 @@ def _load(args, cuda_graphs: bool):
                                 "`qcompile MODEL -o DIR`)")
     from .engine import Engine
     return Engine.load(args.artifact, device=device,
-                       cuda_graphs=None if cuda_graphs and device.type == "cuda" else False)
+                       cuda_graphs=None if cuda_graphs and device.type == "cuda" else False,
+                       compile=None if args.compile else False)
 
 
 def run_parser() -> OneLineParser:

@@ -58,9 +58,20 @@ class StreamEvent:
     finish_reason: str | None
 
 
+@dataclass
+class _Launched:
+    """A step on the device: the request sampled at each logits row (None: ignored), the
+    sampled ids on the device, their pinned host copy and the event after that copy."""
+    rows: list
+    ids: torch.Tensor
+    host: torch.Tensor
+    done: "torch.cuda.Event | None"
+
+
 class Engine:
     def __init__(self, art: Artifact, program, weights, tokenizer, cache: PagedKVCache,
-                 device: torch.device, max_batch_tokens: int, max_seqs: int, kernels=None):
+                 device: torch.device, max_batch_tokens: int, max_seqs: int, kernels=None,
+                 overlap: bool = False):
         from .gemm_kernels import Kernels
         # this engine's kernel table and launch / fallback counts, active while its program
         # runs (two engines in one process keep their own)
@@ -78,14 +89,28 @@ class Engine:
         self.decode_buckets = decode_buckets(max_seqs) if device.type == "cuda" else ()
         self._pad = Span([0], 0, [cache.scratch_page], row=self.block_table.scratch_row)
         self.graphs: DecodeGraphs | None = None
+        # sampled ids' host copies, two so that a step's copy never overwrites the one in
+        # flight (overlap: step N + 1 is launched before step N's ids are read)
+        rows = max(max_batch_tokens, max_seqs)
+        self._ids_host = [torch.zeros(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+                          for _ in range(2)]
+        self._ids_slot = 0
+        self.overlap = overlap
+        self._inflight: _Launched | None = None
+        self.compiled = False  # TorchInductor on the program (Engine.load's compile)
 
     @classmethod
     def load(cls, path, device="cpu", *, kv_cache_bytes: int | None = None,
-             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool = False,
-             cuda_graphs: bool | None = None):
-        """cuda_graphs: capture the decode step per batch bucket (default: on CUDA, falling
-        back to eager steps with a warning when the program cannot be captured; True insists,
-        False turns them off)."""
+             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool | None = None,
+             cuda_graphs: bool | None = None, overlap: bool = False):
+        """compile: TorchInductor on the program's glue (default: on CUDA, where it fuses each
+        RMSNorm / SwiGLU with its activation quantization and takes a decode step of the 1B
+        shape from 95 to 34 launches a layer and 5.5 to 3.1 ms on an H100; its compile is
+        cached on disk, bench/results/gpu-h100-2026-12-07b.md; off on the CPU, where the
+        reference ops are the point). cuda_graphs: capture the decode step per batch bucket
+        (default: on CUDA, falling back to eager steps with a warning when the program cannot
+        be captured; True insists, False turns them off). overlap: launch each step before
+        reading the previous one's sampled ids (see `step`)."""
         from transformers import AutoTokenizer
         device = torch.device(device)
         if cuda_graphs and device.type != "cuda":
@@ -103,6 +128,8 @@ class Engine:
         if device.type == "cuda" and art.manifest["kernels"]:
             from .gemm_kernels import Kernels
             kernels = Kernels.load(art.path / "kernels" / art.compile.target, device)
+        if compile is None:
+            compile = device.type == "cuda"
         if compile:
             _persistent_inductor_cache()
             # Round to the activation dtype where eager does (before quantization), so the
@@ -110,7 +137,8 @@ class Engine:
             program = torch.compile(program, dynamic=True,
                                     options={"emulate_precision_casts": True})
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
-                     kernels)
+                     kernels, overlap)
+        engine.compiled = compile
         if device.type == "cuda" and cuda_graphs is not False:
             engine._capture(required=cuda_graphs is True)
         return engine
@@ -196,7 +224,8 @@ class Engine:
             if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
                 raise ValueError(f"prompt {i}: token ids must be integers from 0 to {vocab - 1}")
             seed = (params.seed + i) % 2**63 if params.seed is not None else random.getrandbits(63)
-            reqs.append(Request(ids, params, index=i, seed=seed))
+            reqs.append(Request(ids, params, index=i, seed=seed,
+                                limit=min(len(ids) + params.max_new_tokens, self.max_seq_len)))
         for r in reqs:
             self.scheduler.add(r)
         return reqs
@@ -224,38 +253,73 @@ class Engine:
                 self.step()
 
     def step(self) -> list[tuple[Request, int]]:
-        """One forward over the scheduled chunks; returns the sampled (request, token)s."""
-        chunks, rows, ids = self._launch()
-        return self._complete(chunks, rows, ids[:len(rows)].tolist())  # the one read
+        """One forward over the scheduled chunks; returns the sampled (request, token)s.
 
-    def _launch(self) -> tuple[list[Chunk], list[Request | None], torch.Tensor]:
-        """Schedule, stage and launch a step without synchronising with the device: the
-        chunks, the request sampled at each logits row (None: ignored) and the sampled ids
-        on the device."""
+        Overlapped (`overlap=True`), a step launches the next forward before it reads the
+        sampled ids of the one in flight, so the host's scheduling and staging run while the
+        GPU computes: the new step takes the in-flight tokens from the device (the staged
+        gather), and the (request, token)s returned are the previous launch's. A request that
+        the read finishes (EOS) has then had one more token computed, which is dropped."""
+        if not self.overlap:
+            return self._complete(self._launch(None))
+        prev, self._inflight = self._inflight, None
+        if self.scheduler.running or self.scheduler.waiting:
+            self._inflight = self._launch(prev, required=prev is None)
+        return self._complete(prev) if prev is not None else []
+
+    def _launch(self, prev: "_Launched | None", required: bool = True) -> "_Launched | None":
+        """Schedule, stage and launch a step without synchronising with the device, its
+        sampled ids copied to a pinned host buffer behind an event. `prev`: the step in
+        flight, whose sampled tokens this one reads on the device. None when nothing could be
+        scheduled and `required` is False."""
         chunks = self.scheduler.schedule()
         if not chunks:
+            if not required:
+                return None
             raise RuntimeError("scheduler made no progress (KV cache too small for any request)")
         bucket = None
         if self.decode_buckets and all(c.end - c.start == 1 for c in chunks):
             bucket = bucket_for(len(chunks), self.decode_buckets)
-        batch, rows, updates = self._layout(chunks, bucket)
+        batch, rows, updates, gathers = self._layout(chunks, bucket, prev)
         x = self.buffers.load(batch, _sampling_rows(rows), updates,
-                              width=None if bucket else batch.width)
+                              width=None if bucket else batch.width, gathers=gathers)
+        if gathers:  # the tokens prev sampled, straight from the device
+            x.tokens.index_copy_(0, x.gather_dst, prev.ids.index_select(0, x.gather_src))
         self.block_table.apply(x.update_index, x.update_page)
         random = any(r is not None and r.params.temperature > 0 for r in rows)
         if bucket is not None and self.graphs is not None:
-            return chunks, rows, self.graphs.replay(bucket, random)
-        return chunks, rows, self._device_step(x, random)
-
-    def _complete(self, chunks: list[Chunk], rows: list[Request | None],
-                  ids: list[int]) -> list[tuple[Request, int]]:
-        """Account a launched step once its ids are read: computed tokens, new tokens,
-        finished requests."""
+            ids = self.graphs.replay(bucket, random)
+        else:
+            ids = self._device_step(x, random)
         for c in chunks:
             c.req.computed = c.end
+        for i, r in enumerate(rows):
+            if r is not None:
+                r.pending += 1
+                r.pending_row = i
+        self._ids_slot ^= 1
+        host = self._ids_host[self._ids_slot][:len(rows)]
+        done = None
+        if self.device.type == "cuda":
+            host.copy_(ids[:len(rows)], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host.copy_(ids[:len(rows)])
+        return _Launched(rows, ids, host, done)
+
+    def _complete(self, launched: "_Launched") -> list[tuple[Request, int]]:
+        """Account a launched step once its ids are read (the step's one synchronisation):
+        new tokens, finished requests. A request finished or aborted since the launch drops
+        its token."""
+        if launched.done is not None:
+            launched.done.synchronize()
         events = []
-        for req, token in zip(rows, ids):
+        for req, token in zip(launched.rows, launched.host.tolist()):
             if req is None:
+                continue
+            req.pending -= 1
+            if req.finish_reason is not None:
                 continue
             req.out.append(token)
             reason = self._finish_reason(req, token)
@@ -264,17 +328,25 @@ class Engine:
             events.append((req, token))
         return events
 
-    def _layout(self, chunks: list[Chunk], bucket: int | None):
-        """The step's flat batch, the request sampled at each logits row (None: ignored) and
-        the block-table updates. A bucket computes logits for every row, padding included."""
+    def _layout(self, chunks: list[Chunk], bucket: int | None, prev: "_Launched | None"):
+        """The step's flat batch, the request sampled at each logits row (None: ignored),
+        the block-table updates and the gathers of tokens in flight (token index, prev's
+        row). A bucket computes logits for every row, padding included."""
         self.block_table.release_missing(self.cache.tables)
         updates: list[tuple[int, int]] = []
-        spans = []
+        spans, gathers, at = [], [], 0
         for c in chunks:
             pages = self.cache.tables[c.req.id]
             row = self.block_table.sync(c.req.id, pages, updates)
             spans.append(Span(c.req.token_span(c.start, c.end), c.start, pages, row,
                               logits=bucket is not None or c.samples))
+            known = len(c.req.prompt) + len(c.req.out)
+            if c.end > known:  # its last token is prev's sample for it, not read yet
+                if prev is None or prev.rows[c.req.pending_row] is not c.req:
+                    raise RuntimeError(f"request {c.req.id}: a pending token without the "
+                                       "step that samples it")
+                gathers.append((at + known - c.start, c.req.pending_row))
+            at += c.end - c.start
         if bucket is None:
             rows = [c.req for c in chunks if c.samples]
             if not rows:  # the program computes at least one logits row (export's N >= 1)
@@ -282,7 +354,7 @@ class Engine:
         else:
             rows = [c.req if c.samples else None for c in chunks] + [None] * (bucket - len(chunks))
             spans += [self._pad] * (bucket - len(chunks))
-        return flat_batch(spans, self.cache.block_size), rows, updates
+        return flat_batch(spans, self.cache.block_size), rows, updates, gathers
 
     def _stage_padding(self, bucket: int) -> StepInputs:
         """A bucket of padding rows staged (CUDA graph warm-up and capture)."""
@@ -303,7 +375,9 @@ class Engine:
     def _finish_reason(self, req: Request, token: int) -> str | None:
         if req.params.stop_on_eos and token in self.eos_ids:
             return "eos"
-        if len(req.out) >= req.params.max_new_tokens or req.num_tokens >= self.max_seq_len:
+        # tokens the host knows (an overlapped step may hold one more in flight)
+        if len(req.out) >= req.params.max_new_tokens or \
+                len(req.prompt) + len(req.out) >= self.max_seq_len:
             return "length"
         return None
 
@@ -323,7 +397,8 @@ class Engine:
 def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
     """Sampling parameters per logits row; None rows (padding, recomputed tokens) greedy."""
     rows = [(0.0, 1.0, 0, 0, 0) if r is None else
-            (r.params.temperature, r.params.top_p, r.params.top_k, r.seed, len(r.out))
+            (r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
+             len(r.out) + r.pending)
             for r in reqs]
     return SamplingRows(*(list(col) for col in zip(*rows))) if rows else \
         SamplingRows([], [], [], [], [])

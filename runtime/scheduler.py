@@ -39,6 +39,11 @@ class Request:
     preemptions: int = 0
     seed: int = 0                       # of its random draws (runtime/sampler.py)
     prefill_ends: list[int] = field(default_factory=list)  # ends of its prompt chunks
+    # tokens sampled on the device whose ids the host has not read yet (an overlapped
+    # engine launches the next step first: Engine(overlap=True)); they count in num_tokens
+    pending: int = 0
+    pending_row: int = -1               # its logits row in the step that samples it
+    limit: int | None = None            # num_tokens at which it finishes by length
 
     @property
     def tokens(self) -> list[int]:
@@ -46,14 +51,22 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.out)
+        return len(self.prompt) + len(self.out) + self.pending
+
+    @property
+    def ends_by_length(self) -> bool:
+        """Its pending token will finish it (length): no step should be scheduled for it."""
+        return bool(self.pending) and self.limit is not None and self.num_tokens >= self.limit
 
     def token_span(self, start: int, end: int) -> list[int]:
-        """tokens[start:end] without building the whole list (decode steps take one)."""
+        """tokens[start:end] without building the whole list (decode steps take one); a
+        pending token (not read yet) is a 0 that the engine replaces on the device."""
         p = len(self.prompt)
         if start >= p:
-            return self.out[start - p:end - p]
-        return self.prompt[start:end] + (self.out[:end - p] if end > p else [])
+            span = self.out[start - p:end - p]
+        else:
+            span = self.prompt[start:end] + (self.out[:end - p] if end > p else [])
+        return span + [0] * (end - start - len(span))
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         chunks, budget = [], self.max_batch_tokens
         for req in list(self.running):  # oldest first
-            if req not in self.running or budget == 0:
+            if req not in self.running or budget == 0 or req.ends_by_length:
                 continue
             end = self._next_end(req, budget)
             if end is None or not self._reserve(req, end):
@@ -147,7 +160,10 @@ class Scheduler:
     def finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         self.cache.free(req.id)
-        self.running.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        else:  # preempted while its last token was in flight (an overlapped engine)
+            self.waiting.remove(req)
 
     def abort(self, req: Request) -> None:
         """Drop req wherever it is (running or waiting) and free its pages."""

@@ -32,13 +32,17 @@ _FIELDS = (
     ("temperature", torch.float32, "N"), ("top_p", torch.float32, "N"),
     ("ctx_lens", torch.int32, "B"), ("query_start", torch.int32, "B1"), ("rows", torch.int32, "B"),
     ("update_index", torch.int64, "U"), ("update_page", torch.int32, "U"),  # last: see above
+    # tokens sampled by the previous step, not read yet (an overlapped engine): tokens[dst]
+    # takes the previous step's ids[src] on the device
+    ("gather_dst", torch.int64, "P"), ("gather_src", torch.int64, "P"),
 )
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 
 
-def _layout(t: int, b: int, n: int, u: int) -> tuple[dict[str, tuple[int, int, torch.dtype]], int]:
+def _layout(t: int, b: int, n: int, u: int,
+            g: int = 0) -> tuple[dict[str, tuple[int, int, torch.dtype]], int]:
     """name -> (byte offset, count, dtype), and the bytes used; offsets 8-byte aligned."""
-    sizes = dict(T=t, B=b, B1=b + 1, N=n, U=u)
+    sizes = dict(T=t, B=b, B1=b + 1, N=n, U=u, P=g)
     out, off = {}, 0
     for name, dtype, key in _FIELDS:
         out[name] = (off, sizes[key], dtype)
@@ -74,6 +78,8 @@ class StepInputs:
     rows: torch.Tensor
     update_index: torch.Tensor
     update_page: torch.Tensor
+    gather_dst: torch.Tensor
+    gather_src: torch.Tensor
     width: int | None = None
 
 
@@ -81,7 +87,7 @@ class StepBuffers:
     def __init__(self, max_tokens: int, max_rows: int, max_updates: int, device: torch.device):
         self.device = device
         self.limits = (max_tokens, max_rows, max_updates)
-        _, nbytes = _layout(max_tokens, max_rows, max_rows, max_updates)
+        _, nbytes = _layout(max_tokens, max_rows, max_rows, max_updates, max_rows)
         pin = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device) if pin else self.host
@@ -90,40 +96,45 @@ class StepBuffers:
         self._views: dict[tuple, StepInputs] = {}
 
     def load(self, batch: FlatBatch, sampling: SamplingRows, updates: list[tuple[int, int]],
-             width: int | None = None) -> StepInputs:
-        """Stage the batch, its logits rows' sampling parameters and the block-table updates,
-        copy them to the device in one asynchronous copy, return the device views."""
+             width: int | None = None, gathers: list[tuple[int, int]] = ()) -> StepInputs:
+        """Stage the batch, its logits rows' sampling parameters, the block-table updates and
+        the (token index, previous step's row) of its pending tokens, copy them to the device
+        in one asynchronous copy, return the device views."""
         t, b, n, u = len(batch.tokens), len(batch.rows), len(batch.logits_indices), len(updates)
-        if t > self.limits[0] or b > self.limits[1] or n > self.limits[1] or u > self.limits[2]:
+        g = len(gathers)
+        if t > self.limits[0] or b > self.limits[1] or n > self.limits[1] or u > self.limits[2] \
+                or g > self.limits[1]:
             raise ValueError(f"step of {t} tokens, {b} sequences, {n} logits rows, {u} table "
                              f"updates exceeds the buffers sized at load "
                              f"({self.limits[0]} tokens, {self.limits[1]} sequences, "
                              f"{self.limits[2]} updates)")
-        layout, nbytes = _layout(t, b, n, u)
+        layout, nbytes = _layout(t, b, n, u, g)
         if self._copied is not None and not self._copied.query():
             self._copied.synchronize()  # the last copy must have read the staging buffer
         index, pages = zip(*updates) if updates else ((), ())
+        dst, src = zip(*gathers) if gathers else ((), ())
         values = dict(tokens=batch.tokens, positions=batch.positions, slots=batch.slots,
                       logits_indices=batch.logits_indices, top_k=sampling.top_k,
                       seed=sampling.seed, position=sampling.position,
                       temperature=sampling.temperature, top_p=sampling.top_p,
                       ctx_lens=batch.ctx_lens, query_start=batch.query_start, rows=batch.rows,
-                      update_index=index, update_page=pages)
+                      update_index=index, update_page=pages, gather_dst=dst, gather_src=src)
         for name, (off, count, dtype) in layout.items():
             if count:
                 self._np[off:off + count * dtype.itemsize].view(_NP[dtype])[:] = values[name]
         if self.dev is not self.host:
             self.dev[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
             self._copied.record(torch.cuda.current_stream(self.device))
-        return self.views(t, b, n, u, width)
+        return self.views(t, b, n, u, width, g)
 
-    def views(self, t: int, b: int, n: int, u: int, width: int | None = None) -> StepInputs:
-        """Device views in the layout of (T, B, N, U) (kept for reuse: a bucket's are the
+    def views(self, t: int, b: int, n: int, u: int, width: int | None = None,
+              g: int = 0) -> StepInputs:
+        """Device views in the layout of (T, B, N, U, P) (kept for reuse: a bucket's are the
         same tensors every step)."""
-        key = (t, b, n, u, width)
+        key = (t, b, n, u, width, g)
         views = self._views.get(key)
         if views is None:
-            layout, _ = _layout(t, b, n, u)
+            layout, _ = _layout(t, b, n, u, g)
             views = StepInputs(**{name: self.dev[off:off + count * dtype.itemsize].view(dtype)
                                   for name, (off, count, dtype) in layout.items()}, width=width)
             if len(self._views) < 256:
