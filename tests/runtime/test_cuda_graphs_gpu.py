@@ -9,6 +9,7 @@ this GPU in float16 with `--kernels build`, fp16 and W4A8 / KV4.
   (torch.cuda sync debug mode "error" around everything else: scheduling, staging, the copy,
   the block-table updates, the replay or the eager launches), including steps where
   sequences gain pages.
+* Overlapped steps (Engine(overlap=True)) give the same tokens, with graphs and without.
 * A program that cannot be captured (the attention reference reads lengths on the host)
   turns graphs off with a warning, or fails the load when graphs were asked for.
 
@@ -47,9 +48,10 @@ def artifact(request, make_tiny_checkpoint, tmp_path_factory):
                          progress=False)
 
 
-def _load(artifact, graphs):
+def _load(artifact, graphs, overlap=False):
     return Engine.load(artifact, device="cuda", max_seqs=8, kv_cache_bytes=KV_BYTES,
-                       cuda_graphs=graphs, compile=False)  # Inductor: test_gpu_reference
+                       cuda_graphs=graphs, compile=False,  # Inductor: test_gpu_reference
+                       overlap=overlap)
 
 
 def _params(n, **sampling):
@@ -77,6 +79,17 @@ def test_graphs_give_the_eager_tokens_across_buckets(artifact):
     seeded = dict(temperature=0.8, top_p=0.9, seed=5)
     assert _generate(graphs, **seeded) == _generate(eager, **seeded)
     assert sum(n for (_, random), n in graphs.graphs.replays.items() if random) == 39
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_overlapped_steps_give_the_same_tokens(artifact, graphs):
+    """Engine(overlap=True) on the GPU: the in-flight tokens gathered on the device into the
+    bucket's token buffer before its replay (and the ids' pinned copies, double-buffered)
+    give the plain steps' tokens, greedy and seeded."""
+    plain, over = _load(artifact, graphs), _load(artifact, graphs, overlap=True)
+    assert _generate(over) == _generate(plain)
+    seeded = dict(temperature=0.8, top_p=0.9, seed=5)
+    assert _generate(over, **seeded) == _generate(plain, **seeded)
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
