@@ -76,8 +76,8 @@ def export_onnx_parser() -> argparse.ArgumentParser:
     from .onnx_lowering import PRECISIONS
     p = OneLineParser(
         prog=f"qcompile {EXPORT_ONNX}",
-        description="Write an artifact's program as one ONNX file (weights inside; beside it "
-                    "as FILE.data beyond 2 GB) that onnxruntime runs on the CPU: input_ids and "
+        description="Write an artifact's program as one ONNX file (weights inside; past 2 GB "
+                    "in a .data file beside it) that onnxruntime runs on the CPU: input_ids and "
                     "a typed KV cache per layer in, logits and the updated cache out. Int8 "
                     "GEMMs become MatMulInteger. The file is checked with onnx.checker. "
                     f"Precisions: {', '.join(PRECISIONS)}; KV formats fp16 and int4 (the "

@@ -10,9 +10,9 @@ values, which the caller feeds back each step.
 | name | shape, dtype | meaning |
 |---|---|---|
 | input_ids | [B, S] int64 | S new tokens of each of B sequences |
-| past_key_values.{i}.key / .value | [B, Hkv, P, D] activation dtype | layer i's cache (P may be 0) |
+| past_key_values.{i}.key / .value | [B, Hkv, P, D] activation dtype | layer i's cache, P >= 0 |
 | logits | [B, S, V] float32 | the logits of every new token |
-| present.{i}.key / .value | [B, Hkv, P + S, D] activation dtype | past and new, fed back next step |
+| present.{i}.key / .value | [B, Hkv, P + S, D] activation dtype | past and new: the next past |
 
 What it covers: token s of every row sits at position P + s, so the rows share one length (no
 padding mask, no ragged or paged batch: sequences of different lengths run as separate
@@ -28,9 +28,9 @@ float32 with explicit float16 roundings: compiler/onnx_lowering.py. Int8 sums
 and so flip an int8 or int4 code (bench/results/onnx-export-2026-12-07.md).
 
 torch.onnx's optimizer (onnxscript's rewrite rules) is off: on SmolLM2 W8A8 with KV int4 it
-took the export from 98 s to 305 s on 2 cores for the same onnxruntime latency (onnxruntime
-folds constants itself when it loads the file) and a 2% smaller file. The weights are
-initializers: one file, or FILE.data beside it past 2 GB.
+took the export from 90 s to 305 s on 2 cores, for no faster onnxruntime (which folds
+constants itself when it loads the file) and a 2% smaller file. The weights are
+initializers: one file, or past 2 GB a .data file beside it (torch.onnx's save).
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def _quiet_exporter():
 
 
 def export_onnx(artifact, out) -> OnnxExport:
-    """Write the artifact's program as ONNX to `out` (weights inside, or in `out`.data beside
-    it past 2 GB), checked by onnx.checker with full_check (shapes and types inferred too).
+    """Write the artifact's program as ONNX to `out` (weights inside, or past 2 GB in a .data
+    file beside it), checked by onnx.checker with full_check (shapes and types inferred too).
     Written in a temporary folder beside `out`, then moved: `out` is never half-written."""
     import onnx
     if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it
@@ -95,11 +95,11 @@ def export_onnx(artifact, out) -> OnnxExport:
         program = torch.onnx.export(
             decoder.eval(), example_args(art.model, art.compile.torch_dtype), dynamo=True,
             dynamic_shapes=dynamic, input_names=inputs, output_names=outputs,
-            custom_translation_table={torch.ops.aten._int_mm.default: matmul_integer}, verbose=False,
-            optimize=False)  # see the module docstring
+            custom_translation_table={torch.ops.aten._int_mm.default: matmul_integer},
+            verbose=False, optimize=False)  # optimize: see the module docstring
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        program.save(staged)  # external data, if any, as `out.name`.data beside it
+        program.save(staged)  # external data, if any, beside it: moved with it
         onnx.checker.check_model(staged, full_check=True)
         model = onnx.load(staged, load_external_data=False)
         files = sorted(Path(tmp).iterdir())

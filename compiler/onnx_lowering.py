@@ -5,18 +5,20 @@ gather replaced by plain ATen over a typed KV cache.
 
 | qcompile op | becomes (ONNX after torch.onnx) |
 |---|---|
-| gemm_w8a8 | torch._int_mm on int8 [K, N] weights -> MatMulInteger -> int32, Cast, Mul s_x, Mul s_w |
-| gemm_w4a8, gemm_w4a8_group | the same on the reference's own int8 operand (codes 0..15, or w8 = q s2 - z2 s2), decoded at export; the per-channel epilogue subtracts (z s_w)(s_x sum x_q) |
-| quant_a8 | its reference: ReduceMax(Abs), Div, Round (half to even, as torch.round), Clip, Cast, ReduceSum |
+| gemm_w8a8 | MatMulInteger(x_q int8 [M, K], W int8 [K, N]) -> int32; Cast, Mul s_x, Mul s_w |
+| gemm_w4a8 | the same on the codes 0..15 as int8, minus (z s_w)(s_x sum x_q) |
+| gemm_w4a8_group | the same on w8 = q s2 - z2 s2 (the kernel's per-byte int8), times s1 |
+| quant_a8 | its reference: ReduceMax(Abs), Div, Round (half to even), Clip, Cast, ReduceSum |
 | kv_encode_fp16 | nothing: the typed cache holds the values |
 | kv_encode_int4 | quantize and dequantize per (token, head): ReduceMin/Max, Round, Clip, Mul, Add |
-| paged_attention_* | Concat(past, new) -> present; causal mask shifted by P; MatMul, Softmax in float32 |
+| paged_attention_* | Concat(past, new) -> present; mask causal from P; MatMul, Softmax in float32 |
 
 No custom domain is needed. GEMM weights are laid out for the ONNX op once, at export: int8
-[K, N] with the kernel buffers' padding dropped (W4A8: one byte per weight, twice the
-artifact's packed int4). Precisions: fp16 and those whose GEMM op has a row in `GEMMS`
-(`PRECISIONS`); w4a16-g128 (opset 21's blocked DequantizeLinear on UINT4 could say it, but
-torch has no 4-bit dtype to hold the initializer) and fp8 (no float8 MatMul in ONNX) are not.
+[K, N] with the kernel buffers' padding dropped; W4A8's are the reference's own int8 operand,
+decoded from the packed buffers (one byte per weight, twice the artifact's packed int4).
+Precisions: fp16 and those whose GEMM op has a row in `GEMMS` (`PRECISIONS`); not w4a16-g128
+(opset 21's blocked DequantizeLinear on UINT4 could say it, but torch has no 4-bit dtype to
+hold the initializer) nor fp8 (ONNX has no float8 MatMul).
 
 Rounding: a float16 / bfloat16 program runs in float32 here, rounded to the activation dtype
 (a Cast there and back) after every node whose value the program holds in that dtype, ops
@@ -124,7 +126,14 @@ PRECISIONS = tuple(p for p, s in SPECS.items() if s.op is None or s.op in GEMMS)
 
 
 def matmul_integer(a, b):
-    """torch.onnx translation of aten._int_mm (int8 [M, K] x int8 [K, N] -> int32)."""
+    """torch.onnx translation of aten._int_mm (int8 [M, K] x int8 [K, N] -> int32).
+
+    int8 x int8 is exact on every CPU, though onnxruntime 1.32 runs it with a slow kernel on
+    most x86 (SmolLM2 W8A8 decodes at 61 ms/token on 2 cores, fp16 at 22). Feeding x_q + 128 as
+    uint8 with a_zero_point 128 gives the same sums by ONNX's definition and was 3.5x faster
+    on AVX-512 VNNI, but MLAS's uint8 x int8 kernel on x86 without VNNI adds pairs of products
+    in int16 with saturation, which those operands can reach
+    (bench/results/onnx-export-2026-12-07.md)."""
     from onnxscript import opset18 as op
     return op.MatMulInteger(a, b)
 
@@ -339,9 +348,10 @@ def load_decoder(artifact) -> tuple[OnnxDecoder, Artifact]:
 
 def example_args(model_cfg, dtype: torch.dtype, batch: int = 2, seq: int = 3,
                  past: int = 2) -> tuple:
-    """(input_ids, past) of the given sizes: what the export traces (>= 2 each, so no size
-    is specialized) and what tests feed."""
+    """(input_ids, past) of the given sizes, random: what the export traces (>= 2 each, so
+    torch.export specializes no size to 0 or 1)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_cfg.vocab_size, (batch, seq), generator=g)
     shape = (batch, model_cfg.num_kv_heads, past, model_cfg.head_dim)
-    return ids, [torch.randn(shape, generator=g).to(dtype) for _ in range(2 * model_cfg.num_layers)]
+    return ids, [torch.randn(shape, generator=g).to(dtype)
+                 for _ in range(2 * model_cfg.num_layers)]
