@@ -1,19 +1,25 @@
 """`qcompile MODEL --target sm80 --precision w4a8 --kv int4 -o OUT`: checkpoint in, artifact
-out.
+out. `qcompile export-onnx ARTIFACT -o FILE.onnx`: an artifact's program as ONNX
+(compiler/onnx_export.py).
 
 The flags are generated from CompileConfig's fields (help, choices, defaults), so the CLI
 and the config stored in the artifact cannot drift. Errors are one line (compiler/cli_errors.py).
+`export-onnx` is a word before the flags rather than a flag of the compile: it starts from an
+artifact, not a checkpoint, and shares none of the compile's options (a checkpoint named
+`export-onnx` is passed as `./export-onnx`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from .cli_errors import OneLineParser, run_cli
 from .config import CompileConfig
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct GGUF, fetched on first use (models/default_model.py)
+EXPORT_ONNX = "export-onnx"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile a Llama-family checkpoint into a qcompile artifact: the model "
                     "captured with torch.export, quantized by the chosen scheme, its graph "
                     "rewritten to quantized GEMM and paged-KV ops, and the GPU kernels it uses "
-                    "built. Serve it with qrun, score it with qeval. Compiling needs no GPU.")
+                    "built. Serve it with qrun, score it with qeval. Compiling needs no GPU.",
+        epilog=f"qcompile {EXPORT_ONNX} ARTIFACT -o FILE.onnx writes an artifact's program as "
+               f"ONNX for onnxruntime (see qcompile {EXPORT_ONNX} --help).")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="HF folder (config.json + safetensors), .gguf file, or model.pt; "
                         f"'{DEFAULT_MODEL}' (default) is SmolLM2-135M-Instruct, downloaded on "
@@ -56,9 +64,45 @@ def resolve_model(name: str) -> Path:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [EXPORT_ONNX]:
+        return export_onnx_main(argv[1:])
     args = build_parser().parse_args(argv)
     return run_cli("qcompile", lambda: _compile(args),
                    interrupted="interrupted; no artifact written")
+
+
+def export_onnx_parser() -> argparse.ArgumentParser:
+    from .onnx_lowering import PRECISIONS
+    p = OneLineParser(
+        prog=f"qcompile {EXPORT_ONNX}",
+        description="Write an artifact's program as one ONNX file (weights inside; past 2 GB "
+                    "in a .data file beside it) that onnxruntime runs on the CPU: input_ids and "
+                    "a typed KV cache per layer in, logits and the updated cache out. Int8 "
+                    "GEMMs become MatMulInteger. The file is checked with onnx.checker. "
+                    f"Precisions: {', '.join(PRECISIONS)}; KV formats fp16 and int4 (the "
+                    "cache is stored decoded). Interface and numerics: "
+                    "compiler/onnx_export.py.")
+    p.add_argument("artifact", type=Path, help="directory written by qcompile")
+    p.add_argument("-o", "--output", type=Path,
+                   help="ONNX file to write (default: <artifact name>.onnx); replaced if it "
+                        "exists")
+    return p
+
+
+def export_onnx_main(argv=None) -> int:
+    args = export_onnx_parser().parse_args(argv)
+    return run_cli(f"qcompile {EXPORT_ONNX}", lambda: _export_onnx(args),
+                   interrupted="interrupted; no ONNX file written")
+
+
+def _export_onnx(args) -> int:
+    from .onnx_export import export_onnx
+    out = args.output or Path(f"{args.artifact.name}.onnx")
+    r = export_onnx(args.artifact, out)
+    print(f"qcompile {EXPORT_ONNX}: wrote {r.path} ({r.bytes / 2**20:.1f} MiB, "
+          f"{r.seconds:.0f} s)")
+    return 0
 
 
 def _compile(args) -> int:
