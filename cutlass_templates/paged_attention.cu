@@ -237,6 +237,38 @@ __device__ __forceinline__ int2 key_range(const Block& blk, int G) {
   return make_int2(k_begin, min(k_all, k_begin + per));
 }
 
+// A warp's 16 rows from block row wrow0: empty running state, each row's key limit.
+__device__ __forceinline__ void init_rows(RowState& st, const Block& blk, int G, int wrow0,
+                                          int k_end, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wrow0 + (lane >> 2) + 8 * r;
+    st.m[r] = NEG_INF;
+    st.l[r] = st.pm[r] = 0.f;
+    st.lim[r] = row < blk.nrows ? min(k_end, blk.ctx + row / G + 1) : 0;
+  }
+#pragma unroll
+  for (int j = 0; j < NTILES; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
+}
+
+// A warp's 16 finished rows from block row wrow0 -> out (or the split's workspace).
+__device__ __forceinline__ void store_rows(const Args& p, const RowState& st, const Block& blk,
+                                           int h, int G, int wrow0, int split, int lane) {
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int brow = wrow0 + g + 8 * r;
+    if (brow >= blk.nrows) continue;
+    const int tok = blk.tok0 + brow / G, hq = h * G + brow % G;
+#pragma unroll
+    for (int j = 0; j < NTILES; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        store(p, tok, hq, o_dim(j, 2 * q + c), st.o[j][2 * r + c], st.l[r], split);
+    if (q == 0) store_lse(p, tok, hq, st.m[r], st.l[r], split);
+  }
+}
+
 template <int ROWS, int TN>
 __device__ __forceinline__ void attention(const Args& p) {
   using S = Stage<TN>;
@@ -254,15 +286,7 @@ __device__ __forceinline__ void attention(const Args& p) {
 
   RowState st;
   load_q(st, p, blk.tok0, h, G, wrow0, blk.nrows, lane);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = wrow0 + g + 8 * r;
-    st.m[r] = NEG_INF;
-    st.l[r] = st.pm[r] = 0.f;
-    st.lim[r] = row < blk.nrows ? min(k_end, blk.ctx + row / G + 1) : 0;
-  }
-#pragma unroll
-  for (int j = 0; j < NTILES; ++j) st.o[j][0] = st.o[j][1] = st.o[j][2] = st.o[j][3] = 0.f;
+  init_rows(st, blk, G, wrow0, k_end, lane);
 
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
@@ -296,18 +320,7 @@ __device__ __forceinline__ void attention(const Args& p) {
     }
     merge_warps<16>(p, blk, h, G, split, so, sm, sl);
   } else {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int brow = wrow0 + g + 8 * r;
-    if (brow >= blk.nrows) continue;
-    const int tok = blk.tok0 + brow / G, hq = h * G + brow % G;
-#pragma unroll
-    for (int j = 0; j < NTILES; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        store(p, tok, hq, o_dim(j, 2 * q + c), st.o[j][2 * r + c], st.l[r], split);
-    if (q == 0) store_lse(p, tok, hq, st.m[r], st.l[r], split);
-  }
+    store_rows(p, st, blk, h, G, wrow0, split, lane);
   }
 }
 
@@ -321,7 +334,7 @@ __device__ __forceinline__ void attention_p2(const Args& p) {
   const int G = p.Hq / p.Hkv, h = blockIdx.y, split = blockIdx.z;
   const Block blk = find_block<P2_ROWS>(p, G);
   if (blk.b < 0) return;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int2 kr = key_range<P2_ROWS, P2_TN>(blk, G);
   const int k_begin = kr.x, k_end = kr.y;
   uint4* sq = reinterpret_cast<uint4*>(smem + STAGES * S::BYTES) + warp * MT * KSTEPS * 32;
@@ -336,17 +349,8 @@ __device__ __forceinline__ void attention_p2(const Args& p) {
     for (int s = 0; s < KSTEPS; ++s)
       sq[(mt * KSTEPS + s) * 32 + lane] =
           make_uint4(st[mt].a[s][0], st[mt].a[s][1], st[mt].a[s][2], st[mt].a[s][3]);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = wrow0 + g + 8 * r;
-      st[mt].m[r] = NEG_INF;
-      st[mt].l[r] = st[mt].pm[r] = 0.f;
-      st[mt].lim[r] = row < blk.nrows ? min(k_end, blk.ctx + row / G + 1) : 0;
-      lim_max = max(lim_max, st[mt].lim[r]);
-    }
-#pragma unroll
-    for (int j = 0; j < NTILES; ++j)
-      st[mt].o[j][0] = st[mt].o[j][1] = st[mt].o[j][2] = st[mt].o[j][3] = 0.f;
+    init_rows(st[mt], blk, G, wrow0, k_end, lane);
+    lim_max = max(lim_max, max(st[mt].lim[0], st[mt].lim[1]));
   }
 
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
@@ -367,18 +371,7 @@ __device__ __forceinline__ void attention_p2(const Args& p) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     finish_rows(st[mt]);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int brow = blk.row0 + 16 * (MT * warp + mt) + g + 8 * r;
-      if (brow >= blk.nrows) continue;
-      const int tok = blk.tok0 + brow / G, hq = h * G + brow % G;
-#pragma unroll
-      for (int j = 0; j < NTILES; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          store(p, tok, hq, o_dim(j, 2 * q + c), st[mt].o[j][2 * r + c], st[mt].l[r], split);
-      if (q == 0) store_lse(p, tok, hq, st[mt].m[r], st[mt].l[r], split);
-    }
+    store_rows(p, st[mt], blk, h, G, blk.row0 + 16 * (MT * warp + mt), split, lane);
   }
 }
 
