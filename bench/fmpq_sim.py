@@ -47,33 +47,32 @@ from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import load_checkpoint
 from qcompile.runtime.eval import eval_windows
 from qcompile.runtime.ops import ATTENTION_OPS
+from qcompile.runtime.ops.quant import quant_a4x_ref
 from qcompile.runtime.texts import read_source
 
 LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
-def quant_blocks(x: torch.Tensor, bits: torch.Tensor, block: int) -> torch.Tensor:
-    """x [T, K] fake-quantized per token and block of `block` channels, symmetric, block j
-    with bits[j] (4 or 8) bits."""
+def quant_blocks(x: torch.Tensor, n8: int, block: int) -> torch.Tensor:
+    """x [T, K] fake-quantized as FMPQ quantizes it (runtime/ops/quant.py's quant_a4x): per
+    token and block of `block` channels, symmetric, the first n8 blocks 8-bit, the rest 4-bit."""
     t, k = x.shape
-    xb = x.reshape(t, k // block, block)
-    qmax = (2.0 ** (bits.to(x) - 1) - 1)[None, :, None]  # 7 or 127
-    s = xb.abs().amax(-1, keepdim=True) / qmax
-    s = s + (s == 0)
-    return (torch.clamp(torch.round(xb / s), -qmax, qmax) * s).reshape(t, k)
+    xq, s = quant_a4x_ref(x, n8, block)
+    return (xq.float().reshape(t, k // block, block) * s[..., None]).reshape(t, k).to(x.dtype)
 
 
 class Plan:
-    """How one linear's input is quantized: a channel order and the bits of each block."""
+    """How one linear's input is quantized: a channel order and how many of its (leading,
+    largest) blocks are 8-bit."""
 
-    def __init__(self, order: torch.Tensor, bits: torch.Tensor, block: int):
-        self.order, self.bits, self.block = order, bits, block
+    def __init__(self, order: torch.Tensor, n8: int, block: int):
+        self.order, self.n8, self.block = order, n8, block
         self.inverse = torch.argsort(order)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])[:, self.order]
-        return quant_blocks(x, self.bits, self.block)[:, self.inverse].reshape(shape)
+        return quant_blocks(x, self.n8, self.block)[:, self.inverse].reshape(shape)
 
 
 def plans(mode: str, absmax: dict[str, torch.Tensor], block: int,
@@ -95,9 +94,7 @@ def plans(mode: str, absmax: dict[str, torch.Tensor], block: int,
             frac = float(mode.split("-", 1)[1].rstrip("%")) / 100 if mode.startswith("fmpq") \
                 else 0.0
             n8 = min(nb, max(1, round(frac * nb))) if frac else 0
-            bits = torch.full((nb,), 4)
-            bits[:n8] = 8
-            out[name] = Plan(order, bits, block)
+            out[name] = Plan(order, n8, block)
     return out
 
 

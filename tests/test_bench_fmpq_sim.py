@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qcompile.runtime.ops.quant import quant_a4x_ref
+
 PATH = Path(__file__).resolve().parents[1] / "bench" / "fmpq_sim.py"
 
 
@@ -21,17 +23,13 @@ def sim():
     sys.modules.pop(spec.name, None)
 
 
-def test_blocks_take_their_bits(sim):
+def test_blocks_are_quant_a4x_dequantized(sim):
+    """The simulation quantizes exactly as the op the W4A4 GEMM will take."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 128, generator=g)
-    y = sim.quant_blocks(x, torch.tensor([8, 4]), 64)
-    for j, levels in ((0, 127), (1, 7)):
-        xb, yb = x[:, 64 * j:64 * (j + 1)], y[:, 64 * j:64 * (j + 1)]
-        s = xb.abs().amax(-1, keepdim=True) / levels
-        assert torch.allclose(yb, torch.round(xb / s) * s)  # symmetric, per token and block
-        assert (torch.round(yb / s).abs() <= levels).all()
-    assert torch.equal(sim.quant_blocks(torch.zeros(2, 64), torch.tensor([4]), 64),
-                       torch.zeros(2, 64))
+    xq, s = quant_a4x_ref(x, 1, 64)
+    want = (xq.float().reshape(5, 2, 64) * s[..., None]).reshape(5, 128)
+    assert torch.equal(sim.quant_blocks(x, 1, 64), want)
 
 
 def test_plans(sim):
@@ -39,9 +37,9 @@ def test_plans(sim):
     p = sim.plans("fmpq-25%", {"layers.0.wo": amax, "layers.0.w_down": amax[:512]}, 64,
                   kinds=("wo",))
     plan = p["layers.0.wo"]
-    assert plan.bits.tolist() == [8, 8] + [4] * 7  # round(0.25 * 9) = 2 int8 blocks
+    assert plan.n8 == 2  # round(0.25 * 9) = 2 int8 blocks of 9
     assert plan.order[0] == 575 and torch.equal(plan.order[plan.inverse], torch.arange(576))
     assert p["layers.0.w_down"] == "a8"  # not among `kinds`
-    assert sim.plans("a4", {"layers.0.wo": amax}, 64)["layers.0.wo"].bits.tolist() == [4] * 9
+    assert sim.plans("a4", {"layers.0.wo": amax}, 64)["layers.0.wo"].n8 == 0
     x = torch.randn(3, 576)
     assert torch.allclose(plan(x), x, atol=0.6 * x.abs().max().item() / 7)  # moved back

@@ -136,6 +136,30 @@ def gemm_w4a16(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tenso
     return gemm_w4a16_ref(x, w, s, z, bias, n, group_size, out_dtype)
 
 
+def gemm_w4a4x_ref(xq, sx, w, sw, bias, n: int, block: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """COMET's W4Ax GEMM, the integer maths its kernels will do (issue 15): x_q [..., K] int8
+    codes of mixed 4/8-bit blocks with s_x [..., K / block] (`quant_a4x`), w [Np, K] int8
+    symmetric 4-bit codes in [-7, 7] per output channel, s_w [Np] float32 (unpacked: no kernel
+    layout yet). Each block's partial sum is exact in int32 (|sum| <= block * 127 * 7) and
+    scaled by its activation scale in the main loop: y = s_w sum_b s_x[b] (x_q[b] . w_q[b])."""
+    lead, k = xq.shape[:-1], xq.shape[-1]
+    x2, s2 = xq.reshape(-1, k), sx.reshape(-1, k // block).float()
+    y = torch.zeros(x2.shape[0], w.shape[0], dtype=torch.float32, device=xq.device)
+    for b in range(k // block):
+        part = int_matmul(x2[:, b * block:(b + 1) * block].contiguous(),
+                          w[:, b * block:(b + 1) * block].contiguous())
+        y += s2[:, b:b + 1] * part.float()
+    return _finish(y * sw[None, :], bias, lead, n, out_dtype)
+
+
+@torch.library.custom_op("qcompile::gemm_w4a4x", mutates_args=())
+def gemm_w4a4x(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+               bias: torch.Tensor | None, n: int, block: int,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w4a4x_ref(xq, sx, w, sw, bias, n, block, out_dtype)
+
+
 def _fake_out(xq, n, out_dtype):
     return xq.new_empty(xq.shape[:-1] + (n,), dtype=out_dtype)
 
@@ -147,3 +171,5 @@ gemm_w4a8_group.register_fake(
     lambda xq, sx, w, s1, s2, negzs, bias, n, group_size, out_dtype: _fake_out(xq, n, out_dtype))
 gemm_w4a16.register_fake(
     lambda x, w, s, z, bias, n, group_size, out_dtype: _fake_out(x, n, out_dtype))
+gemm_w4a4x.register_fake(
+    lambda xq, sx, w, sw, bias, n, block, out_dtype: _fake_out(xq, n, out_dtype))

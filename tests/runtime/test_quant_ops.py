@@ -18,6 +18,8 @@ GEMM reference ops, checked against DESIGN.md "Numerics" recomputed here indepen
 * Quantization error itself, loosely: the output against x @ W^T in float64, as an SQNR
   (signal-to-quantization-noise ratio, 10 log10(sum y_ref^2 / sum (y - y_ref)^2), in dB).
 * `int_matmul`: exact int32 at K = 14336 with worst-case values (|sum| = 14336 * 127^2).
+* COMET's FMPQ (issue 15): `quant_a4x` (8-bit leading blocks, 4-bit others, per token and
+  block of 128) and `gemm_w4a4x`'s block-scaled integer sums, against float64.
 """
 from __future__ import annotations
 
@@ -274,3 +276,56 @@ def test_int_matmul_random_full_range():
         b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
         out = int_matmul(a, b)
         assert torch.equal(out.to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).t())
+
+
+# ---------------------------------------------------------------------------------------------
+# COMET's FMPQ (issue 15): mixed 4/8-bit activation blocks and the W4Ax GEMM reference
+# ---------------------------------------------------------------------------------------------
+
+def test_quant_a4x_blocks_take_their_bits():
+    """Per token and block of 128: the first n8 blocks symmetric 8-bit, the rest 4-bit, each
+    block's largest magnitude mapped to its top code; zero blocks give zero codes, no NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 512, generator=g, dtype=torch.float16)
+    x[0, 0, 384:] = 0
+    xq, sx = torch.ops.qcompile.quant_a4x(x, 1, 128)
+    assert (xq.dtype, tuple(sx.shape), sx.dtype) == (torch.int8, (2, 3, 4), torch.float32)
+    xf = x.float().reshape(2, 3, 4, 128)
+    levels = torch.tensor([127.0, 7.0, 7.0, 7.0])
+    s = xf.abs().amax(-1) / levels
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    assert torch.equal(sx, s)
+    want = torch.clamp(torch.round(xf / s[..., None]), -levels[:, None], levels[:, None])
+    assert torch.equal(xq.reshape(2, 3, 4, 128).float(), want)
+    assert xq.reshape(2, 3, 4, 128)[..., 1:, :].abs().max() == 7
+    assert (xq[0, 0, 384:] == 0).all() and torch.isfinite(sx).all()
+    with pytest.raises(ValueError, match="multiple of the block"):
+        torch.ops.qcompile.quant_a4x(torch.zeros(2, 100), 0, 128)
+
+
+def test_quant_a4x_fake_and_opcheck():
+    with FakeTensorMode():
+        xq, sx = torch.ops.qcompile.quant_a4x(torch.empty(5, 256, dtype=torch.float16), 2, 128)
+        assert (xq.shape, xq.dtype, sx.shape) == ((5, 256), torch.int8, (5, 2))
+    torch.library.opcheck(torch.ops.qcompile.quant_a4x.default, (torch.randn(3, 256), 1, 128))
+
+
+@pytest.mark.parametrize("n8", [0, 1, 4])
+def test_gemm_w4a4x_is_the_block_scaled_integer_sum(n8):
+    """y = s_w sum_b s_x[b] (x_q[b] . w_q[b]), against the dequantized product in float64 (the
+    integer partials are exact; the float32 block accumulation is the only rounding)."""
+    g = torch.Generator().manual_seed(n8)
+    m, k, n, np_ = 7, 512, 40, 64
+    x = torch.randn(m, k, generator=g)
+    xq, sx = torch.ops.qcompile.quant_a4x(x, n8, 128)
+    w = torch.randint(-7, 8, (np_, k), generator=g, dtype=torch.int8)
+    sw = torch.rand(np_, generator=g) / 10
+    bias = torch.randn(n, generator=g)
+    y = torch.ops.qcompile.gemm_w4a4x(xq, sx, w, sw, bias, n, 128, torch.float32)
+    xd = (xq.double().reshape(m, 4, 128) * sx.double()[..., None]).reshape(m, k)
+    want = xd @ (w.double() * sw.double()[:, None]).t()
+    want = want[:, :n] + bias.double()
+    assert y.shape == (m, n)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.qcompile.gemm_w4a4x.default,
+                          (xq, sx, w, sw, bias, n, 128, torch.float32))
