@@ -207,8 +207,12 @@ def prefill_rows(args, launch, gen):
             fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch)
             us = graph_us(fns)
             row[fmt] = {"us": us, "TFLOP/s": flops / us / 1e6}
+            planned = plan(new * b, b, hq, hkv, prefix + new, SMS).entry
+            row[f"{fmt}_{planned}_us"] = us
             for entry in PREFILL_ENTRIES:  # each prefill entry, planned and at other splits
                 for sp in (None, *args.sweep_splits):
+                    if entry == planned and sp is None:
+                        continue  # timed above
                     fns, _ = ours_fns(fmt, b, prefix, new, hq, hkv, d, gen, launch,
                                       entry=entry, splits=sp)
                     tag = f"_split{sp}" if sp else ""

@@ -89,11 +89,11 @@ class Engine:
         self.decode_buckets = decode_buckets(max_seqs) if device.type == "cuda" else ()
         self._pad = Span([0], 0, [cache.scratch_page], row=self.block_table.scratch_row)
         self.graphs: DecodeGraphs | None = None
-        # sampled ids' host copies, two so that a step's copy never overwrites the one in
-        # flight (overlap: step N + 1 is launched before step N's ids are read)
-        rows = max(max_batch_tokens, max_seqs)
-        self._ids_host = [torch.zeros(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
-                          for _ in range(2)]
+        # sampled ids' host copies (a step has at most max_seqs logits rows), two so that a
+        # step's copy never overwrites the one in flight (overlap: step N + 1 is launched
+        # before step N's ids are read)
+        self._ids_host = [torch.zeros(max_seqs, dtype=torch.int64,
+                                      pin_memory=device.type == "cuda") for _ in range(2)]
         self._ids_slot = 0
         self.overlap = overlap
         self._inflight: _Launched | None = None

@@ -1,13 +1,14 @@
 """Persistent step inputs: one staging buffer on the host (pinned on CUDA) and its device
 twin, sized at load, and one asynchronous host -> device copy per step.
 
-A step with T tokens, B sequences, N logits rows and U block-table updates packs every input
-(models/decoder.py's tokens, positions, ctx_lens, query_start, logits_indices; the KV slots;
-the block-table rows; the sampling parameters of each logits row; the updates) into the
-front of the staging buffer, in the layout `_layout(T, B, N, U)` gives, copies those bytes
+A step with T tokens, B sequences, N logits rows, U block-table updates and P tokens still in
+flight (an overlapped engine) packs every input (models/decoder.py's tokens, positions,
+ctx_lens, query_start, logits_indices; the KV slots; the block-table rows; the sampling
+parameters of each logits row; the updates; the gathers of the in-flight tokens) into the
+front of the staging buffer, in the layout `_layout(T, B, N, U, P)` gives, copies those bytes
 once and views the device buffer in the same layout. The layout depends on the counts only,
-updates last, so every step of a decode bucket (T = B = N) sees its inputs at the same device
-addresses: the CUDA graph of the bucket reads them there.
+updates and gathers last, so every step of a decode bucket (T = B = N) sees its inputs at the
+same device addresses: the CUDA graph of the bucket reads them there.
 
 Before the staging buffer is rewritten the previous copy must be done: `load` checks an
 event recorded after it, and waits only if it is not complete (it is in practice: each step
