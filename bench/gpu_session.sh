@@ -8,7 +8,9 @@
 #   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager; hf adds
 #   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --no-compile, --overlap),
 #   COMPILE=1 (gpu_step.sh also profiles the step with Inductor), NCU_RUNS ("fmt entry batch
-#   context new;..." kernels for Nsight Compute)
+#   context new;..." kernels for Nsight Compute), QBENCH2_ARGS (a second w4a8 qbench with
+#   these arguments, e.g. --overlap: its load is the warm-cache one), SERVE=1 (qserve on the
+#   w4a8 artifact driven by `qbench --url`, the same prompts: requests/s, TTFT / TPOT)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -29,6 +31,25 @@ if [ -z "${SKIP_STEP:-}" ]; then
     timeout $(cap 200) qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
       --num-prompts 64 --max-seqs 64 --peer ${QBENCH_PEER:-hf-eager} ${QBENCH_ARGS:-} --out "$OUT" \
       -q 2>&1 | tail -8
+    if [ -n "${QBENCH2_ARGS:-}" ]; then
+      stamp qbench2
+      mkdir -p "$OUT/qbench2"
+      timeout $(cap 150) qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
+        --num-prompts 64 --max-seqs 64 $QBENCH2_ARGS --out "$OUT/qbench2" -q 2>&1 | tail -6
+    fi
+    if [ -n "${SERVE:-}" ]; then
+      stamp serve
+      qserve /tmp/art1b --port 8123 --max-seqs 64 > "$OUT/qserve.log" 2>&1 &
+      spid=$!
+      for _ in $(seq $(cap 120)); do
+        python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2> /dev/null && break; sleep 1
+      done
+      stamp serve-ready
+      timeout $(cap 120) qbench --url http://127.0.0.1:8123/v1 --input-len 1024 \
+        --output-len ${QBENCH_OUT:-32} --num-prompts 64 --prompt-ids 32000 --out "$OUT" -q 2>&1 | tail -8
+      python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" > "$OUT/qserve_metrics.txt"
+      kill $spid; wait $spid 2> /dev/null
+    fi
     if [ -d /tmp/art1b_fp16 ]; then
       stamp qbench-fp16
       timeout $(cap 120) qbench /tmp/art1b_fp16 --input-len 1024 --output-len ${QBENCH_OUT:-32} \

@@ -2,7 +2,7 @@
 # On the GPU machine: a synthetic Llama-3.2-1B-shaped checkpoint compiled to w4a8 / KV int4
 # for this GPU (RTN: the step profile does not depend on the recipe), served on CUDA, one
 # batch-64 decode step profiled with our attention kernels and with the reference attention
-# (COMPILE=1: also with Inductor on the glue).
+# (COMPILE=1: also with Inductor on the glue; SKIP_PROFILE=1: only the artifacts).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -19,6 +19,7 @@ if [ -n "${FP16:-}" ]; then  # the fp16 / KV16 artifact of the same checkpoint, 
   qcompile /tmp/llama1b --target "sm${major}0" --precision fp16 --kv fp16 --max-seq-len 2048 \
     -o /tmp/art1b_fp16 -q > "$OUT/compile_fp16.log" 2>&1 || tail -5 "$OUT/compile_fp16.log"
 fi
+[ -n "${SKIP_PROFILE:-}" ] && exit 0  # only the artifacts (for qbench)
 python bench/profile_step.py /tmp/art1b --batch ${BATCH:-64} --input-len ${INPUT_LEN:-1024} \
   --out "$OUT" 2>&1 | tee "$OUT/profile_step.log" | grep -v Warning | tail -30
 if [ -n "${COMPILE:-}" ]; then  # the same step with Inductor on the glue (issue 13 item 4)

@@ -41,6 +41,7 @@ class Result:
     step_ms: dict = field(default_factory=dict)   # decode-only steps: p50, p99, mean batch
     kv_capacity_tokens: int | None = None
     peak_mem_gib: float = 0.0
+    load_s: float | None = None  # Engine.load to ready (Inductor's compile or its cache)
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -186,15 +187,16 @@ def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch:
 
 def table(results: list[Result]) -> str:
     head = ("| engine | prompts x in/out | batch | output tok/s | total tok/s | TTFT p50/p99 ms "
-            "| TPOT p50/p99 ms | decode step p50/p99 ms | KV tokens | peak GiB | ours / it |")
-    rows = [head, "|" + "---|" * 11]
+            "| TPOT p50/p99 ms | decode step p50/p99 ms | KV tokens | peak GiB | load s | ours / it |")
+    rows = [head, "|" + "---|" * 12]
     ours = results[0].output_tok_s
     for r in results:
         f = lambda d: f"{d['p50']:.1f} / {d['p99']:.1f}" if d else "-"  # noqa: E731
         rows.append(f"| {r.name} | {r.num_prompts} x {r.input_len}/{r.output_len} | {r.batch} "
                     f"| {r.output_tok_s:,.0f} | {r.total_tok_s:,.0f} | {f(r.ttft_ms)} "
                     f"| {f(r.tpot_ms)} | {f(r.step_ms)} | {r.kv_capacity_tokens or '-'} "
-                    f"| {r.peak_mem_gib:.2f} | {ours / r.output_tok_s:.2f} |")
+                    f"| {r.peak_mem_gib:.2f} | {'-' if r.load_s is None else f'{r.load_s:.1f}'} "
+                    f"| {ours / r.output_tok_s:.2f} |")
     return "\n".join(rows)
 
 
@@ -299,11 +301,15 @@ def _run(args) -> int:
         raise FileNotFoundError(f"{args.artifact}: no such artifact directory (make one with "
                                 "`qcompile MODEL -o DIR`)")
     kv = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
+    t_load = time.perf_counter()
     engine = Engine.load(args.artifact, device=device, kv_cache_bytes=kv, max_seqs=args.max_seqs,
                          max_batch_tokens=args.max_batch_tokens,
                          compile=None if args.compile else False, overlap=args.overlap,
                          cuda_graphs=None if device.type == "cuda" and not args.no_cuda_graphs
                          else False)
+    load_s = time.perf_counter() - t_load
+    if not args.quiet:
+        print(f"qbench: loaded {args.artifact} in {load_s:.1f} s", file=sys.stderr)
     if args.input_len + args.output_len > engine.max_seq_len:
         raise ValueError(f"--input-len + --output-len = {args.input_len + args.output_len} "
                          f"exceeds the artifact's {engine.max_seq_len} tokens per sequence: "
@@ -320,6 +326,7 @@ def _run(args) -> int:
                             f"qcompile {c.precision} kv {c.kv}"
                             + (" inductor" if engine.compiled else "")
                             + (" overlap" if args.overlap else ""), progress=not args.quiet)]
+    results[0].load_s = load_s
     del engine
     for peer in peers:  # a peer that fails costs its row, not our measurement
         try:
