@@ -6,10 +6,10 @@
 #   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32),
 #   BENCH="" (no attention bench), LATE_PYTEST (GPU tests run last, in the time left),
 #   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager; hf adds
-#   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --no-compile, --overlap),
+#   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --no-compile, --no-overlap),
 #   COMPILE=1 (gpu_step.sh also profiles the step with Inductor), NCU_RUNS ("fmt entry batch
 #   context new;..." kernels for Nsight Compute), QBENCH2_ARGS (a second w4a8 qbench with
-#   these arguments, e.g. --overlap: its load is the warm-cache one), SERVE=1 (qserve on the
+#   these arguments, e.g. --no-overlap: its load is the warm-cache one), SERVE=1 (qserve on the
 #   w4a8 artifact driven by `qbench --url`, the same prompts: requests/s, TTFT / TPOT)
 set -uo pipefail
 OUT=${OUT:-out}
@@ -28,9 +28,10 @@ if [ -z "${SKIP_STEP:-}" ]; then
   timeout $(cap 240) bash bench/gpu_step.sh
   if [ -d /tmp/art1b ] && [ -z "${SKIP_QBENCH:-}" ]; then
     stamp qbench
-    timeout $(cap 200) qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
-      --num-prompts 64 --max-seqs 64 --peer ${QBENCH_PEER:-hf-eager} ${QBENCH_ARGS:-} --out "$OUT" \
-      -q 2>&1 | tail -8
+    TORCH_LOGS=recompiles timeout $(cap 200) qbench /tmp/art1b --input-len 1024 \
+      --output-len ${QBENCH_OUT:-32} --num-prompts 64 --max-seqs 64 --peer ${QBENCH_PEER:-hf-eager} \
+      ${QBENCH_ARGS:-} --out "$OUT" -q > "$OUT/qbench.log" 2>&1
+    grep -E "^qbench|Recompiling|triggered by|^\|" "$OUT/qbench.log" | tail -24
     if [ -n "${QBENCH2_ARGS:-}" ]; then
       stamp qbench2
       mkdir -p "$OUT/qbench2"
@@ -39,6 +40,8 @@ if [ -z "${SKIP_STEP:-}" ]; then
     fi
     if [ -n "${SERVE:-}" ]; then
       stamp serve
+      python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
+        >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
       qserve /tmp/art1b --port 8123 --max-seqs 64 > "$OUT/qserve.log" 2>&1 &
       spid=$!
       for _ in $(seq $(cap 120)); do
@@ -47,6 +50,7 @@ if [ -z "${SKIP_STEP:-}" ]; then
       stamp serve-ready
       timeout $(cap 120) qbench --url http://127.0.0.1:8123/v1 --input-len 1024 \
         --output-len ${QBENCH_OUT:-32} --num-prompts 64 --prompt-ids 32000 --out "$OUT" -q 2>&1 | tail -8
+      grep -E "loaded|error|Error" "$OUT/qserve.log" | head -5
       python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" > "$OUT/qserve_metrics.txt"
       kill $spid; wait $spid 2> /dev/null
     fi

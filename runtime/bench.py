@@ -262,9 +262,9 @@ def parser():
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="no Inductor on the program's glue (default on cuda: compiled, its "
                         "compile time part of the load, not of the measurement)")
-    p.add_argument("--overlap", action="store_true",
-                   help="launch each step before reading the previous one's sampled ids "
-                        "(Engine.load(overlap=True))")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="read each step's sampled ids before launching the next (default on "
+                        "cuda: overlapped, the host's scheduling hidden behind the GPU's step)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every decode step eagerly (default on cuda: CUDA graphs per "
                         "decode batch size, captured at load)")
@@ -304,12 +304,11 @@ def _run(args) -> int:
     t_load = time.perf_counter()
     engine = Engine.load(args.artifact, device=device, kv_cache_bytes=kv, max_seqs=args.max_seqs,
                          max_batch_tokens=args.max_batch_tokens,
-                         compile=None if args.compile else False, overlap=args.overlap,
+                         compile=None if args.compile else False,
+                         overlap=None if args.overlap else False,
                          cuda_graphs=None if device.type == "cuda" and not args.no_cuda_graphs
                          else False)
     load_s = time.perf_counter() - t_load
-    if not args.quiet:
-        print(f"qbench: loaded {args.artifact} in {load_s:.1f} s", file=sys.stderr)
     if args.input_len + args.output_len > engine.max_seq_len:
         raise ValueError(f"--input-len + --output-len = {args.input_len + args.output_len} "
                          f"exceeds the artifact's {engine.max_seq_len} tokens per sequence: "
@@ -319,13 +318,15 @@ def _run(args) -> int:
     if peers and not (hf / "config.json").is_file():
         raise FileNotFoundError(f"--peer needs a Hugging Face checkpoint folder; {hf} has no "
                                 "config.json: pass --hf PATH")
+    print(f"qbench: loaded {args.artifact} in {load_s:.1f} s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in engine.load_times.items()) + ")", file=sys.stderr)
     prompts = synthetic_prompts(args.num_prompts, args.input_len,
                                 engine.artifact.model.vocab_size, args.seed)
     c = engine.artifact.compile
     results = [bench_engine(engine, prompts, args.output_len,
                             f"qcompile {c.precision} kv {c.kv}"
                             + (" inductor" if engine.compiled else "")
-                            + (" overlap" if args.overlap else ""), progress=not args.quiet)]
+                            + (" overlap" if engine.overlap else ""), progress=not args.quiet)]
     results[0].load_s = load_s
     del engine
     for peer in peers:  # a peer that fails costs its row, not our measurement

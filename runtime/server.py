@@ -473,7 +473,8 @@ def main(argv=None) -> int:
                              kv_cache_bytes=kv, compile=None if args.compile else False)
         name = args.model_name or Path(args.artifact).resolve().name
         app = create_app(engine, name, max_queued=args.max_queued)
-        print(f"qserve: {name} on http://{args.host}:{args.port}/v1 ({device})", flush=True)
+        print(f"qserve: {name} on http://{args.host}:{args.port}/v1 ({device}, loaded in "
+              f"{sum(engine.load_times.values()):.1f} s)", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
     return run_cli("qserve", serve)

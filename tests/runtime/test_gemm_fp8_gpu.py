@@ -107,7 +107,7 @@ def test_artifact_cuda_matches_cpu(make_tiny_checkpoint, tmp_path, kv):
     """float32 program: the GPU's GEMMs sum in another order, which can move an activation to
     the next e4m3 code (a 2^-4 step) now and then: logits agree to ~1e-3, not bitwise."""
     art = _artifact(make_tiny_checkpoint, tmp_path, "float32", kv)
-    cpu, gpu = Engine.load(art, device="cpu"), Engine.load(art, device="cuda")
+    cpu, gpu = Engine.load(art, device="cpu"), Engine.load(art, device="cuda", compile=False)
     ids = [cpu.encode(p) for p in ["the quick brown fox", "def main():"]]
     for a, b in zip(cpu.score(ids), gpu.score(ids)):
         assert _rel(a, b) < 4e-2  # 2.3% measured on an H100 (2026-12-07)

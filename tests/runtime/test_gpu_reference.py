@@ -25,7 +25,7 @@ def test_cuda_matches_cpu(make_tiny_checkpoint, tmp_path, precision, kv):
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
     prompts = ["the quick brown fox", "def main():"]
     cpu = Engine.load(art, device="cpu")
-    gpu = Engine.load(art, device="cuda")
+    gpu = Engine.load(art, device="cuda", compile=False)  # Inductor: test_inductor_*
     assert gpu.cache.tensor.is_cuda and all(w.is_cuda for w in gpu.weights)
     ids = [cpu.encode(p) for p in prompts]
     lc, lg = cpu.score(ids), gpu.score(ids)
