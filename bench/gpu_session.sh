@@ -5,7 +5,7 @@
 # (gpu_step.sh) and qbench. Everything lands in $OUT/session.tgz.
 #   ATTN_ARGS (default --quick), PYTEST_ARGS (default the attention tests), SKIP_NCU=1, SKIP_STEP=1, SKIP_QBENCH=1, QBENCH_OUT (32),
 #   BENCH="" (no attention bench), LATE_PYTEST (GPU tests run last, in the time left),
-#   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager; hf adds
+#   FP16=1 (also compile and qbench the fp16 / KV16 artifact), QBENCH_PEER (hf-eager, empty for none; hf adds
 #   HF's static cache + torch.compile), QBENCH_ARGS (e.g. --no-compile, --no-overlap),
 #   COMPILE=1 (gpu_step.sh also profiles the step with Inductor), NCU_RUNS ("fmt entry batch
 #   context new;..." kernels for Nsight Compute), QBENCH2_ARGS (a second w4a8 qbench with
@@ -20,6 +20,7 @@ stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 # every stage ends by DEADLINE s (default 540) so the archive is written inside the call's limit
 cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
 stamp kernels
+QBENCH_PEER=${QBENCH_PEER-hf-eager}  # QBENCH_PEER= : no peer
 ONLY=${ONLY-attention} PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
@@ -29,7 +30,7 @@ if [ -z "${SKIP_STEP:-}" ]; then
   if [ -d /tmp/art1b ] && [ -z "${SKIP_QBENCH:-}" ]; then
     stamp qbench
     TORCH_LOGS=recompiles timeout $(cap 200) qbench /tmp/art1b --input-len 1024 \
-      --output-len ${QBENCH_OUT:-32} --num-prompts 64 --max-seqs 64 --peer ${QBENCH_PEER:-hf-eager} \
+      --output-len ${QBENCH_OUT:-32} --num-prompts 64 --max-seqs 64 ${QBENCH_PEER:+--peer $QBENCH_PEER} \
       ${QBENCH_ARGS:-} --out "$OUT" -q > "$OUT/qbench.log" 2>&1
     grep -E "^qbench|Recompiling|triggered by|^\|" "$OUT/qbench.log" | tail -24
     if [ -n "${QBENCH2_ARGS:-}" ]; then

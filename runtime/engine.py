@@ -142,10 +142,7 @@ class Engine:
             compile = device.type == "cuda"
         if compile:
             _persistent_inductor_cache()
-            # Round to the activation dtype where eager does (before quantization), so the
-            # compiled program produces the reference ops' int8 codes.
-            program = torch.compile(program, dynamic=True,
-                                    options={"emulate_precision_casts": True})
+            program = _inductor(program)
         if overlap is None:
             overlap = device.type == "cuda"
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
@@ -417,6 +414,23 @@ def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
             for r in reqs]
     return SamplingRows(*(list(col) for col in zip(*rows))) if rows else \
         SamplingRows([], [], [], [], [])
+
+
+def _inductor(program):
+    """The program under torch.compile with one graph for every batch shape (plus one for
+    single-token steps). Dynamic shapes, without duck sizing (which equated the step inputs'
+    storage offsets in the staging buffer with unrelated sizes, and recompiled per decode
+    bucket: six 30 s compiles of the 1B shape on an H100) and with size-oblivious reasoning
+    (no 0/1 specialisation of a batch or table of one row). Rounding to the activation dtype
+    where eager does (before quantization), so that the compiled program produces the
+    reference ops' int8 codes."""
+    from torch.fx.experimental import _config as fx_config
+    compiled = torch.compile(program, dynamic=True, options={"emulate_precision_casts": True})
+
+    def run(*args):
+        with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+            return compiled(*args)
+    return run
 
 
 def _persistent_inductor_cache() -> None:
