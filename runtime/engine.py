@@ -85,7 +85,9 @@ class Engine:
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         width = -(-art.max_seq_len // cache.block_size)  # pages of the longest sequence
         self.block_table = BlockTable(max_seqs, width, cache.scratch_page, device)
-        self.buffers = StepBuffers(max(max_batch_tokens, max_seqs), max_seqs, max_seqs * width,
+        # rows: one more than a single sequence for the padding row of compiled steps
+        rows = max(max_seqs, 2)
+        self.buffers = StepBuffers(max(max_batch_tokens, max_seqs) + 1, rows, max_seqs * width,
                                    device)
         self.decode_buckets = decode_buckets(max_seqs) if device.type == "cuda" else ()
         self._pad = Span([0], 0, [cache.scratch_page], row=self.block_table.scratch_row)
@@ -93,7 +95,7 @@ class Engine:
         # sampled ids' host copies (a step has at most max_seqs logits rows), two so that a
         # step's copy never overwrites the one in flight (overlap: step N + 1 is launched
         # before step N's ids are read)
-        self._ids_host = [torch.zeros(max_seqs, dtype=torch.int64,
+        self._ids_host = [torch.zeros(rows, dtype=torch.int64,
                                       pin_memory=device.type == "cuda") for _ in range(2)]
         self._ids_slot = 0
         self.overlap = overlap
@@ -148,6 +150,8 @@ class Engine:
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
                      kernels, overlap)
         engine.compiled = compile
+        if compile:  # no dimension of one in a compiled step (see _layout)
+            engine.decode_buckets = tuple(sorted({max(b, 2) for b in engine.decode_buckets}))
         t3 = time.perf_counter()
         if device.type == "cuda" and cuda_graphs is not False:
             engine._capture(required=cuda_graphs is True)
@@ -293,8 +297,9 @@ class Engine:
         if self.decode_buckets and all(c.end - c.start == 1 for c in chunks):
             bucket = bucket_for(len(chunks), self.decode_buckets)
         batch, rows, updates, gathers = self._layout(chunks, bucket, prev)
-        x = self.buffers.load(batch, _sampling_rows(rows), updates,
-                              width=None if bucket else batch.width, gathers=gathers)
+        width = None if bucket else max(batch.width, min(2, self.block_table.width)
+                                        if self.compiled else 1)
+        x = self.buffers.load(batch, _sampling_rows(rows), updates, width=width, gathers=gathers)
         if gathers:  # the tokens prev sampled, straight from the device
             x.tokens.index_copy_(0, x.gather_dst, prev.ids.index_select(0, x.gather_src))
         self.block_table.apply(x.update_index, x.update_page)
@@ -363,6 +368,10 @@ class Engine:
             rows = [c.req for c in chunks if c.samples]
             if not rows:  # the program computes at least one logits row (export's N >= 1)
                 spans[0], rows = replace(spans[0], logits=True), [None]
+            if self.compiled and min(len(spans), len(rows), at) < 2:
+                # a padding row (one token on the scratch page, its logits ignored): with a
+                # dimension of one, Inductor would compile another graph for the step
+                spans, rows = spans + [self._pad], rows + [None]
         else:
             rows = [c.req if c.samples else None for c in chunks] + [None] * (bucket - len(chunks))
             spans += [self._pad] * (bucket - len(chunks))
@@ -417,18 +426,20 @@ def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
 
 
 def _inductor(program):
-    """The program under torch.compile with one graph for every batch shape (plus one for
-    single-token steps). Dynamic shapes, without duck sizing (which equated the step inputs'
-    storage offsets in the staging buffer with unrelated sizes, and recompiled per decode
-    bucket: six 30 s compiles of the 1B shape on an H100) and with size-oblivious reasoning
-    (no 0/1 specialisation of a batch or table of one row). Rounding to the activation dtype
-    where eager does (before quantization), so that the compiled program produces the
-    reference ops' int8 codes."""
+    """The program under torch.compile, one graph for every step shape: dynamic shapes without
+    duck sizing, which equated the step inputs' storage offsets in the staging buffer with
+    unrelated sizes and recompiled per decode bucket (six ~30 s compiles of the 1B shape on an
+    H100). A dimension of one would still specialise a graph of its own (0/1 specialisation),
+    so compiled steps never have one (`Engine._layout` adds a padding row; decode buckets start
+    at 2). Size-oblivious reasoning (`backed_size_oblivious`) avoids that too but made the
+    compile itself over 5x slower on the CPU. Rounding to the activation dtype where eager does
+    (before quantization), so that the compiled program produces the reference ops' int8
+    codes."""
     from torch.fx.experimental import _config as fx_config
     compiled = torch.compile(program, dynamic=True, options={"emulate_precision_casts": True})
 
     def run(*args):
-        with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+        with fx_config.patch(use_duck_shape=False):
             return compiled(*args)
     return run
 
