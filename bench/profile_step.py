@@ -26,7 +26,9 @@ import torch
 
 def _family(name: str) -> str:
     if name.startswith("qc_attn"):
-        return "encode" if name.endswith("_encode") else "attention"
+        if name.endswith(("_encode", "_store")):
+            return "kv write"  # the records' encode and their store into pages
+        return "attention"
     return "gemm" if name.startswith("qc_w") else "other"
 
 
@@ -125,18 +127,18 @@ def main(argv=None):
     print(f"load {load_s:.1f} s (compile={args.compile}); prefill of {args.batch} x "
           f"{args.input_len}: {prefill_s:.1f} s; decode step {step_ms:.2f} ms unprofiled "
           f"({'CUDA graphs' if graphs is not None else 'eager'})")
-    print("| step | step ms (profiled) | GPU ms: attention / encode / GEMM / other | attention "
+    print("| step | step ms (profiled) | GPU ms: attention / KV write / GEMM / other | attention "
           "share | GPU busy | launches | per layer | host syncs |\n|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         g = r["gpu_ms"]
         print(f"| {name} | {r['wall_ms']:.1f} | {g.get('attention', 0):.2f} / "
-              f"{g.get('encode', 0):.2f} / {g.get('gemm', 0):.2f} / {g.get('other', 0):.2f} | "
+              f"{g.get('kv write', 0):.2f} / {g.get('gemm', 0):.2f} / {g.get('other', 0):.2f} | "
               f"{r['attention_share']:.1%} | {r['gpu_busy']:.0%} | {r['launches']} | "
               f"{r['launches'] / layers:.0f} | {r['host_syncs']} |")
     g = prefill["gpu_ms"]
     print(f"\nprefill step ({prefill_tokens} tokens: {n} prompts): {prefill['wall_ms']:.1f} ms "
-          f"profiled, GPU ms attention {g.get('attention', 0):.2f} / encode "
-          f"{g.get('encode', 0):.2f} / GEMM {g.get('gemm', 0):.2f} / other "
+          f"profiled, GPU ms attention {g.get('attention', 0):.2f} / KV write "
+          f"{g.get('kv write', 0):.2f} / GEMM {g.get('gemm', 0):.2f} / other "
           f"{g.get('other', 0):.2f}, GPU busy {prefill['gpu_busy']:.0%}, "
           f"{prefill['launches']} launches; its glue by GPU time:")
     for k in prefill["other_kernels"][:8]:

@@ -1,11 +1,12 @@
 """Kernel configs of the paged attention template (``paged_attention.cu``) and the launch plan.
 
-One binary per (KV format, head dim) holds six ``extern "C"`` entries (:meth:`AttnConfig.entries`):
+One binary per (KV format, head dim) holds seven ``extern "C"`` entries (:meth:`AttnConfig.entries`):
 the decode kernel (16 query rows per CTA as the MMA's M, the 4 warps split each tile), the
 keys-as-M decode kernel ``_kt`` (8 query rows as the MMA's N, keys as M: half the MMAs and
 accumulators of the first for GQA decode, attention_decode.cuh), two prefill kernels
 (FlashAttention-2 style: ``_prefill`` 64 rows per CTA, 16 a warp; ``_prefill2`` 128 rows, 32 a
-warp, each K / V fragment read once for two m16 tiles), the split-KV merge and the KV encode. The first three take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
+warp, each K / V fragment read once for two m16 tiles), the split-KV merge, the KV encode and
+the page store (the step's records into their pages). The first three take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
 B, MB, NB, BS, R, Hq, Hkv, scale_log2)``.
 
 :func:`plan` chooses the entry and the key splits from shapes only (never from device data),
@@ -64,7 +65,7 @@ class AttnConfig:
     def entries(self, kind: str) -> tuple[str, ...]:
         name = self.name(kind)
         return (name, name + "_kt", name + "_prefill", name + "_prefill2", name + "_merge",
-                name + "_encode")
+                name + "_encode", name + "_store")
 
     def defines(self, kind: str) -> list[str]:
         int4 = _kind(kind)[1] == "int4"

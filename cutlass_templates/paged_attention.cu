@@ -48,6 +48,7 @@
 //   QC_KERNEL_prefill, _prefill2 same args
 //   QC_KERNEL_merge    (ws_o, ws_lse, out, T, Hq, splits), grid ceil(T*Hq/4)
 //   QC_KERNEL_encode   (k, v, out, T, Hkv, R), grid ceil(2*T*Hkv/4): records of one step
+//   QC_KERNEL_store    (recs, cache, slots, M, T, H, HB, PB, BS, R, NB), grid ceil(M*T*H/4)
 #if !defined(QC_KERNEL) || !defined(QC_HEAD_DIM) || !defined(QC_KV_INT4) || !defined(QC_STAGES)
 #error "define QC_KERNEL, QC_HEAD_DIM, QC_KV_INT4, QC_STAGES"
 #endif
@@ -568,4 +569,31 @@ QC_CAT(QC_KERNEL, _encode)(const __half* k, const __half* v, uint8_t* out, int T
   }
   if (h == 0)  // zero the record's padding (R is a multiple of 16)
     for (int i = used + lane; i < R; i += 32) rec[i] = 0;
+}
+
+// The step's records into their pages: recs [M, T, R] (M = layers x {K, V}, contiguous) ->
+// cache [M, NB, BS, R] at slots [T] (page * BS + offset), head-major within a page as
+// runtime/ops/kv.py's PageLayout.to_pages: head h, slot o's HB bytes of codes (or values) at
+// (h * BS + o) * HB, its PB bytes of (scale, min) at H * BS * HB + (h * BS + o) * PB. Pure byte
+// movement, so any binary's entry serves any layout (HB, PB are arguments; HB % 4 == 0, PB 0
+// or 4). One warp per (m, t, h), 4-byte words; 64-bit offsets (a cache is tens of GB, where
+// ATen's index_put split itself into 32-bit pieces: 64 launches a step for the 1B shape).
+extern "C" __global__ void __launch_bounds__(THREADS)
+QC_CAT(QC_KERNEL, _store)(const uint8_t* recs, uint8_t* cache, const long long* slots, int M,
+                          int T, int H, int HB, int PB, int BS, int R, long long NB) {
+  const long long item = (long long)blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (item >= (long long)M * T * H) return;
+  const int h = (int)(item % H), t = (int)((item / H) % T);
+  const long long m = item / ((long long)T * H);
+  const long long slot = slots[t], page = slot / BS;
+  const int off = (int)(slot % BS);
+  const uint8_t* src = recs + (m * T + t) * (long long)R;
+  uint8_t* dst = cache + (m * NB + page) * (long long)BS * R;
+  const uint32_t* s4 = reinterpret_cast<const uint32_t*>(src + h * HB);
+  uint32_t* d4 = reinterpret_cast<uint32_t*>(dst + ((long long)h * BS + off) * HB);
+  for (int i = lane; i < HB / 4; i += 32) d4[i] = s4[i];
+  if (PB == 4 && lane == 0)
+    *reinterpret_cast<uint32_t*>(dst + (long long)H * BS * HB + ((long long)h * BS + off) * 4) =
+        *reinterpret_cast<const uint32_t*>(src + H * HB + h * 4);
 }

@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
-from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FORMAT, AttnConfig,
-                                                         plan)
+from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FORMAT, THREADS,
+                                                         AttnConfig, plan)
 from qcompile.runtime.ops.attention import paged_attention_ref
 from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes
 
@@ -130,6 +130,31 @@ def _encode(fmt, k, v):
     if found is None:
         return _encode_pair(fmt, k, v)
     return launch_encode(*found, k, v)
+
+
+def store_pages(layout, cache: torch.Tensor, recs: torch.Tensor, slots: torch.Tensor) -> bool:
+    """The step's records [..., T, R] into cache [..., NB, BS, R] at slots [T] (int64) with the
+    active table's `_store` entry (one launch; any binary's serves any layout: it moves bytes).
+    False, with nothing written, when no binary has one (the caller runs `to_pages`)."""
+    kernels = active()
+    table = kernels.table
+    if table is None or not kernels.attention_on or not cache.is_cuda:
+        return False
+    entry = next((n for n in table.kernels if n.startswith("qc_attn") and n.endswith("_store")),
+                 None)
+    if entry is None:
+        return False
+    from .launcher import i32, i64, ptr
+    *lead, nb, bs, r = cache.shape
+    m, t = math.prod(lead), slots.shape[0]
+    recs = recs.contiguous()
+    if t:
+        table.kernels[entry].launch(
+            (math.ceil(m * t * layout.num_kv_heads / 4), 1, 1), (THREADS, 1, 1), 0,
+            [ptr(recs), ptr(cache), ptr(slots), i32(m), i32(t), i32(layout.num_kv_heads),
+             i32(layout.head_bytes), i32(layout.param_bytes), i32(bs), i32(r), i64(nb)])
+        kernels.attention.launches[entry] += 1
+    return True
 
 
 def launch_encode(cfg: AttnConfig, kind: str, k, v):

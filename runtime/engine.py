@@ -79,6 +79,7 @@ class Engine:
         self.kernels = kernels if kernels is not None else Kernels()
         self.artifact, self.weights = art, weights
         self.program = self.kernels.wrap(program)
+        self._write = self.kernels.wrap(cache.write)  # the store kernel of this engine's table
         self.tokenizer, self.cache, self.device = tokenizer, cache, device
         self.scheduler = Scheduler(cache, max_batch_tokens, max_seqs)
         self.eos_ids = set(art.model.eos_token_ids) | (
@@ -389,7 +390,7 @@ class Engine:
             tables = self.block_table.gather(x.rows, x.width)
             logits, new_kv = self.program(*self.weights, x.tokens, x.positions, self.cache.tensor,
                                           tables, x.ctx_lens, x.query_start, x.logits_indices)
-            self.cache.write(new_kv, x.slots)
+            self._write(new_kv, x.slots)
             return sample_rows(logits, x.temperature, x.top_p, x.top_k, x.seed, x.position,
                                random=random)
 
@@ -436,12 +437,31 @@ def _inductor(program):
     (before quantization), so that the compiled program produces the reference ops' int8
     codes."""
     from torch.fx.experimental import _config as fx_config
+    _inline_act_quants(program)
     compiled = torch.compile(program, dynamic=True, options={"emulate_precision_casts": True})
 
     def run(*args):
         with fx_config.patch(use_duck_shape=False):
             return compiled(*args)
     return run
+
+
+def _inline_act_quants(gm: torch.fx.GraphModule) -> int:
+    """Call each activation quantizer's ATen reference where the graph still calls its opaque
+    op (the compiler's fusion passes inline it after RMSNorm and SiLU*Mul; the attention
+    output, wo's input, keeps the op), so that Inductor fuses it into one kernel: eager, it is
+    ~9 ATen kernels a layer (abs, max, div, round, clamp, casts, sum; ~0.25 ms of a 1B decode
+    step on an H100). The same maths, so the same codes. Returns the number of calls inlined."""
+    from qcompile.compiler.schemes import ACT_QUANTS
+    refs = {act.op: act.reference for act in ACT_QUANTS}
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in refs:
+            node.target = refs[node.target]
+            n += 1
+    if n:
+        gm.recompile()
+    return n
 
 
 def _persistent_inductor_cache() -> None:

@@ -60,5 +60,10 @@ class PagedKVCache:
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
 
     def write(self, new_kv: torch.Tensor, slots: torch.Tensor) -> None:
-        """new_kv [L, 2, T, R] -> pages at slots [T] (int64, on the cache's device)."""
+        """new_kv [L, 2, T, R] -> pages at slots [T] (int64, on the cache's device): on CUDA
+        the active kernel table's store kernel (one launch), else `PageLayout.to_pages`."""
+        if self.tensor.is_cuda:
+            from .attention_kernels import store_pages
+            if store_pages(self.layout, self.tensor, new_kv, slots):
+                return
         self.layout.to_pages(self.tensor, new_kv, slots)

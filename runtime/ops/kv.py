@@ -22,6 +22,8 @@ x' = q * s + m.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -120,15 +122,18 @@ class PageLayout:
         place; device indices only (no host synchronisation, CUDA-graph capturable)."""
         *lead, nb, bs, r = cache.shape
         h, hb, pb = self.num_kv_heads, self.head_bytes, self.param_bytes
-        codes, params = self._regions(cache.view(*lead, nb, bs * r), bs)
-        page, off = slots // bs, slots % bs
-        n = len(lead)
-        idx = (slice(None),) * n + (page, slice(None), off)
-        # advanced indices split by a slice: the indexed view is [T, *lead, H, HB]
-        perm = (n, *range(n), n + 1, n + 2)
-        codes[idx] = recs[..., : h * hb].unflatten(-1, (h, hb)).permute(perm)
+        m = math.prod(lead)  # the leading dims (layers, K / V) as one
+        codes, params = self._regions(cache.view(m, nb, bs * r), bs)  # [M, NB, H, BS, *]
+        recs = recs.reshape(m, -1, r)
+        # one index_put per region, all four indices advanced and adjacent ([M, T, H] of
+        # them broadcast): ATen split the old (lead, page, :, off) form into ~16x more kernels
+        lead_i = torch.arange(m, device=slots.device)[:, None, None]
+        head_i = torch.arange(h, device=slots.device)[None, None, :]
+        page, off = (slots // bs)[None, :, None], (slots % bs)[None, :, None]
+        idx = (lead_i, page, head_i, off)
+        codes[idx] = recs[..., : h * hb].unflatten(-1, (h, hb))
         if params is not None:
-            params[idx] = recs[..., h * hb: h * (hb + pb)].unflatten(-1, (h, pb)).permute(perm)
+            params[idx] = recs[..., h * hb: h * (hb + pb)].unflatten(-1, (h, pb))
 
     def from_pages(self, pages: torch.Tensor) -> torch.Tensor:
         """pages [..., n, BS, R] -> their records [..., n * BS, R] in token order."""

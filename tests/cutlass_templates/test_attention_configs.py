@@ -19,7 +19,8 @@ def test_names_entries_defines():
                                         "qc_attn_fp16_d128_s3_prefill",
                                         "qc_attn_fp16_d128_s3_prefill2",
                                         "qc_attn_fp16_d128_s3_merge",
-                                        "qc_attn_fp16_d128_s3_encode")
+                                        "qc_attn_fp16_d128_s3_encode",
+                                        "qc_attn_fp16_d128_s3_store")
     d = cfg.defines("attn_int4")
     assert "-DQC_KV_INT4=1" in d and "-DQC_HEAD_DIM=128" in d
     assert f"-DQC_SMEM_DECODE={cfg.smem_bytes('attn_int4', 'decode')}" in d

@@ -184,3 +184,38 @@ def test_no_host_synchronisation(kernels):
         KV_ENCODE_OPS[fmt](k, k)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hkv,d", [(1, 64), (3, 64), (8, 128)])
+def test_store_bitwise_and_under_graph_replay(kernels, fmt, hkv, d):
+    """The page store kernel writes exactly what `PageLayout.to_pages` writes (the step's
+    records of every layer and K / V, scattered slots, other bytes untouched), also replayed
+    from a CUDA graph with new slots and records staged in place."""
+    g = torch.Generator().manual_seed(7 * d + hkv)
+    layout = PageLayout.of(fmt, hkv, d, torch.float16)
+    r = kv_record_bytes(fmt, hkv, d, torch.float16)
+    lead, nb, t = (3, 2), 11, 21
+    cache = torch.randint(0, 256, (*lead, nb, BS, r), dtype=torch.uint8, generator=g)
+    dev = cache.cuda()
+    recs = torch.randint(0, 256, (*lead, t, r), dtype=torch.uint8, generator=g)
+    slots = torch.randperm(nb * BS, generator=g)[:t]
+    layout.to_pages(cache, recs, slots)
+    before = sum(kernels.STATS.launches.values())
+    assert kernels.store_pages(layout, dev, recs.cuda(), slots.cuda())
+    assert sum(kernels.STATS.launches.values()) == before + 1
+    assert torch.equal(dev.cpu(), cache)
+
+    recs_d, slots_d = recs.cuda(), slots.cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.store_pages(layout, dev, recs_d, slots_d)
+    for seed in (1, 2):
+        g.manual_seed(seed)
+        recs = torch.randint(0, 256, (*lead, t, r), dtype=torch.uint8, generator=g)
+        slots = torch.randperm(nb * BS, generator=g)[:t]
+        recs_d.copy_(recs), slots_d.copy_(slots)
+        layout.to_pages(cache, recs, slots)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(dev.cpu(), cache), f"graph replay {seed}"

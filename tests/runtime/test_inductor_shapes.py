@@ -31,3 +31,22 @@ def test_one_graph_for_every_batch_shape(make_tiny_checkpoint, tmp_path, monkeyp
         assert got == want, prompts
     graphs = dynamo_utils.counters["stats"]["unique_graphs"] - before
     assert graphs == 1, f"{graphs} graphs compiled for one program"
+
+
+def test_wo_input_quantizer_inlined_for_inductor(make_tiny_checkpoint, tmp_path):
+    """The activation quantizer the fusion passes leave opaque (the attention output's, wo's
+    input) is called as its ATen reference in the program Inductor compiles, so it fuses into
+    one kernel; the artifact's program keeps the op."""
+    import torch
+
+    from qcompile.runtime.artifact import load_program
+    from qcompile.runtime.engine import _inline_act_quants
+    cfg = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip",
+                        quantizer="rtn")
+    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    gm = load_program(art).module()
+    op = torch.ops.qcompile.quant_a8.default
+    calls = lambda: sum(n.target is op for n in gm.graph.nodes)  # noqa: E731
+    layers = 2
+    assert calls() == layers  # one per layer: wo's input
+    assert _inline_act_quants(gm) == layers and calls() == 0
