@@ -10,7 +10,10 @@
 #   COMPILE=1 (gpu_step.sh also profiles the step with Inductor), NCU_RUNS ("fmt entry batch
 #   context new;..." kernels for Nsight Compute), QBENCH2_ARGS (a second w4a8 qbench with
 #   these arguments, e.g. --no-overlap: its load is the warm-cache one), SERVE=1 (qserve on the
-#   w4a8 artifact driven by `qbench --url`, the same prompts: requests/s, TTFT / TPOT)
+#   w4a8 artifact driven by `qbench --url`, the same prompts: requests/s, TTFT / TPOT; first
+#   tests/runtime/test_server.py on CUDA; needs the wheels of build/wheels/serve: `pip download
+#   --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d
+#   build/wheels/serve fastapi uvicorn openai httpx`)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -43,6 +46,9 @@ if [ -z "${SKIP_STEP:-}" ]; then
       stamp serve
       python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
         >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
+      # the openai-client tests and the 200-stream load test with the fast runtime (issue 16)
+      QCOMPILE_SERVE_DEVICE=cuda timeout $(cap 180) python -m pytest -q -x tests/runtime/test_server.py \
+        2>&1 | tee "$OUT/pytest_serve.log" | tail -3
       qserve /tmp/art1b --port 8123 --max-seqs 64 > "$OUT/qserve.log" 2>&1 &
       spid=$!
       for _ in $(seq $(cap 120)); do

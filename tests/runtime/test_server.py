@@ -1,10 +1,15 @@
 """qserve on the loopback, driven by the official `openai` client: completions and chat,
 streamed and not, equal to `Engine.generate` for greedy requests; OpenAI-style errors; a
 client that hangs up frees its pages; 200 concurrent streams with random lengths, a third
-hung up mid-stream, all others finish with the right tokens, no page leaks, /metrics adds up."""
+hung up mid-stream, all others finish with the right tokens, no page leaks, /metrics adds up.
+
+On the CPU with the reference ops by default; QCOMPILE_SERVE_DEVICE=cuda serves a w4a8 / KV4
+artifact (head dim 64, float16, its kernels built) with the fast runtime (kernels, Inductor,
+CUDA graphs, overlapped steps), as bench/gpu_session.sh's SERVE stage runs it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import threading
@@ -30,11 +35,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEVICE = os.environ.get("QCOMPILE_SERVE_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="module")
-def server(served_artifact):
+def artifact(request, make_tiny_checkpoint, tmp_path_factory):
+    if DEVICE == "cpu":
+        return request.getfixturevalue("served_artifact")
+    import torch
+
+    from qcompile.compiler.compile import compile_model
+    from qcompile.compiler.config import CompileConfig
+    major, _ = torch.cuda.get_device_capability()
+    cfg = CompileConfig(target=f"sm{major}0", precision="w4a8", kv="int4", dtype="float16",
+                        kernels="build", quantizer="rtn")
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64)
+    return compile_model(make_tiny_checkpoint("llama", **shape), cfg,
+                         tmp_path_factory.mktemp("serve-gpu") / "art", progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
     """(base url, the served engine, a reference engine on the same artifact)."""
-    engine = Engine.load(served_artifact, max_seqs=16)
-    ref = Engine.load(served_artifact, max_seqs=16)
+    engine = Engine.load(artifact, device=DEVICE, max_seqs=16)
+    ref = Engine.load(artifact, device=DEVICE, max_seqs=16)
     for e in (engine, ref):
         if not e.tokenizer.chat_template:
             e.tokenizer.chat_template = TEMPLATE
@@ -232,11 +257,11 @@ def test_qbench_client_mode(server, tmp_path, capsys):
     assert (tmp_path / f"qbench-serve-{MODEL}.png").stat().st_size > 1000
 
 
-def test_engine_failure_is_503_not_a_dead_server(served_artifact):
+def test_engine_failure_is_503_not_a_dead_server(artifact):
     """An engine that fails mid-step answers its clients and every later request with 503,
     and /health says so; the HTTP server stays up."""
     from fastapi.testclient import TestClient
-    engine = Engine.load(served_artifact, max_seqs=4)
+    engine = Engine.load(artifact, device=DEVICE, max_seqs=4)
 
     def broken():
         raise RuntimeError("CUDA error: out of memory (simulated)")
@@ -250,7 +275,7 @@ def test_engine_failure_is_503_not_a_dead_server(served_artifact):
         assert http.get("/v1/models").status_code == 200
 
 
-def test_out_of_kv_pages_preempts_and_keeps_tokens(served_artifact, server):
+def test_out_of_kv_pages_preempts_and_keeps_tokens(artifact, server):
     """A server whose KV cache holds one sequence's worth of pages (16), under 48 concurrent
     streams: requests are preempted and recomputed, none is dropped, and each returns the
     tokens it gets alone; every page is free afterwards."""
@@ -258,7 +283,8 @@ def test_out_of_kv_pages_preempts_and_keeps_tokens(served_artifact, server):
     ref = server[2]
     per_page = PagedKVCache.bytes_per_block(ref.cache.spec)
     pages = -(-ref.max_seq_len // ref.cache.block_size)
-    engine = Engine.load(served_artifact, max_seqs=16, kv_cache_bytes=pages * per_page)
+    engine = Engine.load(artifact, device=DEVICE, max_seqs=16,
+                         kv_cache_bytes=pages * per_page)
     assert engine.cache.num_blocks == pages
     app = create_app(engine, MODEL)
     port = _free_port()
