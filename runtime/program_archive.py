@@ -20,9 +20,11 @@ weight and constant configs, an empty sample-inputs record, and the zip writer's
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import re
+import typing
 import zipfile
 from pathlib import Path
 
@@ -155,11 +157,48 @@ def deserialize(program: dict) -> torch.export.ExportedProgram:
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
     check_evaluated_strings(program)
-    serialized = _dict_to_dataclass(schema.ExportedProgram, program)
+    with _cached_type_hints():
+        serialized = _dict_to_dataclass(schema.ExportedProgram, program)
     ep = ExportedProgramDeserializer().deserialize(serialized, {}, {}, None)
     check_graph_ops(ep)
     ep.module()  # unlifting reads the call signature (40 ms); its failures must surface here
     return ep
+
+
+class _CachedTyping:
+    """The `typing` module with get_type_hints cached per (class, namespace): torch's serde
+    asks it again for every dataclass it builds (29,188 calls for a 16-layer program, over a
+    third of the load); the schema's classes do not change while it reads."""
+
+    def __init__(self):
+        self._hints: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(typing, name)
+
+    def get_type_hints(self, obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        hints = self._hints.get(key)
+        if hints is None:
+            hints = self._hints[key] = typing.get_type_hints(obj, globalns, localns,
+                                                             include_extras)
+        return hints
+
+
+@contextlib.contextmanager
+def _cached_type_hints():
+    """torch's serde module reads `typing` through its own global: swap in _CachedTyping for
+    the read (the same answers, computed once per class)."""
+    from torch._export.serde import serialize
+    real = getattr(serialize, "typing", None)
+    if real is not typing:  # not the layout this was written for: leave torch alone
+        yield
+        return
+    serialize.typing = _CachedTyping()
+    try:
+        yield
+    finally:
+        serialize.typing = real
 
 
 def check_graph_ops(ep: torch.export.ExportedProgram) -> None:
