@@ -20,6 +20,10 @@ def _common(p: OneLineParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="on cuda, no TorchInductor on the program's glue (default: compiled "
                         "once and cached on disk; the first load of an artifact takes minutes)")
+    p.add_argument("--aot", action="store_true",
+                   help="compile the glue with AOTInductor instead of torch.compile: once "
+                        "per program, torch and GPU into a cached package (later loads skip "
+                        "tracing)")
 
 
 def _load(args, cuda_graphs: bool):
@@ -30,7 +34,7 @@ def _load(args, cuda_graphs: bool):
     from .engine import Engine
     return Engine.load(args.artifact, device=device,
                        cuda_graphs=None if cuda_graphs and device.type == "cuda" else False,
-                       compile=None if args.compile else False)
+                       compile="aot" if args.aot else None if args.compile else False)
 
 
 def run_parser() -> OneLineParser:

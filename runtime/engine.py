@@ -101,18 +101,20 @@ class Engine:
         self._ids_slot = 0
         self.overlap = overlap
         self._inflight: _Launched | None = None
-        self.compiled = False  # TorchInductor on the program (Engine.load's compile)
+        self.compiled: bool | str = False  # Engine.load's compile: True (Inductor), "aot"
         self.load_times: dict[str, float] = {}  # Engine.load's phases, seconds
 
     @classmethod
     def load(cls, path, device="cpu", *, kv_cache_bytes: int | None = None,
-             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool | None = None,
+             max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool | str | None = None,
              cuda_graphs: bool | None = None, overlap: bool | None = None):
         """compile: TorchInductor on the program's glue (default: on CUDA, where it fuses each
         RMSNorm / SwiGLU with its activation quantization and takes a decode step of the 1B
         shape from 95 to 34 launches a layer and 5.5 to 3.1 ms on an H100; its compile is
         cached on disk, bench/results/gpu-h100-2026-12-07b.md; off on the CPU, where the
-        reference ops are the point). cuda_graphs: capture the decode step per batch bucket
+        reference ops are the point); "aot": AOTInductor instead, compiled once per program,
+        torch and device into a cached package (runtime/aot.py: no re-tracing at each load).
+        cuda_graphs: capture the decode step per batch bucket
         (default: on CUDA, falling back to eager steps with a warning when the program cannot
         be captured; True insists, False turns them off). overlap: launch each step before
         reading the previous one's sampled ids (see `step`; default: on CUDA, where it hides
@@ -143,16 +145,26 @@ class Engine:
             kernels = Kernels.load(art.path / "kernels" / art.compile.target, device)
         if compile is None:
             compile = device.type == "cuda"
+        if compile not in (True, False, "aot"):
+            raise ValueError(f"compile must be True, False, None or 'aot', not {compile!r}")
         if compile:
             _persistent_inductor_cache()
+        if compile is True:
             program = _inductor(program)
         if overlap is None:
             overlap = device.type == "cuda"
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
                      kernels, overlap)
         engine.compiled = compile
-        if compile:  # no dimension of one in a compiled step (see _layout)
+        if compile is True:  # no dimension of one in a torch.compile'd step (see _layout)
             engine.decode_buckets = tuple(sorted({max(b, 2) for b in engine.decode_buckets}))
+        if compile == "aot":
+            from . import aot
+            x = engine._stage_padding(2)
+            tables = engine.block_table.gather(x.rows, x.width)
+            args = (*weights, x.tokens, x.positions, cache.tensor, tables, x.ctx_lens,
+                    x.query_start, x.logits_indices)
+            engine.program = engine.kernels.wrap(aot.load_or_compile(art, args, device))
         t3 = time.perf_counter()
         if device.type == "cuda" and cuda_graphs is not False:
             engine._capture(required=cuda_graphs is True)
@@ -299,7 +311,7 @@ class Engine:
             bucket = bucket_for(len(chunks), self.decode_buckets)
         batch, rows, updates, gathers = self._layout(chunks, bucket, prev)
         width = None if bucket else max(batch.width, min(2, self.block_table.width)
-                                        if self.compiled else 1)
+                                        if self.compiled is True else 1)
         x = self.buffers.load(batch, _sampling_rows(rows), updates, width=width, gathers=gathers)
         if gathers:  # the tokens prev sampled, straight from the device
             x.tokens.index_copy_(0, x.gather_dst, prev.ids.index_select(0, x.gather_src))
@@ -369,7 +381,7 @@ class Engine:
             rows = [c.req for c in chunks if c.samples]
             if not rows:  # the program computes at least one logits row (export's N >= 1)
                 spans[0], rows = replace(spans[0], logits=True), [None]
-            if self.compiled and min(len(spans), len(rows), at) < 2:
+            if self.compiled is True and min(len(spans), len(rows), at) < 2:
                 # a padding row (one token on the scratch page, its logits ignored): with a
                 # dimension of one, Inductor would compile another graph for the step
                 spans, rows = spans + [self._pad], rows + [None]
@@ -383,10 +395,15 @@ class Engine:
         batch = flat_batch([self._pad] * bucket, self.cache.block_size)
         return self.buffers.load(batch, _sampling_rows([None] * bucket), [])
 
+    def _no_autograd(self):
+        """inference_mode, except around an AOTInductor runner, which must not see inference
+        tensors (runtime/aot.py)."""
+        return torch.no_grad() if self.compiled == "aot" else torch.inference_mode()
+
     def _device_step(self, x: StepInputs, random: bool) -> torch.Tensor:
         """The device part of a step (what a decode graph captures): the step's block tables,
         the program, the KV write, sampling. Sampled ids [N] on the device."""
-        with torch.inference_mode():
+        with self._no_autograd():
             tables = self.block_table.gather(x.rows, x.width)
             logits, new_kv = self.program(*self.weights, x.tokens, x.positions, self.cache.tensor,
                                           tables, x.ctx_lens, x.query_start, x.logits_indices)
@@ -411,7 +428,7 @@ class Engine:
         spans = [Span(seq, 0, [self.cache.scratch_page] * -(-len(seq) // bs)) for seq in sequences]
         batch = flat_batch(spans, bs, all_logits=True)
         x = batch.tensors(self.device)
-        with torch.inference_mode():
+        with self._no_autograd():
             logits, _ = self.program(*self.weights, *x.program_args(self.cache.tensor))
         return [logits[a:b] for a, b in zip(batch.query_start, batch.query_start[1:])]
 

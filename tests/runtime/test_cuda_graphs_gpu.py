@@ -81,6 +81,19 @@ def test_graphs_give_the_eager_tokens_across_buckets(artifact):
     assert sum(n for (_, random), n in graphs.graphs.replays.items() if random) == 39
 
 
+@pytest.mark.parametrize("compile", [True, "aot"], ids=["inductor", "aot"])
+def test_compiled_engine_gives_the_eager_tokens(artifact, compile, tmp_path, monkeypatch):
+    """The program under torch.compile (one dynamic graph, padding rows, buckets from 2) and
+    under AOTInductor (a cached package), decode steps replayed from CUDA graphs and
+    overlapped, against eager steps without graphs: the same greedy tokens."""
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    eager = _load(artifact, False)
+    fast = Engine.load(artifact, device="cuda", max_seqs=8, kv_cache_bytes=KV_BYTES,
+                       cuda_graphs=True, compile=compile, overlap=True)
+    assert fast.graphs is not None
+    assert _generate(fast) == _generate(eager)
+
+
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_overlapped_steps_give_the_same_tokens(artifact, graphs):
     """Engine(overlap=True) on the GPU: the in-flight tokens gathered on the device into the

@@ -1,0 +1,58 @@
+"""Engine.load(compile="aot"): the program compiled by AOTInductor into a cached package gives
+the eager engine's greedy tokens at every batch size (one sequence included: the exported
+dimensions are symbolic from 1), and a second load maps the package without compiling."""
+import time
+
+import pytest
+import torch
+
+from qcompile.compiler.compile import compile_model
+from qcompile.compiler.config import CompileConfig
+from qcompile.runtime import aot
+from qcompile.runtime.engine import Engine
+
+PROMPTS = ["the quick brown fox", "def main():", "hello", "a b c d e f",
+           "a longer prompt that spans more than one page of the cache " * 3]
+
+
+@pytest.mark.parametrize("precision,kv", [("w4a8", "int4")])
+def test_aot_engine_matches_eager(make_tiny_checkpoint, tmp_path, monkeypatch, precision, kv):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cfg = CompileConfig(precision=precision, kv=kv, dtype="float32", kernels="skip",
+                        quantizer="rtn")
+    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    eager = Engine.load(art, compile=False, max_seqs=8)
+    compiled = Engine.load(art, compile="aot", max_seqs=8)
+    assert compiled.compiled == "aot"
+    assert len(list((tmp_path / "cache" / "aot").glob("*.pt2"))) == 1
+    for prompts in (PROMPTS[:4], PROMPTS[2:3], PROMPTS[4:], PROMPTS[:2]):
+        want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=4)]
+        got = [c.token_ids for c in compiled.generate(prompts, max_new_tokens=4)]
+        assert got == want, prompts
+    a, b = eager.score([[5, 6, 7, 8]])[0], compiled.score([[5, 6, 7, 8]])[0]
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a second load compiled again")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compile)
+    t = time.perf_counter()
+    again = Engine.load(art, compile="aot", max_seqs=8)
+    assert time.perf_counter() - t < 10
+    assert [c.token_ids for c in again.generate(PROMPTS[:2], max_new_tokens=4)] == \
+        [c.token_ids for c in eager.generate(PROMPTS[:2], max_new_tokens=4)]
+
+
+def test_package_key_follows_the_program(served_artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    from qcompile.runtime.artifact import open_artifact
+    art = open_artifact(served_artifact, torch.device("cpu"))
+    p = aot.package_path(art, torch.device("cpu"))
+    assert p.parent == tmp_path / "aot" and p.suffix == ".pt2"
+    art.manifest["files"]["program.pt2"]["sha256"] = "0" * 64
+    assert aot.package_path(art, torch.device("cpu")) != p
+
+
+def test_compile_must_be_known(served_artifact):
+    with pytest.raises(ValueError, match="compile must be"):
+        Engine.load(served_artifact, compile="fast")
