@@ -129,7 +129,10 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not {device}")
         t0 = time.perf_counter()
         art = open_artifact(path, device)
-        program = load_program(art.path).module()
+        if compile == "aot" and _aot_cached(art, device):
+            program = None  # the cached package is the program: no need to read and check it
+        else:
+            program = load_program(art.path).module()
         t1 = time.perf_counter()
         weights = load_weights(art, device)
         t2 = time.perf_counter()
@@ -441,6 +444,11 @@ def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
             for r in reqs]
     return SamplingRows(*(list(col) for col in zip(*rows))) if rows else \
         SamplingRows([], [], [], [], [])
+
+
+def _aot_cached(art, device: torch.device) -> bool:
+    from . import aot
+    return aot.package_path(art, device).is_file()
 
 
 def _inductor(program):
