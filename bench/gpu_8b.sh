@@ -7,13 +7,7 @@
 #   PRECISIONS (default "w4a8 fp8"; fp16 too when time allows), MAX_SEQS (256), NUM_PROMPTS
 #   (MAX_SEQS), OUTPUT_LEN (512) (qcompile builds each artifact's kernels itself),
 #   DEADLINE (s, default 540)
-set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
-cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
+source "$(dirname "$0")/gpu_common.sh"
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
 stamp install

@@ -14,14 +14,7 @@
 #   tests/runtime/test_server.py on CUDA; needs the wheels of build/wheels/serve: `pip download
 #   --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d
 #   build/wheels/serve fastapi uvicorn openai httpx`)
-set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
-# every stage ends by DEADLINE s (default 540) so the archive is written inside the call's limit
-cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
+source "$(dirname "$0")/gpu_common.sh"
 stamp kernels
 QBENCH_PEER=${QBENCH_PEER-hf-eager}  # QBENCH_PEER= : no peer
 ONLY=${ONLY-attention} PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
