@@ -162,18 +162,33 @@ class Engine:
         if compile is True:  # no dimension of one in a torch.compile'd step (see _layout)
             engine.decode_buckets = tuple(sorted({max(b, 2) for b in engine.decode_buckets}))
         if compile == "aot":
-            from . import aot
-            x = engine._stage_padding(2)
-            tables = engine.block_table.gather(x.rows, x.width)
-            args = (*weights, x.tokens, x.positions, cache.tensor, tables, x.ctx_lens,
-                    x.query_start, x.logits_indices)
-            engine.program = engine.kernels.wrap(aot.load_or_compile(art, args, device))
+            engine._use_aot(program)
         t3 = time.perf_counter()
         if device.type == "cuda" and cuda_graphs is not False:
             engine._capture(required=cuda_graphs is True)
         engine.load_times = {"artifact": t1 - t0, "weights": t2 - t1, "setup": t3 - t2,
                              "capture": time.perf_counter() - t3}
         return engine
+
+    def _use_aot(self, program) -> None:
+        """The AOTInductor runner as this engine's program (runtime/aot.py); if AOTInductor
+        fails, torch.compile instead, with a warning that says why."""
+        from . import aot
+        x = self._stage_padding(2)
+        tables = self.block_table.gather(x.rows, x.width)
+        args = (*self.weights, x.tokens, x.positions, self.cache.tensor, tables, x.ctx_lens,
+                x.query_start, x.logits_indices)
+        try:
+            self.program = self.kernels.wrap(aot.load_or_compile(self.artifact, args,
+                                                                 self.device))
+        except Exception as e:  # noqa: BLE001  (AOTInductor's failures are of any kind)
+            warnings.warn(f"AOTInductor failed ({type(e).__name__}: {str(e)[:200]}); the "
+                          "program's glue runs under torch.compile instead")
+            if program is None:
+                program = load_program(self.artifact.path).module()
+            self.program = self.kernels.wrap(_inductor(program))
+            self.compiled = True
+            self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
 
     def _capture(self, required: bool) -> None:
         try:

@@ -56,3 +56,17 @@ def test_package_key_follows_the_program(served_artifact, tmp_path, monkeypatch)
 def test_compile_must_be_known(served_artifact):
     with pytest.raises(ValueError, match="compile must be"):
         Engine.load(served_artifact, compile="fast")
+
+
+def test_aot_failure_falls_back_to_torch_compile(served_artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler (simulated)")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    with pytest.warns(UserWarning, match="AOTInductor failed.*simulated.*torch.compile"):
+        engine = Engine.load(served_artifact, compile="aot", max_seqs=4)
+    assert engine.compiled is True
+    want = Engine.load(served_artifact, compile=False, max_seqs=4)
+    assert [c.token_ids for c in engine.generate(["abc"], max_new_tokens=3)] == \
+        [c.token_ids for c in want.generate(["abc"], max_new_tokens=3)]
