@@ -1,0 +1,113 @@
+"""COMET's FMPQ, the compiler's side (issue 15): which input channels of each linear get 8-bit
+activation blocks, and the channel permutations that put them first, folded into the weights.
+
+FMPQ quantizes a linear's input per token in blocks of `block` channels: the first n8 blocks
+in int8, the rest in int4 (`qcompile::quant_a4x`). Outlier channels must therefore sit
+together at the front. This module chooses the order and n8 from calibration statistics and
+folds the permutations into the canonical weights (`qcompile.models.loaders`), so nothing is
+gathered at run time:
+
+* the residual stream (the input of `wqkv` and `w_gate_up`): one permutation P for every layer,
+  an orthogonal change of basis of the stream like QoQ's rotation, folded the same way
+  (`rotate.rotate_residual(cfg, w, P)`: after QoQ's rotation R, the stream is x R P);
+* the SwiGLU output (the input of `w_down`): per layer, folded into w_gate_up's gate and up
+  rows and w_down's columns (`permute_intermediate`);
+* the attention output (the input of `wo`) needs head-level moves (a head's channels stay
+  together; whole q heads move with their kv heads): not built yet.
+
+How n8 is chosen (the paper fixes a fraction and does not say how): a global budget of 8-bit
+blocks (`fraction` of all blocks of the chosen linears) is spent greedily on the blocks where
+int4 activations cost the most squared error on the calibration tokens, relative to their
+int8 error (`allocate_blocks`). Sorted channels put the costly blocks first, so each linear's
+share is a prefix: its n8.
+
+Every function returns new dicts / tensors and leaves its inputs unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+from qcompile.models.config import ModelConfig
+
+from .rotate import rotate_residual
+
+__all__ = ["channel_order", "block_errors", "allocate_blocks", "permutation_matrix",
+           "permute_residual", "permute_intermediate"]
+
+
+def channel_order(magnitude: torch.Tensor) -> torch.Tensor:
+    """Channels by decreasing calibrated magnitude (e.g. max |x| over tokens): the
+    permutation `perm` with x[..., perm] the reordered input (stable among ties)."""
+    return torch.argsort(magnitude.float(), descending=True, stable=True)
+
+
+def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-row fake quantization to [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+    q = 2 ** (bits - 1) - 1
+    s = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / q
+    return (x / s).round().clamp(-q, q) * s
+
+
+def block_errors(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared error of quantizing each block of `block` channels of x [tokens, K] (channels
+    already in their order) per token in int4 and in int8: two [K / block] tensors, summed over
+    tokens."""
+    t, k = x.shape
+    if k % block:
+        raise ValueError(f"FMPQ blocks of {block} channels do not divide K = {k}")
+    xb = x.float().reshape(t, k // block, block)
+    err4 = (_fake_quant(xb, 4) - xb).pow(2).sum(dim=(0, 2))
+    err8 = (_fake_quant(xb, 8) - xb).pow(2).sum(dim=(0, 2))
+    return err4, err8
+
+
+def allocate_blocks(errors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    fraction: float) -> dict[str, int]:
+    """n8 per linear from a global budget: round(fraction * all blocks) 8-bit blocks, each
+    given to the block whose int4 -> int8 switch saves the most squared error (blocks of one
+    linear compete with every other's). A linear's blocks are taken in order, so its n8 is the
+    length of its chosen prefix: a block is chosen only once every block before it is."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction of 8-bit blocks must be in [0, 1], got {fraction}")
+    total = sum(e4.numel() for e4, _ in errors.values())
+    budget = round(fraction * total)
+    n8 = {name: 0 for name in errors}
+    gains = {name: (e4 - e8).tolist() for name, (e4, e8) in errors.items()}
+    for _ in range(budget):
+        # the next block of each linear is a candidate; take the costliest
+        best = max((g[n8[name]], name) for name, g in gains.items() if n8[name] < len(g))
+        n8[best[1]] += 1
+    return n8
+
+
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """P [K, K] with x P == x[..., perm] (orthogonal: P^T = P^-1)."""
+    k = perm.numel()
+    p = torch.zeros(k, k)
+    p[perm, torch.arange(k)] = 1.0
+    return p
+
+
+def permute_residual(cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                     perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The residual stream reordered, x -> x[..., perm], in every layer at once (needs
+    folded RMSNorm gains, as `rotate.rotate_residual`, which does the folding)."""
+    return rotate_residual(cfg, weights, permutation_matrix(perm))
+
+
+def permute_intermediate(cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                         perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SwiGLU output of layer i reordered by perms[i] (x -> x[..., perm]): the gate and
+    up rows of `w_gate_up` and the columns of `w_down`. Exact: SiLU(g) * u is elementwise."""
+    out = dict(weights)
+    inter = cfg.intermediate_size
+    for i, perm in perms.items():
+        if perm.numel() != inter or not torch.equal(perm.sort().values, torch.arange(inter)):
+            raise ValueError(f"layer {i}: not a permutation of the {inter} intermediate "
+                             "channels")
+        rows = torch.cat([perm, perm + inter])
+        gate_up = out[f"layers.{i}.w_gate_up"]
+        out[f"layers.{i}.w_gate_up"] = gate_up[rows.to(gate_up.device)].clone()
+        down = out[f"layers.{i}.w_down"]
+        out[f"layers.{i}.w_down"] = down[:, perm.to(down.device)].clone()
+    return out

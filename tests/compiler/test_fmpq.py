@@ -1,0 +1,61 @@
+"""FMPQ's compiler side (compiler/fmpq.py): channel orders from calibrated magnitudes, the
+global budget of 8-bit blocks, and the permutations folded into the weights, which must leave
+the model's logits unchanged."""
+import pytest
+import torch
+
+from qcompile.compiler.fmpq import (allocate_blocks, block_errors, channel_order,
+                                    permutation_matrix, permute_intermediate, permute_residual)
+from qcompile.compiler.rotate import fold_norms
+from qcompile.models.loaders import load_checkpoint
+
+from test_rotate import assert_same, logits, rel, snapshot  # the same logits oracle
+
+
+@pytest.fixture(scope="module")
+def ckpt(make_tiny_checkpoint):
+    return load_checkpoint(make_tiny_checkpoint("llama"))
+
+
+def test_channel_order_puts_outliers_first():
+    mag = torch.tensor([0.5, 9.0, 0.1, 3.0, 3.0])
+    assert channel_order(mag).tolist() == [1, 3, 4, 0, 2]  # stable among the ties
+    x = torch.randn(4, 5)
+    assert torch.equal(x @ permutation_matrix(channel_order(mag)), x[:, channel_order(mag)])
+
+
+def test_block_errors_and_the_budget():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g)
+    x[:, :8] *= 40  # outlier channels, sorted first
+    e4, e8 = block_errors(x, 64)
+    assert e4.shape == (4,) and (e4 > e8).all()
+    assert e4[0] > 10 * e4[1:].max()  # the outlier block is the costly one
+    quiet = torch.randn(64, 128, generator=g)
+    n8 = allocate_blocks({"a": (e4, e8), "b": block_errors(quiet, 64)}, fraction=1 / 6)
+    assert n8 == {"a": 1, "b": 0}  # one block of six, where int4 costs most
+    assert allocate_blocks({"a": (e4, e8)}, 0.0) == {"a": 0}
+    assert allocate_blocks({"a": (e4, e8)}, 1.0) == {"a": 4}
+    with pytest.raises(ValueError, match="do not divide"):
+        block_errors(x, 96)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        allocate_blocks({"a": (e4, e8)}, 1.5)
+
+
+def test_permutations_keep_logits(ckpt):
+    cfg, w = ckpt.config, ckpt.weights
+    before = snapshot(w)
+    ref = logits(cfg, w)
+    g = torch.Generator().manual_seed(1)
+    folded = fold_norms(cfg, w)
+    stream = permute_residual(cfg, folded, torch.randperm(cfg.hidden_size, generator=g))
+    inter = {i: torch.randperm(cfg.intermediate_size, generator=g)
+             for i in range(cfg.num_layers)}
+    both = permute_intermediate(cfg, stream, inter)
+    assert_same(w, before)
+    assert not torch.equal(both["layers.0.w_down"], folded["layers.0.w_down"])
+    err = rel(logits(cfg, both), ref)
+    assert err < 1e-5, f"the FMPQ permutations changed the logits: relative error {err:.2e}"
+    with pytest.raises(ValueError, match="not a permutation"):
+        permute_intermediate(cfg, folded, {0: torch.zeros(cfg.intermediate_size,
+                                                          dtype=torch.long)})
