@@ -16,6 +16,7 @@ rows differ only in the linears' activations):
 | a4 | int4 per token and block of `--block` channels, symmetric [-7, 7], channels in order |
 | a4-sorted | the same with the channels sorted by calibrated max magnitude, so that blocks hold channels of similar range (FMPQ's permutation, with no 8-bit block) |
 | fmpq-F | sorted, the first F of the blocks (the largest channels) int8 [-127, 127], the rest int4 |
+| budget-F | sorted, F of all blocks int8, spent where int4 costs the most output error (`compiler/fmpq.py`'s `allocate_blocks`: a linear's share may be 0 or all of its blocks) |
 
 The sort is FMPQ's channel permutation: in the compiled graph it is folded into the producers
 (RMSNorm gains and the rows of the previous projection), so it costs nothing at run time; in
@@ -98,6 +99,42 @@ def plans(mode: str, absmax: dict[str, torch.Tensor], block: int,
     return out
 
 
+class _Record(TorchFunctionMode):
+    """Keeps the first `tokens` rows of every decoder linear's input (calibration forward)."""
+
+    def __init__(self, names: dict[int, str], tokens: int):
+        super().__init__()
+        self.names, self.tokens, self.inputs = names, tokens, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is ATTENTION_OPS["fp16"]:
+            return _prefill_attention(*args, **kwargs)
+        if func is F.linear and id(args[1]) in self.names:
+            name = self.names[id(args[1])]
+            x = args[0].reshape(-1, args[0].shape[-1])
+            have = self.inputs.get(name)
+            if have is None or len(have) < self.tokens:
+                x = x if have is None else torch.cat([have, x])
+                self.inputs[name] = x[:self.tokens].detach().float().clone()
+        return func(*args, **kwargs)
+
+
+def budget_plans(fraction: float, absmax, inputs, weights, block: int, kinds) -> dict:
+    """budget-F: every chosen linear's channels sorted by magnitude, F of all their blocks
+    int8, allocated by output error (compiler/fmpq.py)."""
+    from qcompile.compiler.fmpq import allocate_blocks, block_errors, channel_order
+    orders, errors = {}, {}
+    for name, amax in absmax.items():
+        if name.rsplit(".", 1)[-1] in kinds:
+            orders[name] = channel_order(amax)
+            errors[name] = block_errors(inputs[name][:, orders[name]], block,
+                                        weights[name].float()[:, orders[name]])
+    n8 = allocate_blocks(errors, fraction)
+    return {name: Plan(orders[name], n8[name], block) if name in orders else "a8"
+            for name in absmax}
+
+
 class _Sim(TorchFunctionMode):
     """Decoder linears' inputs through their plan; attention by the causal prefill path."""
 
@@ -166,6 +203,14 @@ def main(argv=None) -> None:
     for s in sources:
         text = None if s == "pydoc" else read_source(s)
         windows[s] = eval_windows(ckpt.tokenizer, args.num_seqs, 512, text, s)
+    inputs = {}
+    if any(m.startswith("budget") for m in args.modes.split(",")):
+        rec = _Record(names, 2048)  # 4 x 512 tokens of the magnitudes' calibration text
+        for i in range(2):
+            prefill = list(_prefill_inputs(graph.kv_shape, seqs[2 * i:2 * i + 2], "cpu"))
+            with torch.no_grad(), rec:
+                dec(*prefill)
+        inputs = rec.inputs
     rows = {}
     groups = [(k,) for k in args.kinds.split(",")] if args.per_kind \
         else [tuple(args.kinds.split(","))]
@@ -173,7 +218,14 @@ def main(argv=None) -> None:
         for kinds in groups if mode not in ("a16", "a8") else groups[:1]:
             label = mode if not args.per_kind or mode in ("a16", "a8") \
                 else f"{mode} on {kinds[0]}"
-            plan = plans(mode, absmax, args.block, kinds)
+            if mode.startswith("budget"):
+                frac = float(mode.split("-", 1)[1].rstrip("%")) / 100
+                plan = budget_plans(frac, absmax, inputs, weights, args.block, kinds)
+                print(mode, "n8 per kind:", {k: sum(p.n8 for n, p in plan.items()
+                                                    if isinstance(p, Plan) and n.endswith(k))
+                                             for k in kinds}, flush=True)
+            else:
+                plan = plans(mode, absmax, args.block, kinds)
             rows[label] = {s: perplexity(dec, names, plan, windows[s], graph.kv_shape)
                            for s in sources}
             print(label, {s: round(v, 2) for s, v in rows[label].items()}, flush=True)

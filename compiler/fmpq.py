@@ -48,16 +48,20 @@ def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x / s).round().clamp(-q, q) * s
 
 
-def block_errors(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_errors(x: torch.Tensor, block: int, weight: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared error of quantizing each block of `block` channels of x [tokens, K] (channels
     already in their order) per token in int4 and in int8: two [K / block] tensors, summed over
-    tokens."""
+    tokens. `weight` [N, K] (the linear's, columns in the same order): each channel's error
+    scaled by its column's squared norm, the error it puts into the output when channel errors
+    are uncorrelated, so that blocks of different linears compare."""
     t, k = x.shape
     if k % block:
         raise ValueError(f"FMPQ blocks of {block} channels do not divide K = {k}")
     xb = x.float().reshape(t, k // block, block)
-    err4 = (_fake_quant(xb, 4) - xb).pow(2).sum(dim=(0, 2))
-    err8 = (_fake_quant(xb, 8) - xb).pow(2).sum(dim=(0, 2))
+    scale = 1.0 if weight is None else weight.float().pow(2).sum(0).reshape(k // block, block)
+    err4 = ((_fake_quant(xb, 4) - xb).pow(2) * scale).sum(dim=(0, 2))
+    err8 = ((_fake_quant(xb, 8) - xb).pow(2) * scale).sum(dim=(0, 2))
     return err4, err8
 
 

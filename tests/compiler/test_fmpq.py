@@ -59,3 +59,12 @@ def test_permutations_keep_logits(ckpt):
     with pytest.raises(ValueError, match="not a permutation"):
         permute_intermediate(cfg, folded, {0: torch.zeros(cfg.intermediate_size,
                                                           dtype=torch.long)})
+
+
+def test_block_errors_weigh_channels_by_their_columns():
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
+    plain = block_errors(x, 64)
+    w = torch.ones(3, 128)
+    w[:, 64:] = 10.0  # the second block's channels feed ten times larger columns
+    weighted = block_errors(x, 64, w)
+    assert torch.allclose(weighted[0], plain[0] * torch.tensor([3.0, 300.0]), rtol=1e-5)
