@@ -13,7 +13,8 @@
 #   w4a8 artifact driven by `qbench --url`, the same prompts: requests/s, TTFT / TPOT; first
 #   tests/runtime/test_server.py on CUDA; needs the wheels of build/wheels/serve: `pip download
 #   --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d
-#   build/wheels/serve fastapi uvicorn openai httpx`)
+#   build/wheels/serve fastapi uvicorn openai httpx`; QSERVE_ARGS, e.g. --aot: a warm AOT load
+#   after QBENCH2_ARGS=--aot)
 source "$(dirname "$0")/gpu_common.sh"
 stamp kernels
 QBENCH_PEER=${QBENCH_PEER-hf-eager}  # QBENCH_PEER= : no peer
@@ -42,7 +43,7 @@ if [ -z "${SKIP_STEP:-}" ]; then
       # the openai-client tests and the 200-stream load test with the fast runtime (issue 16)
       QCOMPILE_SERVE_DEVICE=cuda timeout $(cap 180) python -m pytest -q -x tests/runtime/test_server.py \
         2>&1 | tee "$OUT/pytest_serve.log" | tail -3
-      qserve /tmp/art1b --port 8123 --max-seqs 64 > "$OUT/qserve.log" 2>&1 &
+      qserve /tmp/art1b --port 8123 --max-seqs 64 ${QSERVE_ARGS:-} > "$OUT/qserve.log" 2>&1 &
       spid=$!
       for _ in $(seq $(cap 120)); do
         python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2> /dev/null && break; sleep 1
