@@ -17,6 +17,7 @@ rows differ only in the linears' activations):
 | a4-sorted | the same with the channels sorted by calibrated max magnitude, so that blocks hold channels of similar range (FMPQ's permutation, with no 8-bit block) |
 | fmpq-F | sorted, the first F of the blocks (the largest channels) int8 [-127, 127], the rest int4 |
 | budget-F | sorted, F of all blocks int8, spent where int4 costs the most output error (`compiler/fmpq.py`'s `allocate_blocks`: a linear's share may be 0 or all of its blocks) |
+| budget-rel-F | the same, the error of each linear relative to its output's energy |
 
 The sort is FMPQ's channel permutation: in the compiled graph it is folded into the producers
 (RMSNorm gains and the rows of the previous projection), so it costs nothing at run time; in
@@ -120,16 +121,18 @@ class _Record(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def budget_plans(fraction: float, absmax, inputs, weights, block: int, kinds) -> dict:
+def budget_plans(fraction: float, absmax, inputs, weights, block: int, kinds,
+                 relative: bool = False) -> dict:
     """budget-F: every chosen linear's channels sorted by magnitude, F of all their blocks
-    int8, allocated by output error (compiler/fmpq.py)."""
+    int8, allocated by output error (compiler/fmpq.py); budget-rel-F: by relative output
+    error (each linear's error over its output's energy)."""
     from qcompile.compiler.fmpq import allocate_blocks, block_errors, channel_order
     orders, errors = {}, {}
     for name, amax in absmax.items():
         if name.rsplit(".", 1)[-1] in kinds:
             orders[name] = channel_order(amax)
             errors[name] = block_errors(inputs[name][:, orders[name]], block,
-                                        weights[name].float()[:, orders[name]])
+                                        weights[name].float()[:, orders[name]], relative)
     n8 = allocate_blocks(errors, fraction)
     return {name: Plan(orders[name], n8[name], block) if name in orders else "a8"
             for name in absmax}
@@ -219,8 +222,9 @@ def main(argv=None) -> None:
             label = mode if not args.per_kind or mode in ("a16", "a8") \
                 else f"{mode} on {kinds[0]}"
             if mode.startswith("budget"):
-                frac = float(mode.split("-", 1)[1].rstrip("%")) / 100
-                plan = budget_plans(frac, absmax, inputs, weights, args.block, kinds)
+                frac = float(mode.rsplit("-", 1)[1].rstrip("%")) / 100
+                plan = budget_plans(frac, absmax, inputs, weights, args.block, kinds,
+                                    relative=mode.startswith("budget-rel"))
                 print(mode, "n8 per kind:", {k: sum(p.n8 for n, p in plan.items()
                                                     if isinstance(p, Plan) and n.endswith(k))
                                              for k in kinds}, flush=True)

@@ -48,13 +48,15 @@ def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x / s).round().clamp(-q, q) * s
 
 
-def block_errors(x: torch.Tensor, block: int, weight: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def block_errors(x: torch.Tensor, block: int, weight: torch.Tensor | None = None,
+                 relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared error of quantizing each block of `block` channels of x [tokens, K] (channels
     already in their order) per token in int4 and in int8: two [K / block] tensors, summed over
     tokens. `weight` [N, K] (the linear's, columns in the same order): each channel's error
     scaled by its column's squared norm, the error it puts into the output when channel errors
-    are uncorrelated, so that blocks of different linears compare."""
+    are uncorrelated, so that blocks of different linears compare. `relative` (with `weight`):
+    divided by the output's energy sum ||x W^T||^2, so that linears compete on their relative
+    output noise (a noise-to-signal ratio) rather than its absolute size."""
     t, k = x.shape
     if k % block:
         raise ValueError(f"FMPQ blocks of {block} channels do not divide K = {k}")
@@ -62,6 +64,11 @@ def block_errors(x: torch.Tensor, block: int, weight: torch.Tensor | None = None
     scale = 1.0 if weight is None else weight.float().pow(2).sum(0).reshape(k // block, block)
     err4 = ((_fake_quant(xb, 4) - xb).pow(2) * scale).sum(dim=(0, 2))
     err8 = ((_fake_quant(xb, 8) - xb).pow(2) * scale).sum(dim=(0, 2))
+    if relative:
+        if weight is None:
+            raise ValueError("relative block errors need the linear's weight")
+        energy = (x.float() @ weight.float().T).pow(2).sum().clamp_min(1e-30)
+        err4, err8 = err4 / energy, err8 / energy
     return err4, err8
 
 

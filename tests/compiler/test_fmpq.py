@@ -68,3 +68,14 @@ def test_block_errors_weigh_channels_by_their_columns():
     w[:, 64:] = 10.0  # the second block's channels feed ten times larger columns
     weighted = block_errors(x, 64, w)
     assert torch.allclose(weighted[0], plain[0] * torch.tensor([3.0, 300.0]), rtol=1e-5)
+
+
+def test_relative_block_errors_divide_by_the_output_energy():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(16, 64, generator=g), torch.randn(8, 64, generator=g)
+    e4, e8 = block_errors(x, 32, w)
+    r4, r8 = block_errors(x, 32, w, relative=True)
+    energy = (x @ w.T).pow(2).sum()
+    assert torch.allclose(r4 * energy, e4, rtol=1e-5) and torch.allclose(r8 * energy, e8, rtol=1e-5)
+    with pytest.raises(ValueError, match="need the linear's weight"):
+        block_errors(x, 32, relative=True)
