@@ -16,10 +16,13 @@ gathered at run time:
   together; whole q heads move with their kv heads): not built yet.
 
 How n8 is chosen (the paper fixes a fraction and does not say how): a global budget of 8-bit
-blocks (`fraction` of all blocks of the chosen linears) is spent greedily on the blocks where
-int4 activations cost the most squared error on the calibration tokens, relative to their
-int8 error (`allocate_blocks`). Sorted channels put the costly blocks first, so each linear's
-share is a prefix: its n8.
+blocks (`fraction` of all blocks of the chosen linears) is spent greedily on the blocks whose
+int4 -> int8 switch removes the most output error on the calibration tokens, each linear's
+error relative to its output's energy (`block_errors(..., weight, relative=True)`,
+`allocate_blocks`). Sorted channels put the costly blocks first, so each linear's share is a
+prefix: its n8. Simulated on SmolLM2 (bench/results/fmpq-sim-2026-12-07b.md), the relative
+rule beats the paper's uniform fraction on the worst held-out source (25% int8 blocks: 1.324x
+against 1.359x of W4A8's perplexity); absolute output error loses to both.
 
 Every function returns new dicts / tensors and leaves its inputs unchanged.
 """
