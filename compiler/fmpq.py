@@ -12,8 +12,11 @@ gathered at run time:
   (`rotate.rotate_residual(cfg, w, P)`: after QoQ's rotation R, the stream is x R P);
 * the SwiGLU output (the input of `w_down`): per layer, folded into w_gate_up's gate and up
   rows and w_down's columns (`permute_intermediate`);
-* the attention output (the input of `wo`) needs head-level moves (a head's channels stay
-  together; whole q heads move with their kv heads): not built yet.
+* the attention output (the input of `wo`): whole heads move (RoPE pairs a head's q / k
+  channels, so channels stay in their head): kv heads with their groups of q heads, and q heads
+  within a group, folded into the q / k / v rows of `wqkv` (and `bqkv`) and `wo`'s columns
+  (`head_order`, `permute_heads`). With blocks of head_dim channels (or a multiple), this
+  brings the loudest heads into the leading blocks.
 
 How n8 is chosen (the paper fixes a fraction and does not say how): a global budget of 8-bit
 blocks (`fraction` of all blocks of the chosen linears) is spent greedily on the blocks whose
@@ -35,7 +38,7 @@ from qcompile.models.config import ModelConfig
 from .rotate import rotate_residual
 
 __all__ = ["channel_order", "block_errors", "allocate_blocks", "permutation_matrix",
-           "permute_residual", "permute_intermediate"]
+           "permute_residual", "permute_intermediate", "head_order", "permute_heads"]
 
 
 def channel_order(magnitude: torch.Tensor) -> torch.Tensor:
@@ -124,4 +127,44 @@ def permute_intermediate(cfg: ModelConfig, weights: dict[str, torch.Tensor],
         out[f"layers.{i}.w_gate_up"] = gate_up[rows.to(gate_up.device)].clone()
         down = out[f"layers.{i}.w_down"]
         out[f"layers.{i}.w_down"] = down[:, perm.to(down.device)].clone()
+    return out
+
+
+def head_order(cfg: ModelConfig, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best head order the attention allows for wo's input, from its calibrated channel
+    magnitudes [num_heads * head_dim]: kv groups by their loudest channel, and within each
+    group its q heads likewise (all decreasing). Returns (kv_perm [num_kv_heads], q_perm
+    [num_heads]); q_perm keeps each group's heads together, in kv_perm's group order."""
+    group = cfg.num_heads // cfg.num_kv_heads
+    per_head = magnitude.float().reshape(cfg.num_heads, cfg.head_dim).amax(dim=1)
+    per_group = per_head.reshape(cfg.num_kv_heads, group).amax(dim=1)
+    kv_perm = channel_order(per_group)
+    q_perm = torch.cat([g * group + channel_order(per_head[g * group:(g + 1) * group])
+                        for g in kv_perm.tolist()])
+    return kv_perm, q_perm
+
+
+def permute_heads(cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                  perms: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Layer i's heads reordered by perms[i] = (kv_perm, q_perm) as `head_order` returns them:
+    q heads (rows of wq, columns of wo), kv heads (rows of wk and wv); q head j of the new
+    order must belong to the new kv head j // group, which head_order guarantees. Exact: the
+    same heads attend over the same keys, in another order."""
+    out = dict(weights)
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    group = hq // hkv
+    for i, (kv_perm, q_perm) in perms.items():
+        owners = q_perm.reshape(hkv, group) // group  # the kv head of each new q head
+        if not torch.equal(owners, kv_perm[:, None].expand(hkv, group)):
+            raise ValueError(f"layer {i}: q_perm does not keep each q head with its kv head "
+                             "in kv_perm's order")
+
+        def rows(perm, base):  # the rows of heads `perm` in a block of heads starting at base
+            return (base + perm[:, None] * d + torch.arange(d)).reshape(-1)
+        order = torch.cat([rows(q_perm, 0), rows(kv_perm, hq * d), rows(kv_perm, (hq + hkv) * d)])
+        for name in (f"layers.{i}.wqkv", f"layers.{i}.bqkv"):
+            if name in out:
+                out[name] = out[name][order.to(out[name].device)].clone()
+        wo = out[f"layers.{i}.wo"]
+        out[f"layers.{i}.wo"] = wo[:, rows(q_perm, 0).to(wo.device)].clone()
     return out

@@ -79,3 +79,29 @@ def test_relative_block_errors_divide_by_the_output_energy():
     assert torch.allclose(r4 * energy, e4, rtol=1e-5) and torch.allclose(r8 * energy, e8, rtol=1e-5)
     with pytest.raises(ValueError, match="need the linear's weight"):
         block_errors(x, 32, relative=True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: q / k / v biases
+def test_head_permutation_keeps_logits(make_tiny_checkpoint, model_type):
+    from qcompile.compiler.fmpq import head_order, permute_heads
+    ck = load_checkpoint(make_tiny_checkpoint(model_type))
+    cfg, w = ck.config, ck.weights
+    ref = logits(cfg, w)
+    g = torch.Generator().manual_seed(5)
+    perms = {}
+    for i in range(cfg.num_layers):
+        mag = torch.rand(cfg.num_heads * cfg.head_dim, generator=g)
+        kv_perm, q_perm = head_order(cfg, mag)
+        heads = mag.reshape(cfg.num_heads, cfg.head_dim).amax(1)[q_perm]
+        group = cfg.num_heads // cfg.num_kv_heads
+        assert (heads.reshape(-1, group).amax(1).diff() <= 0).all()  # loudest groups first
+        perms[i] = (kv_perm, q_perm)
+    moved = permute_heads(cfg, w, perms)
+    assert any(not torch.equal(moved[f"layers.{i}.wo"], w[f"layers.{i}.wo"])
+               for i in range(cfg.num_layers))
+    err = rel(logits(cfg, moved), ref)
+    assert err < 1e-5, f"the head permutation changed the logits: relative error {err:.2e}"
+    bad = torch.arange(cfg.num_heads).flip(0)
+    if cfg.num_kv_heads > 1:
+        with pytest.raises(ValueError, match="keep each q head"):
+            permute_heads(cfg, w, {0: (torch.arange(cfg.num_kv_heads), bad)})
