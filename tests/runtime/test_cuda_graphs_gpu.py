@@ -82,16 +82,23 @@ def test_graphs_give_the_eager_tokens_across_buckets(artifact):
 
 
 @pytest.mark.parametrize("compile", [True, "aot"], ids=["inductor", "aot"])
-def test_compiled_engine_gives_the_eager_tokens(artifact, compile, tmp_path, monkeypatch):
+def test_compiled_engine_with_graphs_and_overlap(artifact, compile, tmp_path, monkeypatch):
     """The program under torch.compile (one dynamic graph, padding rows, buckets from 2) and
-    under AOTInductor (a cached package), decode steps replayed from CUDA graphs and
-    overlapped, against eager steps without graphs: the same greedy tokens."""
+    under AOTInductor (a cached package): decode steps replayed from CUDA graphs and
+    overlapped give the tokens of the same program's plain eager steps; its logits are the
+    uncompiled program's to fp16 noise (as test_gpu_reference's Inductor test bounds them)."""
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
-    eager = _load(artifact, False)
-    fast = Engine.load(artifact, device="cuda", max_seqs=8, kv_cache_bytes=KV_BYTES,
-                       cuda_graphs=True, compile=compile, overlap=True)
-    assert fast.graphs is not None
-    assert _generate(fast) == _generate(eager)
+
+    def load(graphs, overlap, compile=compile):
+        return Engine.load(artifact, device="cuda", max_seqs=8, kv_cache_bytes=KV_BYTES,
+                           cuda_graphs=graphs, compile=compile, overlap=overlap)
+    fast, plain = load(True, True), load(False, False)
+    assert fast.graphs is not None and fast.compiled == compile
+    assert _generate(fast) == _generate(plain)
+    ids = [[3, 40, 9, 100, 17, 5, 6], [4, 47]]
+    for a, b in zip(load(False, False, compile=False).score(ids), fast.score(ids)):
+        rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        assert rel < 3e-3, f"{compile} vs uncompiled logits: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
