@@ -121,8 +121,10 @@ class Engine:
         the host's ~0.5 ms between steps: 1B shape, batch 64 on an H100, with Inductor, decode
         step 3.1 -> 2.6 ms, 9,381 -> 10,739 output tok/s, bench/results/gpu-h100-2026-12-07c.md).
 
-        `engine.load_times` holds the seconds of each phase (artifact, weights, capture: the
-        latter includes Inductor's compile, which runs on the first forward)."""
+        `engine.load_times` holds the seconds of each phase: artifact (checks and the program),
+        weights, setup (tokenizer, KV cache, kernels; AOTInductor's compile or the map of its
+        cached package), capture (the CUDA graphs; torch.compile's compile runs in their first
+        forward)."""
         from transformers import AutoTokenizer
         device = torch.device(device)
         if cuda_graphs and device.type != "cuda":
