@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import add_compile_args, compile_arg
+
 PEERS = ("hf", "hf-eager", "hf-static")
 
 
@@ -260,13 +262,8 @@ def parser():
                         "torch.compile) or hf (both); repeatable")
     p.add_argument("--hf", type=Path,
                    help="HF checkpoint folder of the peers (default: the artifact's source)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="no Inductor on the program's glue (default on cuda: compiled, its "
+    add_compile_args(p, "no Inductor on the program's glue (default on cuda: compiled, its "
                         "compile time part of the load, not of the measurement)")
-    p.add_argument("--aot", action="store_true",
-                   help="compile the glue with AOTInductor instead of torch.compile: once "
-                        "per program, torch and GPU into a cached package (later loads skip "
-                        "tracing)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="read each step's sampled ids before launching the next (default on "
                         "cuda: overlapped, the host's scheduling hidden behind the GPU's step)")
@@ -309,7 +306,7 @@ def _run(args) -> int:
     t_load = time.perf_counter()
     engine = Engine.load(args.artifact, device=device, kv_cache_bytes=kv, max_seqs=args.max_seqs,
                          max_batch_tokens=args.max_batch_tokens,
-                         compile="aot" if args.aot else None if args.compile else False,
+                         compile=compile_arg(args),
                          overlap=None if args.overlap else False,
                          cuda_graphs=None if device.type == "cuda" and not args.no_cuda_graphs
                          else False)

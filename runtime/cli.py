@@ -17,13 +17,22 @@ def _common(p: OneLineParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="cpu (the PyTorch reference ops, any artifact) or cuda[:N] (the "
                         "artifact's CUTLASS kernels; the GPU must match its --target)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="on cuda, no TorchInductor on the program's glue (default: compiled "
+    add_compile_args(p, "on cuda, no TorchInductor on the program's glue (default: compiled "
                         "once and cached on disk; the first load of an artifact takes minutes)")
+
+
+def add_compile_args(p, no_compile_help: str) -> None:
+    """--no-compile and --aot, shared by qrun, qeval, qbench and qserve (`compile_arg`)."""
+    p.add_argument("--no-compile", dest="compile", action="store_false", help=no_compile_help)
     p.add_argument("--aot", action="store_true",
                    help="compile the glue with AOTInductor instead of torch.compile: once "
                         "per program, torch and GPU into a cached package (later loads skip "
                         "tracing)")
+
+
+def compile_arg(args) -> bool | str | None:
+    """Engine.load's compile from --no-compile / --aot."""
+    return "aot" if args.aot else None if args.compile else False
 
 
 def _load(args, cuda_graphs: bool):
@@ -34,7 +43,7 @@ def _load(args, cuda_graphs: bool):
     from .engine import Engine
     return Engine.load(args.artifact, device=device,
                        cuda_graphs=None if cuda_graphs and device.type == "cuda" else False,
-                       compile="aot" if args.aot else None if args.compile else False)
+                       compile=compile_arg(args))
 
 
 def run_parser() -> OneLineParser:

@@ -131,7 +131,7 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not {device}")
         t0 = time.perf_counter()
         art = open_artifact(path, device)
-        if compile == "aot" and _aot_cached(art, device):
+        if compile == "aot" and _aot_package(art, device).is_file():
             program = None  # the cached package is the program: no need to read and check it
         else:
             program = load_program(art.path).module()
@@ -154,16 +154,13 @@ class Engine:
             raise ValueError(f"compile must be True, False, None or 'aot', not {compile!r}")
         if compile:
             _persistent_inductor_cache()
-        if compile is True:
-            program = _inductor(program)
         if overlap is None:
             overlap = device.type == "cuda"
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
                      kernels, overlap)
-        engine.compiled = compile
-        if compile is True:  # no dimension of one in a torch.compile'd step (see _layout)
-            engine.decode_buckets = tuple(sorted({max(b, 2) for b in engine.decode_buckets}))
-        if compile == "aot":
+        if compile is True:
+            engine._use_inductor(program)
+        elif compile == "aot":
             engine._use_aot(program)
         t3 = time.perf_counter()
         if device.type == "cuda" and cuda_graphs is not False:
@@ -171,6 +168,13 @@ class Engine:
         engine.load_times = {"artifact": t1 - t0, "weights": t2 - t1, "setup": t3 - t2,
                              "capture": time.perf_counter() - t3}
         return engine
+
+    def _use_inductor(self, program) -> None:
+        """torch.compile on `program` as this engine's program; no dimension of one in its
+        steps (decode buckets from 2, see _layout)."""
+        self.program = self.kernels.wrap(_inductor(program))
+        self.compiled = True
+        self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
 
     def _use_aot(self, program) -> None:
         """The AOTInductor runner as this engine's program (runtime/aot.py); if AOTInductor
@@ -183,14 +187,12 @@ class Engine:
         try:
             self.program = self.kernels.wrap(aot.load_or_compile(self.artifact, args,
                                                                  self.device))
+            self.compiled = "aot"
         except Exception as e:  # noqa: BLE001  (AOTInductor's failures are of any kind)
             warnings.warn(f"AOTInductor failed ({type(e).__name__}: {str(e)[:200]}); the "
                           "program's glue runs under torch.compile instead")
-            if program is None:
-                program = load_program(self.artifact.path).module()
-            self.program = self.kernels.wrap(_inductor(program))
-            self.compiled = True
-            self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
+            self._use_inductor(program if program is not None
+                               else load_program(self.artifact.path).module())
 
     def _capture(self, required: bool) -> None:
         try:
@@ -463,9 +465,9 @@ def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
         SamplingRows([], [], [], [], [])
 
 
-def _aot_cached(art, device: torch.device) -> bool:
+def _aot_package(art, device: torch.device) -> Path:
     from . import aot
-    return aot.package_path(art, device).is_file()
+    return aot.package_path(art, device)
 
 
 def _inductor(program):

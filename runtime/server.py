@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from .cli import add_compile_args, compile_arg
 from .detokenize import IncrementalDecoder
 from .engine import ContextLengthError
 from .sampler import SamplingParams
@@ -455,12 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-queued", type=int, default=1024,
                    help="requests waiting for admission before new ones get 429")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="on cuda, no TorchInductor on the program's glue (default: compiled)")
-    p.add_argument("--aot", action="store_true",
-                   help="compile the glue with AOTInductor instead of torch.compile: once "
-                        "per program, torch and GPU into a cached package (later loads skip "
-                        "tracing)")
+    add_compile_args(p, "on cuda, no TorchInductor on the program's glue (default: compiled)")
     args = p.parse_args(argv)
 
     def serve() -> int:
@@ -474,8 +470,7 @@ def main(argv=None) -> int:
         device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         kv = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
         engine = Engine.load(args.artifact, device=device, max_seqs=args.max_seqs,
-                             kv_cache_bytes=kv,
-                             compile="aot" if args.aot else None if args.compile else False)
+                             kv_cache_bytes=kv, compile=compile_arg(args))
         name = args.model_name or Path(args.artifact).resolve().name
         app = create_app(engine, name, max_queued=args.max_queued)
         print(f"qserve: {name} on http://{args.host}:{args.port}/v1 ({device}, loaded in "
