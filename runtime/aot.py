@@ -9,7 +9,7 @@ into a package (a shared library and its Triton / C++ kernels) under
 The qcompile ops stay calls through the dispatcher (AOTInductor's proxy executor), so the
 kernel tables and the reference fallbacks work as under torch.compile. The same graph edits as
 torch.compile's path: the activation quantizers left opaque are inlined as ATen
-(`_inline_act_quants`) and fp16 is rounded where eager rounds (`emulate_precision_casts`).
+(`compiled.inline_act_quants`) and fp16 is rounded where eager rounds (`emulate_precision_casts`).
 
 The runner reads no tensor created in inference mode (its custom-op calls bump version
 counters), so an engine on this path runs its device step under `torch.no_grad()`.
@@ -47,7 +47,7 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
     `example_args`: one call's inputs (shapes of any step; the batch dimensions stay
     symbolic)."""
     from .artifact import load_program
-    from .engine import _inline_act_quants
+    from .compiled import inline_act_quants
     path = package_path(art, device)
     if not path.is_file():
         t = time.perf_counter()
@@ -55,7 +55,7 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
             print(f"qcompile: compiling the program with AOTInductor for {device} (once; "
                   f"cached in {path.parent})", flush=True)
         ep = load_program(art.path)
-        _inline_act_quants(ep.graph_module)
+        inline_act_quants(ep.graph_module)
         ep.example_inputs = (tuple(example_args), {})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")

@@ -12,7 +12,6 @@ reads the sampled ids once per step.
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 import warnings
@@ -25,6 +24,7 @@ import torch
 import qcompile.runtime.ops  # noqa: F401  (registers the ops the program calls)
 from qcompile.compiler.capture import KVSpec
 
+from . import aot, compiled
 from .artifact import Artifact, ArtifactError, load_program, load_weights, open_artifact
 from .block_table import BlockTable
 from .cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
@@ -131,7 +131,7 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, not {device}")
         t0 = time.perf_counter()
         art = open_artifact(path, device)
-        if compile == "aot" and _aot_package(art, device).is_file():
+        if compile == "aot" and aot.package_path(art, device).is_file():
             program = None  # the cached package is the program: no need to read and check it
         else:
             program = load_program(art.path).module()
@@ -153,7 +153,7 @@ class Engine:
         if compile not in (True, False, "aot"):
             raise ValueError(f"compile must be True, False, None or 'aot', not {compile!r}")
         if compile:
-            _persistent_inductor_cache()
+            compiled.persistent_cache()
         if overlap is None:
             overlap = device.type == "cuda"
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
@@ -172,14 +172,13 @@ class Engine:
     def _use_inductor(self, program) -> None:
         """torch.compile on `program` as this engine's program; no dimension of one in its
         steps (decode buckets from 2, see _layout)."""
-        self.program = self.kernels.wrap(_inductor(program))
+        self.program = self.kernels.wrap(compiled.torch_compile(program))
         self.compiled = True
         self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
 
     def _use_aot(self, program) -> None:
         """The AOTInductor runner as this engine's program (runtime/aot.py); if AOTInductor
         fails, torch.compile instead, with a warning that says why."""
-        from . import aot
         x = self._stage_padding(2)
         tables = self.block_table.gather(x.rows, x.width)
         args = (*self.weights, x.tokens, x.positions, self.cache.tensor, tables, x.ctx_lens,
@@ -463,59 +462,6 @@ def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:
             for r in reqs]
     return SamplingRows(*(list(col) for col in zip(*rows))) if rows else \
         SamplingRows([], [], [], [], [])
-
-
-def _aot_package(art, device: torch.device) -> Path:
-    from . import aot
-    return aot.package_path(art, device)
-
-
-def _inductor(program):
-    """The program under torch.compile, one graph for every step shape: dynamic shapes without
-    duck sizing, which equated the step inputs' storage offsets in the staging buffer with
-    unrelated sizes and recompiled per decode bucket (six ~30 s compiles of the 1B shape on an
-    H100). A dimension of one would still specialise a graph of its own (0/1 specialisation),
-    so compiled steps never have one (`Engine._layout` adds a padding row; decode buckets start
-    at 2). Size-oblivious reasoning (`backed_size_oblivious`) avoids that too but made the
-    compile itself over 5x slower on the CPU. Rounding to the activation dtype where eager does
-    (before quantization), so that the compiled program produces the reference ops' int8
-    codes."""
-    from torch.fx.experimental import _config as fx_config
-    _inline_act_quants(program)
-    compiled = torch.compile(program, dynamic=True, options={"emulate_precision_casts": True})
-
-    def run(*args):
-        with fx_config.patch(use_duck_shape=False):
-            return compiled(*args)
-    return run
-
-
-def _inline_act_quants(gm: torch.fx.GraphModule) -> int:
-    """Call each activation quantizer's ATen reference where the graph still calls its opaque
-    op (the compiler's fusion passes inline it after RMSNorm and SiLU*Mul; the attention
-    output, wo's input, keeps the op), so that Inductor fuses it into one kernel: eager, it is
-    ~9 ATen kernels a layer (abs, max, div, round, clamp, casts, sum; ~0.25 ms of a 1B decode
-    step on an H100). The same maths, so the same codes. Returns the number of calls inlined."""
-    from qcompile.compiler.schemes import ACT_QUANTS
-    refs = {act.op: act.reference for act in ACT_QUANTS}
-    n = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in refs:
-            node.target = refs[node.target]
-            n += 1
-    if n:
-        gm.recompile()
-    return n
-
-
-def _persistent_inductor_cache() -> None:
-    """Inductor's caches (compiled graphs, autotuning) under qcompile's cache folder unless
-    TORCHINDUCTOR_CACHE_DIR is set: its default is under /tmp, which a reboot clears, and a
-    warm load should find the compiled glue of its last run (issue 13: load to first token
-    in seconds when warm)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from qcompile.models.default_model import cache_dir
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 def _num_blocks(spec: KVSpec, device: torch.device, kv_bytes: int | None, art: Artifact) -> int:

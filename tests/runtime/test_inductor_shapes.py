@@ -40,7 +40,7 @@ def test_wo_input_quantizer_inlined_for_inductor(make_tiny_checkpoint, tmp_path)
     import torch
 
     from qcompile.runtime.artifact import load_program
-    from qcompile.runtime.engine import _inline_act_quants
+    from qcompile.runtime.compiled import inline_act_quants
     cfg = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip",
                         quantizer="rtn")
     art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
@@ -49,4 +49,4 @@ def test_wo_input_quantizer_inlined_for_inductor(make_tiny_checkpoint, tmp_path)
     calls = lambda: sum(n.target is op for n in gm.graph.nodes)  # noqa: E731
     layers = 2
     assert calls() == layers  # one per layer: wo's input
-    assert _inline_act_quants(gm) == layers and calls() == 0
+    assert inline_act_quants(gm) == layers and calls() == 0
