@@ -59,7 +59,7 @@ def quant_blocks(x: torch.Tensor, n8: int, block: int) -> torch.Tensor:
     """x [T, K] fake-quantized as FMPQ quantizes it (runtime/ops/quant.py's quant_a4x): per
     token and block of `block` channels, symmetric, the first n8 blocks 8-bit, the rest 4-bit."""
     t, k = x.shape
-    xq, s = quant_a4x_ref(x, n8, block)
+    xq, s, _ = quant_a4x_ref(x, n8, block)
     return (xq.float().reshape(t, k // block, block) * s[..., None]).reshape(t, k).to(x.dtype)
 
 

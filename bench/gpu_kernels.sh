@@ -3,7 +3,8 @@
 # build/wheels), build the GEMM and attention kernels for this GPU with its 16 cores, run the
 # GPU suite and the benchmarks; logs, tables and plots go to $OUT.
 #   BENCH="gemm attention" (default both; "" for none), BENCH_ARGS / ATTN_ARGS / PYTEST_ARGS,
-#   ONLY=gemm|attention builds one family
+#   ONLY=gemm|attention builds one family, SASS=GLOB dumps the SASS of the built binaries whose
+#   file names match GLOB (e.g. '*attn_int4*') to $OUT/sass_*.txt (no cuobjdump off the device)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -18,6 +19,12 @@ python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/install.lo
 python bench/build_kernels.py --target "$target" --out "$QCOMPILE_KERNEL_DIR" --jobs 16 ${ONLY:+--only $ONLY} \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 tail -1 "$OUT/build.log"
+if [ -n "${SASS:-}" ] && command -v cuobjdump > /dev/null; then
+  for f in "$QCOMPILE_KERNEL_DIR"/$SASS; do
+    [ -f "$f" ] && cuobjdump -sass "$f" > "$OUT/sass_$(basename "$f").txt" 2>&1
+  done
+  ls "$OUT"/sass_* 2> /dev/null | head -3
+fi
 python -m pytest -m gpu -q -rs --durations=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 for b in ${BENCH-gemm attention}; do
   case $b in

@@ -189,7 +189,7 @@ def row_errors(w: torch.Tensor, x: torch.Tensor, scheme: QuantScheme,
     on 2 cores)."""
     w = w.float()
     x = x.to(device=w.device, dtype=torch.float32)
-    codes, s_x = _act_codes(x, scheme.act_bits)
+    codes, s_x = _act_codes(x, scheme.search_act_bits)
     xq_err = codes * s_x - x  # Q_a(X) - X
     codes = codes.to(torch.bfloat16)
     rt = _ratios(ratios)

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .schemes import (FP8, SCHEMES, SPECS, W4A8, W4A8_G64, W4A8_G128,  # noqa: F401
+from .schemes import (FP8, SCHEMES, SPECS, W4A4, W4A8, W4A8_G64, W4A8_G128,  # noqa: F401
                       W4A16_G128, W8A8, QuantScheme)
 
 # --precision value -> weight/activation scheme (None: keep floating-point linears).
 PRECISIONS: dict[str, QuantScheme | None] = {s.precision: s.scheme for s in SCHEMES}
 TARGETS = {"sm80": (8, 0), "sm90": (9, 0)}
 KV_FORMATS = ("fp16", "int4")
-QOQ_STEPS = ("rotate", "smooth_attention", "smoothquant", "smooth", "reorder", "clip", "gptq")
+QOQ_STEPS = ("rotate", "smooth_attention", "smoothquant", "smooth", "fmpq", "reorder", "clip",
+             "gptq")
 # --quantizer auto: the best recipe measured per precision (KV4 perplexity of SmolLM2 at
 # --dtype float32, bench/results/accuracy-smollm2-2026-11-21c.md: W8A8 SmoothQuant 15.05
 # against RTN 15.29; W4A8 QoQ 16.01 against RTN 28.85). `reorder` only acts on group schemes.
@@ -30,6 +31,8 @@ QOQ_RECIPES: dict[str, str] = {
     "w4a8": "rotate,smooth,clip,gptq",
     "w4a8-g128": "rotate,smooth,reorder,clip,gptq",
     "w4a8-g64": "rotate,smooth,reorder,clip,gptq",
+    # COMET's W4A4: QoQ's W4A8 recipe with FMPQ's channel permutations and 8-bit blocks
+    "w4a4": "rotate,smooth,fmpq,clip,gptq",
 }
 QOQ_FALLBACK_STEPS = "rotate,smooth,reorder,clip,gptq"  # --quantizer qoq where no recipe is
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -71,7 +74,8 @@ class CompileConfig:
                             "0 takes the model's max_position_embeddings", default=0)
     quantizer: str = _opt("auto: each precision's best measured recipe (config.QOQ_RECIPES): "
                           "w8a8 SmoothQuant (qoq, steps smoothquant), w4a8 / w4a8-g128 / "
-                          "w4a8-g64 QoQ (qoq, steps rotate,smooth[,reorder],clip,gptq), rtn for "
+                          "w4a8-g64 QoQ (qoq, steps rotate,smooth[,reorder],clip,gptq), w4a4 "
+                          "QoQ with FMPQ (rotate,smooth,fmpq,clip,gptq), rtn for "
                           "fp16, w4a16-g128 and fp8 (no measured QoQ recipe; QoQ does not "
                           "apply to fp8); resolved when the config is made, so the manifest "
                           "stores what ran. rtn: "
@@ -83,7 +87,8 @@ class CompileConfig:
                           "QOQ_RECIPES (see --quantizer), none with rtn. "
                           "rotate: Hadamard rotation of the residual stream; smooth: "
                           "smoothing of the o_proj/down_proj inputs; reorder: channel "
-                          "reordering (group schemes only); clip: clipping ratio search; "
+                          "reordering (group schemes only); fmpq: COMET's channel permutations "
+                          "and 8-bit activation blocks (w4a4 only); clip: clipping ratio search; "
                           "gptq: GPTQ's rounding; smoothquant: SmoothQuant's smoothing of the "
                           "RMSNorm-fed inputs (the W8A8 recipe); smooth_attention: "
                           "SmoothAttention, in no recipe (with --kv int4's key rotation it "
@@ -111,6 +116,11 @@ class CompileConfig:
                         "--target with nvcc and ship them; skip: ship none (every op runs its "
                         "PyTorch reference)",
                         ("build", "skip"), default="build")
+    fmpq_int8_fraction: float = _opt("w4a4 (the qoq step fmpq): the fraction of all the "
+                                     "decoder linears' 128-channel activation blocks kept in "
+                                     "int8, given where int4 costs the most relative output "
+                                     "error (compiler/fmpq.py; COMET keeps 8-16%%); without "
+                                     "fmpq every block is int4", default=0.25)
     quantize_lm_head: bool = _opt("also quantize the LM head (it stays in the activation dtype "
                                   "by default, as in QServe)", default=False)
 
@@ -137,6 +147,12 @@ class CompileConfig:
         if self.target not in spec.targets:
             raise ValueError(f"--precision {self.precision} needs --target "
                              f"{' or '.join(spec.targets)}, got --target {self.target}")
+        if "fmpq" in self.steps and self.scheme != W4A4:
+            raise ValueError(f"--qoq-steps fmpq chooses w4a4's activation blocks; --precision "
+                             f"{self.precision} has none")
+        if not 0.0 <= self.fmpq_int8_fraction <= 1.0:
+            raise ValueError(f"--fmpq-int8-fraction must be in [0, 1], got "
+                             f"{self.fmpq_int8_fraction}")
         if min(self.calib_samples, self.key_calib_samples) < 1 or self.calib_seq_len < 2:
             raise ValueError("--calib-samples and --key-calib-samples must be >= 1 and "
                              "--calib-seq-len >= 2")
@@ -187,4 +203,4 @@ class CompileConfig:
             raise ValueError(f"unknown compile options in artifact: {sorted(unknown)}")
         # artifacts older than an option were compiled without it
         return cls(**{"kv_rotation": "none", "kv_key_centering": "none", "gptq_order": "natural",
-                      **d})
+                      "fmpq_int8_fraction": 0.25, **d})

@@ -35,10 +35,14 @@ import torch
 
 from qcompile.models.config import ModelConfig
 
-from .rotate import rotate_residual
+from .rotate import _norm_names, fold_norms, rotate_residual
 
 __all__ = ["channel_order", "block_errors", "allocate_blocks", "permutation_matrix",
-           "permute_residual", "permute_intermediate", "head_order", "permute_heads"]
+           "permute_residual", "permute_intermediate", "head_order", "permute_heads",
+           "model_block", "apply_fmpq", "linear_args"]
+
+BLOCKS = (128, 64)  # COMET's 128 channels; 64 where a model's widths are not multiples of 128
+KINDS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
 def channel_order(magnitude: torch.Tensor) -> torch.Tensor:
@@ -168,3 +172,82 @@ def permute_heads(cfg: ModelConfig, weights: dict[str, torch.Tensor],
         wo = out[f"layers.{i}.wo"]
         out[f"layers.{i}.wo"] = wo[:, rows(q_perm, 0).to(wo.device)].clone()
     return out
+
+
+def model_block(cfg: ModelConfig) -> int:
+    """The activation block of a model: COMET's 128 channels when every decoder linear's input
+    width is a multiple of it, else 64 (SmolLM2-135M: hidden 576 = 9 x 64); one block size for
+    the whole model, so that the 8-bit budget counts equal blocks."""
+    widths = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size)
+    for block in BLOCKS:
+        if all(k % block == 0 for k in widths):
+            return block
+    raise ValueError(f"w4a4: the decoder linears' input widths {widths} are not multiples of "
+                     f"{' or '.join(map(str, BLOCKS))} channels (FMPQ's activation blocks)")
+
+
+def linear_args(cfg: ModelConfig, report: dict | None) -> dict[str, dict[str, int]]:
+    """swap_gemm's per-linear arguments of w4a4: every decoder linear's block, and its n8 from
+    the `fmpq` step's report (0, every block int4, when the step did not run)."""
+    block = model_block(cfg)
+    n8 = ((report or {}).get("fmpq") or {}).get("n8", {})
+    return {f"layers.{i}.{kind}": {"n8": int(n8.get(f"layers.{i}.{kind}", 0)), "block": block}
+            for i in range(cfg.num_layers) for kind in KINDS}
+
+
+def _head_rows(perm: torch.Tensor, d: int) -> torch.Tensor:
+    return (perm[:, None] * d + torch.arange(d)).reshape(-1)
+
+
+def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: torch.Tensor | None,
+               fraction: float) -> tuple[dict, object, torch.Tensor | None, dict]:
+    """QoQ's `fmpq` step (after smoothing, before clipping and GPTQ): permute channels so that
+    every decoder linear's loud input channels lead, fold the permutations into the weights,
+    and spend the 8-bit block budget. Returns (weights, the statistics of the permuted model,
+    its mean keys, report with "block", "n8" {linear: count} and "int8_fraction").
+
+    * residual stream (wqkv and w_gate_up inputs, one order for every layer): channels by their
+      largest magnitude over those linears, each linear's absmax divided by its median so that
+      every linear votes on the same scale (folded norms; `permute_residual`);
+    * SwiGLU output (w_down input): per layer by its absmax (`permute_intermediate`);
+    * attention output (wo input): whole heads per layer (`head_order`, `permute_heads`), and
+      the kv heads' mean keys with them (key centering reads them per head).
+    Then each linear's block errors on its calibration rows, relative to its output energy,
+    and `allocate_blocks` gives `fraction` of all blocks int8. Exact in float: the statistics
+    are the old ones permuted (`reorder.permute_stats`), no second forward."""
+    from .reorder import permute_stats
+    block, n_layers = model_block(cfg), cfg.num_layers
+    w = weights if all(bool((weights[n] == 1).all()) for n in _norm_names(cfg)) \
+        else fold_norms(cfg, weights)
+    readers = [f"layers.{i}.{k}" for i in range(n_layers) for k in ("wqkv", "w_gate_up")]
+    votes = torch.stack([stats.absmax[n].float().cpu()
+                         / stats.absmax[n].float().cpu().median().clamp_min(1e-12)
+                         for n in readers])
+    res = channel_order(votes.amax(dim=0))
+    w = permute_residual(cfg, w, res)
+    inter = {i: channel_order(stats.absmax[f"layers.{i}.w_down"].float().cpu())
+             for i in range(n_layers)}
+    w = permute_intermediate(cfg, w, inter)
+    heads = {i: head_order(cfg, stats.absmax[f"layers.{i}.wo"].float().cpu())
+             for i in range(n_layers)}
+    w = permute_heads(cfg, w, heads)
+    perms = {n: res for n in readers}
+    for i in range(n_layers):
+        perms[f"layers.{i}.w_down"] = inter[i]
+        perms[f"layers.{i}.wo"] = _head_rows(heads[i][1], cfg.head_dim)
+    st = permute_stats(stats, perms)
+    kv_rows = [_head_rows(heads[i][0], cfg.head_dim) for i in range(n_layers)]
+    st.key_absmax = [a[r.to(a.device)] for a, r in zip(st.key_absmax, kv_rows)]
+    st.key_sum = [a[r.to(a.device)] for a, r in zip(st.key_sum, kv_rows)]
+    if keys is not None:
+        keys = torch.stack([keys[i][kv_rows[i].to(keys.device)] for i in range(n_layers)])
+    errors = {}
+    for i in range(n_layers):
+        for kind in KINDS:
+            name = f"layers.{i}.{kind}"
+            errors[name] = block_errors(st.samples[name].float().cpu(), block,
+                                        w[name].float().cpu(), relative=True)
+    n8 = allocate_blocks(errors, fraction)
+    total = sum(e4.numel() for e4, _ in errors.values())
+    return w, st, keys, {"block": block, "int8_fraction": round(sum(n8.values()) / total, 4),
+                         "n8": n8}

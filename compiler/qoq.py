@@ -3,7 +3,8 @@
 Order: rotate (fold norms, randomized Hadamard on the residual stream and per head on v/o),
 SmoothAttention (key outliers into the queries), SmoothQuant's smoothing of the q/k/v and
 gate/up inputs into the RMSNorm gains (`smoothquant`, the W8A8 recipe), smoothing of the
-o_proj / down_proj inputs (alpha searched per layer), channel reordering (group schemes),
+o_proj / down_proj inputs (alpha searched per layer), COMET's FMPQ permutations and 8-bit
+activation blocks (`fmpq`, w4a4 only: compiler/fmpq.py), channel reordering (group schemes),
 clipping (ratio searched per row), and GPTQ (codes chosen with error feedback on the grid
 clipping defined). Which steps run is `CompileConfig.qoq_steps` (per precision,
 `config.QOQ_RECIPES`); SmoothAttention is in no recipe: with `--kv int4`'s per-head key
@@ -73,6 +74,10 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
     lap("calibrate")
     w, st, keys = _smooth(cfg, w, st, steps, scheme, report)
     lap("smooth")
+    if "fmpq" in steps:  # w4a4: permutations and 8-bit blocks (compiler/fmpq.py)
+        from .fmpq import apply_fmpq
+        w, st, keys, report["fmpq"] = apply_fmpq(cfg, w, st, keys, ccfg.fmpq_int8_fraction)
+        lap("fmpq")
     if "reorder" in steps and scheme.group_size:
         from .reorder import permute_stats, reorder_channels
         w, perms = reorder_channels(cfg, w, st, scheme)

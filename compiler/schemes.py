@@ -39,7 +39,7 @@ from qcompile.cutlass_templates.w4a16_layout import w4a16_layout
 from qcompile.cutlass_templates.w8a8_layout import W8A8_ROW_MAJOR
 from qcompile.runtime.ops import gemm
 from qcompile.runtime.ops.gemm_fp8 import gemm_fp8_ref
-from qcompile.runtime.ops.quant import quant_a8_ref, quant_fp8_ref
+from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref, quant_a8_ref, quant_fp8_ref
 
 from . import quantize as Q
 
@@ -53,6 +53,13 @@ class QuantScheme:
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
     codes: str = "int"
+
+    @property
+    def search_act_bits(self) -> int:
+        """The activation bits QoQ's searches (smooth, clip) score a weight with: act_bits,
+        except FMPQ's mixed 4/8-bit blocks (act_bits 4), which the `fmpq` step chooses after
+        smoothing: those searches see 8-bit activations."""
+        return 8 if self.act_bits == 4 else self.act_bits
 
     @property
     def name(self) -> str:
@@ -69,6 +76,9 @@ W4A8_G64 = QuantScheme(4, 8, 64, False)
 W4A16_G128 = QuantScheme(4, 16, 128, False)
 # FP8 baseline: e4m3 weights per output channel, e4m3 activations per token.
 FP8 = QuantScheme(8, 8, None, True, codes="e4m3")
+# COMET's W4A4KV4 (FMPQ): per-channel W4A8's weights, activations in per-token blocks of 128
+# channels, the leading n8 blocks of each linear int8 and the rest int4.
+W4A4 = QuantScheme(4, 4, None, False)
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,16 @@ class ActQuant:
     op: torch._ops.OpOverload
     reference: Callable
     outputs: int
+    # per-linear arguments after x (`SchemeSpec.linear_args` names them): a quantizer with
+    # some is not matched by the fusion passes (a pattern would bake their values in); the
+    # runtime inlines its reference under Inductor all the same (runtime/compiled.py)
+    takes_args: bool = False
 
 
 A8 = ActQuant("a8", torch.ops.qcompile.quant_a8.default, quant_a8_ref, 3)  # x_q, s_x, sum x_q
 E4M3 = ActQuant("e4m3", torch.ops.qcompile.quant_fp8.default, quant_fp8_ref, 2)  # x_q, s_x
+# x_q, s_x per block, t = the dequantized row sum; args (n8, block)
+A4X = ActQuant("a4x", torch.ops.qcompile.quant_a4x.default, quant_a4x_ref, 3, takes_args=True)
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,8 @@ class SchemeSpec:
     """One `--precision`. The GEMM op is called as `op(*act, *buffers, bias, n, *extra,
     out_dtype)`: act = the first `act.outputs` values of `act.op(x)` (without the per-token sum
     unless `uses_sum`), or x itself when `act` is None (weight-only); buffers = `pack`'s
-    values, in order; extra = the scheme's fields named by `static_args`."""
+    values, in order; extra = the linear's `linear_args` values, then the scheme's fields
+    named by `static_args`."""
     precision: str
     scheme: QuantScheme | None = None           # None: the linears stay floating point
     weights: type | None = None                 # container `quantize` returns
@@ -112,6 +129,9 @@ class SchemeSpec:
     act: ActQuant | None = None                 # None: the op reads x (weight-only)
     uses_sum: bool = False                      # the op reads act's per-token sum
     static_args: tuple[str, ...] = ()           # QuantScheme fields passed after n
+    # per-linear arguments, (name, default): passed to the activation quantizer after x and
+    # to the GEMM after n, from the compile's per-linear table (FMPQ's n8) or the default
+    linear_args: tuple[tuple[str, int], ...] = ()
     # None: no CUTLASS kernel; the op's own CUDA implementation (fp8: torch._scaled_mm) or
     # its reference runs on every device
     kernel: GemmKernel | None = None
@@ -121,6 +141,10 @@ class SchemeSpec:
     @property
     def extra(self) -> tuple:
         return tuple(getattr(self.scheme, name) for name in self.static_args)
+
+    @property
+    def default_linear_args(self) -> tuple:
+        return tuple(default for _, default in self.linear_args)
 
     @property
     def kernel_group(self) -> int | None:
@@ -186,6 +210,11 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                lambda w: Q.quantize_w4_group_fp(w, 128), w4a16_layout(128), _pack_w4a16,
                torch.ops.qcompile.gemm_w4a16.default, gemm.gemm_w4a16_ref,
                static_args=("group_size",)),
+    # COMET's W4Ax on per-channel W4A8's weights (the same quantizer, layout and QoQ grid);
+    # its kernels are issue 15's next step: until then the reference runs on every device
+    SchemeSpec("w4a4", W4A4, Q.W4Weights, Q.quantize_w4_per_channel, W4A8_PER_CHANNEL,
+               _pack_w4, torch.ops.qcompile.gemm_w4a4x.default, gemm.gemm_w4a4x_ref, A4X,
+               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK))),
     # no CUTLASS kernel: torch._scaled_mm (cuBLASLt) is the CUDA implementation, and e4m3
     # tensor cores start with sm89, so of the targets only sm90; QoQ searches integer grids
     SchemeSpec("fp8", FP8, Q.FP8Weights, Q.quantize_fp8, FP8_ROW_MAJOR, _pack_per_channel,

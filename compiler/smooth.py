@@ -114,7 +114,8 @@ def quantized_output_error(samples: torch.Tensor, w: torch.Tensor, s: torch.Tens
     s = s.float().to(w.device)
     x = samples.float().to(w.device)
     ref = x @ w.T if ref is None else ref
-    got = fake_quant_act(x / s, scheme.act_bits) @ fake_quant_weight(w * s[None, :], scheme).T
+    got = (fake_quant_act(x / s, scheme.search_act_bits)
+           @ fake_quant_weight(w * s[None, :], scheme).T)
     return float((ref - got).pow_(2).sum(dtype=torch.float64))
 
 

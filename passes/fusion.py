@@ -49,9 +49,12 @@ def arities(act: ActQuant) -> tuple[int, ...]:
 
 def apply_per_quantizer(graph: fx.Graph, make_pass) -> int:
     """Apply make_pass(act) (cached by the caller) for every activation quantizer whose op
-    the graph calls; the number of matches."""
+    the graph calls; the number of matches. Quantizers with per-linear arguments (FMPQ's n8)
+    are left as ops: a pattern traces its arguments' values in, and Inductor fuses their
+    reference all the same (runtime/compiled.py's inline_act_quants)."""
     present = {n.target for n in graph.nodes if n.op == "call_function"}
-    return sum(make_pass(act).apply(graph) for act in ACT_QUANTS if act.op in present)
+    return sum(make_pass(act).apply(graph) for act in ACT_QUANTS
+               if act.op in present and not act.takes_args)
 
 
 def _first(fn, n: int):

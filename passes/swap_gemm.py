@@ -7,7 +7,10 @@ activation quantization of the scheme (`qcompile::quant_a8(x)`, ...) per distinc
 placed right after x's producer (q/k/v sharing a norm share one quantization; weight-only
 schemes read x itself), and the GEMM op of the scheme with W quantized by round-to-nearest and
 packed in the kernel layout (new weight placeholders `<W>_q`, `<W>_s`, ...), as the scheme's
-row in compiler/schemes.py says. `quantized` gives integer weights
+row in compiler/schemes.py says. A scheme with per-linear arguments (w4a4's FMPQ: how many
+8-bit activation blocks) takes each linear's from `linear_args` (canonical name -> {arg:
+value}, the `fmpq` step's table) or the row's default, and passes them to its activation
+quantizer and its GEMM. `quantized` gives integer weights
 chosen earlier (GPTQ), keyed by canonical weight name: those are packed as they are, since
 RTN of their dequantized values recomputes the scales and need not give the same codes back.
 Node walking, not a pattern: the replacement creates weight placeholders, which a pattern
@@ -71,23 +74,38 @@ def _linears(lowering: Lowering, include_head: bool):
         yield node, w
 
 
-def _quantize_input(lowering: Lowering, x: fx.Node, spec: SchemeSpec, memo: dict) -> tuple:
-    if x not in memo:
+def _quantize_input(lowering: Lowering, x: fx.Node, spec: SchemeSpec, memo: dict,
+                    args: tuple = ()) -> tuple:
+    key = (x, args)
+    if key not in memo:
         with lowering.gm.graph.inserting_after(x):
-            q = lowering.call(spec.act.op, (x,))
+            q = lowering.call(spec.act.op, (x, *args))
         with lowering.gm.graph.inserting_after(q):
-            memo[x] = tuple(lowering.call(operator.getitem, (q, i))
-                            for i in range(spec.act.outputs))
-    return memo[x]
+            memo[key] = tuple(lowering.call(operator.getitem, (q, i))
+                              for i in range(spec.act.outputs))
+    return memo[key]
 
 
-def _activation_args(lowering: Lowering, x: fx.Node, spec: SchemeSpec, memo: dict) -> tuple:
+def _activation_args(lowering: Lowering, x: fx.Node, spec: SchemeSpec, memo: dict,
+                     args: tuple = ()) -> tuple:
     """The GEMM's activation operands: x itself for weight-only schemes, else
-    (x_q, s_x[, sum x_q]) of x's one activation quantization."""
+    (x_q, s_x[, sum x_q]) of x's one activation quantization (with the linear's arguments:
+    linears that read one x with the same arguments share it)."""
     if spec.act is None:
         return (x,)
-    xq, sx, *xsum = _quantize_input(lowering, x, spec, memo)
+    xq, sx, *xsum = _quantize_input(lowering, x, spec, memo, args)
     return (xq, sx, *(xsum if spec.uses_sum else ()))
+
+
+def _linear_args(spec: SchemeSpec, name: str, table: dict) -> tuple:
+    """The linear's per-linear argument values, in the row's order (its table entry, else the
+    row's defaults)."""
+    given = table.get(name, {})
+    unknown = set(given) - {arg for arg, _ in spec.linear_args}
+    if unknown:
+        raise ValueError(f"swap_gemm: {name}: {spec.precision} takes no per-linear arguments "
+                         f"{sorted(unknown)}")
+    return tuple(int(given.get(arg, default)) for arg, default in spec.linear_args)
 
 
 def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, spec: SchemeSpec,
@@ -106,23 +124,26 @@ def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, spec: SchemeSpec
 
 
 def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = False,
-              quantized: dict | None = None) -> int:
+              quantized: dict | None = None, linear_args: dict | None = None) -> int:
     spec = spec_of(scheme)
     memo, count, quantized, used = {}, 0, quantized or {}, set()
+    linear_args, named = linear_args or {}, set()
     todo = list(_linears(lowering, include_head))
     for i in tqdm(range(len(todo)), desc=f"quantize + pack ({scheme.name})", unit="linear",
                   leave=False, disable=None):  # disable=None: only on a terminal
         (node, w), todo[i] = todo[i], None  # hold no float weight past its own packing
         x, wnode = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
-        xargs = _activation_args(lowering, x, spec, memo)
         name, qw = _given(lowering, wnode, w, spec, quantized)
+        largs = _linear_args(spec, name, linear_args)
+        named.add(name)
+        xargs = _activation_args(lowering, x, spec, memo, largs)
         packed = spec.pack_weight(w.detach(), qw)
         if qw is not None:
             used.add(name)
         wnodes = [lowering.add_weight(f"{wnode.name}_{k}", v) for k, v in packed.items()]
         out = node.meta["val"]
-        args = (*xargs, *wnodes, bias, w.shape[0], *spec.extra, out.dtype)
+        args = (*xargs, *wnodes, bias, w.shape[0], *largs, *spec.extra, out.dtype)
         with lowering.gm.graph.inserting_before(node):
             gemm = lowering.call(spec.op, args)
         node.replace_all_uses_with(gemm)
@@ -137,4 +158,7 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
     if set(quantized) - used:
         raise ValueError(f"swap_gemm: integer weights given for linears it did not swap: "
                          f"{sorted(set(quantized) - used)}")
+    if set(linear_args) - named:
+        raise ValueError(f"swap_gemm: per-linear arguments given for linears it did not swap: "
+                         f"{sorted(set(linear_args) - named)}")
     return count

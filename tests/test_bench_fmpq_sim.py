@@ -27,7 +27,7 @@ def test_blocks_are_quant_a4x_dequantized(sim):
     """The simulation quantizes exactly as the op the W4A4 GEMM will take."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 128, generator=g)
-    xq, s = quant_a4x_ref(x, 1, 64)
+    xq, s, _ = quant_a4x_ref(x, 1, 64)
     want = (xq.float().reshape(5, 2, 64) * s[..., None]).reshape(5, 128)
     assert torch.equal(sim.quant_blocks(x, 1, 64), want)
 

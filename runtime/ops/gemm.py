@@ -136,28 +136,36 @@ def gemm_w4a16(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tenso
     return gemm_w4a16_ref(x, w, s, z, bias, n, group_size, out_dtype)
 
 
-def gemm_w4a4x_ref(xq, sx, w, sw, bias, n: int, block: int,
+def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """COMET's W4Ax GEMM, the integer maths its kernels will do (issue 15): x_q [..., K] int8
-    codes of mixed 4/8-bit blocks with s_x [..., K / block] (`quant_a4x`), w [Np, K] int8
-    symmetric 4-bit codes in [-7, 7] per output channel, s_w [Np] float32 (unpacked: no kernel
-    layout yet). Each block's partial sum is exact in int32 (|sum| <= block * 127 * 7) and
-    scaled by its activation scale in the main loop: y = s_w sum_b s_x[b] (x_q[b] . w_q[b])."""
+    codes of mixed 4/8-bit blocks (the first n8 8-bit) with s_x [..., K / block] and the
+    dequantized row sum t [..., 1] (`quant_a4x`); the weights are per-channel W4A8's (QServe's
+    asymmetric UINT4, w = s (q - z), the same packed buffers: QoQ's rounding serves both).
+    Each block's partial sum is exact in int32 (|sum| <= block * 127 * 15) and scaled by its
+    activation scale in the main loop; the epilogue is W4A8's with t for s_x sum x_q:
+    y = s_w sum_b s_x[b] (x_q[b] . q[b]) - (z s_w) t. n8 picks the kernels' MMA per block (s4
+    or s8); here every block is the same int8 product."""
     lead, k = xq.shape[:-1], xq.shape[-1]
+    if k % block or not 0 <= n8 <= k // block:
+        raise ValueError(f"gemm_w4a4x: K = {k} must be a multiple of the block ({block}) and "
+                         f"n8 = {n8} within its {k // block} blocks")
     x2, s2 = xq.reshape(-1, k), sx.reshape(-1, k // block).float()
-    y = torch.zeros(x2.shape[0], w.shape[0], dtype=torch.float32, device=xq.device)
+    codes = _decoded(w, _w4_codes, n)
+    y = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=xq.device)
     for b in range(k // block):
         part = int_matmul(x2[:, b * block:(b + 1) * block].contiguous(),
-                          w[:, b * block:(b + 1) * block].contiguous())
+                          codes[:, b * block:(b + 1) * block].contiguous())
         y += s2[:, b:b + 1] * part.float()
-    return _finish(y * sw[None, :], bias, lead, n, out_dtype)
+    y = y * s[None, :n] - zs[None, :n] * xt.reshape(-1, 1).float()
+    return _finish(y, bias, lead, n, out_dtype)
 
 
 @torch.library.custom_op("qcompile::gemm_w4a4x", mutates_args=())
-def gemm_w4a4x(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
-               bias: torch.Tensor | None, n: int, block: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    return gemm_w4a4x_ref(xq, sx, w, sw, bias, n, block, out_dtype)
+def gemm_w4a4x(xq: torch.Tensor, sx: torch.Tensor, xt: torch.Tensor, w: torch.Tensor,
+               s: torch.Tensor, zs: torch.Tensor, bias: torch.Tensor | None, n: int, n8: int,
+               block: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n, n8, block, out_dtype)
 
 
 def _fake_out(xq, n, out_dtype):
@@ -172,4 +180,4 @@ gemm_w4a8_group.register_fake(
 gemm_w4a16.register_fake(
     lambda x, w, s, z, bias, n, group_size, out_dtype: _fake_out(x, n, out_dtype))
 gemm_w4a4x.register_fake(
-    lambda xq, sx, w, sw, bias, n, block, out_dtype: _fake_out(xq, n, out_dtype))
+    lambda xq, sx, xt, w, s, zs, bias, n, n8, block, out_dtype: _fake_out(xq, n, out_dtype))

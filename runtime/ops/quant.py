@@ -69,31 +69,37 @@ FMPQ_BLOCK = 128  # channels per activation block (COMET's FMPQ)
 
 
 def quant_a4x_ref(x: torch.Tensor, n8: int, block: int = FMPQ_BLOCK
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """COMET's FMPQ activations: x [..., K] float (K a multiple of `block`) -> (x_q [..., K]
-    int8, s_x [..., K / block] float32), symmetric per token and block of `block` channels;
-    the first `n8` blocks 8-bit (codes in [-127, 127]), the others 4-bit ([-7, 7]). The compiler
-    permutes each linear's input channels so that its outlier channels fill the leading blocks
-    (and folds the permutation into the producers), so "which blocks are 8-bit" is one count."""
+    int8, s_x [..., K / block] float32, t [..., 1] float32), symmetric per token and block of
+    `block` channels; the first `n8` blocks 8-bit (codes in [-127, 127]), the others 4-bit
+    ([-7, 7]). The compiler permutes each linear's input channels so that its outlier channels
+    fill the leading blocks (and folds the permutation into the producers), so "which blocks
+    are 8-bit" is one count. t = sum_b s_x[b] * sum_{k in b} x_q[k], the dequantized row sum:
+    the W4Ax GEMM's zero-point correction (QServe's asymmetric UINT4 weights, w = s (q - z),
+    so x . w = s sum_b s_x[b] (x_q[b] . q[b]) - s z t), as A8's per-token code sum is W4A8's."""
     k = x.shape[-1]
     if k % block or not 0 <= n8 <= k // block:
         raise ValueError(f"quant_a4x: K = {k} must be a multiple of the block ({block}) and "
                          f"n8 = {n8} within its {k // block} blocks")
     xb = x.float().reshape(*x.shape[:-1], k // block, block)
-    qmax = torch.full((k // block, 1), 7.0, device=x.device)
-    qmax[:n8] = 127.0
+    levels = torch.arange(k // block, device=x.device) < n8
+    qmax = (levels * 120.0 + 7.0)[:, None]  # 127 for the leading n8 blocks, else 7
     s = xb.abs().amax(dim=-1, keepdim=True) / qmax
     s = s + (s == 0)  # an all-zero block quantizes to zeros; see _nonzero
     xq = torch.clamp(torch.round(xb / s), -qmax, qmax).to(torch.int8)
-    return xq.reshape(x.shape), s.squeeze(-1)
+    t = (xq.sum(dim=-1, keepdim=True, dtype=torch.int32).float() * s).sum(dim=-2)
+    return xq.reshape(x.shape), s.squeeze(-1), t
 
 
 @torch.library.custom_op("qcompile::quant_a4x", mutates_args=())
-def quant_a4x(x: torch.Tensor, n8: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_a4x(x: torch.Tensor, n8: int, block: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return quant_a4x_ref(x, n8, block)
 
 
 @quant_a4x.register_fake
 def _(x, n8, block):
     return (x.new_empty(x.shape, dtype=torch.int8),
-            x.new_empty(x.shape[:-1] + (x.shape[-1] // block,), dtype=torch.float32))
+            x.new_empty(x.shape[:-1] + (x.shape[-1] // block,), dtype=torch.float32),
+            x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32))

@@ -11,7 +11,8 @@ import torch
 
 from qcompile.compiler.config import PRECISIONS
 from qcompile.compiler.schemes import (ACT_QUANTS, FP8, GEMM_OPS, GEMM_REFERENCES, QUANTIZED,
-                                       SCHEMES, SPECS, W4A8, W4A8_G64, W4A8_G128, W4A16_G128,
+                                       SCHEMES, SPECS, W4A4, W4A8, W4A8_G64, W4A8_G128,
+                                       W4A16_G128,
                                        W8A8, WITH_KERNELS, spec_of, spec_of_call)
 from qcompile.cutlass_templates import configs as C
 from qcompile.cutlass_templates.layouts import LAYOUTS
@@ -34,7 +35,9 @@ def test_row_has_every_part(spec):
     assert (spec.act is None) == (spec.scheme.act_bits >= 16)
     assert spec.act is None or spec.act in ACT_QUANTS
     names = [a.name for a in spec.op._schema.arguments]
-    assert names[-1] == "out_dtype" and names[names.index("n") + 1:-1] == list(spec.static_args)
+    after_n = [arg for arg, _ in spec.linear_args] + list(spec.static_args)
+    assert names[-1] == "out_dtype" and names[names.index("n") + 1:-1] == after_n
+    assert spec.act is None or spec.act.takes_args == bool(spec.linear_args)
     if spec.kernel is not None:
         for kind, template in ((spec.kernel.kind, spec.kernel.template), spec.kernel.sm90 or ()):
             assert (TEMPLATES / template).is_file() and C.ALL_KINDS[kind][0] == template
@@ -53,14 +56,17 @@ def test_parts_fit_together(spec):
     packed = spec.pack_weight(w)
     assert all(torch.equal(a, b) for a, b in zip(packed.values(),
                                                    spec.pack(spec, qw).values()))
-    act = spec.act.op(x)[:3 if spec.uses_sum else 2] if spec.act else (x,)
-    args = (*act, *packed.values(), None, n, *spec.extra, torch.float32)
+    largs = spec.default_linear_args
+    act = spec.act.op(x, *largs)[:3 if spec.uses_sum else 2] if spec.act else (x,)
+    args = (*act, *packed.values(), None, n, *largs, *spec.extra, torch.float32)
     names = [a.name for a in spec.op._schema.arguments]
     assert spec_of_call(spec.op, dict(zip(names, args))) is spec
     y = spec.op(*args)
     assert torch.equal(y, spec.reference(*args))
     # e4m3 keeps 3 significand bits (~2^-4 relative per operand): ~29 dB against int8's ~40
-    floor = 15 if spec.scheme.weight_bits == 4 else 24 if spec.scheme.codes == "e4m3" else 30
+    # 4-bit activations (w4a4 with no 8-bit block) another ~6 dB below 4-bit weights
+    floor = (9 if spec.scheme.act_bits == 4 else 15 if spec.scheme.weight_bits == 4
+             else 24 if spec.scheme.codes == "e4m3" else 30)
     assert _sqnr_db(x @ w.T, y) > floor
     # the container stands for the packed bytes: what is left is the activations' rounding
     assert _sqnr_db(x @ qw.dequantize().T, y) > floor + 3
@@ -68,7 +74,8 @@ def test_parts_fit_together(spec):
 
 def test_precisions_table():
     assert PRECISIONS == {"fp16": None, "w8a8": W8A8, "w4a8": W4A8, "w4a8-g128": W4A8_G128,
-                          "w4a8-g64": W4A8_G64, "w4a16-g128": W4A16_G128, "fp8": FP8}
+                          "w4a8-g64": W4A8_G64, "w4a16-g128": W4A16_G128, "w4a4": W4A4,
+                          "fp8": FP8}
     assert list(SPECS) == [s.precision for s in SCHEMES] and SPECS["fp16"].scheme is None
     assert [s.name for s in PRECISIONS.values() if s and s.codes == "int"] == \
         list(PRECISIONS)[1:-1]
@@ -82,15 +89,19 @@ def test_op_tables():
     assert GEMM_OPS == {W8A8: ops.gemm_w8a8.default, W4A8: ops.gemm_w4a8.default,
                         W4A8_G128: ops.gemm_w4a8_group.default,
                         W4A8_G64: ops.gemm_w4a8_group.default,
-                        W4A16_G128: ops.gemm_w4a16.default, FP8: ops.gemm_fp8.default}
+                        W4A16_G128: ops.gemm_w4a16.default, W4A4: ops.gemm_w4a4x.default,
+                        FP8: ops.gemm_fp8.default}
     assert GEMM_REFERENCES == {W8A8: gemm.gemm_w8a8_ref, W4A8: gemm.gemm_w4a8_ref,
                                W4A8_G128: gemm.gemm_w4a8_group_ref,
                                W4A8_G64: gemm.gemm_w4a8_group_ref,
-                               W4A16_G128: gemm.gemm_w4a16_ref, FP8: gemm_fp8.gemm_fp8_ref}
+                               W4A16_G128: gemm.gemm_w4a16_ref, W4A4: gemm.gemm_w4a4x_ref,
+                               FP8: gemm_fp8.gemm_fp8_ref}
     assert {s: (f.uses_sum, f.extra(s)) for s, f in GEMM_FORMATS.items()} == {
         W8A8: (False, ()), W4A8: (True, ()), W4A8_G128: (False, (128,)),
-        W4A8_G64: (False, (64,)), W4A16_G128: (False, (128,)), FP8: (False, ())}
-    assert [a.op for a in ACT_QUANTS] == [ops.quant_a8.default, ops.quant_fp8.default]
+        W4A8_G64: (False, (64,)), W4A16_G128: (False, (128,)), W4A4: (True, ()),
+        FP8: (False, ())}
+    assert [a.op for a in ACT_QUANTS] == [ops.quant_a8.default, ops.quant_a4x.default,
+                                          ops.quant_fp8.default]
 
 
 def test_layout_table():

@@ -284,12 +284,14 @@ def test_int_matmul_random_full_range():
 
 def test_quant_a4x_blocks_take_their_bits():
     """Per token and block of 128: the first n8 blocks symmetric 8-bit, the rest 4-bit, each
-    block's largest magnitude mapped to its top code; zero blocks give zero codes, no NaN."""
+    block's largest magnitude mapped to its top code; zero blocks give zero codes, no NaN; t is
+    the dequantized row sum sum_b s_x[b] sum_k x_q."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 512, generator=g, dtype=torch.float16)
     x[0, 0, 384:] = 0
-    xq, sx = torch.ops.qcompile.quant_a4x(x, 1, 128)
+    xq, sx, t = torch.ops.qcompile.quant_a4x(x, 1, 128)
     assert (xq.dtype, tuple(sx.shape), sx.dtype) == (torch.int8, (2, 3, 4), torch.float32)
+    assert (tuple(t.shape), t.dtype) == ((2, 3, 1), torch.float32)
     xf = x.float().reshape(2, 3, 4, 128)
     levels = torch.tensor([127.0, 7.0, 7.0, 7.0])
     s = xf.abs().amax(-1) / levels
@@ -299,33 +301,36 @@ def test_quant_a4x_blocks_take_their_bits():
     assert torch.equal(xq.reshape(2, 3, 4, 128).float(), want)
     assert xq.reshape(2, 3, 4, 128)[..., 1:, :].abs().max() == 7
     assert (xq[0, 0, 384:] == 0).all() and torch.isfinite(sx).all()
+    want_t = (want.double().sum(-1) * s.double()).sum(-1, keepdim=True)
+    assert torch.allclose(t.double(), want_t, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of the block"):
         torch.ops.qcompile.quant_a4x(torch.zeros(2, 100), 0, 128)
 
 
 def test_quant_a4x_fake_and_opcheck():
     with FakeTensorMode():
-        xq, sx = torch.ops.qcompile.quant_a4x(torch.empty(5, 256, dtype=torch.float16), 2, 128)
-        assert (xq.shape, xq.dtype, sx.shape) == ((5, 256), torch.int8, (5, 2))
+        xq, sx, t = torch.ops.qcompile.quant_a4x(torch.empty(5, 256, dtype=torch.float16), 2, 128)
+        assert (xq.shape, xq.dtype, sx.shape, t.shape) == ((5, 256), torch.int8, (5, 2), (5, 1))
     torch.library.opcheck(torch.ops.qcompile.quant_a4x.default, (torch.randn(3, 256), 1, 128))
 
 
 @pytest.mark.parametrize("n8", [0, 1, 4])
 def test_gemm_w4a4x_is_the_block_scaled_integer_sum(n8):
-    """y = s_w sum_b s_x[b] (x_q[b] . w_q[b]), against the dequantized product in float64 (the
-    integer partials are exact; the float32 block accumulation is the only rounding)."""
+    """y = s_w sum_b s_x[b] (x_q[b] . q[b]) - z s_w t on per-channel W4A8's packed weights,
+    against the dequantized product in float64 (the integer partials are exact; the float32
+    block accumulation and the correction are the only roundings)."""
     g = torch.Generator().manual_seed(n8)
-    m, k, n, np_ = 7, 512, 40, 64
+    m, k, n = 7, 512, 40
     x = torch.randn(m, k, generator=g)
-    xq, sx = torch.ops.qcompile.quant_a4x(x, n8, 128)
-    w = torch.randint(-7, 8, (np_, k), generator=g, dtype=torch.int8)
-    sw = torch.rand(np_, generator=g) / 10
+    xq, sx, t = torch.ops.qcompile.quant_a4x(x, n8, 128)
+    qw = quantize_weight(torch.randn(n, k, generator=g), W4A8)
+    packed = GEMM_FORMATS[W4A8].pack(None, W4A8, qw)
     bias = torch.randn(n, generator=g)
-    y = torch.ops.qcompile.gemm_w4a4x(xq, sx, w, sw, bias, n, 128, torch.float32)
+    args = (xq, sx, t, packed["q"], packed["s"], packed["zs"], bias, n, n8, 128, torch.float32)
+    y = torch.ops.qcompile.gemm_w4a4x(*args)
     xd = (xq.double().reshape(m, 4, 128) * sx.double()[..., None]).reshape(m, k)
-    want = xd @ (w.double() * sw.double()[:, None]).t()
-    want = want[:, :n] + bias.double()
+    wd = (qw.q.double() - qw.zero.double()[:, None]) * qw.scale.double()[:, None]
+    want = xd @ wd.t() + bias.double()
     assert y.shape == (m, n)
-    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(torch.ops.qcompile.gemm_w4a4x.default,
-                          (xq, sx, w, sw, bias, n, 128, torch.float32))
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-4)
+    torch.library.opcheck(torch.ops.qcompile.gemm_w4a4x.default, args)

@@ -1,0 +1,102 @@
+"""COMET's W4A4 (issue 15) compiled end to end on a tiny checkpoint: the `fmpq` step keeps the
+float model's function, its 8-bit block counts reach the program's quantizers and GEMMs, the
+artifact serves, and a round-to-nearest w4a4 has every block in int4."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from qcompile.compiler.compile import compile_model
+from qcompile.compiler.config import CompileConfig
+from qcompile.compiler.fmpq import linear_args, model_block
+from qcompile.compiler.qoq import apply_qoq
+from qcompile.models.config import ModelConfig
+from qcompile.models.loaders import load_checkpoint
+from qcompile.runtime.artifact import load_program
+from qcompile.runtime.engine import Engine
+
+from test_rotate import logits, rel  # the same logits oracle
+
+OPS = torch.ops.qcompile
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny_checkpoint):
+    # widths 64 / 128: FMPQ's 64-channel blocks (the default tiny's 96 divides by neither)
+    return make_tiny_checkpoint("llama", intermediate_size=128)
+
+
+def _calls(art, op):
+    return [n for n in load_program(art).graph_module.graph.nodes
+            if n.op == "call_function" and n.target == op]
+
+
+def test_fmpq_step_keeps_the_float_model(tiny):
+    """rotate + fmpq against rotate alone: the permutations are exact in float, so the
+    transformed weights give the same logits; the report's counts fill `fraction` of the
+    blocks, each within its linear."""
+    ckpt = load_checkpoint(tiny)
+    cfg = ckpt.config
+
+    def run(steps):
+        ccfg = CompileConfig(precision="w4a4", dtype="float32", quantizer="qoq", qoq_steps=steps,
+                             calib_samples=4, calib_seq_len=64, fmpq_int8_fraction=0.25,
+                             kernels="skip")
+        return apply_qoq(ckpt, ccfg, progress=False)
+
+    w_rot, _, keys_rot, _ = run("rotate,smooth")
+    w_fmpq, _, keys_fmpq, report = run("rotate,smooth,fmpq")
+    err = rel(logits(cfg, w_fmpq), logits(cfg, w_rot))
+    assert err < 1e-5, f"fmpq changed the float model's logits: relative error {err:.2e}"
+    assert not torch.equal(w_fmpq["layers.0.w_down"], w_rot["layers.0.w_down"])
+    fm = report["fmpq"]
+    assert fm["block"] == 64 and set(fm["n8"]) == {f"layers.{i}.{k}" for i in range(2)
+                                                   for k in ("wqkv", "wo", "w_gate_up",
+                                                             "w_down")}
+    blocks = {"wqkv": 1, "wo": 1, "w_gate_up": 1, "w_down": 2}  # 64 / 64 / 64 / 128 channels
+    assert all(0 <= n <= blocks[name.rsplit(".", 1)[1]] for name, n in fm["n8"].items())
+    assert sum(fm["n8"].values()) == round(0.25 * 2 * sum(blocks.values()))
+    # the kv heads moved with their keys: the same keys, in the new head order
+    assert torch.equal(keys_fmpq.sort(dim=1).values, keys_rot.sort(dim=1).values)
+
+
+def test_w4a4_compiles_and_serves(tiny, tmp_path):
+    cfg = CompileConfig(precision="w4a4", kv="int4", dtype="float32", calib_samples=4,
+                        calib_seq_len=64, fmpq_int8_fraction=0.5, kernels="skip")
+    assert cfg.quantizer == "qoq" and "fmpq" in cfg.steps  # the default recipe
+    art = compile_model(tiny, cfg, tmp_path / "art", progress=False)
+    n8 = json.loads((art / "manifest.json").read_text())["qoq"]["fmpq"]["n8"]
+    quants, gemms = _calls(art, OPS.quant_a4x.default), _calls(art, OPS.gemm_w4a4x.default)
+    assert len(gemms) == 8 and len(quants) == 8  # every decoder linear has its own input
+    # each GEMM's (n8, block) is its quantizer's, and together they are the report's counts
+    assert Counter(g.args[8] for g in gemms) == Counter(n8.values())
+    for g in gemms:
+        assert g.args[0].args[0].args[1:] == (g.args[8], g.args[9]) and g.args[9] == 64
+    out = Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0]
+    assert len(out.token_ids) == 4
+
+
+def test_rtn_w4a4_is_all_int4(tiny, tmp_path):
+    cfg = CompileConfig(precision="w4a4", kv="fp16", dtype="float32", quantizer="rtn",
+                        kernels="skip")
+    art = compile_model(tiny, cfg, tmp_path / "art", progress=False)
+    assert {q.args[1:] for q in _calls(art, OPS.quant_a4x.default)} == {(0, 64)}
+    assert Engine.load(art).generate(["the quick brown fox"], max_new_tokens=2)[0].token_ids
+
+
+def test_blocks_and_arguments():
+    common = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=5e5,
+                  max_position_embeddings=8192)
+    llama8b = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_layers=2, num_heads=32, num_kv_heads=8, head_dim=128, **common)
+    assert model_block(llama8b) == 128
+    args = linear_args(llama8b, {"fmpq": {"n8": {"layers.1.wo": 3}}})
+    assert args["layers.1.wo"] == {"n8": 3, "block": 128}
+    assert args["layers.0.wqkv"] == {"n8": 0, "block": 128}
+    odd = ModelConfig(vocab_size=10, hidden_size=96, intermediate_size=128, num_layers=1,
+                      num_heads=2, num_kv_heads=2, head_dim=48, **common)
+    with pytest.raises(ValueError, match="not multiples of 128 or 64"):
+        model_block(odd)
+    with pytest.raises(ValueError, match="fmpq chooses w4a4"):
+        CompileConfig(precision="w4a8", quantizer="qoq", qoq_steps="rotate,fmpq")
