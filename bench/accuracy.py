@@ -88,7 +88,18 @@ def main_rows() -> list[Row]:
         Row("W4A8 QoQ per-channel", qoq("w4a8")),
         Row("W4A8 QoQ g128", qoq("w4a8-g128")),
         Row("W4A8 QoQ g64", qoq("w4a8-g64")),
+        Row("W4A4 FMPQ", qoq("w4a4")),
     ]
+
+
+def fmpq_rows() -> list[Row]:
+    """COMET's W4A4 (issue 15), KV4: the share of 8-bit activation blocks from none (every
+    block int4, channels still permuted) to all (W4A8 with per-block scales), and round to
+    nearest with every block int4 (no calibration, no permutation)."""
+    table = "FMPQ W4A4 KV4, int8 block share"
+    return ([Row(f"{table}: RTN, all int4", rtn("w4a4"), ("int4",), table)]
+            + [Row(f"{table}: {f:.1%}", qoq("w4a4", fmpq_int8_fraction=f), ("int4",), table)
+               for f in (0.0, 0.125, 0.5, 1.0)])
 
 
 def calibration_rows() -> list[Row]:
@@ -131,7 +142,7 @@ def ablation(precision: str, label: str) -> list[Row]:
 
 
 def all_rows() -> list[Row]:
-    return (main_rows() + calibration_rows() + kv_ablation()
+    return (main_rows() + fmpq_rows() + calibration_rows() + kv_ablation()
             + ablation("w4a8", "W4A8 per-channel KV4") + ablation("w4a8-g64", "W4A8 g64 KV4"))
 
 
