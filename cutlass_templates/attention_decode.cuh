@@ -128,13 +128,18 @@ __device__ __forceinline__ void softmax_pv_t(KtState& st, const uint8_t* stage, 
     base[c] = m_new == NEG_INF ? 0.f : m_new;
     alpha[c] = exp2f(st.m[c] - base[c]);
     st.m[c] = m_new;
-    st.l[c] *= alpha[c];
-    st.pm[c] *= alpha[c];
   }
+  if (rescales(alpha)) {
 #pragma unroll
-  for (int mt = 0; mt < KT_MT; ++mt)
+    for (int c = 0; c < 2; ++c) {
+      st.l[c] *= alpha[c];
+      st.pm[c] *= alpha[c];
+    }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) st.o[mt][e] *= alpha[e & 1];
+    for (int mt = 0; mt < KT_MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st.o[mt][e] *= alpha[e & 1];
+  }
   // P^T (V scales folded in) -> B fragments: keys 2q, 2q+1 (b0) and 2q+8, 2q+9 (b1) of row g
   uint32_t pk[2];
 #pragma unroll

@@ -243,6 +243,14 @@ __device__ __forceinline__ void qk(const RowState& st, const uint8_t* sk, int k0
   }
 }
 
+// Whether any row of the warp must rescale its running sums and O by alpha: exp2f(0) is exactly
+// 1 when a row's max did not grow, and x * 1 == x, so skipping then changes no bit. Once the
+// maxima settle (after the first tiles of a long context) most tiles skip the NTILES * 4
+// multiplies (a third of the int4 decode's non-MMA arithmetic) for one warp vote.
+__device__ __forceinline__ bool rescales(const float (&alpha)[2]) {
+  return __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
+}
+
 // int4 (scale, min) of two adjacent keys (fp16 pairs in the stage) as floats.
 __device__ __forceinline__ void key_params(const uint8_t* at, float (&scale)[2],
                                            float (&mn)[2]) {
@@ -285,13 +293,18 @@ __device__ __forceinline__ void softmax_p(RowState& st, const uint8_t* stage, in
     base[r] = m_new == NEG_INF ? 0.f : m_new;
     alpha[r] = exp2f(st.m[r] - base[r]);
     st.m[r] = m_new;
-    st.l[r] *= alpha[r];
-    st.pm[r] *= alpha[r];
   }
+  if (rescales(alpha)) {
 #pragma unroll
-  for (int j = 0; j < NTILES; ++j) {
-    st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
-    st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
+    for (int r = 0; r < 2; ++r) {
+      st.l[r] *= alpha[r];
+      st.pm[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NTILES; ++j) {
+      st.o[j][0] *= alpha[0]; st.o[j][1] *= alpha[0];
+      st.o[j][2] *= alpha[1]; st.o[j][3] *= alpha[1];
+    }
   }
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk)
