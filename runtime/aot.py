@@ -55,6 +55,10 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
             print(f"qcompile: compiling the program with AOTInductor for {device} (once; "
                   f"cached in {path.parent})", flush=True)
         ep = load_program(art.path)
+        if device.type != "cpu":  # the program is recorded on the CPU (device-free weights):
+            # AOTInductor checks its recorded inputs' device against the example inputs'
+            from torch.export.passes import move_to_device_pass
+            ep = move_to_device_pass(ep, device)
         inline_act_quants(ep.graph_module)
         ep.example_inputs = (tuple(example_args), {})
         path.parent.mkdir(parents=True, exist_ok=True)

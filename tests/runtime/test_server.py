@@ -198,8 +198,11 @@ def test_concurrent_streams_and_metrics(server):
     aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
 
     async def one(prompt, n, hang_up):
+        # ignore_eos: exactly n tokens, as the reference (on the GPU's numerics one of these
+        # random-weight continuations samples EOS, which would end the stream early)
         stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n,
-                                                  temperature=0, stream=True)
+                                                  temperature=0, stream=True,
+                                                  extra_body={"ignore_eos": True})
         text = ""
         async for c in stream:
             if c.choices:
