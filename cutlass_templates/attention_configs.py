@@ -38,6 +38,11 @@ MAX_SPLITS = 64
 # ~WAVE_CTAS_PER_SM CTAs per SM so that the last wave is small (batch 64 x 8 kv heads: 2 splits
 # 147 us at 4096 keys, 3 splits 150, 1 split 175; fp16 pages 338 / 346 / 328).
 WAVE_CTAS_PER_SM = 4
+# ... but there only splits of at least this many keys: a shorter split's CTAs are mostly
+# pipeline fill and merge. H100, batch 64, 1024 keys (bench/results/gpu-h100-2026-12-07d.md):
+# int4 1 split 52.0 / 32.2 us (8B / 1B heads) against 2 splits 56.3 / 35.1, fp16 105 / 62
+# against 119 / 61; at 4096 keys 2 splits stay best for int4 (149 / 93 against 173 / 107).
+WAVE_MIN_SPLIT_KEYS = 2048
 
 
 def _kind(kind: str) -> tuple[str, str]:
@@ -131,8 +136,8 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
     query rows (T * G <= 8 B), else "decode" (16 rows); prefill otherwise. Keys split up to
     one CTA per SM when the batch's CTAs are fewer than the SMs, else until about
     WAVE_CTAS_PER_SM CTAs per SM, so the last partial wave costs little (64 x 8 heads = 512
-    CTAs on 132 SMs: 2 splits; prefill only up to one CTA per SM); each split at least
-    MIN_SPLIT_KEYS keys. Any entry is correct for any batch (a sequence with more
+    CTAs on 132 SMs: 2 splits of 4096 keys; prefill only up to one CTA per SM); each split at
+    least MIN_SPLIT_KEYS keys, and WAVE_MIN_SPLIT_KEYS where the CTAs already fill the SMs. Any entry is correct for any batch (a sequence with more
     rows than a CTA holds gets several CTAs); `entry` / `splits` override (tests, benchmarks)."""
     g = hq // hkv
     if entry is None:
@@ -146,7 +151,8 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
         busy = max(1, (-(-t * g // rows) if prefill else min(b, t)) * hkv)
         # prefill CTAs are many and uneven (causal): a split there only adds the fp32
         # workspace round trip and the merge, so split only to reach one CTA per SM
-        target = (sm_count if busy < sm_count or prefill
-                  else WAVE_CTAS_PER_SM * sm_count)
-        splits = max(1, min(-(-target // busy), max_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
+        waves = busy >= sm_count and not prefill
+        target = WAVE_CTAS_PER_SM * sm_count if waves else sm_count
+        min_keys = WAVE_MIN_SPLIT_KEYS if waves else MIN_SPLIT_KEYS
+        splits = max(1, min(-(-target // busy), max_keys // min_keys, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)

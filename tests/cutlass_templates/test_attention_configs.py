@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, MAX_SPLITS,
-                                                          MIN_SPLIT_KEYS, ROWS, AttnConfig,
+                                                          MIN_SPLIT_KEYS, ROWS,
+                                                          WAVE_MIN_SPLIT_KEYS, AttnConfig,
                                                           plan)
 
 
@@ -52,8 +53,11 @@ def test_shared_memory():
 
 
 def test_plan_entry_and_splits():
-    dec = plan(64, 64, 32, 8, 1024, 132)  # 512 CTAs: split to even out the last wave
+    dec = plan(64, 64, 32, 8, 4096, 132)  # 512 CTAs: split to even out the last wave
     assert dec.entry == "kt" and dec.splits == 2 and dec.grid == (64 * 4 // 8 + 64, 8, 2)
+    # ... but not into splits shorter than WAVE_MIN_SPLIT_KEYS
+    assert plan(64, 64, 32, 8, 1024, 132).splits == 1
+    assert plan(64, 64, 32, 8, 2 * WAVE_MIN_SPLIT_KEYS - 1, 132).splits == 1
     # 16 query rows a sequence on average (two tokens of G = 8): the 16-row entry
     assert plan(128, 64, 64, 8, 1024, 132).entry == "decode"
     with pytest.raises(ValueError, match="unknown entry"):
