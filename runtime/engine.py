@@ -124,7 +124,7 @@ class Engine:
         `engine.load_times` holds the seconds of each phase: artifact (checks and the program),
         weights, setup (tokenizer, KV cache, kernels; AOTInductor's compile or the map of its
         cached package), capture (the CUDA graphs; torch.compile's compile runs in their first
-        forward)."""
+        forward), warm-up (CUDA: a short prefill, see _warm_up)."""
         from transformers import AutoTokenizer
         device = torch.device(device)
         if cuda_graphs and device.type != "cuda":
@@ -165,9 +165,21 @@ class Engine:
         t3 = time.perf_counter()
         if device.type == "cuda" and cuda_graphs is not False:
             engine._capture(required=cuda_graphs is True)
+        t4 = time.perf_counter()
+        if device.type == "cuda":
+            engine._warm_up()
         engine.load_times = {"artifact": t1 - t0, "weights": t2 - t1, "setup": t3 - t2,
-                             "capture": time.perf_counter() - t3}
+                             "capture": t4 - t3, "warm-up": time.perf_counter() - t4}
         return engine
+
+    def _warm_up(self) -> None:
+        """One short prefill and a decode step, so that the first request does not pay the
+        first launches of the prefill path (kernel modules, cuBLAS and Triton first calls;
+        the CUDA graphs only warmed the decode path). qserve's first 64 requests waited
+        ~1.5 s longer for their first token than qbench's, which warms up before timing
+        (H100, bench/results/gpu-h100-2026-12-07d.md)."""
+        self.generate([[0] * min(16, self.max_seq_len - 2)], max_new_tokens=2,
+                      stop_on_eos=False)
 
     def _use_inductor(self, program) -> None:
         """torch.compile on `program` as this engine's program; no dimension of one in its
