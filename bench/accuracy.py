@@ -86,6 +86,7 @@ def main_rows() -> list[Row]:
         Row("W4A16 g128 RTN", rtn("w4a16-g128")),
         Row("W4A8 RTN per-channel", rtn("w4a8")),
         Row("W4A8 QoQ per-channel", qoq("w4a8")),
+        Row("W4A8 QoQ per-channel, W8A8 LM head", qoq("w4a8", lm_head="w8a8")),
         Row("W4A8 QoQ g128", qoq("w4a8-g128")),
         Row("W4A8 QoQ g64", qoq("w4a8-g64")),
         Row("W4A4 FMPQ", qoq("w4a4")),

@@ -121,8 +121,10 @@ class CompileConfig:
                                      "int8, given where int4 costs the most relative output "
                                      "error (compiler/fmpq.py; COMET keeps 8-16%%); without "
                                      "fmpq every block is int4", default=0.25)
-    quantize_lm_head: bool = _opt("also quantize the LM head (it stays in the activation dtype "
-                                  "by default, as in QServe)", default=False)
+    lm_head: str = _opt("the LM head's precision: float (the activation dtype, as in QServe), "
+                        "w8a8 (int8 weights per channel, int8 activations per token: half "
+                        "the bytes of the largest weight of a decode step) or same (the "
+                        "linears' --precision)", ("float", "w8a8", "same"), default="float")
 
     def __post_init__(self):
         self._resolve_quantizer()
@@ -150,6 +152,9 @@ class CompileConfig:
         if "fmpq" in self.steps and self.scheme != W4A4:
             raise ValueError(f"--qoq-steps fmpq chooses w4a4's activation blocks; --precision "
                              f"{self.precision} has none")
+        if self.lm_head != "float" and self.scheme is None:
+            raise ValueError(f"--lm-head {self.lm_head} needs a quantized --precision (the "
+                             f"linears of {self.precision} stay float)")
         if not 0.0 <= self.fmpq_int8_fraction <= 1.0:
             raise ValueError(f"--fmpq-int8-fraction must be in [0, 1], got "
                              f"{self.fmpq_int8_fraction}")
@@ -181,6 +186,11 @@ class CompileConfig:
         return PRECISIONS[self.precision]
 
     @property
+    def head_scheme(self) -> QuantScheme | None:
+        """The LM head's scheme (None: float)."""
+        return {"float": None, "w8a8": W8A8, "same": self.scheme}[self.lm_head]
+
+    @property
     def steps(self) -> tuple[str, ...]:
         return tuple(x.strip() for x in self.qoq_steps.split(",") if x.strip())
 
@@ -197,6 +207,9 @@ class CompileConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "CompileConfig":
+        d = dict(d)
+        if "quantize_lm_head" in d:  # before `lm_head`: a bool
+            d["lm_head"] = "same" if d.pop("quantize_lm_head") else "float"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

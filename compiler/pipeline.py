@@ -39,8 +39,8 @@ def build_pipeline(cfg: CompileConfig, quantized: dict | None = None,
         if cfg.kv_rotation == "hadamard":
             steps.append(rotate_kv)
     if cfg.scheme is not None:
-        steps += [_named(swap_gemm, scheme=cfg.scheme, include_head=cfg.quantize_lm_head,
-                         quantized=quantized, linear_args=linear_args),
+        steps += [_named(swap_gemm, scheme=cfg.scheme, quantized=quantized,
+                         linear_args=linear_args, head_scheme=cfg.head_scheme),
                   fuse_rmsnorm_quant, fuse_swiglu_quant]
     return steps
 

@@ -33,7 +33,9 @@ from qcompile.runtime.ops.quant import quant_fp8_ref
 
 aten = torch.ops.aten
 QUANT_A8 = torch.ops.qcompile.quant_a8.default
-SCHEMES = {name: s for name, s in PRECISIONS.items() if s is not None and s.act_bits < 16}
+# w4a4's per-linear block arguments need widths of 64 / 128 channels (tests/compiler/test_w4a4.py)
+SCHEMES = {name: s for name, s in PRECISIONS.items()
+           if s is not None and s.act_bits < 16 and not spec_of(s).linear_args}
 LINEARS = 8  # 4 per layer (wqkv, wo, w_gate_up, w_down) x 2 layers; the LM head stays float
 
 # Per GEMM, max |y - y_ref| relative to the largest |y_ref| of that GEMM: float32 rounding only
@@ -258,6 +260,35 @@ def test_lm_head_only_when_asked(make_tiny_checkpoint, decoder_lowering, tie):
     assert f"{head}_q" in low.weights and (head in low.weights) == tie
     logits = low(*inputs)[0]
     assert logits.dtype == torch.float32 and _rel(logits, float_logits) < FLOAT_RTOL["w8a8"]
+
+
+def test_lm_head_in_its_own_scheme(make_tiny_checkpoint, decoder_lowering):
+    """head_scheme: a W4A8 model with a W8A8 head (`--lm-head w8a8`): the head alone takes the
+    W8A8 GEMM and its own int8 quantization, the decoder linears W4A8; logits stay close."""
+    from qcompile.compiler.config import W4A8
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama", tie=True))
+    inputs = example_inputs(KVSpec.of(ckpt.config, "fp16", 16, torch.float32))
+    low = decoder_lowering(ckpt, torch.float32)
+    run_pass(canonicalize, low)
+    float_logits = low(*inputs)[0]
+    assert run_pass(swap_gemm, low, W4A8, False, None, None, W8A8).matches == LINEARS + 1
+    ops = Counter(call_targets(low.gm))
+    assert ops[GEMM_OPS[W4A8]] == LINEARS and ops[GEMM_OPS[W8A8]] == 1
+    assert ops[aten.linear.default] == 0 and "b_top_embed" in low.weights  # the lookup's
+    assert _rel(low(*inputs)[0], float_logits) < FLOAT_RTOL["w4a8"]
+
+
+def test_lm_head_option():
+    from qcompile.compiler.config import W4A8, CompileConfig
+    assert CompileConfig().head_scheme is None
+    assert CompileConfig(lm_head="w8a8").head_scheme == W8A8
+    assert CompileConfig(lm_head="same").head_scheme == W4A8
+    with pytest.raises(ValueError, match="needs a quantized --precision"):
+        CompileConfig(precision="fp16", lm_head="w8a8")
+    # artifacts of before the option stored a bool
+    old = {k: v for k, v in CompileConfig().to_json().items() if k != "lm_head"}
+    assert CompileConfig.from_json({**old, "quantize_lm_head": True}).lm_head == "same"
+    assert CompileConfig.from_json({**old, "quantize_lm_head": False}).lm_head == "float"
 
 
 class _TwoLinears(torch.nn.Module):
