@@ -14,7 +14,8 @@
 #   tests/runtime/test_server.py on CUDA; needs the wheels of build/wheels/serve: `pip download
 #   --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d
 #   build/wheels/serve fastapi uvicorn openai httpx`; QSERVE_ARGS, e.g. --aot: a warm AOT load
-#   after QBENCH2_ARGS=--aot)
+#   after QBENCH2_ARGS=--aot), ART2_ARGS (gpu_step.sh compiles a second w4a8 artifact with these
+#   qcompile arguments, e.g. "--lm-head w8a8", and qbench runs it too)
 source "$(dirname "$0")/gpu_common.sh"
 stamp kernels
 QBENCH_PEER=${QBENCH_PEER-hf-eager}  # QBENCH_PEER= : no peer
@@ -54,6 +55,12 @@ if [ -z "${SKIP_STEP:-}" ]; then
       grep -E "loaded|error|Error" "$OUT/qserve.log" | head -5
       python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" > "$OUT/qserve_metrics.txt"
       kill $spid; wait $spid 2> /dev/null
+    fi
+    if [ -d /tmp/art1b_2 ]; then  # ART2_ARGS's variant (gpu_step.sh), same prompts
+      stamp qbench-art2
+      mkdir -p "$OUT/art2"
+      timeout $(cap 120) qbench /tmp/art1b_2 --input-len 1024 --output-len ${QBENCH_OUT:-32} \
+        --num-prompts 64 --max-seqs 64 ${QBENCH_ARGS:-} --out "$OUT/art2" -q 2>&1 | tail -6
     fi
     if [ -d /tmp/art1b_fp16 ]; then
       stamp qbench-fp16

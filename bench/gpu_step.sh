@@ -19,6 +19,11 @@ if [ -n "${FP16:-}" ]; then  # the fp16 / KV16 artifact of the same checkpoint, 
   qcompile /tmp/llama1b --target "sm${major}0" --precision fp16 --kv fp16 --max-seq-len 2048 \
     -o /tmp/art1b_fp16 -q > "$OUT/compile_fp16.log" 2>&1 || tail -5 "$OUT/compile_fp16.log"
 fi
+if [ -n "${ART2_ARGS:-}" ]; then  # a variant of the w4a8 artifact, e.g. --lm-head w8a8
+  qcompile /tmp/llama1b --target "sm${major}0" --precision w4a8 --kv int4 --quantizer rtn \
+    --kv-key-centering none --max-seq-len 2048 $ART2_ARGS -o /tmp/art1b_2 -q \
+    > "$OUT/compile_2.log" 2>&1 || tail -5 "$OUT/compile_2.log"
+fi
 [ -n "${SKIP_PROFILE:-}" ] && exit 0  # only the artifacts (for qbench)
 python bench/profile_step.py /tmp/art1b --batch ${BATCH:-64} --input-len ${INPUT_LEN:-1024} \
   --out "$OUT" 2>&1 | tee "$OUT/profile_step.log" | grep -v Warning | tail -30

@@ -1,6 +1,6 @@
 """COMET's W4A4 (issue 15) compiled end to end on a tiny checkpoint: the `fmpq` step keeps the
 float model's function, its 8-bit block counts reach the program's quantizers and GEMMs, the
-artifact serves, and a round-to-nearest w4a4 has every block in int4."""
+artifact serves, and a round-to-nearest w4a4 has every block in int4; and `--lm-head w8a8`."""
 import json
 from collections import Counter
 
@@ -100,3 +100,13 @@ def test_blocks_and_arguments():
         model_block(odd)
     with pytest.raises(ValueError, match="fmpq chooses w4a4"):
         CompileConfig(precision="w4a8", quantizer="qoq", qoq_steps="rotate,fmpq")
+
+
+def test_w8a8_lm_head_compiles_and_serves(tiny, tmp_path):
+    """`--lm-head w8a8` on a W4A8 RTN compile: the head is the program's one W8A8 GEMM."""
+    cfg = CompileConfig(precision="w4a8", kv="int4", dtype="float32", quantizer="rtn",
+                        lm_head="w8a8", kernels="skip")
+    art = compile_model(tiny, cfg, tmp_path / "art", progress=False)
+    assert len(_calls(art, OPS.gemm_w8a8.default)) == 1
+    assert len(_calls(art, OPS.gemm_w4a8.default)) == 8
+    assert Engine.load(art).generate(["the quick brown fox"], max_new_tokens=2)[0].token_ids
