@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from qcompile.runtime.sampler import SamplingParams, sample, sample_rows, uniform
+from qcompile.runtime.sampler import (SamplingParams, _argmax_chunked, argmax_rows, sample,
+                                      sample_rows, uniform)
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -137,3 +138,37 @@ def test_temperature_scales_logits():
     p_cold, p_hot = cold.count(0) / 400, hot.count(0) / 400
     sd = math.sqrt(0.25 / 400)
     assert abs(p_cold - 0.835) < 4 * sd and abs(p_hot - 0.525) < 4 * sd
+
+
+def _hard_rows(v: int) -> torch.Tensor:
+    """Rows that stress the first-maximum rule: ties inside a chunk and across chunks, -inf,
+    NaN, a maximum in the last position."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, v, generator=g)
+    x[0, [5, 3 * v // 4, v - 1]] = 9.0           # the same max in three chunks: the first wins
+    x[1] = 1.0                                     # all tied: index 0
+    x[2, :] = float("-inf")
+    x[2, v - 1] = 0.0                              # only the last is finite
+    x[3, [10, 11]] = 5.0                           # a tie inside one chunk
+    x[4, v // 2] = float("nan")                    # NaN counts as the largest (torch.argmax)
+    x[5] = float("-inf")                           # nothing finite: index 0
+    return x
+
+
+@pytest.mark.parametrize("v", [49152, 128256, 32000])
+def test_chunked_argmax_is_argmax(v):
+    """The two-pass argmax of the CUDA path gives torch.argmax's indices (run here on the
+    CPU; the GPU test runs it on CUDA)."""
+    x = _hard_rows(v)
+    c = math.gcd(v, 256)
+    assert torch.equal(_argmax_chunked(x, c), x.argmax(dim=-1))
+    assert torch.equal(_argmax_chunked(x.half(), c), x.half().argmax(dim=-1))
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+@pytest.mark.gpu
+def test_chunked_argmax_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = _hard_rows(128256).cuda()
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
