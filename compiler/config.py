@@ -205,6 +205,10 @@ class CompileConfig:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    # options of older artifacts, as JSON type names (runtime/manifest.py checks them), that
+    # from_json maps onto today's: quantize_lm_head (bool) became lm_head
+    LEGACY_FIELDS = {"quantize_lm_head": "bool"}
+
     @classmethod
     def from_json(cls, d: dict) -> "CompileConfig":
         d = dict(d)

@@ -1,15 +1,16 @@
 """The program's glue under TorchInductor (Engine.load's `compile`): torch.compile with one
-graph for every step shape (`torch_compile`), the graph edit both compile paths make
-(`inline_act_quants`), and Inductor's cache in qcompile's cache folder (`persistent_cache`).
-AOTInductor's packages are in runtime/aot.py."""
+graph for every step shape (`torch_compile`), the graph edits both compile paths make
+(`inline_act_quants`, `fast_kv_rotation`), and Inductor's cache in qcompile's cache folder
+(`persistent_cache`). AOTInductor's packages are in runtime/aot.py."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 
-def torch_compile(program):
+def torch_compile(program, weights=()):
     """The program under torch.compile, one graph for every step shape: dynamic shapes without
     duck sizing, which equated the step inputs' storage offsets in the staging buffer with
     unrelated sizes and recompiled per decode bucket (six ~30 s compiles of the 1B shape on an
@@ -21,6 +22,7 @@ def torch_compile(program):
     codes."""
     from torch.fx.experimental import _config as fx_config
     inline_act_quants(program)
+    fast_kv_rotation(program, weights)
     compiled = torch.compile(program, dynamic=True, options={"emulate_precision_casts": True})
 
     def run(*args):
@@ -55,3 +57,57 @@ def persistent_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         from qcompile.models.default_model import cache_dir
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
+def fwht_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [N, D] @ h for h = diag(s) H / sqrt(D), H the Sylvester Hadamard matrix of order D (a
+    power of two) and s = +-1: x * s, then log2(D) butterflies (a + b, a - b), in float32, cast
+    back once. Pointwise only, so Inductor fuses it into its producer (RoPE); the mm it replaces
+    was two cuBLAS launches a layer, 74 us of the 1B shape's 2.0 ms decode step on an H100
+    (bench/results/gpu-h100-2026-12-07d.md). s is read from h's first column (H's is all
+    ones), inside the graph: no host synchronisation."""
+    n, d = x.shape
+    y = x.float() * torch.sign(h[:, 0].float())
+    half = 1
+    while half < d:
+        y = y.reshape(n, d // (2 * half), 2, half)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        half *= 2
+    return (y.reshape(n, d) * (1.0 / math.sqrt(d))).to(x.dtype)
+
+
+def _signed_sylvester(h: torch.Tensor) -> bool:
+    """Whether h [D, D] is diag(s) H_sylvester / sqrt(D) (to h's dtype's rounding)."""
+    if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] < 2 or h.shape[0] & (h.shape[0] - 1):
+        return False
+    d = h.shape[0]
+    eye = torch.eye(d, dtype=torch.float32)
+    want = fwht_rotate(eye * torch.sign(h[:, 0].detach().float().cpu())[:, None],
+                       torch.ones(d, 1))  # rows s_i e_i through H / sqrt(D)
+    return bool(torch.allclose(h.detach().float().cpu(), want, atol=2e-3, rtol=0))
+
+
+def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
+    """Call `fwht_rotate` where the graph multiplies by a weight that is a signed Sylvester
+    Hadamard matrix (passes/rotate_kv.py's key / query rotation, `mm(x, kv_rotation)`): the
+    same product to rounding. `weights`: the values of the graph's first placeholders, in
+    order (the program's weights); nothing changes without them. Returns the calls replaced."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(holders, weights))
+    checked: dict = {}
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.mm.default:
+            continue
+        h = values.get(node.args[1])
+        if h is None:
+            continue
+        if node.args[1] not in checked:
+            checked[node.args[1]] = _signed_sylvester(h)
+        if checked[node.args[1]]:
+            node.target = fwht_rotate
+            n += 1
+    if n:
+        gm.recompile()
+    return n

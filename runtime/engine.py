@@ -184,7 +184,7 @@ class Engine:
     def _use_inductor(self, program) -> None:
         """torch.compile on `program` as this engine's program; no dimension of one in its
         steps (decode buckets from 2, see _layout)."""
-        self.program = self.kernels.wrap(compiled.torch_compile(program))
+        self.program = self.kernels.wrap(compiled.torch_compile(program, self.weights))
         self.compiled = True
         self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
 

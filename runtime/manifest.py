@@ -132,10 +132,14 @@ def _dataclass(cls, d, name: str):
     __post_init__ checks choices and ranges)."""
     fields = dataclasses.fields(cls)
     required = [f.name for f in fields if f.default is dataclasses.MISSING]
-    _keys(d, name, required, [f.name for f in fields])
+    legacy = getattr(cls, "LEGACY_FIELDS", {})  # older artifacts' options, which from_json maps
+    _keys(d, name, required, [f.name for f in fields] + list(legacy))
     for f in fields:
         if f.name in d and not _FIELD_TYPES[f.type](d[f.name]):
             raise _Bad(f"{name}.{f.name}", f"must be a {f.type}, got {d[f.name]!r:.40}")
+    for key, kind in legacy.items():
+        if key in d and not _FIELD_TYPES[kind](d[key]):
+            raise _Bad(f"{name}.{key}", f"must be a {kind}, got {d[key]!r:.40}")
     try:
         return cls.from_json(d)
     except (ValueError, TypeError, ZeroDivisionError) as e:

@@ -93,6 +93,24 @@ def test_artifact_older_than_kv_options_loads(make_tiny_checkpoint, tmp_path):
     assert engine.generate(["import os"], max_new_tokens=6)[0].token_ids == want
 
 
+def test_artifact_older_than_lm_head_and_fmpq_loads(artifact, tmp_path):
+    """A manifest of before `--lm-head` (a bool `quantize_lm_head`) and
+    `--fmpq-int8-fraction` loads with the same meaning; a mistyped old key is refused."""
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    m = json.loads((old / MANIFEST).read_text())
+    del m["compile"]["lm_head"], m["compile"]["fmpq_int8_fraction"]
+    m["compile"]["quantize_lm_head"] = False
+    (old / MANIFEST).write_text(json.dumps(m))
+    engine = Engine.load(old)
+    assert engine.artifact.compile.lm_head == "float"
+    assert engine.generate(["import os"], max_new_tokens=2)[0].token_ids
+    m["compile"]["quantize_lm_head"] = "yes"
+    (old / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="quantize_lm_head"):
+        Engine.load(old)
+
+
 def _edit_manifest(path, **changes):
     m = json.loads((path / MANIFEST).read_text())
     m.update(changes)

@@ -1,0 +1,41 @@
+"""runtime/compiled.py's graph edits for the Inductor paths: the key / query rotation as a fast
+Walsh-Hadamard transform (`fwht_rotate`, `fast_kv_rotation`) equals the product by the
+rotation matrix it replaces, and only a signed Sylvester matrix is replaced."""
+import pytest
+import torch
+
+from qcompile.passes.rotate_kv import kv_rotation_matrix
+from qcompile.runtime.compiled import _signed_sylvester, fast_kv_rotation, fwht_rotate
+
+
+@pytest.mark.parametrize("d", [2, 64, 128])
+def test_fwht_is_the_rotation(d):
+    h = kv_rotation_matrix(d, seed=3)
+    x = torch.randn(37, d, generator=torch.Generator().manual_seed(d))
+    assert torch.allclose(fwht_rotate(x, h), x @ h, atol=1e-5)
+    # fp16 as the program has it: H rounded to fp16, one rounding of the result
+    xh, hh = x.half(), h.half()
+    got, want = fwht_rotate(xh, hh).float(), (xh.float() @ hh.float())
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=2e-3, rtol=2e-3)
+    assert _signed_sylvester(h) and _signed_sylvester(hh)
+
+
+def test_only_signed_sylvester_is_replaced():
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    assert not _signed_sylvester(q)  # orthogonal, not a Hadamard
+    assert not _signed_sylvester(torch.eye(64))
+    assert not _signed_sylvester(kv_rotation_matrix(64)[:, :32])
+
+    class Two(torch.nn.Module):
+        def forward(self, h, r, x):
+            return torch.mm(x, h), torch.mm(x, r)
+    h, r = kv_rotation_matrix(64), q
+    x = torch.randn(5, 64)
+    gm = torch.export.export(Two(), (h, r, x)).module()
+    want = gm(h, r, x)
+    assert fast_kv_rotation(gm, (h, r)) == 1  # h only; x is not a weight
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert fwht_rotate in targets and torch.ops.aten.mm.default in targets
+    got = gm(h, r, x)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])
+    assert fast_kv_rotation(torch.export.export(Two(), (h, r, x)).module(), ()) == 0
