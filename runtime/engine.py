@@ -178,7 +178,8 @@ class Engine:
         the CUDA graphs only warmed the decode path). qserve's first 64 requests waited
         ~1.5 s longer for their first token than qbench's, which warms up before timing
         (H100, bench/results/gpu-h100-2026-12-07d.md)."""
-        self.generate([[0] * min(16, self.max_seq_len - 2)], max_new_tokens=2,
+        prompt = min(16, self.max_seq_len - 1)  # max_seq_len >= 2: a token and one more
+        self.generate([[0] * prompt], max_new_tokens=min(2, self.max_seq_len - prompt),
                       stop_on_eos=False)
 
     def _use_inductor(self, program) -> None:
