@@ -237,3 +237,16 @@ def test_bucketed_steps_with_sampling_and_preemption(artifact):
     bucketed = _bucketed(artifact, True)
     assert run(bucketed) == run(Engine.load(artifact, max_seqs=6))
     assert bucketed.graphs.replays[6, True] > 0  # random rows, recomputed rows, padding
+
+
+@pytest.mark.parametrize("max_seq_len", [2, 64])
+def test_warm_up_fits_and_leaves_nothing(make_tiny_checkpoint, tmp_path, max_seq_len):
+    """The load's warm-up (run on CUDA; called here on the CPU) fits any served length and
+    leaves the engine as it found it: no request, every page free."""
+    cfg = CompileConfig(precision="fp16", kv="fp16", dtype="float32", kernels="skip",
+                        max_seq_len=max_seq_len)
+    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    engine = Engine.load(art)
+    engine._warm_up()
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert engine.cache.free_blocks == engine.cache.num_blocks
