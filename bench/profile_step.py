@@ -9,7 +9,8 @@ scheduler's token budget), where a serving benchmark's time to first token goes.
 Prints the load time, the unprofiled decode step (20 steps; the profiler itself about doubles
 a replayed graph's wall time), and per profiled step: wall ms, GPU kernel ms by family
 (attention = qc_attn*, GEMM = qc_w*, the rest: the glue), attention share, GPU busy fraction
-(union of kernel intervals / wall), kernel launches in all and per decoder layer, host
+(union of kernel intervals / wall; and for the unprofiled step, the first row's kernel time
+over its wall, issue 13's "GPU busy"), kernel launches in all and per decoder layer, host
 synchronisations (cudaStreamSynchronize / cudaDeviceSynchronize / blocking cudaMemcpy calls),
 and the glue's kernels by GPU time (what fusion should remove). `--compile` loads with
 Inductor on the glue (issue 13 item 4), to compare. Writes profile-step.json.
@@ -135,6 +136,12 @@ def main(argv=None):
               f"{g.get('kv write', 0):.2f} / {g.get('gemm', 0):.2f} / {g.get('other', 0):.2f} | "
               f"{r['attention_share']:.1%} | {r['gpu_busy']:.0%} | {r['launches']} | "
               f"{r['launches'] / layers:.0f} | {r['host_syncs']} |")
+    # the profiler about doubles a replayed graph's wall, not its kernels' GPU time: busy
+    # fraction of an unprofiled step = the first row's kernel time over the unprofiled wall
+    busy_unprofiled = sum(next(iter(rows.values()))["gpu_ms"].values()) / step_ms
+    print(f"\nGPU kernel time of the first row over the unprofiled step: "
+          f"{sum(next(iter(rows.values()))['gpu_ms'].values()):.2f} / {step_ms:.2f} ms = "
+          f"{busy_unprofiled:.0%} busy (one stream: kernels do not overlap)")
     g = prefill["gpu_ms"]
     print(f"\nprefill step ({prefill_tokens} tokens: {n} prompts): {prefill['wall_ms']:.1f} ms "
           f"profiled, GPU ms attention {g.get('attention', 0):.2f} / KV write "
@@ -153,6 +160,7 @@ def main(argv=None):
         {"gpu": torch.cuda.get_device_name(), "artifact": str(args.artifact),
          "batch": args.batch, "input_len": args.input_len, "prefill_s": prefill_s,
          "load_s": load_s, "compile": args.compile, "step_ms_unprofiled": step_ms,
+         "gpu_busy_unprofiled": busy_unprofiled,
          "rows": rows, "prefill": {"tokens": prefill_tokens, **prefill}}, indent=1))
 
 
