@@ -17,7 +17,7 @@ from qcompile.passes.base import Lowering
 
 from .artifact import PROGRAM, WEIGHTS, AtomicDir, check_output, write_manifest
 from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
-from .config import MAX_SEQ_LEN, MIN_SEQ_LEN, W4A4, CompileConfig
+from .config import MAX_SEQ_LEN, MIN_SEQ_LEN, SPECS, CompileConfig
 from .kernels import graph_kernel_requests, write_kernels
 from .pipeline import run_pipeline
 
@@ -99,10 +99,8 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     bar.update()
 
     bar.set_postfix_str("passes")
-    linear_args = None
-    if cfg.scheme == W4A4:  # FMPQ's block and 8-bit block count per linear
-        from .fmpq import linear_args as fmpq_linear_args
-        linear_args = fmpq_linear_args(mcfg, qoq_report)
+    table = SPECS[cfg.precision].linear_table  # w4a4: FMPQ's block and 8-bit blocks per linear
+    linear_args = table(mcfg, qoq_report) if table else None
     results = run_pipeline(lowering, cfg, quantized, key_mean, linear_args)  # GPTQ's codes as is
     bar.update()
 

@@ -35,7 +35,7 @@ import torch
 
 from qcompile.models.config import ModelConfig
 
-from .rotate import _norm_names, fold_norms, rotate_residual
+from .rotate import fold_norms, rotate_residual
 
 __all__ = ["channel_order", "block_errors", "allocate_blocks", "permutation_matrix",
            "permute_residual", "permute_intermediate", "head_order", "permute_heads",
@@ -217,8 +217,7 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
     are the old ones permuted (`reorder.permute_stats`), no second forward."""
     from .reorder import permute_stats
     block, n_layers = model_block(cfg), cfg.num_layers
-    w = weights if all(bool((weights[n] == 1).all()) for n in _norm_names(cfg)) \
-        else fold_norms(cfg, weights)
+    w = fold_norms(cfg, weights)  # permute_residual needs unit gains (exact if already folded)
     readers = [f"layers.{i}.{k}" for i in range(n_layers) for k in ("wqkv", "w_gate_up")]
     votes = torch.stack([stats.absmax[n].float().cpu()
                          / stats.absmax[n].float().cpu().median().clamp_min(1e-12)

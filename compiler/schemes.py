@@ -132,6 +132,8 @@ class SchemeSpec:
     # per-linear arguments, (name, default): passed to the activation quantizer after x and
     # to the GEMM after n, from the compile's per-linear table (FMPQ's n8) or the default
     linear_args: tuple[tuple[str, int], ...] = ()
+    # (model config, QoQ's report) -> that table, {canonical linear name: {arg: value}}
+    linear_table: Callable | None = None
     # None: no CUTLASS kernel; the op's own CUDA implementation (fp8: torch._scaled_mm) or
     # its reference runs on every device
     kernel: GemmKernel | None = None
@@ -193,6 +195,11 @@ def _w4a8_group(g: int, scheme: QuantScheme) -> SchemeSpec:
                           sm90=(f"w4a8_g{g}_rs_sm90", "w4a8_rs_sm90.cu")))
 
 
+def _fmpq_table(cfg, report):
+    from .fmpq import linear_args
+    return linear_args(cfg, report)
+
+
 SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec("fp16", qoq=False),
     SchemeSpec("w8a8", W8A8, Q.W8Weights, Q.quantize_w8, W8A8_ROW_MAJOR, _pack_per_channel,
@@ -214,7 +221,8 @@ SCHEMES: tuple[SchemeSpec, ...] = (
     # its kernels are issue 15's next step: until then the reference runs on every device
     SchemeSpec("w4a4", W4A4, Q.W4Weights, Q.quantize_w4_per_channel, W4A8_PER_CHANNEL,
                _pack_w4, torch.ops.qcompile.gemm_w4a4x.default, gemm.gemm_w4a4x_ref, A4X,
-               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK))),
+               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK)),
+               linear_table=_fmpq_table),
     # no CUTLASS kernel: torch._scaled_mm (cuBLASLt) is the CUDA implementation, and e4m3
     # tensor cores start with sm89, so of the targets only sm90; QoQ searches integer grids
     SchemeSpec("fp8", FP8, Q.FP8Weights, Q.quantize_fp8, FP8_ROW_MAJOR, _pack_per_channel,

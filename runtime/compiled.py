@@ -81,11 +81,10 @@ def _signed_sylvester(h: torch.Tensor) -> bool:
     """Whether h [D, D] is diag(s) H_sylvester / sqrt(D) (to h's dtype's rounding)."""
     if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] < 2 or h.shape[0] & (h.shape[0] - 1):
         return False
-    d = h.shape[0]
-    eye = torch.eye(d, dtype=torch.float32)
-    want = fwht_rotate(eye * torch.sign(h[:, 0].detach().float().cpu())[:, None],
-                       torch.ones(d, 1))  # rows s_i e_i through H / sqrt(D)
-    return bool(torch.allclose(h.detach().float().cpu(), want, atol=2e-3, rtol=0))
+    from qcompile.compiler.rotate import hadamard  # H / sqrt(D), Sylvester for powers of two
+    h = h.detach().float().cpu()
+    want = torch.sign(h[:, 0])[:, None] * hadamard(h.shape[0])
+    return bool(torch.allclose(h, want, atol=2e-3, rtol=0))
 
 
 def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:

@@ -38,6 +38,7 @@ def test_row_has_every_part(spec):
     after_n = [arg for arg, _ in spec.linear_args] + list(spec.static_args)
     assert names[-1] == "out_dtype" and names[names.index("n") + 1:-1] == after_n
     assert spec.act is None or spec.act.takes_args == bool(spec.linear_args)
+    assert (spec.linear_table is not None) == bool(spec.linear_args)
     if spec.kernel is not None:
         for kind, template in ((spec.kernel.kind, spec.kernel.template), spec.kernel.sm90 or ()):
             assert (TEMPLATES / template).is_file() and C.ALL_KINDS[kind][0] == template
