@@ -4,9 +4,8 @@ rate, in the manner of `vllm bench serve`.
 `--num-prompts` synthetic prompts of `--input-len` random token ids (below `--prompt-ids`, so
 any vocabulary fits), sent to `/v1/completions` as streams, arrivals a Poisson process of
 `--request-rate` requests/s (inf: all at once), each asking for exactly `--output-len` tokens
-(`ignore_eos`, the vLLM extension qserve accepts too; greedy). Measured per request with the
-official `openai` client: time to first token (first streamed text), time per output token
-after it, end-to-end latency; reported as p50 / p99 with request and output-token throughput
+(`ignore_eos`, the vLLM extension qserve accepts too; greedy). Measured per request: time to first token (first streamed text), time per output token
+after it, end-to-end latency (the streams read with httpx, see `drive`); reported as p50 / p99 with request and output-token throughput
 and the goodput: requests/s that met `--slo-ttft-ms` and `--slo-tpot-ms`. Writes
 qbench-serve-<model>.json and a CDF plot of TTFT and TPOT.
 """
@@ -21,18 +20,27 @@ from .bench import percentiles, synthetic_prompts
 
 
 async def _one(client, model: str, prompt: list[int], output_len: int) -> dict:
+    """One streamed completion: its TTFT, TPOT, latency and token count."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, tokens, text = None, 0, 0
-    stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=output_len, temperature=0, stream=True,
-        extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            text += 1
-            if first is None:
-                first = time.perf_counter()
-        if getattr(chunk, "usage", None):
-            tokens = chunk.usage.completion_tokens
+    async with client.stream("POST", "completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"server error: {chunk['error'].get('message')}")
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                text += 1
+                if first is None:
+                    first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     first = first or end
     tokens = tokens or text
@@ -43,12 +51,16 @@ async def _one(client, model: str, prompt: list[int], output_len: int) -> dict:
 async def drive(url: str, model: str | None, prompts: list[list[int]], output_len: int,
                 rate: float, seed: int = 0, progress: bool = True) -> tuple[str, list, float]:
     """(model id, per-request records, wall seconds): every prompt sent at Poisson arrivals
-    of `rate` requests/s (math.inf: at once)."""
-    import openai
+    of `rate` requests/s (math.inf: at once). The streams are read with httpx and parsed by
+    hand, as vLLM's benchmark client does with aiohttp: the `openai` client's per-chunk
+    models cost ~0.4 ms of client CPU per token, so with 64 streams the client, not the
+    server, set the pace (2,100 tok/s; bench/serve_overhead.py)."""
+    import httpx
     from tqdm import tqdm
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    client = httpx.AsyncClient(base_url=url.rstrip("/") + "/", timeout=3600, limits=limits)
     if model is None:
-        model = (await client.models.list()).data[0].id
+        model = (await client.get("models")).raise_for_status().json()["data"][0]["id"]
     rng = random.Random(seed)
     bar = tqdm(total=len(prompts), desc="qbench serve", unit="req", disable=not progress)
 
@@ -68,7 +80,7 @@ async def drive(url: str, model: str | None, prompts: list[list[int]], output_le
     records = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     bar.close()
-    await client.close()
+    await client.aclose()
     return model, records, wall
 
 

@@ -99,6 +99,12 @@ class _Live:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
+def _deliver(items: list) -> None:
+    """On the event loop: each (queue, item) of one engine step."""
+    for out, item in items:
+        out.put_nowait(item)
+
+
 class EngineLoop:
     """The engine's own thread: submissions and aborts in, tokens out (see the module
     docstring). `max_queued` bounds the requests waiting for admission (429 past it)."""
@@ -178,20 +184,28 @@ class EngineLoop:
     def _step(self) -> None:
         t0 = time.perf_counter()
         self.engine.step()
-        with self.lock:
-            self.metrics.steps += 1
-            self.metrics.step_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        # one wake-up of each event loop a step, not one per request: call_soon_threadsafe
+        # writes to the loop's self-pipe and takes its lock, 64 times a step at batch 64
+        batches: dict = {}
+        generated = 0
         for rid, live in list(self.live.items()):
             req = live.req
             new = req.out[live.sent:]
             live.sent = len(req.out)
-            with self.lock:
-                self.metrics.generated_tokens += len(new)
+            generated += len(new)
             if new or req.finish_reason is not None:
-                live.post(("tokens", new, req.finish_reason))
+                batches.setdefault(live.loop, []).append((live.out, ("tokens", new,
+                                                                     req.finish_reason)))
             if req.finish_reason is not None:
                 self._finished(req)
                 del self.live[rid]
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        with self.lock:
+            self.metrics.steps += 1
+            self.metrics.step_seconds += dt
+            self.metrics.generated_tokens += generated
 
     def _finished(self, req) -> None:
         with self.lock:
@@ -234,6 +248,26 @@ class _Generation:
         out, self.held = pending[:cut], pending[cut:]
         self.text += out
         return out
+
+
+class _BodyLimit:
+    """413 for a request whose Content-Length is over `limit` bytes. Plain ASGI: FastAPI's
+    `@app.middleware("http")` (Starlette's BaseHTTPMiddleware) relays every streamed chunk
+    through anyio memory streams and task groups, which with is_disconnected() polling was
+    most of the event loop's time at 64 streams (bench/serve_overhead.py)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"")
+            if size.isdigit() and int(size) > self.limit:
+                from fastapi.responses import JSONResponse
+                body = APIError(413, f"request body over {self.limit} bytes").body()
+                await JSONResponse(body, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(engine, model_name: str, *, max_queued: int = 1024):
@@ -285,13 +319,7 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
             msg = "the request body is not valid JSON"
         return JSONResponse(APIError(400, msg, where or None).body(), status_code=400)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return JSONResponse(APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
-                                .body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.get("/health")
     async def health():
@@ -348,6 +376,10 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
             """(text, finish_reason or None) as tokens arrive; aborts on a stop string."""
             while True:
                 item = await out.get()
+                while item[0] == "tokens" and item[2] is None and not out.empty():
+                    # a client that fell behind gets the steps it missed in one event
+                    nxt = out.get_nowait()
+                    item = nxt if nxt[0] == "error" else ("tokens", item[1] + nxt[1], nxt[2])
                 if item[0] == "error":
                     raise APIError(503, item[1], type_="server_error")
                 _, tokens, reason = item
@@ -391,11 +423,11 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
             try:
                 if chat:
                     yield chunk(None, None, role=True)
+                # a client that hangs up is seen by Starlette (its disconnect listener, or
+                # the next send failing), which closes this generator: `finally` aborts
                 async for text, finish in events():
                     if text or finish:
                         yield chunk(text, finish)
-                    if await request.is_disconnected():
-                        return
                 yield "data: " + json.dumps({"id": rid, "object": chunk_obj,
                                              "created": int(time.time()), "model": model_name,
                                              "choices": [], "usage": usage()}) + "\n\n"
