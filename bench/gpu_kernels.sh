@@ -3,7 +3,8 @@
 # build/wheels), build the GEMM and attention kernels for this GPU with its 16 cores, run the
 # GPU suite and the benchmarks; logs, tables and plots go to $OUT.
 #   BENCH="gemm attention" (default both; "" for none), BENCH_ARGS / ATTN_ARGS / PYTEST_ARGS,
-#   ONLY=gemm|attention builds one family, SASS=GLOB dumps the SASS of the built binaries whose
+#   ONLY=gemm|attention builds one family, PYTEST_TIMEOUT (s, default 900: pytest is interrupted
+#   with SIGINT so it still prints which tests failed; SKIP_PYTEST=1 skips it), SASS=GLOB dumps the SASS of the built binaries whose
 #   file names match GLOB (e.g. '*attn_int4*') to $OUT/sass_*.txt (no cuobjdump off the device)
 set -uo pipefail
 OUT=${OUT:-out}
@@ -25,7 +26,10 @@ if [ -n "${SASS:-}" ] && command -v cuobjdump > /dev/null; then
   done
   ls "$OUT"/sass_* 2> /dev/null | head -3
 fi
-python -m pytest -m gpu -q -rs --durations=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+# pytest is the direct child of `timeout` (a timeout around this script would leave it running on
+# the GPU beside the next stage's measurements), and SIGINT makes it print its summary when cut
+[ -z "${SKIP_PYTEST:-}" ] && timeout -s INT -k 20 "${PYTEST_TIMEOUT:-900}" python -m pytest -m gpu -q -rfEs \
+  --durations=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 for b in ${BENCH-gemm attention}; do
   case $b in
     gemm) python bench/gemm.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;

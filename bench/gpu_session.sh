@@ -19,7 +19,8 @@
 source "$(dirname "$0")/gpu_common.sh"
 stamp kernels
 QBENCH_PEER=${QBENCH_PEER-hf-eager}  # QBENCH_PEER= : no peer
-ONLY=${ONLY-attention} PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} timeout $(cap 240) bash bench/gpu_kernels.sh
+ONLY=${ONLY-attention} PYTEST_ARGS=${PYTEST_ARGS-tests/runtime/test_attention_gpu.py} BENCH=${BENCH-attention} ATTN_ARGS=${ATTN_ARGS---quick} \
+  PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-$(cap 200)} timeout $(cap 240) bash bench/gpu_kernels.sh
 major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
 export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
 if [ -z "${SKIP_STEP:-}" ]; then

@@ -7,10 +7,10 @@ symbolic batch dimensions, which is what AOTInductor compiles: once per (program
 into a package (a shared library and its Triton / C++ kernels) under
 `~/.cache/qcompile/aot/`; a later load maps it in milliseconds, and its steps launch from C++.
 The qcompile ops stay calls through the dispatcher (AOTInductor's proxy executor), so the
-kernel tables and the reference fallbacks work as under torch.compile. The same graph edits as
+kernel tables and the reference fallbacks work as under torch.compile. The same graph edit as
 torch.compile's path: the activation quantizers left opaque are inlined as ATen
-(`compiled.inline_act_quants`), the key / query rotation becomes butterflies
-(`compiled.fast_kv_rotation`) and fp16 is rounded where eager rounds (`emulate_precision_casts`).
+(`compiled.inline_act_quants`); fp16 is rounded where eager rounds (`emulate_precision_casts`).
+(`compiled.fast_kv_rotation`, opt-in under torch.compile, is not applied here.)
 
 The runner reads no tensor created in inference mode (its custom-op calls bump version
 counters), so an engine on this path runs its device step under `torch.no_grad()`.
@@ -26,7 +26,7 @@ import torch
 
 from qcompile.compiler.artifact import PROGRAM
 
-VERSION = 2  # of the package recipe below; part of the cache key (2: fast_kv_rotation)
+VERSION = 3  # of the package recipe below; part of the cache key (3: no fast_kv_rotation)
 INDUCTOR_CONFIGS = {"emulate_precision_casts": True}
 
 
@@ -48,7 +48,7 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
     `example_args`: one call's inputs (shapes of any step; the batch dimensions stay
     symbolic)."""
     from .artifact import load_program
-    from .compiled import fast_kv_rotation, inline_act_quants
+    from .compiled import inline_act_quants
     path = package_path(art, device)
     if not path.is_file():
         t = time.perf_counter()
@@ -61,7 +61,6 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
             from torch.export.passes import move_to_device_pass
             ep = move_to_device_pass(ep, device)
         inline_act_quants(ep.graph_module)
-        fast_kv_rotation(ep.graph_module, example_args)
         ep.example_inputs = (tuple(example_args), {})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")

@@ -91,7 +91,19 @@ def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
     """Call `fwht_rotate` where the graph multiplies by a weight that is a signed Sylvester
     Hadamard matrix (passes/rotate_kv.py's key / query rotation, `mm(x, kv_rotation)`): the
     same product to rounding. `weights`: the values of the graph's first placeholders, in
-    order (the program's weights); nothing changes without them. Returns the calls replaced."""
+    order (the program's weights); nothing changes without them. Returns the calls replaced.
+
+    Off unless QCOMPILE_FAST_KV_ROTATION=1: with it on, the 1B shape's Inductor decode step
+    on an H100 measured 2.1 ms against 2.0 and its cold compile 105-123 s against 49
+    (bench/results/gpu-h100-2026-12-07e.md; two other changes landed with it, so this is not
+    yet isolated). Inductor cannot keep the butterflies in registers: each stage reads
+    elements another thread wrote, so it realizes a buffer per stage (12 for D = 64 in its CPU
+    code), on the GPU a Triton kernel each, ~190 launches a step where the mm made 32, and
+    ~1,000 more IR nodes to schedule. The rotation's place is inside our KV-write and
+    attention kernels (a warp-shuffle transform), not the glue; bench/gpu_ab.sh measures this
+    switch on the device."""
+    if os.environ.get("QCOMPILE_FAST_KV_ROTATION", "0") != "1":
+        return 0
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(holders, weights))
     checked: dict = {}

@@ -20,7 +20,7 @@ def test_fwht_is_the_rotation(d):
     assert _signed_sylvester(h) and _signed_sylvester(hh)
 
 
-def test_only_signed_sylvester_is_replaced():
+def test_only_signed_sylvester_is_replaced(monkeypatch):
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
     assert not _signed_sylvester(q)  # orthogonal, not a Hadamard
     assert not _signed_sylvester(torch.eye(64))
@@ -33,6 +33,8 @@ def test_only_signed_sylvester_is_replaced():
     x = torch.randn(5, 64)
     gm = torch.export.export(Two(), (h, r, x)).module()
     want = gm(h, r, x)
+    assert fast_kv_rotation(gm, (h, r)) == 0  # off by default (see its docstring)
+    monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "1")
     assert fast_kv_rotation(gm, (h, r)) == 1  # h only; x is not a weight
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert fwht_rotate in targets and torch.ops.aten.mm.default in targets
