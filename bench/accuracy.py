@@ -103,6 +103,16 @@ def fmpq_rows() -> list[Row]:
                for f in (0.0, 0.125, 0.5, 1.0)])
 
 
+def int8_rows() -> list[Row]:
+    """W4A8 KV4 with the share of the decoder linears' weights kept at W8A8 where 4 bits cost
+    the most (`--int8-linears`, compiler/sensitivity.py); 0% is the main table's row."""
+    table = "W4A8 KV4, int8 linear share"
+    return [Row(f"{table}: {label}, {f:.0%}", qoq(p, int8_linears=f), ("int4",), table)
+            for p, label, shares in (("w4a8", "per-channel", (0.05, 0.1, 0.2)),
+                                     ("w4a8-g64", "g64", (0.05, 0.1)))
+            for f in shares]
+
+
 def calibration_rows() -> list[Row]:
     """The W4A8 KV4 recipes calibrated on each calibration text (the default's is the main
     table's row), and on pydoc: the old default, whose pydoc cell is left out."""
@@ -143,7 +153,7 @@ def ablation(precision: str, label: str) -> list[Row]:
 
 
 def all_rows() -> list[Row]:
-    return (main_rows() + fmpq_rows() + calibration_rows() + kv_ablation()
+    return (main_rows() + fmpq_rows() + int8_rows() + calibration_rows() + kv_ablation()
             + ablation("w4a8", "W4A8 per-channel KV4") + ablation("w4a8-g64", "W4A8 g64 KV4"))
 
 

@@ -101,7 +101,8 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     bar.set_postfix_str("passes")
     table = SPECS[cfg.precision].linear_table  # w4a4: FMPQ's block and 8-bit blocks per linear
     linear_args = table(mcfg, qoq_report) if table else None
-    results = run_pipeline(lowering, cfg, quantized, key_mean, linear_args)  # GPTQ's codes as is
+    results = run_pipeline(lowering, cfg, quantized, key_mean, linear_args,  # GPTQ's codes as is
+                           cfg.linear_schemes(qoq_report))
     bar.update()
 
     bar.set_postfix_str("export lowered program")

@@ -125,6 +125,10 @@ class CompileConfig:
                         "w8a8 (int8 weights per channel, int8 activations per token: half "
                         "the bytes of the largest weight of a decode step) or same (the "
                         "linears' --precision)", ("float", "w8a8", "same"), default="float")
+    int8_linears: float = _opt("w4a8 family with the qoq step gptq: the share of the decoder "
+                               "linears' weights kept at W8A8, the linears where 4 bits cost "
+                               "the most on the calibration text (compiler/sensitivity.py); "
+                               "0 keeps every one at 4 bits", default=0.0)
 
     def __post_init__(self):
         self._resolve_quantizer()
@@ -158,6 +162,13 @@ class CompileConfig:
         if not 0.0 <= self.fmpq_int8_fraction <= 1.0:
             raise ValueError(f"--fmpq-int8-fraction must be in [0, 1], got "
                              f"{self.fmpq_int8_fraction}")
+        if not 0.0 <= self.int8_linears <= 1.0:
+            raise ValueError(f"--int8-linears must be in [0, 1], got {self.int8_linears}")
+        if self.int8_linears and (self.scheme is None or self.scheme.weight_bits != 4
+                                  or self.scheme.act_bits != 8 or "gptq" not in self.steps):
+            raise ValueError(f"--int8-linears keeps W4A8 linears at W8A8 as QoQ's GPTQ measures "
+                             f"them: it needs a w4a8 --precision and the qoq step gptq (got "
+                             f"--precision {self.precision}, steps {self.qoq_steps or 'none'})")
         if min(self.calib_samples, self.key_calib_samples) < 1 or self.calib_seq_len < 2:
             raise ValueError("--calib-samples and --key-calib-samples must be >= 1 and "
                              "--calib-seq-len >= 2")
@@ -189,6 +200,11 @@ class CompileConfig:
     def head_scheme(self) -> QuantScheme | None:
         """The LM head's scheme (None: float)."""
         return {"float": None, "w8a8": W8A8, "same": self.scheme}[self.lm_head]
+
+    def linear_schemes(self, qoq_report: dict | None) -> dict[str, QuantScheme]:
+        """{decoder linear: scheme} for those not in --precision's scheme: the ones QoQ kept at
+        8 bits (`--int8-linears`, qoq_report["int8_linears"])."""
+        return {name: W8A8 for name in (qoq_report or {}).get("int8_linears", ())}
 
     @property
     def steps(self) -> tuple[str, ...]:

@@ -20,12 +20,13 @@ from .config import CompileConfig
 
 
 def build_pipeline(cfg: CompileConfig, quantized: dict | None = None,
-                   key_mean: torch.Tensor | None = None, linear_args: dict | None = None
-                   ) -> list[Callable[[Lowering], int]]:
+                   key_mean: torch.Tensor | None = None, linear_args: dict | None = None,
+                   linear_schemes: dict | None = None) -> list[Callable[[Lowering], int]]:
     """quantized: integer weights chosen before the passes (GPTQ), by canonical weight name;
     swap_gemm packs them instead of rounding those linears itself. key_mean [L, Hkv * D]: the
     calibrated mean post-RoPE key, needed when cfg centers keys (`--kv-key-centering mean`).
-    linear_args: per-linear arguments of the scheme (w4a4: FMPQ's n8), by canonical name."""
+    linear_args: per-linear arguments of the scheme (w4a4: FMPQ's n8), by canonical name.
+    linear_schemes: decoder linears in another scheme (`--int8-linears`: W8A8), by name."""
     if quantized and cfg.scheme is None:
         raise ValueError(f"integer weights given for a float --precision {cfg.precision}")
     if cfg.centers_keys and key_mean is None:
@@ -40,7 +41,8 @@ def build_pipeline(cfg: CompileConfig, quantized: dict | None = None,
             steps.append(rotate_kv)
     if cfg.scheme is not None:
         steps += [_named(swap_gemm, scheme=cfg.scheme, quantized=quantized,
-                         linear_args=linear_args, head_scheme=cfg.head_scheme),
+                         linear_args=linear_args, head_scheme=cfg.head_scheme,
+                         linear_schemes=linear_schemes),
                   fuse_rmsnorm_quant, fuse_swiglu_quant]
     return steps
 
@@ -52,7 +54,7 @@ def _named(fn, **kwargs):
 
 
 def run_pipeline(lowering: Lowering, cfg: CompileConfig, quantized: dict | None = None,
-                 key_mean: torch.Tensor | None = None, linear_args: dict | None = None
-                 ) -> list[PassResult]:
+                 key_mean: torch.Tensor | None = None, linear_args: dict | None = None,
+                 linear_schemes: dict | None = None) -> list[PassResult]:
     return [run_pass(step, lowering)
-            for step in build_pipeline(cfg, quantized, key_mean, linear_args)]
+            for step in build_pipeline(cfg, quantized, key_mean, linear_args, linear_schemes)]

@@ -6,7 +6,8 @@ gate/up inputs into the RMSNorm gains (`smoothquant`, the W8A8 recipe), smoothin
 o_proj / down_proj inputs (alpha searched per layer), COMET's FMPQ permutations and 8-bit
 activation blocks (`fmpq`, w4a4 only: compiler/fmpq.py), channel reordering (group schemes),
 clipping (ratio searched per row), and GPTQ (codes chosen with error feedback on the grid
-clipping defined). Which steps run is `CompileConfig.qoq_steps` (per precision,
+clipping defined), then with `--int8-linears` the linears GPTQ rounded worst stay at 8 bits
+(compiler/sensitivity.py). Which steps run is `CompileConfig.qoq_steps` (per precision,
 `config.QOQ_RECIPES`); SmoothAttention is in no recipe: with `--kv int4`'s per-head key
 rotation it raises KV4 perplexity (bench/accuracy.py).
 
@@ -93,6 +94,16 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
             cfg, w, st, scheme, clipped, act_order=ccfg.gptq_order == "act", progress=progress)
         clipped = {**clipped, **floats}
         lap("gptq")
+        if ccfg.int8_linears:  # mixed precision: these stay at 8 bits (compiler/sensitivity.py)
+            from .sensitivity import choose_int8, linear_costs
+            costs = linear_costs(cfg, w, floats, st)
+            keep = choose_int8(costs, {n: w[n].numel() for n in costs}, ccfg.int8_linears)
+            for name in keep:  # RTN at 8 bits of the transformed, unclipped float weights
+                del quantized[name]
+                clipped[name] = w[name]
+            report["int8_linears"] = keep
+            report["int4_cost"] = {n: round(c, 6) for n, c in costs.items()}
+            lap("int8_linears")
     return _result(clipped, quantized, keys, report, t0)
 
 

@@ -108,38 +108,42 @@ def _linear_args(spec: SchemeSpec, name: str, table: dict) -> tuple:
     return tuple(int(given.get(arg, default)) for arg, default in spec.linear_args)
 
 
-def _given(lowering: Lowering, wnode: fx.Node, w: torch.Tensor, spec: SchemeSpec,
-           quantized: dict):
-    """(W's canonical name, the integer weights given for it or None), checked against W
+def _given(name: str, w: torch.Tensor, spec: SchemeSpec, quantized: dict):
+    """The integer weights given for the linear `name` or None, checked against its weight W
     and the scheme."""
     scheme = spec.scheme
-    name = canonical_name(lowering.origin.get(wnode.name, wnode.name))
     qw = quantized.get(name)
     if qw is not None and (tuple(qw.q.shape) != tuple(w.shape) or type(qw) is not spec.weights
                            or getattr(qw, "group_size", None) != scheme.group_size):
         raise ValueError(f"swap_gemm: the integer weights given for {name} "
                          f"({type(qw).__name__} {tuple(qw.q.shape)}) do not fit its weight "
                          f"{tuple(w.shape)} in {scheme.name}")
-    return name, qw
+    return qw
 
 
 def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = False,
               quantized: dict | None = None, linear_args: dict | None = None,
-              head_scheme: QuantScheme | None = None) -> int:
+              head_scheme: QuantScheme | None = None,
+              linear_schemes: dict[str, QuantScheme] | None = None) -> int:
     """head_scheme: the LM head in this scheme instead (implies include_head), e.g. W8A8 for a
     W4A8 model: the head is the largest single weight of a decode step (10% of a 1B step on an
-    H100 in fp16) and an int8 head keeps its argmax nearly always."""
+    H100 in fp16) and an int8 head keeps its argmax nearly always. linear_schemes: decoder
+    linears (canonical names) in another scheme than `scheme`, e.g. W8A8 for those QoQ's
+    `--int8-linears` kept at 8 bits (compiler/sensitivity.py)."""
     base, head_spec = spec_of(scheme), spec_of(head_scheme) if head_scheme else None
+    linear_schemes = linear_schemes or {}
     memo, count, quantized, used = {}, 0, quantized or {}, set()
     linear_args, named = linear_args or {}, set()
     todo = list(_linears(lowering, include_head or head_spec is not None))
     for i in tqdm(range(len(todo)), desc=f"quantize + pack ({scheme.name})", unit="linear",
                   leave=False, disable=None):  # disable=None: only on a terminal
         (node, w), todo[i] = todo[i], None  # hold no float weight past its own packing
-        spec = head_spec if head_spec is not None and _feeds_output(node) else base
         x, wnode = node.args[0], node.args[1]
+        name = canonical_name(lowering.origin.get(wnode.name, wnode.name))
+        spec = head_spec if head_spec is not None and _feeds_output(node) else \
+            spec_of(linear_schemes[name]) if name in linear_schemes else base
         bias = node.args[2] if len(node.args) > 2 else None
-        name, qw = _given(lowering, wnode, w, spec, quantized)
+        qw = _given(name, w, spec, quantized)
         largs = _linear_args(spec, name, linear_args)
         named.add(name)
         xargs = _activation_args(lowering, x, spec, memo, largs)
@@ -163,6 +167,9 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
     if set(quantized) - used:
         raise ValueError(f"swap_gemm: integer weights given for linears it did not swap: "
                          f"{sorted(set(quantized) - used)}")
+    if set(linear_schemes) - named:
+        raise ValueError(f"swap_gemm: schemes given for linears it did not swap: "
+                         f"{sorted(set(linear_schemes) - named)}")
     if set(linear_args) - named:
         raise ValueError(f"swap_gemm: per-linear arguments given for linears it did not swap: "
                          f"{sorted(set(linear_args) - named)}")

@@ -1,0 +1,81 @@
+"""`--int8-linears` (compiler/sensitivity.py): the linears where QoQ's 4-bit weights cost the
+most stay at W8A8, within the share of the weights asked for; the program has one W8A8 GEMM
+per kept linear, its logits are closer to the float model's than all-4-bit, and it serves."""
+import json
+
+import pytest
+import torch
+
+from qcompile.compiler.compile import compile_model
+from qcompile.compiler.config import CompileConfig
+from qcompile.compiler.sensitivity import choose_int8
+from qcompile.runtime.artifact import load_program
+from qcompile.runtime.engine import Engine
+
+OPS = torch.ops.qcompile
+
+
+def _calls(art, op):
+    return [n for n in load_program(art).graph_module.graph.nodes
+            if n.op == "call_function" and n.target == op]
+
+
+def test_choose_int8_spends_the_share_on_the_costliest():
+    costs = {"a": 0.5, "b": 0.4, "c": 0.3, "d": 0.01}
+    sizes = {"a": 60, "b": 30, "c": 10, "d": 100}  # 200 weights
+    assert choose_int8(costs, sizes, 0.0) == []
+    assert choose_int8(costs, sizes, 0.3) == ["a"]            # 60 of 60
+    assert choose_int8(costs, sizes, 0.45) == ["a", "b"]      # 90 of 90
+    assert choose_int8(costs, sizes, 0.25) == ["b", "c"]      # a does not fit; b and c do
+    assert choose_int8(costs, sizes, 1.0) == ["a", "b", "c", "d"]
+
+
+def test_int8_linears_options_are_checked():
+    with pytest.raises(ValueError, match=r"--int8-linears must be in \[0, 1\]"):
+        CompileConfig(precision="w4a8", int8_linears=1.5)
+    for kw in (dict(precision="w8a8"), dict(precision="w4a8", quantizer="rtn"),
+               dict(precision="w4a8", quantizer="qoq", qoq_steps="rotate,smooth,clip"),
+               dict(precision="w4a4")):
+        with pytest.raises(ValueError, match="--int8-linears keeps W4A8 linears at W8A8"):
+            CompileConfig(int8_linears=0.1, **kw)
+
+
+@pytest.fixture(scope="module")
+def compiled(make_tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint at per-channel W4A8 QoQ, all 4-bit and with 30% kept at 8 bits."""
+    tiny = make_tiny_checkpoint("llama")
+    out = {}
+    for share in (0.0, 0.3):
+        cfg = CompileConfig(precision="w4a8", kv="fp16", dtype="float32", kernels="skip",
+                            calib_samples=4, calib_seq_len=64, int8_linears=share)
+        out[share] = compile_model(tiny, cfg, tmp_path_factory.mktemp("int8") / "art",
+                                   progress=False)
+    fp = CompileConfig(precision="fp16", kv="fp16", dtype="float32", kernels="skip")
+    out["float"] = compile_model(tiny, fp, tmp_path_factory.mktemp("int8") / "fp",
+                                 progress=False)
+    return out
+
+
+def test_kept_linears_are_the_programs_w8a8_gemms(compiled):
+    report = json.loads((compiled[0.3] / "manifest.json").read_text())["qoq"]
+    kept, cost = report["int8_linears"], report["int4_cost"]
+    assert kept and len(cost) == 8  # 2 layers x 4 linears
+    assert max(cost, key=cost.get) in kept or len(kept) > 1
+    assert len(_calls(compiled[0.3], OPS.gemm_w8a8.default)) == len(kept)
+    assert len(_calls(compiled[0.3], OPS.gemm_w4a8.default)) == 8 - len(kept)
+    assert not _calls(compiled[0.0], OPS.gemm_w8a8.default)
+    assert "int8_linears" not in json.loads((compiled[0.0] / "manifest.json").read_text())["qoq"]
+
+
+def test_kept_linears_bring_the_logits_closer_to_float(compiled):
+    """Relative logits error against the float artifact, on random token windows: smaller
+    with the costliest linears at 8 bits; and the mixed artifact serves."""
+    gen = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 200, (40,), generator=gen).tolist() for _ in range(4)]
+    engines = {k: Engine.load(v) for k, v in compiled.items()}
+    logits = {k: torch.cat([x.float() for x in e.score(windows)]) for k, e in engines.items()}
+
+    def err(k):
+        return ((logits[k] - logits["float"]).norm() / logits["float"].norm()).item()
+    assert err(0.3) < err(0.0), (err(0.3), err(0.0))
+    assert engines[0.3].generate(["the quick brown fox"], max_new_tokens=3)[0].token_ids
