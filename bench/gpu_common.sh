@@ -8,3 +8,29 @@ export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo $1; }
+
+# `serve_stage ART OUTPUT_LEN [qserve args...]`: issue 16's check with the fast runtime: the
+# serving wheels (build/wheels/serve), tests/runtime/test_server.py on CUDA, then qserve on ART
+# driven by `qbench --url` (64 x 1024 in, all at once), its /metrics into $OUT.
+serve_stage() {
+  local art=$1 outlen=$2; shift 2
+  stamp serve
+  python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
+    >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
+  QCOMPILE_SERVE_DEVICE=cuda timeout -s INT $(cap 120) python -m pytest -q -rfE \
+    tests/runtime/test_server.py 2>&1 | tee "$OUT/pytest_serve.log" | tail -3
+  qserve "$art" --port 8123 --max-seqs 64 "$@" > "$OUT/qserve.log" 2>&1 &
+  local spid=$!
+  for _ in $(seq $(cap 150)); do
+    python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" \
+      2> /dev/null && break; sleep 1
+  done
+  stamp serve-ready
+  grep -E "qserve:|error|Error" "$OUT/qserve.log" | head -5
+  timeout $(cap 90) qbench --url http://127.0.0.1:8123/v1 --input-len 1024 --output-len "$outlen" \
+    --num-prompts 64 --prompt-ids 32000 --out "$OUT" -q 2>&1 | tail -4
+  python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" \
+    > "$OUT/qserve_metrics.txt"
+  grep step_seconds "$OUT/qserve_metrics.txt"
+  kill $spid; wait $spid 2> /dev/null
+}

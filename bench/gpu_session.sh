@@ -38,25 +38,7 @@ if [ -z "${SKIP_STEP:-}" ]; then
       timeout $(cap 150) qbench /tmp/art1b --input-len 1024 --output-len ${QBENCH_OUT:-32} \
         --num-prompts 64 --max-seqs 64 $QBENCH2_ARGS --out "$OUT/qbench2" -q 2>&1 | tail -6
     fi
-    if [ -n "${SERVE:-}" ]; then
-      stamp serve
-      python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
-        >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
-      # the openai-client tests and the 200-stream load test with the fast runtime (issue 16)
-      QCOMPILE_SERVE_DEVICE=cuda timeout $(cap 180) python -m pytest -q -x tests/runtime/test_server.py \
-        2>&1 | tee "$OUT/pytest_serve.log" | tail -3
-      qserve /tmp/art1b --port 8123 --max-seqs 64 ${QSERVE_ARGS:-} > "$OUT/qserve.log" 2>&1 &
-      spid=$!
-      for _ in $(seq $(cap 120)); do
-        python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2> /dev/null && break; sleep 1
-      done
-      stamp serve-ready
-      timeout $(cap 120) qbench --url http://127.0.0.1:8123/v1 --input-len 1024 \
-        --output-len ${QBENCH_OUT:-32} --num-prompts 64 --prompt-ids 32000 --out "$OUT" -q 2>&1 | tail -8
-      grep -E "loaded|error|Error" "$OUT/qserve.log" | head -5
-      python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" > "$OUT/qserve_metrics.txt"
-      kill $spid; wait $spid 2> /dev/null
-    fi
+    [ -n "${SERVE:-}" ] && serve_stage /tmp/art1b ${QBENCH_OUT:-32} ${QSERVE_ARGS:-}
     if [ -d /tmp/art1b_2 ]; then  # ART2_ARGS's variant (gpu_step.sh), same prompts
       stamp qbench-art2
       mkdir -p "$OUT/art2"
