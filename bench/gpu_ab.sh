@@ -5,12 +5,7 @@
 # kind and the glue kernels, side by side in $OUT/ab_<value>/. Then (SERVE=1) gpu_common.sh's
 # serve_stage on the same artifact.
 source "$(dirname "$0")/gpu_common.sh"
-stamp kernels
-SKIP_PYTEST=1 ONLY= BENCH= timeout $(cap 90) bash bench/gpu_kernels.sh
-major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
-export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
-stamp artifact
-SKIP_PROFILE=1 timeout $(cap 150) bash bench/gpu_step.sh
+kernels_and_artifact
 var=${AB_ENV:-QCOMPILE_FAST_KV_ROTATION}
 for v in ${AB_VALUES:-0 1}; do
   stamp "$var=$v"

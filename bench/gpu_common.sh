@@ -34,3 +34,16 @@ serve_stage() {
   grep step_seconds "$OUT/qserve_metrics.txt"
   kill $spid; wait $spid 2> /dev/null
 }
+
+# `kernels_and_artifact`: install, build every kernel for this GPU (no tests, no benchmarks),
+# export QCOMPILE_KERNEL_DIR, and compile the 1B-shaped w4a8 / KV4 artifact /tmp/art1b
+# (gpu_step.sh without its profile).
+kernels_and_artifact() {
+  stamp kernels
+  SKIP_PYTEST=1 ONLY= BENCH= timeout $(cap 90) bash bench/gpu_kernels.sh
+  local major
+  major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
+  export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
+  stamp artifact
+  SKIP_PROFILE=1 timeout $(cap 150) bash bench/gpu_step.sh
+}

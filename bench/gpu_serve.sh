@@ -5,12 +5,7 @@
 # /metrics). OFFLINE=1 adds the offline qbench of the same artifact and prompts first, for
 # the ratio (its load also warms Inductor's cache for qserve's).
 source "$(dirname "$0")/gpu_common.sh"
-stamp kernels
-SKIP_PYTEST=1 ONLY= BENCH= timeout $(cap 90) bash bench/gpu_kernels.sh
-major=$(python -c "import torch; print(torch.cuda.get_device_capability()[0])")
-export QCOMPILE_KERNEL_DIR=build/kernels_sm${major}0
-stamp artifact
-SKIP_PROFILE=1 timeout $(cap 150) bash bench/gpu_step.sh
+kernels_and_artifact
 if [ -n "${OFFLINE:-}" ]; then
   stamp qbench
   timeout $(cap 150) qbench /tmp/art1b --input-len 1024 --output-len 128 --num-prompts 64 \
