@@ -264,7 +264,7 @@ def write_markdown(path: Path, rows: list[Row], cells: dict, meta: dict) -> None
            "source (" + ", ".join(f"{s} {_fmt(refs[s])}" for s in sources) + "); `worst` is "
            "the largest change over the sources. QoQ recipes: "
            + "; ".join(f"{p}: {s}" for p, s in QOQ_RECIPE.items()) + ".", "",
-           "| precision | KV " + head.removeprefix("|").removesuffix(" |")
+           "| precision | KV |" + head.removeprefix("|").removesuffix(" |")
            + " | mean | worst | compile s |",
            "|---|---|" + "---|" * len(sources) + "---|---|---|"]
     for row in [r for r in rows if r.table == "main"]:
@@ -282,7 +282,7 @@ def write_markdown(path: Path, rows: list[Row], cells: dict, meta: dict) -> None
                        + f" | {_seconds(cells, row, kv, sources)} |")
     for table in dict.fromkeys(r.table for r in rows if r.table != "main"):
         out += ["", f"## {table[0].upper()}{table[1:]}", "",
-                "| step | QoQ steps " + head.removeprefix("|").removesuffix(" |")
+                "| step | QoQ steps |" + head.removeprefix("|").removesuffix(" |")
                 + " | mean | vs previous | worst | compile s |",
                 "|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
         prev = None

@@ -126,9 +126,9 @@ class CompileConfig:
                         "the bytes of the largest weight of a decode step) or same (the "
                         "linears' --precision)", ("float", "w8a8", "same"), default="float")
     int8_linears: float = _opt("w4a8 family with the qoq step gptq: the share of the decoder "
-                               "linears' weights kept at W8A8, the linears where 4 bits cost "
-                               "the most on the calibration text (compiler/sensitivity.py); "
-                               "0 keeps every one at 4 bits", default=0.0)
+                               "linears' weights kept at W8A8, the linears whose 4-bit weights "
+                               "add the most output error on the calibration text "
+                               "(compiler/sensitivity.py); 0 keeps every one at 4 bits", default=0.0)
 
     def __post_init__(self):
         self._resolve_quantizer()
