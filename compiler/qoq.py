@@ -95,14 +95,16 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
         clipped = {**clipped, **floats}
         lap("gptq")
         if ccfg.int8_linears:  # mixed precision: these stay at 8 bits (compiler/sensitivity.py)
-            from .sensitivity import choose_int8, linear_costs
-            costs = linear_costs(cfg, w, floats, st)
-            keep = choose_int8(costs, {n: w[n].numel() for n in costs}, ccfg.int8_linears)
+            from .sensitivity import SEQUENCES, choose_int8, loss_costs
+            costs = loss_costs(cfg, clipped, w, seqs[:SEQUENCES], progress=progress)
+            sizes = {n: w[n].numel() for n in costs}
+            keep = choose_int8({n: c / sizes[n] for n, c in costs.items()}, sizes,
+                               ccfg.int8_linears)
             for name in keep:  # RTN at 8 bits of the transformed, unclipped float weights
                 del quantized[name]
                 clipped[name] = w[name]
             report["int8_linears"] = keep
-            report["int4_cost"] = {n: round(c, 6) for n, c in costs.items()}
+            report["int4_loss"] = costs
             lap("int8_linears")
     return _result(clipped, quantized, keys, report, t0)
 

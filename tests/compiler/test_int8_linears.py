@@ -8,7 +8,8 @@ import torch
 
 from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
-from qcompile.compiler.sensitivity import choose_int8
+from qcompile.compiler.sensitivity import choose_int8, loss_costs
+from qcompile.models.loaders import load_checkpoint
 from qcompile.runtime.artifact import load_program
 from qcompile.runtime.engine import Engine
 
@@ -56,11 +57,48 @@ def compiled(make_tiny_checkpoint, tmp_path_factory):
     return out
 
 
-def test_kept_linears_are_the_programs_w8a8_gemms(compiled):
+def test_loss_costs_are_the_first_order_loss_change(make_tiny_checkpoint):
+    """A gradient check: with one linear moved by a small step, its estimated cost is the
+    loss change (the float decoder's loss over two sequences), and the others' are zero."""
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama"))
+    cfg, w = ckpt.config, {k: v.float() for k, v in ckpt.weights.items()}
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (24, 17)]
+    name = "layers.1.w_down"
+    step = 1e-3 * torch.randn(w[name].shape, generator=gen)
+    moved = {**w, name: w[name] + step}
+    costs = loss_costs(cfg, moved, w, seqs)
+    assert len(costs) == 8 and all(c == 0 for n, c in costs.items() if n != name)
+    loss = lambda weights: _loss(cfg, weights, seqs)  # noqa: E731
+    change = loss(moved) - loss(w)
+    assert abs(costs[name] - change) < 0.05 * abs(change) + 1e-7, (costs[name], change)
+
+
+def _loss(cfg, weights, seqs) -> float:
+    from qcompile.compiler.calibrate import _prefill_inputs
+    from qcompile.compiler.capture import KVSpec
+    from qcompile.models.decoder import Decoder
+    spec = KVSpec.of(cfg, "fp16", 16, torch.float32)
+    args = list(_prefill_inputs((spec.num_layers, 2, 0, spec.block_size, spec.record_bytes),
+                                seqs, "cpu"))
+    args[-1] = torch.arange(sum(len(s) for s in seqs))
+    with torch.no_grad():
+        logits, _ = Decoder(cfg, weights, torch.float32)(*args)
+    nll, lo = 0.0, 0
+    for s in seqs:
+        nll += float(torch.nn.functional.cross_entropy(
+            logits[lo:lo + len(s) - 1], torch.tensor(s[1:]), reduction="sum"))
+        lo += len(s)
+    return nll / sum(len(s) - 1 for s in seqs)
+
+
+def test_kept_linears_are_the_programs_w8a8_gemms(compiled, make_tiny_checkpoint):
     report = json.loads((compiled[0.3] / "manifest.json").read_text())["qoq"]
-    kept, cost = report["int8_linears"], report["int4_cost"]
+    kept, cost = report["int8_linears"], report["int4_loss"]
     assert kept and len(cost) == 8  # 2 layers x 4 linears
-    assert max(cost, key=cost.get) in kept or len(kept) > 1
+    sizes = {n: v.numel() for n, v in load_checkpoint(make_tiny_checkpoint("llama"))
+             .weights.items() if n in cost}
+    assert kept == choose_int8({n: c / sizes[n] for n, c in cost.items()}, sizes, 0.3)
     assert len(_calls(compiled[0.3], OPS.gemm_w8a8.default)) == len(kept)
     assert len(_calls(compiled[0.3], OPS.gemm_w4a8.default)) == 8 - len(kept)
     assert not _calls(compiled[0.0], OPS.gemm_w8a8.default)
