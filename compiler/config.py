@@ -127,7 +127,7 @@ class CompileConfig:
                         "linears' --precision)", ("float", "w8a8", "same"), default="float")
     int8_linears: float = _opt("w4a8 family with the qoq step gptq: the share of the decoder "
                                "linears' weights kept at W8A8, the linears whose 4-bit weights "
-                               "add the most output error on the calibration text "
+                               "cost the calibration text's loss the most per weight "
                                "(compiler/sensitivity.py); 0 keeps every one at 4 bits", default=0.0)
 
     def __post_init__(self):
