@@ -109,7 +109,7 @@ def int8_rows() -> list[Row]:
     table = "W4A8 KV4, int8 linear share"
     return [Row(f"{table}: {label}, {f:.0%}", qoq(p, int8_linears=f), ("int4",), table)
             for p, label, shares in (("w4a8", "per-channel", (0.1, 0.2, 0.3)),
-                                     ("w4a8-g64", "g64", (0.1, 0.2)))
+                                     ("w4a8-g64", "g64", (0.1, 0.2, 0.3)))
             for f in shares]
 
 
