@@ -1,13 +1,13 @@
 """The HTTP layer's own ceiling: qserve's app (runtime/server.py) around a stand-in engine whose
 step costs a fixed time, driven by `qbench --url`'s client in another process.
 
-On an H100, qserve on the 1B shape served 64 x 1024/128 at 16 req/s against ~90 offline
-(bench/results/gpu-h100-2026-12-07e.md, before the server changes it measured) with the same engine; its step took 18.6 ms on
-average in the server against ~4.7 offline. This separates what the server adds from the
-engine: the stand-in holds the GIL for --cpu-ms a step (the engine's host work) and releases it
-for --gpu-ms (waiting on the GPU), emits one random token per running request and step, and
-finishes a request after its max_tokens. Needs no GPU and no model: only a tokenizer (an
-artifact's, for realistic detokenization).
+On an H100, qserve on the 1B shape served 64 x 1024/128 at 16 req/s against ~90 offline with
+the same engine, its step 18.6 ms on average in the server against ~4.7 offline
+(bench/results/gpu-h100-2026-12-07e.md, before the server changes it measured). This
+separates what the server adds from the engine: the stand-in holds the GIL for --cpu-ms a
+step (the engine's host work) and releases it for --gpu-ms (waiting on the GPU), emits one
+random token per running request and step, and finishes a request after its max_tokens.
+Needs no GPU and no model: only a tokenizer (an artifact's, for realistic detokenization).
 
     python bench/serve_overhead.py ARTIFACT [--num-prompts 64 --output-len 128 --cpu-ms 0.5
         --gpu-ms 1.5]

@@ -214,18 +214,23 @@ def _prefill_attention(q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
     function; the reference spent a third of a calibration forward there)."""
     if bool(ctx_lens.any()):
         raise ValueError("calibration attention expects empty caches (ctx_lens 0)")
-    t, hq, d = q.shape
-    kv = CODECS["fp16"][1](kv_new, num_kv_heads, d, q.dtype)  # [2, T, Hkv, D]
-    out = torch.empty_like(q)
+    kv = CODECS["fp16"][1](kv_new, num_kv_heads, q.shape[-1], q.dtype)  # [2, T, Hkv, D]
+    return causal_attention(q, kv[0], kv[1], query_start, scale)
+
+
+def causal_attention(q, k, v, query_start, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence of a flat batch (q [T, Hq, D], k and v [T, Hkv, D],
+    sequence i = rows query_start[i]:query_start[i + 1]) over its own tokens; differentiable."""
+    out = []
     starts = query_start.tolist()
     for lo, hi in zip(starts[:-1], starts[1:]):
         # [1, H, n, D]: with a batch dimension the CPU takes SDPA's flash kernel (3.5x faster
         # than the 3-d call's math path on SmolLM2's 9 heads x 512 tokens)
-        qb, k, v = (x[lo:hi].transpose(0, 1)[None] for x in (q, kv[0], kv[1]))
-        o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale,
-                                           enable_gqa=hq != num_kv_heads)
-        out[lo:hi] = o[0].transpose(0, 1)
-    return out
+        qb, kb, vb = (x[lo:hi].transpose(0, 1)[None] for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
 
 
 def calibrate(lowering, sequences: list[list[int]], *, rows_per_batch: int | None = None,

@@ -7,9 +7,9 @@ o_proj / down_proj inputs (alpha searched per layer), COMET's FMPQ permutations 
 activation blocks (`fmpq`, w4a4 only: compiler/fmpq.py), channel reordering (group schemes),
 clipping (ratio searched per row), and GPTQ (codes chosen with error feedback on the grid
 clipping defined), then with `--int8-linears` the linears whose 4-bit weights cost the
-calibration loss the most stay at 8 bits (compiler/sensitivity.py). Which steps run is `CompileConfig.qoq_steps` (per precision,
-`config.QOQ_RECIPES`); SmoothAttention is in no recipe: with `--kv int4`'s per-head key
-rotation it raises KV4 perplexity (bench/accuracy.py).
+calibration loss the most stay at 8 bits (compiler/sensitivity.py). Which steps run is
+`CompileConfig.qoq_steps` (per precision, `config.QOQ_RECIPES`); SmoothAttention is in no
+recipe: with `--kv int4`'s per-head key rotation it raises KV4 perplexity (bench/accuracy.py).
 
 One calibration. Statistics (input absmax, sampled input rows, X^T X for GPTQ, the mean and
 absmax of the keys) come from ONE forward of the calibration text through the float graph,

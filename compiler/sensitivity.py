@@ -6,9 +6,10 @@ decoder linears' weights.
 Why: on SmolLM2-135M the QoQ recipe's per-channel W4A8 loses +26% perplexity on held-out
 READMEs and no calibration text, dampening, clipping objective or step ablation moved that
 beyond a point (bench/results/accuracy-heldout-2026-12-07.md); the 4-bit weights alone cost
-+20.4% of it (float activations, 16-bit cache; int8 activations add under a point). Both GEMM kinds exist on every target, so a graph can mix them per linear
-(`swap_gemm`'s `linear_schemes`); the price is bytes: a linear kept at 8 bits reads twice the
-weight bytes in a memory-bound decode step.
++20.4% of it (float activations, 16-bit cache; int8 activations add under a point). Both
+GEMM kinds exist on every target, so a graph can mix them per linear (`swap_gemm`'s
+`linear_schemes`); the price is bytes: a linear kept at 8 bits reads twice the weight bytes
+in a memory-bound decode step.
 
 Which linears: those whose 4-bit weights (after rotation, smoothing, clipping and GPTQ) cost
 the calibration text's next-token loss the most per weight, to first order: <dL/dW, W4 - W>
@@ -30,9 +31,10 @@ from tqdm import tqdm
 
 from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS
 
+from .calibrate import FloatGraph, _prefill_inputs, causal_attention
 from .gptq import LINEARS
 
-SEQUENCES = 8  # calibration sequences of the loss-aware ranking (~25 s of SmolLM2's compile, 2 CPU cores)
+SEQUENCES = 8  # calibration sequences of the ranking (~25 s of SmolLM2's compile, 2 cores)
 
 
 def choose_int8(costs: dict[str, float], sizes: dict[str, int], share: float) -> list[str]:
@@ -50,21 +52,14 @@ def choose_int8(costs: dict[str, float], sizes: dict[str, int], share: float) ->
 class _DifferentiableKV(TorchFunctionMode):
     """The float decoder's fp16 KV ops as differentiable float ops, for a prefill over empty
     caches: the encode keeps k and v as they are (its records are an integer view, which
-    carries no gradient) and the attention is causal SDPA per sequence, the function
-    `calibrate._prefill_attention` computes."""
+    carries no gradient) and the attention is calibration's causal SDPA per sequence."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is KV_ENCODE_OPS["fp16"]:
             return torch.stack(args[:2])  # [2, T, Hkv, D]
         if func is ATTENTION_OPS["fp16"]:
-            q, kv, _, _, _, query_start, num_kv_heads, scale = args
-            starts, outs = query_start.tolist(), []
-            for lo, hi in zip(starts[:-1], starts[1:]):
-                qb, k, v = (x[lo:hi].transpose(0, 1)[None] for x in (q, kv[0], kv[1]))
-                o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale,
-                                                   enable_gqa=q.shape[1] != num_kv_heads)
-                outs.append(o[0].transpose(0, 1))
-            return torch.cat(outs)
+            q, kv, _, _, _, query_start, _, scale = args
+            return causal_attention(q, kv[0], kv[1], query_start, scale)
         return func(*args, **(kwargs or {}))
 
 
@@ -75,14 +70,11 @@ def loss_costs(cfg, weights4: dict[str, torch.Tensor], weights: dict[str, torch.
     gain of restoring that linear alone to float, estimated for every linear from one backward
     pass per batch instead of a forward per linear."""
     from qcompile.models.decoder import Decoder
-    from .calibrate import _prefill_inputs
-    from .capture import KVSpec
     names = [f"layers.{i}.{lin}" for i in range(cfg.num_layers) for lin in LINEARS]
     w = {k: v.detach().float().clone() for k, v in {**weights, **weights4}.items()}
     for name in names:
         w[name].requires_grad_(True)
-    spec = KVSpec.of(cfg, "fp16", 16, torch.float32)
-    kv_shape = (spec.num_layers, 2, 0, spec.block_size, spec.record_bytes)
+    kv_shape = FloatGraph(cfg).kv_shape
     dec, count = Decoder(cfg, w, torch.float32), sum(len(s) - 1 for s in seqs)
     bar = tqdm(range(0, len(seqs), batch), desc="int8-linears", unit="batch",
                disable=not progress)

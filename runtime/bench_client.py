@@ -4,9 +4,10 @@ rate, in the manner of `vllm bench serve`.
 `--num-prompts` synthetic prompts of `--input-len` random token ids (below `--prompt-ids`, so
 any vocabulary fits), sent to `/v1/completions` as streams, arrivals a Poisson process of
 `--request-rate` requests/s (inf: all at once), each asking for exactly `--output-len` tokens
-(`ignore_eos`, the vLLM extension qserve accepts too; greedy). Measured per request: time to first token (first streamed text), time per output token
-after it, end-to-end latency (the streams read with httpx, see `drive`); reported as p50 / p99 with request and output-token throughput
-and the goodput: requests/s that met `--slo-ttft-ms` and `--slo-tpot-ms`. Writes
+(`ignore_eos`, the vLLM extension qserve accepts too; greedy). Measured per request: time to
+first token (first streamed text), time per output token after it, end-to-end latency (the
+streams read with httpx, see `drive`); reported as p50 / p99 with request and output-token
+throughput and the goodput: requests/s that met `--slo-ttft-ms` and `--slo-tpot-ms`. Writes
 qbench-serve-<model>.json and a CDF plot of TTFT and TPOT.
 """
 import asyncio
