@@ -14,11 +14,7 @@ cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 ))
 # driven by `qbench --url` (64 x 1024 in, all at once), its /metrics into $OUT.
 serve_stage() {
   local art=$1 outlen=$2; shift 2
-  stamp serve
-  python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
-    >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
-  QCOMPILE_SERVE_DEVICE=cuda timeout -s INT $(cap 120) python -m pytest -q -rfE \
-    tests/runtime/test_server.py 2>&1 | tee "$OUT/pytest_serve.log" | tail -3
+  serve_tests
   qserve "$art" --port 8123 --max-seqs 64 "$@" > "$OUT/qserve.log" 2>&1 &
   local spid=$!
   for _ in $(seq $(cap 150)); do
@@ -33,6 +29,15 @@ serve_stage() {
     > "$OUT/qserve_metrics.txt"
   grep step_seconds "$OUT/qserve_metrics.txt"
   kill $spid; wait $spid 2> /dev/null
+}
+
+# `serve_tests`: the serving wheels, then tests/runtime/test_server.py on CUDA (fast runtime).
+serve_tests() {
+  stamp serve
+  python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
+    >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
+  QCOMPILE_SERVE_DEVICE=cuda timeout -s INT $(cap 120) python -m pytest -q -rfE \
+    tests/runtime/test_server.py 2>&1 | tee "$OUT/pytest_serve.log" | tail -3
 }
 
 # `kernels_and_artifact`: install, build every kernel for this GPU (no tests, no benchmarks),

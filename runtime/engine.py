@@ -177,10 +177,13 @@ class Engine:
         first launches of the prefill path (kernel modules, cuBLAS and Triton first calls;
         the CUDA graphs only warmed the decode path). qserve's first 64 requests waited
         ~1.5 s longer for their first token than qbench's, which warms up before timing
-        (H100, bench/results/gpu-h100-2026-12-07d.md)."""
+        (H100, bench/results/gpu-h100-2026-12-07d.md). The graphs' replay counts start after
+        it: they count the served steps."""
         prompt = min(16, self.max_seq_len - 1)  # max_seq_len >= 2: a token and one more
         self.generate([[0] * prompt], max_new_tokens=min(2, self.max_seq_len - prompt),
                       stop_on_eos=False)
+        if self.graphs is not None:
+            self.graphs.replays.clear()
 
     def _use_inductor(self, program) -> None:
         """torch.compile on `program` as this engine's program; no dimension of one in its

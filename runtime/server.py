@@ -293,6 +293,9 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
         seed: int | None = None
         stream: bool = False
         ignore_eos: bool = False  # vLLM's extension: exactly max_tokens tokens (benchmarks)
+        # vLLM's extension: the prompt's and the completion's token ids in each choice (RL
+        # trainers, tests that check every token against the model's logits)
+        return_token_ids: bool = False
 
     class CompletionBody(_Sampling):
         prompt: str | list[int]
@@ -373,7 +376,8 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
                          "total_tokens": len(ids) + len(req.out)}
 
         async def events():
-            """(text, finish_reason or None) as tokens arrive; aborts on a stop string."""
+            """(text, finish_reason or None, token ids) as tokens arrive; aborts on a stop
+            string."""
             while True:
                 item = await out.get()
                 while item[0] == "tokens" and item[2] is None and not out.empty():
@@ -387,28 +391,33 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
                 if gen.stopped and reason is None:
                     loop_.abort(req)
                     reason = "stop"
-                yield text, (_FINISH.get(reason, "stop") if reason else None)
+                yield text, (_FINISH.get(reason, "stop") if reason else None), tokens
                 if reason is not None:
                     return
 
         if not body.stream:
             try:
-                finish = None
-                async for _, finish in events():
-                    pass
+                finish, token_ids = None, []
+                async for _, finish, tokens in events():
+                    token_ids += tokens
             finally:
                 if req.finish_reason is None:
                     loop_.abort(req)
             choice = {"index": 0, "finish_reason": finish, "logprobs": None}
             choice.update({"message": {"role": "assistant", "content": gen.text}} if chat
                           else {"text": gen.text})
+            if body.return_token_ids:
+                choice.update(prompt_token_ids=ids, token_ids=token_ids)
             return JSONResponse({"id": rid, "object": obj, "created": int(time.time()),
                                  "model": model_name, "choices": [choice], "usage": usage()})
 
         async def sse():
             chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            first = True  # the prompt's ids go in the first chunk that carries tokens
 
-            def chunk(delta_text: str | None, finish, role: bool = False) -> str:
+            def chunk(delta_text: str | None, finish, role: bool = False,
+                      tokens: list[int] | None = None) -> str:
+                nonlocal first
                 if chat:
                     delta = {"role": "assistant", "content": ""} if role else (
                         {"content": delta_text} if delta_text else {})
@@ -417,6 +426,10 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
                 else:
                     choice = {"index": 0, "text": delta_text or "", "finish_reason": finish,
                               "logprobs": None}
+                if body.return_token_ids and not role:
+                    choice["token_ids"] = tokens or []
+                    if first:
+                        choice["prompt_token_ids"], first = ids, False
                 return "data: " + json.dumps({"id": rid, "object": chunk_obj,
                                               "created": int(time.time()),
                                               "model": model_name, "choices": [choice]}) + "\n\n"
@@ -425,9 +438,9 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
                     yield chunk(None, None, role=True)
                 # a client that hangs up is seen by Starlette (its disconnect listener, or
                 # the next send failing), which closes this generator: `finally` aborts
-                async for text, finish in events():
-                    if text or finish:
-                        yield chunk(text, finish)
+                async for text, finish, tokens in events():
+                    if text or finish or (body.return_token_ids and tokens):
+                        yield chunk(text, finish, tokens=tokens)
                 yield "data: " + json.dumps({"id": rid, "object": chunk_obj,
                                              "created": int(time.time()), "model": model_name,
                                              "choices": [], "usage": usage()}) + "\n\n"
