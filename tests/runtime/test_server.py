@@ -183,35 +183,48 @@ def test_hang_up_frees_pages(server):
     assert _pages_free(engine)
 
 
+NEAR_TIE = 0.25  # of a position's logit std (~6 here): a GPU-noise margin; a random token
+# of the 256 sits ~2.8 std below the top
+
+
 def _as_alone(ref, runs, exact: bool = DEVICE == "cpu") -> None:
     """runs: (prompt ids, the ids the server sent, the ids the prompt gets alone). On the CPU
     (the reference ops: batch-invariant) the server sends what the prompt gets alone. On the
     GPU the fast runtime's numerics depend on the batch (the attention's split plan, cuBLAS's
-    algorithm for the float head), rounded up by the 4-bit KV and the int8 activations, and a
-    random model's logits have near ties, so a greedy stream may turn at one (on an H100,
-    25 of 133 did, most near their end). There every token the server sent must be among the
-    reference's three likeliest given the tokens before it (one teacher-forced prefill per
-    stream): a token of another stream, or one dropped or repeated, fails that (vocab 256)."""
+    algorithm for the float head, prefill or decode kernels after a preemption), rounded up by
+    the 4-bit KV and the int8 activations, and a random model's logits have near ties, so a
+    greedy stream may turn at one (on an H100, 25 of 133 streams did). There every token the
+    server sent must be a near tie for the reference's likeliest given the tokens before it
+    (one teacher-forced prefill per stream): its logit at most NEAR_TIE std below the top.
+    A token of another stream, or one dropped or repeated, fails that. (Top-3 was too tight:
+    on an H100 one preempted stream sent a token the CPU reference ranks second, 0.18 below
+    the top, the third 0.29 and the fourth 1.02 below.)"""
     if exact:
         assert [got for _, got, _ in runs] == [want for _, _, want in runs]
         return
     import torch
-    bad = []
+    bad, worst = [], 0.0
     for i in range(0, len(runs), 16):
         part = runs[i:i + 16]
         for (p, got, _), logits in zip(part, ref.score([p + got for p, got, _ in part])):
-            top = logits[len(p) - 1:len(p) - 1 + len(got)].topk(3, dim=-1).indices.cpu()
-            ok = (top == torch.tensor(got)[:, None]).any(-1)
-            if not ok.all():
-                bad.append((p, got, int((~ok).nonzero()[0])))
-    exact = sum(got == want for _, got, want in runs)
-    assert not bad, f"{len(bad)} streams sent a token outside the reference's top 3 " \
-        f"(prompt, ids, first such position): {bad[:3]}; {exact} of {len(runs)} as alone"
+            rows = logits[len(p) - 1:len(p) - 1 + len(got)].float().cpu()
+            gap = (rows.max(-1).values - rows[torch.arange(len(got)), torch.tensor(got)]) \
+                / rows.std(-1)
+            worst = max(worst, gap.max().item())
+            if (gap > NEAR_TIE).any():
+                where = (gap > NEAR_TIE).nonzero().flatten().tolist()
+                bad.append((p, got, [(j, round(gap[j].item(), 2)) for j in where]))
+    exact_ = sum(got == want for _, got, want in runs)
+    assert not bad, f"{len(bad)} streams sent a token more than {NEAR_TIE} std below the " \
+        f"reference's top (prompt, ids, [(position, std below)]): {bad[:3]}; {exact_} of " \
+        f"{len(runs)} as alone"
+    print(f"_as_alone: {exact_} of {len(runs)} streams as alone, every token within "
+          f"{worst:.3f} std of the reference's top")
 
 
 def test_near_tie_check_holds_greedy_streams_and_fails_wrong_ones(server):
     """_as_alone's GPU check, run here: it holds the reference's own greedy streams and fails
-    a stream that dropped its first token or took another prompt's tokens."""
+    every stream that dropped its first token or took another prompt's tokens."""
     ref = server[2]
     prompts = ["w1 w1 w1", "p3 p3", "a b c d"]
     outs = ref.generate(prompts, max_new_tokens=12, stop_on_eos=False)
@@ -219,7 +232,7 @@ def test_near_tie_check_holds_greedy_streams_and_fails_wrong_ones(server):
     _as_alone(ref, runs, exact=False)
     for wrong in ([(p, got[1:] + got[:1], w) for p, got, w in runs],
                   [(p, runs[(i + 1) % 3][1], w) for i, (p, _, w) in enumerate(runs)]):
-        with pytest.raises(AssertionError, match="outside the reference's top 3"):
+        with pytest.raises(AssertionError, match="^3 streams sent a token more than"):
             _as_alone(ref, wrong, exact=False)
 
 
