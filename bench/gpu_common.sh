@@ -11,24 +11,33 @@ cap() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 ))
 
 # `serve_stage ART OUTPUT_LEN [qserve args...]`: issue 16's check with the fast runtime: the
 # serving wheels (build/wheels/serve), tests/runtime/test_server.py on CUDA, then qserve on ART
-# driven by `qbench --url` (64 x 1024 in, all at once), its /metrics into $OUT.
+# driven by `qbench --url` (64 x 1024 in, all at once), its /metrics into $OUT; SERVE_MODES
+# (default "process thread"): qserve with its engine in its own process (the default) and with
+# --engine-thread, one after the other, each with its own JSON (-process / -thread).
 serve_stage() {
   local art=$1 outlen=$2; shift 2
   serve_tests
-  qserve "$art" --port 8123 --max-seqs 64 "$@" > "$OUT/qserve.log" 2>&1 &
-  local spid=$!
-  for _ in $(seq $(cap 150)); do
-    python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" \
-      2> /dev/null && break; sleep 1
+  local mode
+  for mode in ${SERVE_MODES:-process thread}; do
+    stamp "qserve $mode"
+    local extra=()
+    [ "$mode" = thread ] && extra=(--engine-thread)
+    qserve "$art" --port 8123 --max-seqs 64 "${extra[@]}" "$@" > "$OUT/qserve_$mode.log" 2>&1 &
+    local spid=$!
+    for _ in $(seq $(cap 150)); do
+      python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" \
+        2> /dev/null && break; sleep 1
+    done
+    stamp serve-ready
+    grep -E "qserve:|error|Error" "$OUT/qserve_$mode.log" | head -5
+    mkdir -p "$OUT/$mode"
+    timeout $(cap 90) qbench --url http://127.0.0.1:8123/v1 --input-len 1024 \
+      --output-len "$outlen" --num-prompts 64 --prompt-ids 32000 --out "$OUT/$mode" -q 2>&1 | tail -2
+    python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" \
+      > "$OUT/qserve_metrics_$mode.txt"
+    grep step_seconds "$OUT/qserve_metrics_$mode.txt"
+    kill $spid; wait $spid 2> /dev/null
   done
-  stamp serve-ready
-  grep -E "qserve:|error|Error" "$OUT/qserve.log" | head -5
-  timeout $(cap 90) qbench --url http://127.0.0.1:8123/v1 --input-len 1024 --output-len "$outlen" \
-    --num-prompts 64 --prompt-ids 32000 --out "$OUT" -q 2>&1 | tail -4
-  python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8123/metrics').read().decode())" \
-    > "$OUT/qserve_metrics.txt"
-  grep step_seconds "$OUT/qserve_metrics.txt"
-  kill $spid; wait $spid 2> /dev/null
 }
 
 # `serve_tests`: the serving wheels, then tests/runtime/test_server.py on CUDA (fast runtime).

@@ -75,21 +75,34 @@ class StandInEngine:
         return []
 
 
-def serve(args) -> None:
-    import uvicorn
+def stand_in(artifact: str, cpu_s: float, gpu_s: float, max_seqs: int) -> StandInEngine:
     from transformers import AutoTokenizer
+    return StandInEngine(AutoTokenizer.from_pretrained(Path(artifact) / "tokenizer"), cpu_s,
+                         gpu_s, max_seqs)
 
+
+def serve(args) -> None:
+    import functools
+
+    import uvicorn
+
+    from qcompile.runtime.engine_process import EngineProcess
     from qcompile.runtime.server import create_app
-    tok = AutoTokenizer.from_pretrained(Path(args.artifact) / "tokenizer")
-    engine = StandInEngine(tok, args.cpu_ms / 1e3, args.gpu_ms / 1e3, args.num_prompts)
+    make = functools.partial(stand_in, args.artifact, args.cpu_ms / 1e3, args.gpu_ms / 1e3,
+                             args.num_prompts)
+    engine = make() if args.engine_thread else EngineProcess(make)
     uvicorn.run(create_app(engine, "stand-in"), host="127.0.0.1", port=args.port,
                 log_level="warning")
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
+    """User + system CPU seconds of a process and its live children (Linux /proc): the server
+    and its engine process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir()
+            for k in (t / "children").read_text().split()]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + \
+        sum(_cpu_seconds(k) for k in kids)
 
 
 def main() -> int:
@@ -101,6 +114,9 @@ def main() -> int:
     p.add_argument("--cpu-ms", type=float, default=0.5, help="host time of a step (GIL held)")
     p.add_argument("--gpu-ms", type=float, default=1.5, help="GPU time of a step (GIL free)")
     p.add_argument("--port", type=int, default=8131)
+    p.add_argument("--engine-thread", action="store_true",
+                   help="the stand-in on a thread of the server's process (qserve "
+                        "--engine-thread), not in a process of its own")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
@@ -132,8 +148,9 @@ def main() -> int:
          if ln and not ln.startswith("#")}
     steps = m["qcompile_step_seconds_count"]
     ideal = args.num_prompts / (args.output_len * (args.cpu_ms + args.gpu_ms) / 1e3)
+    where = "a thread of the server" if args.engine_thread else "its own process"
     print(f"{args.num_prompts} x {args.input_len}/{args.output_len}, step {args.cpu_ms} ms host "
-          f"+ {args.gpu_ms} ms GPU\n")
+          f"+ {args.gpu_ms} ms GPU, the engine in {where}\n")
     print("| req/s | ideal req/s | output tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | "
           "server step ms (mean) | steps | CPU busy: server / client |\n"
           "|---|---|---|---|---|---|---|---|")

@@ -227,16 +227,7 @@ class Engine:
     # ---- text in, text out -------------------------------------------------------------
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates: argv bytes that are not UTF-8
-            raise ValueError(f"the prompt is not valid UTF-8 text (character {e.start} is "
-                             f"{prompt[e.start]!r}): pass UTF-8 text") from None
-        if chat:
-            msgs = [{"role": "user", "content": prompt}]
-            return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
-                                                           tokenize=True, return_dict=False))
-        return self.tokenizer.encode(prompt)
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def generate(self, prompts, *, chat: bool = False, **sampling) -> list[Completion]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -468,6 +459,20 @@ class Engine:
         with self._no_autograd():
             logits, _ = self.program(*self.weights, *x.program_args(self.cache.tensor))
         return [logits[a:b] for a, b in zip(batch.query_start, batch.query_start[1:])]
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """A prompt's token ids (chat: as the one user message of the model's chat template)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: argv bytes that are not UTF-8
+        raise ValueError(f"the prompt is not valid UTF-8 text (character {e.start} is "
+                         f"{prompt[e.start]!r}): pass UTF-8 text") from None
+    if chat:
+        msgs = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer.encode(prompt)
 
 
 def _sampling_rows(reqs: list[Request | None]) -> SamplingRows:

@@ -5,10 +5,11 @@ load generators and evaluation harnesses that speak the OpenAI API work unchange
 validation comes from pydantic, streaming from Starlette's `StreamingResponse` (server-sent
 events).
 
-One engine, one thread (`EngineLoop`): HTTP handlers run on the asyncio loop and only queue
-submissions and aborts; the engine thread admits them between steps, steps while any request
-is live (continuous batching across every connection) and hands each request's tokens to
-its handler through an asyncio queue. A client that disconnects, or a stop string that
+One engine, stepped in a process of its own (`engine_process.EngineProcess`, qserve's default:
+the engine and the HTTP side do not share a GIL) or on a thread of this one (`EngineLoop`):
+HTTP handlers run on the asyncio loop and only queue submissions and aborts; the engine admits
+them between steps, steps while any request is live (continuous batching across every
+connection) and hands each request's tokens to its handler through an asyncio queue. A client that disconnects, or a stop string that
 matches, aborts its request at the next step boundary, which frees its KV pages.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the model's chat template),
@@ -59,9 +60,10 @@ class Metrics:
     step_seconds: float = 0.0
     preemptions: int = 0    # of finished requests (out of KV pages: recomputed, not dropped)
 
-    def text(self, engine, queued: int) -> str:
-        cache = engine.cache
-        used = cache.num_blocks - cache.free_blocks
+    def text(self, counts: tuple[int, int, int, int], queued: int) -> str:
+        """counts: requests running and waiting in the engine, KV pages free and in all."""
+        running, waiting, free, total = counts
+        used = total - free
         lines = [
             "# TYPE qcompile_requests_total counter",
             f"qcompile_requests_total {self.requests}",
@@ -73,13 +75,13 @@ class Metrics:
             "# TYPE qcompile_generation_tokens_total counter",
             f"qcompile_generation_tokens_total {self.generated_tokens}",
             "# TYPE qcompile_requests_running gauge",
-            f"qcompile_requests_running {len(engine.scheduler.running)}",
+            f"qcompile_requests_running {running}",
             "# TYPE qcompile_requests_waiting gauge",
-            f"qcompile_requests_waiting {len(engine.scheduler.waiting) + queued}",
+            f"qcompile_requests_waiting {waiting + queued}",
             "# TYPE qcompile_kv_pages_used gauge",
             f"qcompile_kv_pages_used {used}",
             "# TYPE qcompile_kv_pages_total gauge",
-            f"qcompile_kv_pages_total {cache.num_blocks}",
+            f"qcompile_kv_pages_total {total}",
             "# TYPE qcompile_preemptions_total counter",
             f"qcompile_preemptions_total {self.preemptions}",
             "# TYPE qcompile_step_seconds summary",
@@ -105,36 +107,93 @@ def _deliver(items: list) -> None:
         out.put_nowait(item)
 
 
-class EngineLoop:
-    """The engine's own thread: submissions and aborts in, tokens out (see the module
-    docstring). `max_queued` bounds the requests waiting for admission (429 past it)."""
+class LoopBase:
+    """What the app needs of the engine's loop, in this process (`EngineLoop`) or another
+    (`engine_process.EngineProcess`): submissions and aborts in, each request's tokens out to
+    its asyncio queue once a step, the metrics. `max_queued` bounds the requests waiting for
+    admission (429 past it)."""
 
-    def __init__(self, engine, max_queued: int = 1024):
-        self.engine, self.max_queued = engine, max_queued
-        self.inbox: queue.Queue = queue.Queue()
+    def __init__(self, max_queued: int):
+        self.max_queued = max_queued
         self.live: dict[int, _Live] = {}
         self.metrics = Metrics()
-        self.lock = threading.Lock()  # metrics and queue length, read by /metrics
+        self.lock = threading.Lock()  # metrics and live, read by /metrics and the handlers
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="qcompile-engine", daemon=True)
-        self.thread.start()
-
-    # ---- from the event loop ---------------------------------------------------------------
 
     async def submit(self, ids: list[int], params: SamplingParams):
         """(request, its token queue); raises APIError for what the engine refuses."""
         if self.error is not None:
             raise APIError(503, f"the engine stopped: {self.error}", type_="server_error")
-        if len(self.engine.scheduler.waiting) + self.inbox.qsize() >= self.max_queued:
+        if self._waiting() >= self.max_queued:
             raise APIError(429, f"too many requests queued ({self.max_queued}): retry later",
                            type_="rate_limit_exceeded")
         loop = asyncio.get_running_loop()
         done, out = loop.create_future(), asyncio.Queue()
-        self.inbox.put(("submit", ids, params, loop, out, done))
+        self._queue_submit(ids, params, loop, out, done)
         return await done, out
+
+    def _publish(self, dt: float) -> None:
+        """After an engine step: each live request's new tokens (and its end) to its queue,
+        one wake-up of each event loop a step, not one per request (call_soon_threadsafe
+        writes to the loop's self-pipe and takes its lock, 64 times a step at batch 64)."""
+        batches: dict = {}
+        generated = 0
+        with self.lock:
+            ended = []
+            for rid, live in list(self.live.items()):
+                req = live.req
+                new = req.out[live.sent:]
+                live.sent = len(req.out)
+                generated += len(new)
+                if new or req.finish_reason is not None:
+                    batches.setdefault(live.loop, []).append((live.out, ("tokens", new,
+                                                                         req.finish_reason)))
+                if req.finish_reason is not None:
+                    ended.append(req)
+                    del self.live[rid]
+        for req in ended:
+            self._finished(req)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
+        with self.lock:
+            self.metrics.steps += 1
+            self.metrics.step_seconds += dt
+            self.metrics.generated_tokens += generated
+
+    def _finished(self, req) -> None:
+        with self.lock:
+            reason = req.finish_reason or "abort"
+            self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
+            self.metrics.preemptions += req.preemptions
+
+
+class EngineLoop(LoopBase):
+    """The engine in this process, on a thread of its own (see the module docstring)."""
+
+    def __init__(self, engine, max_queued: int = 1024):
+        super().__init__(max_queued)
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="qcompile-engine", daemon=True)
+        self.thread.start()
+
+    # ---- from the event loop ---------------------------------------------------------------
+
+    def _waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self.inbox.qsize()
+
+    def _queue_submit(self, ids, params, loop, out, done) -> None:
+        self.inbox.put(("submit", ids, params, loop, out, done))
 
     def abort(self, req) -> None:
         self.inbox.put(("abort", req))
+
+    def queued(self) -> int:
+        return self.inbox.qsize()
+
+    def counts(self) -> tuple[int, int, int, int]:
+        s, c = self.engine.scheduler, self.engine.cache
+        return len(s.running), len(s.waiting), c.free_blocks, c.num_blocks
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -146,7 +205,9 @@ class EngineLoop:
                     self._step()
         except BaseException as e:  # noqa: BLE001  (tell every waiting client, then stop)
             self.error = e
-            for live in self.live.values():
+            with self.lock:
+                lives = list(self.live.values())
+            for live in lives:
                 live.post(("error", f"the engine stopped: {type(e).__name__}: {e}"))
 
     def _drain(self, block: bool) -> None:
@@ -165,7 +226,8 @@ class EngineLoop:
             if req.finish_reason is None:
                 self.engine.abort(req)
                 self._finished(req)
-            self.live.pop(req.id, None)
+            with self.lock:
+                self.live.pop(req.id, None)
             return
         _, ids, params, loop, out, done = item
         try:
@@ -178,40 +240,14 @@ class EngineLoop:
         with self.lock:
             self.metrics.requests += 1
             self.metrics.prompt_tokens += len(ids)
-        self.live[req.id] = _Live(req, loop, out)
+        with self.lock:
+            self.live[req.id] = _Live(req, loop, out)
         loop.call_soon_threadsafe(_set, done, req, None)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         self.engine.step()
-        dt = time.perf_counter() - t0
-        # one wake-up of each event loop a step, not one per request: call_soon_threadsafe
-        # writes to the loop's self-pipe and takes its lock, 64 times a step at batch 64
-        batches: dict = {}
-        generated = 0
-        for rid, live in list(self.live.items()):
-            req = live.req
-            new = req.out[live.sent:]
-            live.sent = len(req.out)
-            generated += len(new)
-            if new or req.finish_reason is not None:
-                batches.setdefault(live.loop, []).append((live.out, ("tokens", new,
-                                                                     req.finish_reason)))
-            if req.finish_reason is not None:
-                self._finished(req)
-                del self.live[rid]
-        for loop, items in batches.items():
-            loop.call_soon_threadsafe(_deliver, items)
-        with self.lock:
-            self.metrics.steps += 1
-            self.metrics.step_seconds += dt
-            self.metrics.generated_tokens += generated
-
-    def _finished(self, req) -> None:
-        with self.lock:
-            reason = req.finish_reason or "abort"
-            self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
-            self.metrics.preemptions += req.preemptions
+        self._publish(time.perf_counter() - t0)
 
 
 def _set(fut: asyncio.Future, value, error) -> None:
@@ -271,14 +307,19 @@ class _BodyLimit:
 
 
 def create_app(engine, model_name: str, *, max_queued: int = 1024):
-    """The FastAPI application serving `engine` as `model_name`."""
+    """The FastAPI application serving `engine` as `model_name`: an `Engine` (stepped on a
+    thread of this process) or an `engine_process.EngineProcess` (its own process)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
 
     app = FastAPI(title="qcompile", docs_url=None, redoc_url=None)
-    loop_ = EngineLoop(engine, max_queued)
+    from .engine_process import EngineProcess
+    if isinstance(engine, EngineProcess):
+        loop_, engine = engine, engine.engine
+    else:
+        loop_ = EngineLoop(engine, max_queued)
     app.state.engine_loop = loop_
     created = int(time.time())
 
@@ -333,7 +374,7 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
     @app.get("/metrics")
     async def metrics():
         with loop_.lock:
-            text = loop_.metrics.text(engine, loop_.inbox.qsize())
+            text = loop_.metrics.text(loop_.counts(), loop_.queued())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -501,10 +542,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-queued", type=int, default=1024,
                    help="requests waiting for admission before new ones get 429")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="step the engine on a thread of the HTTP server's process instead of "
+                        "in a process of its own (the default: there the two do not share "
+                        "the GIL; see runtime/engine_process.py)")
     add_compile_args(p, "on cuda, no TorchInductor on the program's glue (default: compiled)")
     args = p.parse_args(argv)
 
     def serve() -> int:
+        import functools
         from pathlib import Path
 
         import torch
@@ -512,14 +558,23 @@ def main(argv=None) -> int:
 
         from .device import parse_device
         from .engine import Engine
+        from .engine_process import EngineProcess
         device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         kv = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
-        engine = Engine.load(args.artifact, device=device, max_seqs=args.max_seqs,
-                             kv_cache_bytes=kv, compile=compile_arg(args))
+        load = functools.partial(Engine.load, args.artifact, device=device,
+                                 max_seqs=args.max_seqs, kv_cache_bytes=kv,
+                                 compile=compile_arg(args))
+        engine = load() if args.engine_thread else EngineProcess(load, args.max_queued)
         name = args.model_name or Path(args.artifact).resolve().name
         app = create_app(engine, name, max_queued=args.max_queued)
+        times = engine.load_times if args.engine_thread else engine.engine.load_times
         print(f"qserve: {name} on http://{args.host}:{args.port}/v1 ({device}, loaded in "
-              f"{sum(engine.load_times.values()):.1f} s)", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+              f"{sum(times.values()):.1f} s{'' if args.engine_thread else ', engine process'})",
+              flush=True)
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        finally:
+            if not args.engine_thread:
+                engine.close()
         return 0
     return run_cli("qserve", serve)

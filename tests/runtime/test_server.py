@@ -9,6 +9,8 @@ CUDA graphs, overlapped steps), as bench/gpu_session.sh's SERVE stage runs it.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import random
 import socket
@@ -22,6 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from qcompile.runtime.engine import Engine  # noqa: E402
+from qcompile.runtime.engine_process import EngineProcess  # noqa: E402
 from qcompile.runtime.server import create_app  # noqa: E402
 
 MODEL = "tiny"
@@ -56,14 +59,16 @@ def artifact(request, make_tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(artifact):
-    """(base url, the served engine, a reference engine on the same artifact)."""
-    engine = Engine.load(artifact, device=DEVICE, max_seqs=16)
+def ref(artifact):
+    """A reference engine on the served artifact (its tokens alone, its logits)."""
     ref = Engine.load(artifact, device=DEVICE, max_seqs=16)
-    for e in (engine, ref):
-        if not e.tokenizer.chat_template:
-            e.tokenizer.chat_template = TEMPLATE
-    app = create_app(engine, MODEL, max_queued=512)
+    ref.tokenizer.chat_template = ref.tokenizer.chat_template or TEMPLATE
+    return ref
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """`app` served by uvicorn on a free loopback port: its base url."""
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -72,9 +77,38 @@ def server(artifact):
         if srv.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine, ref
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def _engine_process(artifact, **load):
+    """The served engine in a process of its own, as qserve runs it (runtime/engine_process.py)."""
+    proc = EngineProcess(functools.partial(Engine.load, artifact, device=DEVICE, **load),
+                         max_queued=512)
+    proc.engine.tokenizer.chat_template = proc.engine.tokenizer.chat_template or TEMPLATE
+    return proc
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request, artifact, ref):
+    """(base url, the served engine, a reference engine on the same artifact). "thread": the
+    engine stepped on a thread of the server's process (`Engine`); "process": in a child
+    process (qserve's default; the engine seen here is its mirror, `RemoteEngine`)."""
+    if request.param == "thread":
+        engine = Engine.load(artifact, device=DEVICE, max_seqs=16)
+        engine.tokenizer.chat_template = engine.tokenizer.chat_template or TEMPLATE
+        with _serving(create_app(engine, MODEL, max_queued=512)) as base:
+            yield base, engine, ref
+        return
+    proc = _engine_process(artifact, max_seqs=16)
+    try:
+        with _serving(create_app(proc, MODEL)) as base:
+            yield base, proc.engine, ref
+    finally:
+        proc.close()
 
 
 @pytest.fixture
@@ -222,10 +256,9 @@ def _as_alone(ref, runs, exact: bool = DEVICE == "cpu") -> None:
           f"{worst:.3f} std of the reference's top")
 
 
-def test_near_tie_check_holds_greedy_streams_and_fails_wrong_ones(server):
+def test_near_tie_check_holds_greedy_streams_and_fails_wrong_ones(ref):
     """_as_alone's GPU check, run here: it holds the reference's own greedy streams and fails
     every stream that dropped its first token or took another prompt's tokens."""
-    ref = server[2]
     prompts = ["w1 w1 w1", "p3 p3", "a b c d"]
     outs = ref.generate(prompts, max_new_tokens=12, stop_on_eos=False)
     runs = [(ref.encode(p), c.token_ids, c.token_ids) for p, c in zip(prompts, outs)]
@@ -342,55 +375,78 @@ def test_engine_failure_is_503_not_a_dead_server(artifact):
         assert http.get("/v1/models").status_code == 200
 
 
-def test_out_of_kv_pages_preempts_and_keeps_tokens(artifact, server):
-    """A server whose KV cache holds one sequence's worth of pages (16), under 48 concurrent
-    streams: requests are preempted and recomputed, none is dropped, and each returns the
-    tokens it gets alone (on the GPU: a greedy continuation up to near ties, see _as_alone);
-    every page is free afterwards."""
+def _failing_engine(artifact):
+    """An engine (built in the engine process) whose steps fail as a GPU out of memory does."""
+    engine = Engine.load(artifact, device=DEVICE, max_seqs=4)
+
+    def broken():
+        raise RuntimeError("CUDA error: out of memory (simulated)")
+    engine.step = broken
+    return engine
+
+
+def test_engine_process_failure_is_503_and_load_errors_reach_the_parent(artifact, tmp_path):
+    """The engine in its own process: a step that fails answers its client and every later
+    request with 503 and /health says so (the HTTP server stays up); a load that fails raises
+    the load's own exception in the parent, so qserve prints its one-line error."""
+    from fastapi.testclient import TestClient
+
+    from qcompile.runtime.manifest import ArtifactError
+    proc = EngineProcess(functools.partial(_failing_engine, artifact))
+    try:
+        with TestClient(create_app(proc, MODEL)) as http:
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a b",
+                                                   "max_tokens": 4})
+            assert r.status_code == 503 and "out of memory" in r.json()["error"]["message"]
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a",
+                                                   "max_tokens": 2})
+            assert r.status_code == 503
+            assert http.get("/health").status_code == 503
+            assert http.get("/v1/models").status_code == 200
+    finally:
+        proc.close()
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        EngineProcess(functools.partial(Engine.load, tmp_path / "missing"))
+
+
+def test_out_of_kv_pages_preempts_and_keeps_tokens(artifact, ref):
+    """A server (its engine in a process of its own, as qserve runs it) whose KV cache holds
+    one sequence's worth of pages (16), under 48 concurrent streams: requests are preempted
+    and recomputed, none is dropped, and each returns the tokens it gets alone (on the GPU: a
+    greedy continuation up to near ties, see _as_alone); every page is free afterwards."""
     from qcompile.runtime.kv_cache import PagedKVCache
-    ref = server[2]
     per_page = PagedKVCache.bytes_per_block(ref.cache.spec)
     pages = -(-ref.max_seq_len // ref.cache.block_size)
-    engine = Engine.load(artifact, device=DEVICE, max_seqs=16,
-                         kv_cache_bytes=pages * per_page)
+    proc = _engine_process(artifact, max_seqs=16, kv_cache_bytes=pages * per_page)
+    engine = proc.engine
     assert engine.cache.num_blocks == pages
-    app = create_app(engine, MODEL)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
     try:
-        for _ in range(200):
-            if srv.started:
-                break
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        rng = random.Random(1)
-        jobs = [(f"p{i} " * rng.randint(2, 8), rng.randint(20, 60)) for i in range(48)]
-        wants = {p: ref.generate([p], max_new_tokens=n, stop_on_eos=False)[0]
-                 for p, n in jobs}
-        aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        with _serving(create_app(proc, MODEL)) as base:
+            rng = random.Random(1)
+            jobs = [(f"p{i} " * rng.randint(2, 8), rng.randint(20, 60)) for i in range(48)]
+            wants = {p: ref.generate([p], max_new_tokens=n, stop_on_eos=False)[0]
+                     for p, n in jobs}
+            aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
 
-        async def one(prompt, n):
-            r = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n,
-                                                 temperature=0, extra_body={
-                                                     "ignore_eos": True,
-                                                     "return_token_ids": True})
-            return r.choices[0]
+            async def one(prompt, n):
+                r = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=n,
+                                                     temperature=0, extra_body={
+                                                         "ignore_eos": True,
+                                                         "return_token_ids": True})
+                return r.choices[0]
 
-        async def run():
-            return await asyncio.wait_for(asyncio.gather(*(one(*j) for j in jobs)), 240)
-        got = asyncio.run(run())
-        assert [len(c.token_ids) for c in got] == [n for _, n in jobs]
-        if DEVICE == "cpu":
-            assert [c.text for c in got] == [wants[p].text for p, _ in jobs]
-        _as_alone(ref, [(c.prompt_token_ids, c.token_ids, wants[p].token_ids)
-                        for c, (p, _) in zip(got, jobs)])
-        metrics = httpx.get(base + "/metrics").text
-        preempted = float(next(line.split()[-1] for line in metrics.splitlines()
-                               if line.startswith("qcompile_preemptions_total ")))
-        assert preempted > 0, "the small cache never preempted: the test proves nothing"
-        assert _pages_free(engine)
+            async def run():
+                return await asyncio.wait_for(asyncio.gather(*(one(*j) for j in jobs)), 240)
+            got = asyncio.run(run())
+            assert [len(c.token_ids) for c in got] == [n for _, n in jobs]
+            if DEVICE == "cpu":
+                assert [c.text for c in got] == [wants[p].text for p, _ in jobs]
+            _as_alone(ref, [(c.prompt_token_ids, c.token_ids, wants[p].token_ids)
+                            for c, (p, _) in zip(got, jobs)])
+            metrics = httpx.get(base + "/metrics").text
+            preempted = float(next(line.split()[-1] for line in metrics.splitlines()
+                                   if line.startswith("qcompile_preemptions_total ")))
+            assert preempted > 0, "the small cache never preempted: the test proves nothing"
+            assert _pages_free(engine)
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+        proc.close()
