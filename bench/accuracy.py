@@ -69,8 +69,10 @@ class Row:
 
 
 def qoq(precision: str, steps: str | None = None, **options) -> dict:
+    """The QoQ recipe with every linear at its precision (int8_linears 0, as the rows measured
+    before the W4A8 defaults kept a share at W8A8), unless `options` say otherwise."""
     return dict(precision=precision, quantizer="qoq", qoq_steps=steps or QOQ_RECIPE[precision],
-                **options)
+                **{"int8_linears": 0.0, **options})
 
 
 def rtn(precision: str, **options) -> dict:
@@ -86,9 +88,11 @@ def main_rows() -> list[Row]:
         Row("W4A16 g128 RTN", rtn("w4a16-g128")),
         Row("W4A8 RTN per-channel", rtn("w4a8")),
         Row("W4A8 QoQ per-channel", qoq("w4a8")),
+        Row("W4A8 QoQ per-channel, default (20% W8A8)", qoq("w4a8", int8_linears=None)),
         Row("W4A8 QoQ per-channel, W8A8 LM head", qoq("w4a8", lm_head="w8a8")),
         Row("W4A8 QoQ g128", qoq("w4a8-g128")),
         Row("W4A8 QoQ g64", qoq("w4a8-g64")),
+        Row("W4A8 QoQ g64, default (30% W8A8)", qoq("w4a8-g64", int8_linears=None)),
         Row("W4A4 FMPQ", qoq("w4a4")),
     ]
 
@@ -105,7 +109,8 @@ def fmpq_rows() -> list[Row]:
 
 def int8_rows() -> list[Row]:
     """W4A8 KV4 with the share of the decoder linears' weights kept at W8A8 where 4 bits cost
-    the most (`--int8-linears`, compiler/sensitivity.py); 0% is the main table's row."""
+    the most (`--int8-linears`, compiler/sensitivity.py); 0% is the main table's plain row,
+    the compiler's default share its "default" row."""
     table = "W4A8 KV4, int8 linear share"
     return [Row(f"{table}: {label}, {f:.0%}", qoq(p, int8_linears=f), ("int4",), table)
             for p, label, shares in (("w4a8", "per-channel", (0.1, 0.2, 0.3)),

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=f.default, help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
+            kind = {"int": int, "float": float, "float | None": float}.get(
+                getattr(f.type, "__name__", f.type), str)
             p.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"),
                            help=f"{f.metadata['help']} (default: {f.default})")
     return p

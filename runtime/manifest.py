@@ -111,6 +111,7 @@ _FIELD_TYPES = {
     "int": lambda v: type(v) is int and 0 <= v <= MAX_INT,
     "int | None": lambda v: v is None or (type(v) is int and 0 <= v <= MAX_INT),
     "float": lambda v: type(v) in (int, float) and math.isfinite(v),
+    "float | None": lambda v: v is None or (type(v) in (int, float) and math.isfinite(v)),
     "bool": lambda v: type(v) is bool,
     "str": lambda v: isinstance(v, str) and len(v) <= 4096,
     "str | None": lambda v: v is None or (isinstance(v, str) and len(v) <= 4096),

@@ -41,6 +41,23 @@ def test_int8_linears_options_are_checked():
             CompileConfig(int8_linears=0.1, **kw)
 
 
+def test_default_share_is_the_recipes():
+    """None resolves to the measured recipes' share (issue 14's held-out bounds: 0.2
+    per-channel, 0.3 g64), 0 where the recipe has no GPTQ or was not measured; an artifact
+    older than the option was compiled without it."""
+    want = {("w4a8", "auto"): 0.2, ("w4a8-g64", "auto"): 0.3, ("w4a8-g128", "auto"): 0.0,
+            ("w4a8", "rtn"): 0.0, ("w8a8", "auto"): 0.0, ("w4a4", "auto"): 0.0,
+            ("fp16", "auto"): 0.0}
+    for (precision, quantizer), share in want.items():
+        assert CompileConfig(precision=precision, quantizer=quantizer).int8_linears == share
+    assert CompileConfig(qoq_steps="rotate,smooth,clip").int8_linears == 0.0
+    assert CompileConfig(int8_linears=0.0).int8_linears == 0.0
+    old = {"precision": "w4a8", "quantizer": "qoq", "qoq_steps": "rotate,smooth,clip,gptq"}
+    assert CompileConfig.from_json(old).int8_linears == 0.0
+    from qcompile.compiler.cli import build_parser
+    assert build_parser().parse_args(["m", "--int8-linears", "0"]).int8_linears == 0.0
+
+
 @pytest.fixture(scope="module")
 def compiled(make_tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint at per-channel W4A8 QoQ, all 4-bit and with 30% kept at 8 bits."""
