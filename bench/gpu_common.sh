@@ -45,7 +45,7 @@ serve_tests() {
   stamp serve
   python -m pip install -q --no-index --find-links build/wheels/serve fastapi uvicorn openai httpx \
     >> "$OUT/install.log" 2>&1 || tail -3 "$OUT/install.log"
-  QCOMPILE_SERVE_DEVICE=cuda timeout -s INT $(cap 120) python -m pytest -q -rfE \
+  QCOMPILE_SERVE_DEVICE=cuda timeout -s INT $(cap 200) python -m pytest -q -rfE -s \
     tests/runtime/test_server.py 2>&1 | tee "$OUT/pytest_serve.log" | tail -3
 }
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,8 +72,40 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
         os.replace(tmp, path)  # atomic: a concurrent loader sees all of it or none
         if progress:
             print(f"qcompile: AOTInductor compile {time.perf_counter() - t:.0f} s", flush=True)
-    runner = torch._inductor.aoti_load_package(str(path))
+    probe(path, device)
+    runner = torch._inductor.aoti_load_package(str(path), **_device_index(device))
 
     def run(*args):
         return tuple(runner(*args))
     return run
+
+
+# Loads a package the way load_or_compile does, in a process of its own.
+_PROBE = ("import sys, torch, qcompile.runtime.ops; i = int(sys.argv[2]); "
+          "torch._inductor.aoti_load_package(sys.argv[1], **({'device_index': i} if i >= 0 "
+          "else {}))")
+
+
+def _device_index(device: torch.device) -> dict:
+    return {"device_index": device.index} if device.type == "cuda" and device.index else {}
+
+
+def probe(path: Path, device: torch.device) -> None:
+    """Load the package once in a child process before this one does: on an H100 (torch
+    2.11) AOTInductor's loader died of a segmentation fault on a package it had just
+    compiled, which would take qserve or qbench down with it; a child that dies raises here,
+    and Engine.load falls back to torch.compile with a warning. A probe that passed leaves
+    `<package>.ok` beside the package, so a warm load pays it once (~3 s: the child imports
+    torch)."""
+    ok = path.with_suffix(".ok")
+    if ok.is_file():
+        return
+    index = _device_index(device).get("device_index", -1)
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(index)],
+                       capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["no message"])[-1][:200]
+        why = f"killed by signal {-r.returncode}" if r.returncode < 0 else tail
+        raise RuntimeError(f"loading the AOTInductor package {path.name} in a test process "
+                           f"failed ({why})")
+    ok.touch()

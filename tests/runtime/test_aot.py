@@ -26,6 +26,7 @@ def test_aot_engine_matches_eager(make_tiny_checkpoint, tmp_path, monkeypatch, p
     compiled = Engine.load(art, compile="aot", max_seqs=8)
     assert compiled.compiled == "aot"
     assert len(list((tmp_path / "cache" / "aot").glob("*.pt2"))) == 1
+    assert len(list((tmp_path / "cache" / "aot").glob("*.ok"))) == 1  # the probe passed
     for prompts in (PROMPTS[:4], PROMPTS[2:3], PROMPTS[4:], PROMPTS[:2]):
         want = [c.token_ids for c in eager.generate(prompts, max_new_tokens=4)]
         got = [c.token_ids for c in compiled.generate(prompts, max_new_tokens=4)]
@@ -70,3 +71,15 @@ def test_aot_failure_falls_back_to_torch_compile(served_artifact, tmp_path, monk
     want = Engine.load(served_artifact, compile=False, max_seqs=4)
     assert [c.token_ids for c in engine.generate(["abc"], max_new_tokens=3)] == \
         [c.token_ids for c in want.generate(["abc"], max_new_tokens=3)]
+
+
+def test_a_package_that_kills_its_loader_falls_back(served_artifact, tmp_path, monkeypatch):
+    """A package whose load dies in the probe's child process (as AOTInductor's loader did on
+    an H100, of a segmentation fault) is never loaded here: torch.compile instead, with a
+    warning that names the signal; no verdict file is left, so the next load probes again."""
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(aot, "_PROBE", "import os; os.abort()")
+    with pytest.warns(UserWarning, match="AOTInductor failed.*killed by signal 6"):
+        engine = Engine.load(served_artifact, compile="aot", max_seqs=4)
+    assert engine.compiled is True
+    assert list((tmp_path / "aot").glob("*.pt2")) and not list((tmp_path / "aot").glob("*.ok"))
