@@ -23,9 +23,11 @@ an error and /health into 503, as the in-process loop does.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from types import SimpleNamespace
@@ -73,7 +75,9 @@ def _stats(engine) -> tuple:
 
 def _child(factory, down, up) -> None:
     """The engine process: load, then admit / abort between steps, step while anything is
-    live, and send each step's new tokens up in one message."""
+    live, and send each step's new tokens up in one message. Ctrl-C in the terminal reaches
+    the whole process group: the child leaves it to the parent, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = factory()
     except BaseException as e:  # noqa: BLE001  (the parent re-raises it)
@@ -139,23 +143,29 @@ class EngineProcess(LoopBase):
         ctx = mp.get_context("spawn")
         down_r, self._down = ctx.Pipe(duplex=False)
         self._up, up_w = ctx.Pipe(duplex=False)
+        # not a daemon: a daemonic process may not start processes of its own, and loading
+        # may (compile workers); it ends when the pipe to it closes, and at exit (atexit)
         self.process = ctx.Process(target=_child, args=(factory, down_r, up_w),
-                                   name="qcompile-engine", daemon=True)
+                                   name="qcompile-engine")
         self.process.start()
         down_r.close()
         up_w.close()
-        if not self._up.poll(start_timeout):
-            self.process.kill()
-            raise TimeoutError(f"the engine process did not load in {start_timeout:.0f} s")
         try:
+            if not self._up.poll(start_timeout):
+                raise TimeoutError(f"the engine process did not load in {start_timeout:.0f} s")
             kind, payload = self._up.recv()
         except EOFError:
             self.process.join()
             raise RuntimeError(f"the engine process died while loading (exit code "
                                f"{self.process.exitcode})") from None
+        except BaseException:  # a timeout or Ctrl-C while it loads: it must not outlive us
+            self.process.kill()
+            self.process.join()
+            raise
         if kind == "failed":
             self.process.join()
             raise payload
+        atexit.register(self.close)
         self.engine = RemoteEngine(payload)
         self._ids = itertools.count()
         self._pending: dict[int, tuple] = {}  # rid -> (mirror, loop, out, done)
@@ -188,11 +198,13 @@ class EngineProcess(LoopBase):
         return e.scheduler.running, e.scheduler.waiting, e.cache.free_blocks, e.cache.num_blocks
 
     def close(self) -> None:
-        """Stop the child (its pages and the GPU are freed with it)."""
-        self._outbox.put(("stop",))
-        self.process.join(timeout=10)
+        """Stop the child (its pages and the GPU are freed with it); idempotent."""
+        if self.process.is_alive():
+            self._outbox.put(("stop",))
+            self.process.join(timeout=10)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join()
 
     # ---- the pipe threads ------------------------------------------------------------------
 

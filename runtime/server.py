@@ -572,7 +572,10 @@ def main(argv=None) -> int:
               f"{sum(times.values()):.1f} s{'' if args.engine_thread else ', engine process'})",
               flush=True)
         try:
-            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            # no lifespan: the app has no startup / shutdown hooks, and on Ctrl-C uvicorn
+            # logged its cancelled lifespan task as an error traceback
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                        lifespan="off")
         finally:
             if not args.engine_thread:
                 engine.close()
