@@ -9,8 +9,9 @@ One engine, stepped in a process of its own (`engine_process.EngineProcess`, qse
 the engine and the HTTP side do not share a GIL) or on a thread of this one (`EngineLoop`):
 HTTP handlers run on the asyncio loop and only queue submissions and aborts; the engine admits
 them between steps, steps while any request is live (continuous batching across every
-connection) and hands each request's tokens to its handler through an asyncio queue. A client that disconnects, or a stop string that
-matches, aborts its request at the next step boundary, which frees its KV pages.
+connection) and hands each request's tokens to its handler through an asyncio queue. A client
+that disconnects, or a stop string that matches, aborts its request at the next step boundary,
+which frees its KV pages.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the model's chat template),
 both streamed (`"stream": true`) or not; `GET /v1/models`; `GET /health`; `GET /metrics`
