@@ -73,13 +73,17 @@ def test_aot_failure_falls_back_to_torch_compile(served_artifact, tmp_path, monk
         [c.token_ids for c in want.generate(["abc"], max_new_tokens=3)]
 
 
-def test_a_package_that_kills_its_loader_falls_back(served_artifact, tmp_path, monkeypatch):
+def test_a_package_that_kills_its_loader_is_refused(tmp_path, monkeypatch):
     """A package whose load dies in the probe's child process (as AOTInductor's loader did on
-    an H100, of a segmentation fault) is never loaded here: torch.compile instead, with a
-    warning that names the signal; no verdict file is left, so the next load probes again."""
-    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    an H100, of a segmentation fault) raises here, naming the signal, and leaves no verdict
+    file (the next load probes again); Engine.load turns that into torch.compile with a
+    warning (test_aot_failure_falls_back_to_torch_compile). A probe that passes leaves one."""
+    package = tmp_path / "x.pt2"
+    package.write_bytes(b"")
     monkeypatch.setattr(aot, "_PROBE", "import os; os.abort()")
-    with pytest.warns(UserWarning, match="AOTInductor failed.*killed by signal 6"):
-        engine = Engine.load(served_artifact, compile="aot", max_seqs=4)
-    assert engine.compiled is True
-    assert list((tmp_path / "aot").glob("*.pt2")) and not list((tmp_path / "aot").glob("*.ok"))
+    with pytest.raises(RuntimeError, match="x.pt2 in a test process failed .killed by signal 6"):
+        aot.probe(package, torch.device("cpu"))
+    assert not package.with_suffix(".ok").exists()
+    monkeypatch.setattr(aot, "_PROBE", "pass")
+    aot.probe(package, torch.device("cpu"))
+    assert package.with_suffix(".ok").is_file()
