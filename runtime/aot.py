@@ -72,8 +72,10 @@ def load_or_compile(art, example_args: tuple, device: torch.device, progress: bo
         os.replace(tmp, path)  # atomic: a concurrent loader sees all of it or none
         if progress:
             print(f"qcompile: AOTInductor compile {time.perf_counter() - t:.0f} s", flush=True)
-    probe(path, device)
-    runner = torch._inductor.aoti_load_package(str(path), **_device_index(device))
+    index = _device_index(device)
+    probe(path, index)
+    runner = torch._inductor.aoti_load_package(
+        str(path), **({"device_index": index} if index >= 0 else {}))
 
     def run(*args):
         return tuple(runner(*args))
@@ -86,11 +88,12 @@ _PROBE = ("import sys, torch, qcompile.runtime.ops; i = int(sys.argv[2]); "
           "else {}))")
 
 
-def _device_index(device: torch.device) -> dict:
-    return {"device_index": device.index} if device.type == "cuda" and device.index else {}
+def _device_index(device: torch.device) -> int:
+    """The CUDA device the package loads on (-1: the current one)."""
+    return device.index if device.type == "cuda" and device.index is not None else -1
 
 
-def probe(path: Path, device: torch.device) -> None:
+def probe(path: Path, device_index: int = -1) -> None:
     """Load the package once in a child process before this one does: on an H100 (torch
     2.11) AOTInductor's loader died of a segmentation fault on a package it had just
     compiled, which would take qserve or qbench down with it; a child that dies raises here,
@@ -100,8 +103,7 @@ def probe(path: Path, device: torch.device) -> None:
     ok = path.with_suffix(".ok")
     if ok.is_file():
         return
-    index = _device_index(device).get("device_index", -1)
-    r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(index)],
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(device_index)],
                        capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["no message"])[-1][:200]

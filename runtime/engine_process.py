@@ -33,7 +33,7 @@ import time
 from types import SimpleNamespace
 
 from .engine import ContextLengthError
-from .server import APIError, LoopBase, _Live, _set
+from .server import APIError, LoopBase, _Live, _set, engine_counts
 
 
 class _Mirror:
@@ -66,11 +66,6 @@ class RemoteEngine:
         running, waiting, free, total = stats
         self.scheduler.running, self.scheduler.waiting = running, waiting
         self.cache.free_blocks, self.cache.num_blocks = free, total
-
-
-def _stats(engine) -> tuple:
-    s, c = engine.scheduler, engine.cache
-    return len(s.running), len(s.waiting), c.free_blocks, c.num_blocks
 
 
 def _child(factory, down, up) -> None:
@@ -112,7 +107,7 @@ def _child(factory, down, up) -> None:
                     up.send(("refused", rid, isinstance(e, ContextLengthError), str(e)))
             if not live:
                 if changed:
-                    up.send(("stats", _stats(engine)))
+                    up.send(("stats", engine_counts(engine)))
                 continue
             t0 = time.perf_counter()
             engine.step()
@@ -125,7 +120,7 @@ def _child(factory, down, up) -> None:
                     del live[rid]
                 else:
                     live[rid] = (req, len(req.out))
-            up.send(("step", dt, news, _stats(engine)))
+            up.send(("step", dt, news, engine_counts(engine)))
     except (EOFError, OSError):  # the parent went away
         return
     except BaseException as e:  # noqa: BLE001  (tell the parent, then stop)

@@ -108,6 +108,12 @@ def _deliver(items: list) -> None:
         out.put_nowait(item)
 
 
+def engine_counts(engine) -> tuple[int, int, int, int]:
+    """Requests running and waiting in `engine`, its KV pages free and in all (Metrics.text)."""
+    s, c = engine.scheduler, engine.cache
+    return len(s.running), len(s.waiting), c.free_blocks, c.num_blocks
+
+
 class LoopBase:
     """What the app needs of the engine's loop, in this process (`EngineLoop`) or another
     (`engine_process.EngineProcess`): submissions and aborts in, each request's tokens out to
@@ -193,8 +199,7 @@ class EngineLoop(LoopBase):
         return self.inbox.qsize()
 
     def counts(self) -> tuple[int, int, int, int]:
-        s, c = self.engine.scheduler, self.engine.cache
-        return len(s.running), len(s.waiting), c.free_blocks, c.num_blocks
+        return engine_counts(self.engine)
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -309,18 +314,16 @@ class _BodyLimit:
 
 def create_app(engine, model_name: str, *, max_queued: int = 1024):
     """The FastAPI application serving `engine` as `model_name`: an `Engine` (stepped on a
-    thread of this process) or an `engine_process.EngineProcess` (its own process)."""
+    thread of this process) or a loop already around one (`engine_process.EngineProcess`: its
+    own process)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
 
     app = FastAPI(title="qcompile", docs_url=None, redoc_url=None)
-    from .engine_process import EngineProcess
-    if isinstance(engine, EngineProcess):
-        loop_, engine = engine, engine.engine
-    else:
-        loop_ = EngineLoop(engine, max_queued)
+    loop_ = engine if isinstance(engine, LoopBase) else EngineLoop(engine, max_queued)
+    engine = loop_.engine
     app.state.engine_loop = loop_
     created = int(time.time())
 
