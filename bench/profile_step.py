@@ -27,7 +27,7 @@ import torch
 
 def _family(name: str) -> str:
     if name.startswith("qc_attn"):
-        if name.endswith(("_encode", "_store")):
+        if name.endswith(("_encode", "_encode_strided", "_store")):
             return "kv write"  # the records' encode and their store into pages
         return "attention"
     return "gemm" if name.startswith("qc_w") else "other"

@@ -70,7 +70,7 @@ class AttnConfig:
     def entries(self, kind: str) -> tuple[str, ...]:
         name = self.name(kind)
         return (name, name + "_kt", name + "_prefill", name + "_prefill2", name + "_merge",
-                name + "_encode", name + "_store")
+                name + "_encode", name + "_encode_strided", name + "_store")
 
     def defines(self, kind: str) -> list[str]:
         int4 = _kind(kind)[1] == "int4"

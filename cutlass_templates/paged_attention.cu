@@ -48,6 +48,7 @@
 //   QC_KERNEL_prefill, _prefill2 same args
 //   QC_KERNEL_merge    (ws_o, ws_lse, out, T, Hq, splits), grid ceil(T*Hq/4)
 //   QC_KERNEL_encode   (k, v, out, T, Hkv, R), grid ceil(2*T*Hkv/4): records of one step
+//   QC_KERNEL_encode_strided (k, v, out, T, Hkv, R, ks, vs): the same, tokens ks / vs apart
 //   QC_KERNEL_store    (recs, cache, slots, M, T, H, HB, PB, BS, R, NB), grid ceil(M*T*H/4)
 #if !defined(QC_KERNEL) || !defined(QC_HEAD_DIM) || !defined(QC_KV_INT4) || !defined(QC_STAGES)
 #error "define QC_KERNEL, QC_HEAD_DIM, QC_KV_INT4, QC_STAGES"
@@ -522,13 +523,15 @@ QC_CAT(QC_KERNEL, _merge)(const float* ws_o, const float* ws_lse, __half* out, i
 
 // Records of one step: k, v [T, Hkv, D] fp16 -> out [2, T, R] uint8, bitwise the reference
 // codec (runtime/ops/kv.py). One warp per (K or V, token, kv head); lane holds D/32 values.
-extern "C" __global__ void __launch_bounds__(THREADS)
-QC_CAT(QC_KERNEL, _encode)(const __half* k, const __half* v, uint8_t* out, int T, int Hkv, int R) {
+// A token's heads are contiguous; tokens are ks / vs halves apart (v is usually a column slice
+// of the fused QKV projection's output, read in place rather than copied first).
+__device__ __forceinline__ void encode(const __half* k, const __half* v, uint8_t* out, int T,
+                                       int Hkv, int R, long long ks, long long vs) {
   const int item = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (item >= 2 * T * Hkv) return;
   const int which = item / (T * Hkv), t = (item / Hkv) % T, h = item % Hkv;
   constexpr int PER = D / 32;
-  const __half* x = (which ? v : k) + ((size_t)t * Hkv + h) * D + lane * PER;
+  const __half* x = (which ? v + t * vs : k + t * ks) + (size_t)h * D + lane * PER;
   uint8_t* rec = out + ((size_t)which * T + t) * R;
   float f[PER];
 #pragma unroll
@@ -569,6 +572,18 @@ QC_CAT(QC_KERNEL, _encode)(const __half* k, const __half* v, uint8_t* out, int T
   }
   if (h == 0)  // zero the record's padding (R is a multiple of 16)
     for (int i = used + lane; i < R; i += 32) rec[i] = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+QC_CAT(QC_KERNEL, _encode)(const __half* k, const __half* v, uint8_t* out, int T, int Hkv, int R) {
+  encode(k, v, out, T, Hkv, R, (long long)Hkv * D, (long long)Hkv * D);
+}
+
+// _encode with the token strides of k and v (in halves) as arguments.
+extern "C" __global__ void __launch_bounds__(THREADS)
+QC_CAT(QC_KERNEL, _encode_strided)(const __half* k, const __half* v, uint8_t* out, int T, int Hkv,
+                                   int R, long long ks, long long vs) {
+  encode(k, v, out, T, Hkv, R, ks, vs);
 }
 
 // The step's records into their pages: recs [M, T, R] (M = layers x {K, V}, contiguous) ->

@@ -157,18 +157,34 @@ def store_pages(layout, cache: torch.Tensor, recs: torch.Tensor, slots: torch.Te
     return True
 
 
+def _rows_of_heads(x: torch.Tensor) -> bool:
+    """[T, H, D] with each token's heads contiguous (tokens any stride apart): what the
+    strided encode reads in place, e.g. v as a column slice of the fused QKV output."""
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and x.stride(0) > 0
+
+
 def launch_encode(cfg: AttnConfig, kind: str, k, v):
-    """k, v [T, Hkv, D] fp16 -> records [2, T, R] uint8 (bitwise the reference codec)."""
-    from .launcher import i32, ptr
-    k, v = k.contiguous(), v.contiguous()
+    """k, v [T, Hkv, D] fp16 -> records [2, T, R] uint8 (bitwise the reference codec). A k or
+    v whose tokens are rows of heads is read in place (`_encode_strided`; binaries built
+    before it copy them first): the value slice of the fused QKV output was a copy kernel
+    a layer, 41 us of the 1B shape's 2.0 ms batch-64 decode step on an H100
+    (bench/results/profile-step-1b-w4a8-inductor-h100-2026-12-07d.json)."""
+    from .launcher import i32, i64, ptr
+    name, kernels = cfg.name(kind), active()
+    strided = kernels.table.kernels.get(f"{name}_encode_strided")
+    if strided is None or not (_rows_of_heads(k) and _rows_of_heads(v)):
+        k, v = k.contiguous(), v.contiguous()
     t, hkv, d = k.shape
     r = kv_record_bytes(ATTN_KINDS[kind][1], hkv, d, k.dtype)
     out = torch.empty((2, t, r), dtype=torch.uint8, device=k.device)
     if t:
-        kernels = active()
-        kernels.table.kernels[f"{cfg.name(kind)}_encode"].launch(
-            (math.ceil(2 * t * hkv / 4), 1, 1), (cfg.threads(), 1, 1), 0,
-            [ptr(k), ptr(v), ptr(out), i32(t), i32(hkv), i32(r)])
-        kernels.attention.launches[f"{cfg.name(kind)}_encode"] += 1
+        grid, block = (math.ceil(2 * t * hkv / 4), 1, 1), (cfg.threads(), 1, 1)
+        args = [ptr(k), ptr(v), ptr(out), i32(t), i32(hkv), i32(r)]
+        if strided is not None:
+            strided.launch(grid, block, 0, args + [i64(k.stride(0)), i64(v.stride(0))])
+            kernels.attention.launches[f"{name}_encode_strided"] += 1
+        else:
+            kernels.table.kernels[f"{name}_encode"].launch(grid, block, 0, args)
+            kernels.attention.launches[f"{name}_encode"] += 1
     return out
 

@@ -156,6 +156,14 @@ def test_encode_bitwise(kernels, fmt, hkv, d):
     got = KV_ENCODE_OPS[fmt](k.cuda(), v.cuda()).cpu()
     assert torch.equal(got, want)
     assert kernels.STATS.launches, "the CUDA encode did not run"
+    # k and v as column slices of one [T, 3 Hkv, D] output (the fused QKV projection's):
+    # read in place by the strided entry, the same records
+    qkv = torch.cat([k, torch.zeros_like(k), v], dim=1).cuda()
+    before = sum(n for e, n in kernels.STATS.launches.items() if e.endswith("_encode_strided"))
+    got = KV_ENCODE_OPS[fmt](qkv[:, :hkv], qkv[:, 2 * hkv:]).cpu()
+    assert torch.equal(got, want)
+    assert sum(n for e, n in kernels.STATS.launches.items()
+               if e.endswith("_encode_strided")) == before + 1
 
 
 def test_ops_route_to_kernels(kernels):
