@@ -87,22 +87,35 @@ def _signed_sylvester(h: torch.Tensor) -> bool:
     return bool(torch.allclose(h, want, atol=2e-3, rtol=0))
 
 
-def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
-    """Call `fwht_rotate` where the graph multiplies by a weight that is a signed Sylvester
-    Hadamard matrix (passes/rotate_kv.py's key / query rotation, `mm(x, kv_rotation)`): the
-    same product to rounding. `weights`: the values of the graph's first placeholders, in
-    order (the program's weights); nothing changes without them. Returns the calls replaced.
+def dense_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [N, D] @ h [D, D] as a broadcast product summed over D in float32, cast back once:
+    under Inductor one reduction kernel that computes its input in place (RoPE, fused into
+    the loads), so RoPE and the rotation of q or k are one kernel, not a Triton kernel and a
+    cuBLAS mm. Any h; D^2 multiply-adds a row (4,096 at D = 64), which a decode step's few
+    thousand rows do not notice. Eager it would materialize [N, D, D]: only for torch.compile."""
+    return (x.float()[:, :, None] * h.float()[None]).sum(dim=1).to(x.dtype)
 
-    Off unless QCOMPILE_FAST_KV_ROTATION=1: with it on, the 1B shape's Inductor decode step
+
+def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
+    """Rewrite the graph's multiplications by the key / query rotation (passes/rotate_kv.py,
+    `mm(x, kv_rotation)`) as $QCOMPILE_FAST_KV_ROTATION says: "0" (default) keeps the mm,
+    "dense" calls `dense_rotate` (any [D, D] weight of an mm that is square and at most 256),
+    "1" calls `fwht_rotate` where the weight is a signed Sylvester Hadamard matrix; the same
+    product to rounding. `weights`: the values of the graph's first placeholders, in order
+    (the program's weights); nothing changes without them. Returns the calls replaced.
+
+    "1" is off by default: with it on, the 1B shape's Inductor decode step
     on an H100 measured 2.1 ms against 2.0 and its cold compile 105-123 s against 49
     (bench/results/gpu-h100-2026-12-07e.md; two other changes landed with it, so this is not
     yet isolated). Inductor cannot keep the butterflies in registers: each stage reads
     elements another thread wrote, so it realizes a buffer per stage (12 for D = 64 in its CPU
     code), on the GPU a Triton kernel each, ~190 launches a step where the mm made 32, and
-    ~1,000 more IR nodes to schedule. The rotation's place is inside our KV-write and
-    attention kernels (a warp-shuffle transform), not the glue; bench/gpu_ab.sh measures this
-    switch on the device."""
-    if os.environ.get("QCOMPILE_FAST_KV_ROTATION", "0") != "1":
+    ~1,000 more IR nodes to schedule. "dense" trades the butterflies' O(D log D) for D^2 in
+    one kernel. The rotation's final place is inside our KV-write and attention kernels (a
+    warp-shuffle transform), not the glue; bench/gpu_ab.sh measures these switches on the
+    device."""
+    mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION", "0")
+    if mode not in ("1", "dense"):
         return 0
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(holders, weights))
@@ -115,9 +128,10 @@ def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
         if h is None:
             continue
         if node.args[1] not in checked:
-            checked[node.args[1]] = _signed_sylvester(h)
+            checked[node.args[1]] = (_signed_sylvester(h) if mode == "1" else
+                                     h.dim() == 2 and h.shape[0] == h.shape[1] <= 256)
         if checked[node.args[1]]:
-            node.target = fwht_rotate
+            node.target = fwht_rotate if mode == "1" else dense_rotate
             n += 1
     if n:
         gm.recompile()

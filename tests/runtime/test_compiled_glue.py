@@ -1,6 +1,7 @@
 """runtime/compiled.py's graph edits for the Inductor paths: the key / query rotation as a fast
-Walsh-Hadamard transform (`fwht_rotate`, `fast_kv_rotation`) equals the product by the
-rotation matrix it replaces, and only a signed Sylvester matrix is replaced."""
+Walsh-Hadamard transform (`fwht_rotate`, `fast_kv_rotation`) or one dense reduction
+(`dense_rotate`) equals the product by the rotation matrix it replaces, and only the matrices
+each mode may take are replaced."""
 import pytest
 import torch
 
@@ -41,3 +42,26 @@ def test_only_signed_sylvester_is_replaced(monkeypatch):
     got = gm(h, r, x)
     assert torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])
     assert fast_kv_rotation(torch.export.export(Two(), (h, r, x)).module(), ()) == 0
+
+
+def test_dense_rotation_replaces_any_small_square_weight(monkeypatch):
+    """QCOMPILE_FAST_KV_ROTATION=dense: every mm by a square weight of at most 256 (here a
+    Hadamard and a plain orthogonal matrix) becomes `dense_rotate`, the same product to
+    rounding, also under torch.compile; a larger weight keeps its mm."""
+    from qcompile.runtime.compiled import dense_rotate
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)))
+    big = torch.randn(300, 300, generator=torch.Generator().manual_seed(2))
+
+    class Three(torch.nn.Module):
+        def forward(self, h, r, w, x, y):
+            return torch.mm(x.cos(), h), torch.mm(x, r), torch.mm(y, w)
+    h = kv_rotation_matrix(64)
+    x, y = torch.randn(5, 64), torch.randn(3, 300)
+    gm = torch.export.export(Three(), (h, q, big, x, y)).module()
+    want = gm(h, q, big, x, y)
+    monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "dense")
+    assert fast_kv_rotation(gm, (h, q, big)) == 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(dense_rotate) == 2 and torch.ops.aten.mm.default in targets
+    for got in (gm(h, q, big, x, y), torch.compile(gm)(h, q, big, x, y)):
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
