@@ -458,6 +458,7 @@ class Engine:
         x = batch.tensors(self.device)
         with self._no_autograd():
             logits, _ = self.program(*self.weights, *x.program_args(self.cache.tensor))
+        logits = logits.float()  # a compiled program returns them in the activation dtype
         return [logits[a:b] for a, b in zip(batch.query_start, batch.query_start[1:])]
 
 

@@ -65,3 +65,23 @@ def test_dense_rotation_replaces_any_small_square_weight(monkeypatch):
     assert targets.count(dense_rotate) == 2 and torch.ops.aten.mm.default in targets
     for got in (gm(h, q, big, x, y), torch.compile(gm)(h, q, big, x, y)):
         assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+
+
+def test_logits_upcast_dropped():
+    """The program's closing float32 cast of the logits goes (the same values in float16);
+    a program whose logits are float32 already keeps its graph."""
+    from qcompile.runtime.compiled import drop_logits_upcast
+
+    class Head(torch.nn.Module):
+        def forward(self, w, x):
+            return torch.mm(x, w).float(), x.sum()
+    w, x = torch.randn(8, 16).half(), torch.randn(3, 8).half()
+    gm = torch.export.export(Head(), (w, x)).module()
+    want = gm(w, x)
+    assert drop_logits_upcast(gm)
+    got = gm(w, x)
+    assert got[0].dtype == torch.float16 and torch.equal(got[0].float(), want[0])
+    assert torch.equal(got[1], want[1])
+    assert not drop_logits_upcast(gm)  # nothing left to drop
+    f32 = torch.export.export(Head(), (w.float(), x.float())).module()
+    assert not drop_logits_upcast(f32)
