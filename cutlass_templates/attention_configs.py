@@ -126,6 +126,8 @@ class Launch:
     entry: str          # "kt", "decode" or "prefill"
     grid: tuple[int, int, int]
     splits: int
+    split_keys: int = 0  # > 0: each split is this many keys (plan_invariant); 0: even splits
+    select: int = 0      # sequences served: 0 all, 1 one new token, 2 more (paged_attention.cu)
 
 
 def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
@@ -156,3 +158,49 @@ def plan(t: int, b: int, hq: int, hkv: int, max_keys: int, sm_count: int, *,
         min_keys = WAVE_MIN_SPLIT_KEYS if waves else MIN_SPLIT_KEYS
         splits = max(1, min(-(-target // busy), max_keys // min_keys, MAX_SPLITS))
     return Launch(entry, (row_blocks, hkv, splits), splits)
+
+
+# Batch-invariant plans (plan_invariant): a sequence's attention must not depend on the batch
+# it is in, so its keys are cut at fixed multiples of the split size (a split count per batch
+# would move the cuts) and its rows always go to the same entry (a decode row to kt or decode,
+# a prefill chunk's to prefill, even when both share a step). The split size is the engine's
+# (`invariant_split_keys`), prefill's PREFILL_SPLIT_FACTOR times it: prefill CTAs are many.
+INVARIANT_MIN_SPLIT_KEYS = 512
+INVARIANT_MAX_SPLITS = 16
+PREFILL_SPLIT_FACTOR = 4
+
+
+def invariant_split_keys(max_seq_len: int) -> int:
+    """The decode split size of an engine that serves up to max_seq_len tokens: at least
+    INVARIANT_MIN_SPLIT_KEYS, and large enough that a sequence is never cut into more than
+    INVARIANT_MAX_SPLITS splits (which bounds a decode graph's grid and fp32 workspace); a
+    multiple of 128 (every entry's tile divides it)."""
+    need = -(-max_seq_len // INVARIANT_MAX_SPLITS)
+    return max(INVARIANT_MIN_SPLIT_KEYS, -(-need // 128) * 128)
+
+
+def plan_invariant(t: int, b: int, hq: int, hkv: int, max_keys: int,
+                   split_keys: int) -> list[Launch]:
+    """The batch-invariant launches for T query tokens of B sequences (max_keys as in `plan`):
+    the rows of single-token sequences in the decode entry of the model's group size ("kt"
+    up to KT_ROWS query heads a kv head, else "decode"), split every `split_keys` keys; when
+    the step has more tokens than sequences (a prefill chunk in it; the engine makes no
+    sequence without tokens), a second launch of "prefill" for the others, split every
+    PREFILL_SPLIT_FACTOR * split_keys. Each launch serves only its sequences (`select`), so
+    a row's entry and key cuts depend on its own sequence alone."""
+    if split_keys <= 0 or split_keys % 128:
+        raise ValueError(f"plan_invariant: split_keys must be a positive multiple of 128, got "
+                         f"{split_keys}")
+    g = hq // hkv
+    single = "kt" if g <= KT_ROWS else "decode"
+    splits = max(1, -(-max_keys // split_keys))
+    mixed = t > b
+    # a selected sequence has one token: G rows; unselected, any (as `plan`'s bound)
+    blocks = b * -(-g // ROWS[single]) if mixed else -(-t * g // ROWS[single]) + b
+    launches = [Launch(single, (blocks, hkv, splits), splits, split_keys, 1 if mixed else 0)]
+    if mixed:
+        keys = PREFILL_SPLIT_FACTOR * split_keys
+        splits = max(1, -(-max_keys // keys))
+        launches.append(Launch("prefill", (-(-t * g // PREFILL_ROWS) + b, hkv, splits), splits,
+                               keys, 2))
+    return launches

@@ -74,6 +74,10 @@ struct Args {
   float* ws_lse;  // [splits, T, Hq]
   int T, B, MB, NB, BS, R, Hq, Hkv;
   float scale_log2;  // softmax scale * log2(e)
+  // Batch invariance (runtime/attention_kernels.py, Engine.load(batch_invariant=True)):
+  int split_keys;  // > 0: split z is keys [z * split_keys, (z + 1) * split_keys) of every block
+                   // (a multiple of every entry's tile); 0: the keys cut into gridDim.z parts
+  int select;      // sequences served: 0 all, 1 those with one new token, 2 those with more
 };
 
 // Q fragments of rows (block row0 + g, + 8); rows >= nrows are zero.
@@ -129,6 +133,11 @@ struct Block {
   int b, row0, nrows, tok0, ctx;  // sequence, first row, rows of the sequence, first token
 };
 
+// Whether a launch with `select` serves a sequence of `tokens` new tokens (Args::select).
+__device__ __forceinline__ bool selected(int select, int tokens) {
+  return select == 0 || (select == 1 ? tokens == 1 : tokens > 1);
+}
+
 // Which sequence and row block blockIdx.x is (b = -1: none). Row blocks of sequence b:
 // ceil(n_b * G / ROWS), enumerated in sequence order (a warp-wide prefix sum), each
 // sequence's last block first: under the causal mask it reads the most keys, and the
@@ -143,7 +152,10 @@ __device__ Block find_block(const Args& p, int G) {
     for (int b0 = 0; b0 < p.B; b0 += 32) {
       const int b = b0 + lane;
       int n = 0;
-      if (b < p.B) n = (__ldg(p.query_start + b + 1) - __ldg(p.query_start + b)) * G;
+      if (b < p.B) {
+        const int tokens = __ldg(p.query_start + b + 1) - __ldg(p.query_start + b);
+        n = selected(p.select, tokens) ? tokens * G : 0;
+      }
       const int blocks = (n + ROWS - 1) / ROWS;
       int incl = blocks;
 #pragma unroll
@@ -229,12 +241,14 @@ __device__ __forceinline__ void merge_warps(const Args& p, const Block& blk, int
 }
 
 // Keys of the block [0, ctx + its last token + 1) cut into gridDim.z splits of whole TN-key
-// tiles: this CTA's [begin, end).
+// tiles, or into splits of split_keys each (a function of the sequence alone, not of the
+// batch: batch-invariant; splits past the keys are empty): this CTA's [begin, end).
 template <int ROWS, int TN>
-__device__ __forceinline__ int2 key_range(const Block& blk, int G) {
+__device__ __forceinline__ int2 key_range(const Block& blk, int G, int split_keys) {
   const int last_row = min(blk.row0 + ROWS, blk.nrows) - 1;
   const int k_all = blk.ctx + last_row / G + 1;
-  const int per = (((k_all + gridDim.z - 1) / gridDim.z) + TN - 1) / TN * TN;
+  const int per = split_keys > 0 ? split_keys
+                                 : (((k_all + gridDim.z - 1) / gridDim.z) + TN - 1) / TN * TN;
   const int k_begin = blockIdx.z * per;
   return make_int2(k_begin, min(k_all, k_begin + per));
 }
@@ -283,7 +297,7 @@ __device__ __forceinline__ void attention(const Args& p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
   const int wrow0 = blk.row0 + (SPLIT_WARPS ? 0 : 16 * warp);
 
-  const int2 kr = key_range<ROWS, TN>(blk, G);
+  const int2 kr = key_range<ROWS, TN>(blk, G, p.split_keys);
   const int k_begin = kr.x, k_end = kr.y;
 
   RowState st;
@@ -337,7 +351,7 @@ __device__ __forceinline__ void attention_p2(const Args& p) {
   const Block blk = find_block<P2_ROWS>(p, G);
   if (blk.b < 0) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int2 kr = key_range<P2_ROWS, P2_TN>(blk, G);
+  const int2 kr = key_range<P2_ROWS, P2_TN>(blk, G, p.split_keys);
   const int k_begin = kr.x, k_end = kr.y;
   uint4* sq = reinterpret_cast<uint4*>(smem + STAGES * S::BYTES) + warp * MT * KSTEPS * 32;
 
@@ -420,7 +434,7 @@ __device__ __forceinline__ void attention_kt(const Args& p) {
   const Block blk = find_block<KT_ROWS>(p, G);
   if (blk.b < 0) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
-  const int2 kr = key_range<KT_ROWS, KT_TN>(blk, G);
+  const int2 kr = key_range<KT_ROWS, KT_TN>(blk, G, p.split_keys);
   const int k_begin = kr.x, k_end = kr.y;
 
   KtState st;
@@ -480,9 +494,11 @@ __device__ __forceinline__ void attention_kt(const Args& p) {
 #define QC_ATTN_PARAMS                                                                      \
   const __half *q, const uint8_t *kv_new, const uint8_t *cache, const int *block_tables,    \
       const int *ctx_lens, const int *query_start, __half *out, float *ws_o, float *ws_lse, \
-      int T, int B, int MB, int NB, int BS, int R, int Hq, int Hkv, float scale_log2
-#define QC_ATTN_ARGS \
-  Args{q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T, B, MB, NB, BS, R, Hq, Hkv, scale_log2}
+      int T, int B, int MB, int NB, int BS, int R, int Hq, int Hkv, float scale_log2,        \
+      int split_keys, int select
+#define QC_ATTN_ARGS                                                                            \
+  Args{q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T, B, MB, NB, \
+       BS, R, Hq, Hkv, scale_log2, split_keys, select}
 
 extern "C" __global__ void __launch_bounds__(THREADS) QC_KERNEL(QC_ATTN_PARAMS) {
   attention<16, DECODE_TN>(QC_ATTN_ARGS);
@@ -500,12 +516,23 @@ extern "C" __global__ void __launch_bounds__(THREADS) QC_CAT(QC_KERNEL, _prefill
   attention_p2(QC_ATTN_ARGS);
 }
 
-// out[t, hq, :] = sum_z 2^(lse_z - M) O_z / sum_z 2^(lse_z - M); one warp per (t, hq).
+// out[t, hq, :] = sum_z 2^(lse_z - M) O_z / sum_z 2^(lse_z - M); one warp per (t, hq). With
+// select != 0 only the rows of the sequences that the attention launch served (the others
+// belong to another launch of the step): token t's sequence by a binary search of query_start.
 extern "C" __global__ void __launch_bounds__(THREADS)
 QC_CAT(QC_KERNEL, _merge)(const float* ws_o, const float* ws_lse, __half* out, int T, int Hq,
-                          int splits) {
+                          int splits, const int* query_start, int B, int select) {
   const int row = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (row >= T * Hq) return;
+  if (select != 0) {
+    const int t = row / Hq;
+    int lo = 0, hi = B - 1;  // the last b with query_start[b] <= t
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (__ldg(query_start + mid) <= t) lo = mid; else hi = mid - 1;
+    }
+    if (!selected(select, __ldg(query_start + lo + 1) - __ldg(query_start + lo))) return;
+  }
   float m = NEG_INF;
   for (int z = 0; z < splits; ++z) m = fmaxf(m, ws_lse[(size_t)z * T * Hq + row]);
   const float base = m == NEG_INF ? 0.f : m;

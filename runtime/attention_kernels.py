@@ -20,7 +20,8 @@ import warnings
 import torch
 
 from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FORMAT, THREADS,
-                                                         AttnConfig, plan)
+                                                         AttnConfig, Launch, plan,
+                                                         plan_invariant)
 from qcompile.runtime.ops.attention import paged_attention_ref
 from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes
 
@@ -89,40 +90,73 @@ def _attention(fmt, q, kv_new, kv_cache, block_tables, ctx_lens, query_start, nu
                             num_kv_heads, scale)
 
 
+def fixed_splits(table, cfg: AttnConfig, kind: str) -> bool:
+    """Whether the binary of (cfg, kind) in `table` (a KernelTable's kernels) takes the split
+    size and sequence selection of batch-invariant plans: its template version added them
+    with `_encode_strided`; an older binary ignores the two arguments (correct attention,
+    but the plan's cuts and selection are not its own)."""
+    return f"{cfg.name(kind)}_encode_strided" in table
+
+
 def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tables, ctx_lens,
                      query_start, num_kv_heads: int, scale: float, *, out=None, splits=None,
-                     entry=None):
+                     entry=None, split_keys: int | None = None):
     """Launch into out ([T, Hq, D] fp16; allocated when None). `splits` / `entry` ("kt",
-    "decode", "prefill") override the plan (tests and the benchmark)."""
-    from .launcher import f32, i32, ptr
+    "decode", "prefill") override the plan (tests and the benchmark). `split_keys` (default:
+    the active kernels', 0 unless the engine is batch-invariant): > 0 launches
+    `plan_invariant`'s fixed cuts, one launch per kind of sequence."""
     q, kv_new = q.contiguous(), kv_new.contiguous()
-    t, hq, d = q.shape
+    t, hq, _ = q.shape
     b, mb = block_tables.shape
-    nb, bs, r = kv_cache.shape[1:]
+    bs = kv_cache.shape[2]
     if out is None:
         out = torch.empty_like(q)
     if t == 0 or b == 0:
         return out
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    p = plan(t, b, hq, num_kv_heads, mb * bs, sms, entry=entry, splits=splits)
-    entry, splits = p.entry, p.splits
-    ws_o = ws_lse = None
-    if splits > 1:
-        ws_o = torch.empty((splits, t, hq, d), dtype=torch.float32, device=q.device)
-        ws_lse = torch.empty((splits, t, hq), dtype=torch.float32, device=q.device)
     name, kernels = cfg.name(kind), active()
     table = kernels.table.kernels
-    kernel = table[name if entry == "decode" else f"{name}_{entry}"]  # KeyError: an old build
+    if split_keys is None:
+        split_keys = kernels.split_keys
+    if split_keys and entry is None and splits is None:
+        if not fixed_splits(table, cfg, kind):
+            raise RuntimeError(f"batch-invariant attention needs a newer {name} than "
+                               f"{kernels.table.dir} holds; rebuild the artifact's kernels "
+                               "(qcompile again)")
+        launches = plan_invariant(t, b, hq, num_kv_heads, mb * bs, split_keys)
+    else:
+        sms = _sm_count(q.device.index if q.device.index is not None
+                        else torch.cuda.current_device())
+        launches = [plan(t, b, hq, num_kv_heads, mb * bs, sms, entry=entry, splits=splits)]
+    for p in launches:
+        _launch(cfg, kind, table, kernels.attention, p, q, kv_new, kv_cache, block_tables,
+                ctx_lens, query_start, out, num_kv_heads, scale)
+    return out
+
+
+def _launch(cfg: AttnConfig, kind: str, table, stats, p: Launch, q, kv_new, kv_cache,
+            block_tables, ctx_lens, query_start, out, num_kv_heads: int, scale: float) -> None:
+    from .launcher import f32, i32, ptr
+    t, hq, d = q.shape
+    b, mb = block_tables.shape
+    nb, bs, r = kv_cache.shape[1:]
+    ws_o = ws_lse = None
+    if p.splits > 1:
+        ws_o = torch.empty((p.splits, t, hq, d), dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty((p.splits, t, hq), dtype=torch.float32, device=q.device)
+    name = cfg.name(kind)
+    kernel = table[name if p.entry == "decode" else f"{name}_{p.entry}"]  # KeyError: old build
     args = [ptr(q), ptr(kv_new), ptr(kv_cache), ptr(block_tables), ptr(ctx_lens),
             ptr(query_start), ptr(out), ptr(ws_o), ptr(ws_lse), i32(t), i32(b), i32(mb),
-            i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E)]
-    kernel.launch(p.grid, (cfg.threads(), 1, 1), cfg.smem_bytes(kind, entry), args)
-    if splits > 1:
+            i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E),
+            i32(p.split_keys), i32(p.select)]
+    kernel.launch(p.grid, (cfg.threads(), 1, 1), cfg.smem_bytes(kind, p.entry), args)
+    if p.splits > 1:
         table[f"{name}_merge"].launch(
             (math.ceil(t * hq / 4), 1, 1), (cfg.threads(), 1, 1), 0,
-            [ptr(ws_o), ptr(ws_lse), ptr(out), i32(t), i32(hq), i32(splits)])
-    kernels.attention.launches[f"{name}_{entry}" + (f"_split{splits}" if splits > 1 else "")] += 1
-    return out
+            [ptr(ws_o), ptr(ws_lse), ptr(out), i32(t), i32(hq), i32(p.splits),
+             ptr(query_start), i32(b), i32(p.select)])
+    stats.launches[f"{name}_{p.entry}" + (f"_split{p.splits}" if p.splits > 1 else "")
+                   + ("", "_single", "_multi")[p.select]] += 1
 
 
 def _encode(fmt, k, v):

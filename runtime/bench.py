@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_compile_args, compile_arg
+from .cli import add_compile_args, add_invariance_arg, compile_arg
 
 PEERS = ("hf", "hf-eager", "hf-static")
 
@@ -270,6 +270,7 @@ def parser():
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every decode step eagerly (default on cuda: CUDA graphs per "
                         "decode batch size, captured at load)")
+    add_invariance_arg(p)
     p.add_argument("--seed", type=int, default=0, help="of the synthetic prompts (default 0)")
     p.add_argument("--out", type=Path, default=Path("."),
                    help="folder of qbench-<artifact>.json and .png (default .)")
@@ -306,7 +307,7 @@ def _run(args) -> int:
     t_load = time.perf_counter()
     engine = Engine.load(args.artifact, device=device, kv_cache_bytes=kv, max_seqs=args.max_seqs,
                          max_batch_tokens=args.max_batch_tokens,
-                         compile=compile_arg(args),
+                         compile=compile_arg(args), batch_invariant=args.batch_invariant,
                          overlap=None if args.overlap else False,
                          cuda_graphs=None if device.type == "cuda" and not args.no_cuda_graphs
                          else False)
@@ -328,7 +329,9 @@ def _run(args) -> int:
     results = [bench_engine(engine, prompts, args.output_len,
                             f"qcompile {c.precision} kv {c.kv}"
                             + {True: " inductor", "aot": " aot"}.get(engine.compiled, "")
-                            + (" overlap" if engine.overlap else ""), progress=not args.quiet)]
+                            + (" overlap" if engine.overlap else "")
+                            + (" batch-invariant" if engine.batch_invariant else ""),
+                            progress=not args.quiet)]
     results[0].load_s = load_s
     del engine
     for peer in peers:  # a peer that fails costs its row, not our measurement
@@ -342,7 +345,8 @@ def _run(args) -> int:
                 torch.cuda.empty_cache()
     name = device.type if device.type == "cpu" else torch.cuda.get_device_name(device)
     meta = dict(artifact=str(args.artifact), device=name, torch=torch.__version__)
-    js, png = write(results, args.out, f"qbench-{args.artifact.name}", meta)
+    js, png = write(results, args.out, f"qbench-{args.artifact.name}"
+                    + ("-invariant" if args.batch_invariant else ""), meta)
     print(f"{name}, torch {torch.__version__}; ours / it = our output tok/s over its\n")
     print(table(results))
     print(f"\nwrote {js} and {png}")

@@ -30,6 +30,15 @@ def add_compile_args(p, no_compile_help: str) -> None:
                         "tracing)")
 
 
+def add_invariance_arg(p) -> None:
+    """--batch-invariant, shared by qserve and qbench (Engine.load's batch_invariant)."""
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens do not depend on the other requests it is batched "
+                        "with (server load, a preemption): fixed attention key splits, a "
+                        "fixed-size float LM head; CUDA, Inductor, integer-GEMM precisions "
+                        "(w8a8, w4a8*); costs some speed (qbench measures it)")
+
+
 def compile_arg(args) -> bool | str | None:
     """Engine.load's compile from --no-compile / --aot."""
     return "aot" if args.aot else None if args.compile else False

@@ -10,7 +10,7 @@ import os
 import torch
 
 
-def torch_compile(program, weights=()):
+def torch_compile(program, weights=(), rotation: str | None = None):
     """The program under torch.compile, one graph for every step shape: dynamic shapes without
     duck sizing, which equated the step inputs' storage offsets in the staging buffer with
     unrelated sizes and recompiled per decode bucket (six ~30 s compiles of the 1B shape on an
@@ -19,10 +19,10 @@ def torch_compile(program, weights=()):
     at 2). Size-oblivious reasoning (`backed_size_oblivious`) avoids that too but made the
     compile itself over 5x slower on the CPU. Rounding to the activation dtype where eager does
     (before quantization), so that the compiled program produces the reference ops' int8
-    codes."""
+    codes. rotation: `fast_kv_rotation`'s mode (None: $QCOMPILE_FAST_KV_ROTATION's)."""
     from torch.fx.experimental import _config as fx_config
     inline_act_quants(program)
-    fast_kv_rotation(program, weights)
+    fast_kv_rotation(program, weights, rotation)
     drop_logits_upcast(program)
     compiled = torch.compile(program, dynamic=True, options={"emulate_precision_casts": True})
 
@@ -122,9 +122,10 @@ def dense_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (x.float()[:, :, None] * h.float()[None]).sum(dim=1).to(x.dtype)
 
 
-def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
+def fast_kv_rotation(gm: torch.fx.GraphModule, weights, mode: str | None = None) -> int:
     """Rewrite the graph's multiplications by the key / query rotation (passes/rotate_kv.py,
-    `mm(x, kv_rotation)`) as $QCOMPILE_FAST_KV_ROTATION says: "0" (default) keeps the mm,
+    `mm(x, kv_rotation)`) as `mode` (default $QCOMPILE_FAST_KV_ROTATION) says: "0" (default)
+    keeps the mm,
     "dense" calls `dense_rotate` (any [D, D] weight of an mm that is square and at most 256),
     "1" calls `fwht_rotate` where the weight is a signed Sylvester Hadamard matrix; the same
     product to rounding. `weights`: the values of the graph's first placeholders, in order
@@ -140,7 +141,8 @@ def fast_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
     one kernel. The rotation's final place is inside our KV-write and attention kernels (a
     warp-shuffle transform), not the glue; bench/gpu_ab.sh measures these switches on the
     device."""
-    mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION", "0")
+    if mode is None:
+        mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION", "0")
     if mode not in ("1", "dense"):
         return 0
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -29,7 +29,7 @@ from .artifact import Artifact, ArtifactError, load_program, load_weights, open_
 from .block_table import BlockTable
 from .cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
 from .detokenize import IncrementalDecoder
-from .flat_batch import Span, flat_batch
+from .flat_batch import FlatBatch, Span, flat_batch
 from .kv_cache import PagedKVCache
 from .ops.kv import PageLayout
 from .sampler import SamplingParams, sample_rows
@@ -103,11 +103,14 @@ class Engine:
         self._inflight: _Launched | None = None
         self.compiled: bool | str = False  # Engine.load's compile: True (Inductor), "aot"
         self.load_times: dict[str, float] = {}  # Engine.load's phases, seconds
+        self.batch_invariant = False  # Engine.load's; see _invariant
+        self._logits_rows = 0  # > 0: every step computes this many logits rows (_invariant)
 
     @classmethod
     def load(cls, path, device="cpu", *, kv_cache_bytes: int | None = None,
              max_batch_tokens: int = 4096, max_seqs: int = 64, compile: bool | str | None = None,
-             cuda_graphs: bool | None = None, overlap: bool | None = None):
+             cuda_graphs: bool | None = None, overlap: bool | None = None,
+             batch_invariant: bool = False):
         """compile: TorchInductor on the program's glue (default: on CUDA, where it fuses each
         RMSNorm / SwiGLU with its activation quantization and takes a decode step of the 1B
         shape from 95 to 34 launches a layer and 5.5 to 3.1 ms on an H100; its compile is
@@ -120,6 +123,10 @@ class Engine:
         reading the previous one's sampled ids (see `step`; default: on CUDA, where it hides
         the host's ~0.5 ms between steps: 1B shape, batch 64 on an H100, with Inductor, decode
         step 3.1 -> 2.6 ms, 9,381 -> 10,739 output tok/s, bench/results/gpu-h100-2026-12-07c.md).
+        batch_invariant: a request's logits, so its greedy tokens, do not depend on the other
+        requests of its steps (server load, batch order, a preemption's recomputation): see
+        `_invariant` for what it takes and costs. CUDA with Inductor (compile True or None)
+        and an artifact whose linears run qcompile's integer GEMMs (w8a8, w4a8*).
 
         `engine.load_times` holds the seconds of each phase: artifact (checks and the program),
         weights, setup (tokenizer, KV cache, kernels; AOTInductor's compile or the map of its
@@ -152,12 +159,16 @@ class Engine:
             compile = device.type == "cuda"
         if compile not in (True, False, "aot"):
             raise ValueError(f"compile must be True, False, None or 'aot', not {compile!r}")
+        if batch_invariant:
+            _check_invariant(art, device, compile, kernels)
         if compile:
             compiled.persistent_cache()
         if overlap is None:
             overlap = device.type == "cuda"
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
                      kernels, overlap)
+        if batch_invariant:
+            engine._invariant()
         if compile is True:
             engine._use_inductor(program)
         elif compile == "aot":
@@ -185,10 +196,34 @@ class Engine:
         if self.graphs is not None:
             self.graphs.replays.clear()
 
+    def _invariant(self) -> None:
+        """Batch invariance (Engine.load's batch_invariant; checked by _check_invariant): every
+        kernel a request's row goes through computes it the same way whatever else is in the
+        step. The integer GEMMs already do (exact accumulation, each tile config bitwise equal
+        to the reference) and so does Inductor's glue (one graph for every step shape: each
+        row's reductions in one fixed order). What changes:
+        - attention cuts each sequence's keys at multiples of a fixed split size instead of
+          into a split count chosen for the batch, and runs a decode row and a prefill chunk's
+          rows in their own entries even when they share a step (plan_invariant; a
+          batch-dependent plan chose kt, decode or prefill for the whole step);
+        - the key / query rotation is a reduction Inductor fuses with RoPE (`dense_rotate`)
+          rather than a cuBLAS mm whose algorithm follows its row count;
+        - a float LM head (cuBLAS) always multiplies the same number of rows: each step
+          computes max(max_seqs, 2) logits rows, the extra ones ignored.
+        Costs: decode splits that do not adapt to the batch (a batch of 64 at 1024 keys runs
+        two where one was faster; a single sequence fewer than its SMs wanted), a second
+        attention launch in mixed steps, and the padded head."""
+        from qcompile.cutlass_templates.attention_configs import invariant_split_keys
+        self.batch_invariant = True
+        self.kernels.split_keys = invariant_split_keys(self.max_seq_len)
+        if self.artifact.compile.head_scheme is None:
+            self._logits_rows = max(self.scheduler.max_seqs, 2)
+
     def _use_inductor(self, program) -> None:
         """torch.compile on `program` as this engine's program; no dimension of one in its
         steps (decode buckets from 2, see _layout)."""
-        self.program = self.kernels.wrap(compiled.torch_compile(program, self.weights))
+        self.program = self.kernels.wrap(compiled.torch_compile(
+            program, self.weights, rotation="dense" if self.batch_invariant else None))
         self.compiled = True
         self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
 
@@ -416,12 +451,22 @@ class Engine:
         else:
             rows = [c.req if c.samples else None for c in chunks] + [None] * (bucket - len(chunks))
             spans += [self._pad] * (bucket - len(chunks))
-        return flat_batch(spans, self.cache.block_size), rows, updates, gathers
+        batch = self._pad_logits(flat_batch(spans, self.cache.block_size))
+        rows += [None] * (len(batch.logits_indices) - len(rows))
+        return batch, rows, updates, gathers
+
+    def _pad_logits(self, batch: FlatBatch) -> FlatBatch:
+        """batch with logits rows repeated up to _logits_rows (batch invariance: a float LM
+        head always multiplies as many rows); unchanged when that is 0."""
+        pad = self._logits_rows - len(batch.logits_indices)
+        if pad > 0:
+            batch.logits_indices += [batch.logits_indices[0]] * pad
+        return batch
 
     def _stage_padding(self, bucket: int) -> StepInputs:
         """A bucket of padding rows staged (CUDA graph warm-up and capture)."""
-        batch = flat_batch([self._pad] * bucket, self.cache.block_size)
-        return self.buffers.load(batch, _sampling_rows([None] * bucket), [])
+        batch = self._pad_logits(flat_batch([self._pad] * bucket, self.cache.block_size))
+        return self.buffers.load(batch, _sampling_rows([None] * len(batch.logits_indices)), [])
 
     def _no_autograd(self):
         """inference_mode, except around an AOTInductor runner, which must not see inference
@@ -460,6 +505,26 @@ class Engine:
             logits, _ = self.program(*self.weights, *x.program_args(self.cache.tensor))
         logits = logits.float()  # a compiled program returns them in the activation dtype
         return [logits[a:b] for a, b in zip(batch.query_start, batch.query_start[1:])]
+
+
+def _check_invariant(art: Artifact, device: torch.device, compile, kernels) -> None:
+    """Raise ValueError (one line, what to do) where Engine.load's batch_invariant cannot hold."""
+    from qcompile.compiler.schemes import spec_of
+    from qcompile.cutlass_templates.attention_configs import HEAD_DIMS
+    if device.type != "cuda":
+        raise ValueError(f"batch_invariant is for CUDA; on {device} the reference ops serve "
+                         "(drop the option)")
+    if compile is not True:
+        raise ValueError(f"batch_invariant needs Inductor on the glue (compile=True), not "
+                         f"compile={compile!r}: eager ATen reductions split rows by batch size")
+    scheme = art.compile.scheme
+    if scheme is None or spec_of(scheme).kernel is None:
+        raise ValueError(f"batch_invariant needs linears on qcompile's integer GEMMs (w8a8, "
+                         f"w4a8, w4a8-g128, w4a8-g64); --precision {art.compile.precision} runs "
+                         "float GEMMs whose rounding follows the batch size")
+    if kernels is None or art.model.head_dim not in HEAD_DIMS:
+        raise ValueError("batch_invariant needs the artifact's attention kernels (an artifact "
+                         "compiled with --kernels build, head_dim 64 or 128)")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:

@@ -60,6 +60,9 @@ class Kernels:
         self.table, self.gemm_on = table, True
         self.attention_on = attention_by_default() if attention is None else attention
         self.gemm, self.attention = Stats(), Stats()
+        # > 0: attention launches batch-invariant plans with splits of this many keys
+        # (attention_configs.plan_invariant; Engine.load(batch_invariant=True))
+        self.split_keys = 0
 
     @classmethod
     def load(cls, kernel_dir, device: torch.device) -> "Kernels":

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .cli import add_compile_args, compile_arg
+from .cli import add_compile_args, add_invariance_arg, compile_arg
 from .detokenize import IncrementalDecoder
 from .engine import ContextLengthError
 from .sampler import SamplingParams
@@ -551,6 +551,7 @@ def main(argv=None) -> int:
                         "in a process of its own (the default: there the two do not share "
                         "the GIL; see runtime/engine_process.py)")
     add_compile_args(p, "on cuda, no TorchInductor on the program's glue (default: compiled)")
+    add_invariance_arg(p)
     args = p.parse_args(argv)
 
     def serve() -> int:
@@ -567,7 +568,8 @@ def main(argv=None) -> int:
         kv = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None
         load = functools.partial(Engine.load, args.artifact, device=device,
                                  max_seqs=args.max_seqs, kv_cache_bytes=kv,
-                                 compile=compile_arg(args))
+                                 compile=compile_arg(args),
+                                 batch_invariant=args.batch_invariant)
         engine = load() if args.engine_thread else EngineProcess(load, args.max_queued)
         name = args.model_name or Path(args.artifact).resolve().name
         app = create_app(engine, name, max_queued=args.max_queued)

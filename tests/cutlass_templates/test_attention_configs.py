@@ -96,6 +96,30 @@ def test_plan_covers_every_row_block(entry):
         assert plan(t, b, 2 * g, 2, 4096, 132, entry=entry).grid[0] >= need
 
 
+def test_plan_invariant():
+    """Batch-invariant plans: a decode-only step is one launch of the group size's decode
+    entry split every split_keys keys; a step with a prefill chunk adds a prefill launch, each
+    serving only its sequences; the grids cover every selected row block."""
+    from qcompile.cutlass_templates.attention_configs import (PREFILL_SPLIT_FACTOR,
+                                                              invariant_split_keys,
+                                                              plan_invariant)
+    (one,) = plan_invariant(64, 64, 32, 8, 2048, 512)
+    assert (one.entry, one.splits, one.split_keys, one.select) == ("kt", 4, 512, 0)
+    assert one.grid == (64 * 4 // 8 + 64, 8, 4)  # any split of the tokens fits (select 0)
+    dec, pre = plan_invariant(64 + 300, 65, 32, 8, 4096, 512)
+    assert (dec.entry, dec.splits, dec.select, dec.grid) == ("kt", 8, 1, (65, 8, 8))
+    assert (pre.entry, pre.select, pre.split_keys) == ("prefill", 2, PREFILL_SPLIT_FACTOR * 512)
+    assert pre.splits == 2 and pre.grid[0] >= -(-300 * 4 // ROWS["prefill"])
+    (mha,) = plan_invariant(5, 5, 18, 2, 100, 128)  # 9 query heads a kv head: 16-row entry
+    assert mha.entry == "decode" and mha.splits == 1
+    assert plan_invariant(9, 5, 18, 2, 100, 128)[0].grid[0] == 5 * 1
+    assert invariant_split_keys(2048) == 512 and invariant_split_keys(131072) == 8192
+    assert invariant_split_keys(10000) % 128 == 0 and invariant_split_keys(10000) * 16 >= 10000
+    for bad in (0, 100, -128):
+        with pytest.raises(ValueError, match="split_keys"):
+            plan_invariant(4, 4, 8, 2, 64, bad)
+
+
 def _lowered(ckpt, dtype, kv):
     from qcompile.compiler.capture import KVSpec, capture
     from qcompile.compiler.config import CompileConfig

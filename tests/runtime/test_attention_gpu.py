@@ -227,3 +227,57 @@ def test_store_bitwise_and_under_graph_replay(kernels, fmt, hkv, d):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(dev.cpu(), cache), f"graph replay {seed}"
+
+
+def _subset(batch, idx):
+    """The sequences idx (in that order) of a make_batch batch, as a batch of their own: the
+    same pages, rows and new records."""
+    q, kv_new, cache, tables, ctx_lens, starts = batch
+    rows = [torch.arange(starts[b], starts[b + 1]) for b in idx]
+    at = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    counts = [len(r) for r in rows]
+    sub_starts = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).int()
+    return (q[at], kv_new[:, at], cache, tables[idx], ctx_lens[idx], sub_starts), rows
+
+
+INVARIANT = [(700, 1), (3000, 1), (40, 1), (100, 40), (0, 130), (1500, 1), (2100, 5), (9, 1)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (32, 8, 128), (18, 2, 64)])
+@pytest.mark.parametrize("split_keys", [128, 512])
+def test_batch_invariant_plans(kernels, fmt, hq, hkv, d, split_keys):
+    """With split_keys (plan_invariant) a sequence's rows come out bitwise the same alone, in
+    any batch and order, with or without prefill chunks in the step, and under CUDA-graph
+    replay; and they match the reference."""
+    full = make_batch(fmt, hq, hkv, d, INVARIANT, seed=hq + d + split_keys)
+    ref = _reference(fmt, full, hkv, d)
+    n = len(INVARIANT)
+    subsets = [list(range(n)), list(reversed(range(n))), [0, 1, 2, 5, 7], [3, 0, 6], [4, 2]]
+    subsets += [[b] for b in range(n)]
+    seen: dict[int, torch.Tensor] = {}
+    for idx in subsets:
+        sub, rows = _subset(full, idx)
+        got = _run(kernels, fmt, sub, hkv, d, split_keys=split_keys)
+        at = 0
+        for b, r in zip(idx, rows):
+            mine = got[at:at + len(r)]
+            at += len(r)
+            _check(mine, ref[r], f"{fmt} {hq}/{hkv} d{d} seq {b} in {idx}")
+            if b in seen:
+                assert torch.equal(mine, seen[b]), f"seq {b} changed in batch {idx}"
+            seen[b] = mine
+    # the same plan captured and replayed
+    dev = [x.cuda() for x in full]
+    cfg, kind = AttnConfig(d), KIND_OF_FORMAT[fmt]
+    out = torch.full_like(dev[0], float("nan"))
+    kernels.launch_attention(cfg, kind, *dev, hkv, d ** -0.5, out=out, split_keys=split_keys)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.launch_attention(cfg, kind, *dev, hkv, d ** -0.5, out=out, split_keys=split_keys)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    got = out.float().cpu()
+    for b, r in enumerate(_subset(full, list(range(n)))[1]):
+        assert torch.equal(got[r], seen[b]), f"seq {b} changed under graph replay"

@@ -220,6 +220,49 @@ def test_decode_buckets_replay_equals_eager(artifact, sampled_logits):
     assert sorted({x.shape[0] for x in got_logits[1:]}) == [1, 2, 4, 6]
 
 
+def test_fixed_logits_rows(artifact, sampled_logits):
+    """A batch-invariant engine with a float LM head computes the same number of logits rows
+    every step (Engine._invariant; set here by hand: batch_invariant is for CUDA): prefill,
+    eager and bucketed decode steps all sample from 6 rows, and every request gets the tokens
+    of an engine without the padding."""
+    prompts = [[3 + i, 50 + i, 7] for i in range(5)]
+
+    def run(engine):
+        sampled_logits.clear()
+        reqs = [engine._submit([p], False, _greedy(n))[0] for p, n in zip(prompts, range(2, 7))]
+        while any(r.finish_reason is None for r in reqs):
+            engine.step()
+        return [r.out for r in reqs], [x.shape[0] for x in sampled_logits]
+
+    want, _ = run(Engine.load(artifact, max_seqs=6))
+    for graphs in (False, True):
+        engine = _bucketed(artifact, False)
+        engine._logits_rows = 6  # before the "capture", as Engine.load orders them
+        if graphs:
+            engine.graphs = ViewReplay(engine._device_step, engine._stage_padding,
+                                       engine.decode_buckets)
+        got, rows = run(engine)
+        assert got == want and set(rows) == {6}, (graphs, rows)
+
+
+def test_batch_invariant_needs_cuda_inductor_and_integer_gemms(artifact, served_artifact):
+    """Engine.load(batch_invariant=True) says in one line why it cannot hold: on the CPU, without
+    Inductor, for float linears, without the attention kernels."""
+    from qcompile.runtime.artifact import open_artifact
+    from qcompile.runtime.engine import _check_invariant
+    with pytest.raises(ValueError, match="for CUDA"):
+        Engine.load(artifact, batch_invariant=True)
+    cuda = torch.device("cuda")
+    cpu = torch.device("cpu")
+    w4a8, fp16 = open_artifact(artifact, cpu), open_artifact(served_artifact, cpu)
+    with pytest.raises(ValueError, match="compile=True"):
+        _check_invariant(w4a8, cuda, False, object())
+    with pytest.raises(ValueError, match="precision fp16"):
+        _check_invariant(fp16, cuda, True, object())
+    with pytest.raises(ValueError, match="attention kernels"):
+        _check_invariant(w4a8, cuda, True, None)
+
+
 def test_bucketed_steps_with_sampling_and_preemption(artifact):
     """Random sampling rows and a preempted request's recomputed (non-sampling) rows in
     bucketed steps: the same tokens as unbucketed steps."""
