@@ -68,16 +68,23 @@ class Row:
     table: str = "main"
 
 
+# Every row's linears at its precision and its LM head float, as the rows measured before the
+# defaults kept a share of W4A8 linears at W8A8 and made the head W8A8, unless it says otherwise
+# (the "default" rows: the compiler's own choices, int8_linears None and lm_head auto).
+PLAIN = {"int8_linears": 0.0, "lm_head": "float"}
+DEFAULTS = {"int8_linears": None, "lm_head": "auto"}
+
+
 def qoq(precision: str, steps: str | None = None, **options) -> dict:
-    """The QoQ recipe with every linear at its precision (int8_linears 0, as the rows measured
-    before the W4A8 defaults kept a share at W8A8), unless `options` say otherwise."""
+    """The QoQ recipe (PLAIN unless `options` say otherwise)."""
     return dict(precision=precision, quantizer="qoq", qoq_steps=steps or QOQ_RECIPE[precision],
-                **{"int8_linears": 0.0, **options})
+                **{**PLAIN, **options})
 
 
 def rtn(precision: str, **options) -> dict:
-    """Round-to-nearest, asked for explicitly: the compiler's default is the best recipe."""
-    return dict(precision=precision, quantizer="rtn", **options)
+    """Round-to-nearest, asked for explicitly: the compiler's default is the best recipe (PLAIN
+    unless `options` say otherwise)."""
+    return dict(precision=precision, quantizer="rtn", **{**PLAIN, **options})
 
 
 def main_rows() -> list[Row]:
@@ -88,11 +95,11 @@ def main_rows() -> list[Row]:
         Row("W4A16 g128 RTN", rtn("w4a16-g128")),
         Row("W4A8 RTN per-channel", rtn("w4a8")),
         Row("W4A8 QoQ per-channel", qoq("w4a8")),
-        Row("W4A8 QoQ per-channel, default (20% W8A8)", qoq("w4a8", int8_linears=None)),
+        Row("W4A8 QoQ per-channel, default (20% W8A8)", qoq("w4a8", **DEFAULTS)),
         Row("W4A8 QoQ per-channel, W8A8 LM head", qoq("w4a8", lm_head="w8a8")),
         Row("W4A8 QoQ g128", qoq("w4a8-g128")),
         Row("W4A8 QoQ g64", qoq("w4a8-g64")),
-        Row("W4A8 QoQ g64, default (30% W8A8)", qoq("w4a8-g64", int8_linears=None)),
+        Row("W4A8 QoQ g64, default (30% W8A8)", qoq("w4a8-g64", **DEFAULTS)),
         Row("W4A4 FMPQ", qoq("w4a4")),
     ]
 

@@ -40,6 +40,13 @@ QOQ_RECIPES: dict[str, str] = {
 # +11.7% / +17.1%; bench/results/accuracy-int8-linears-2026-12-07.md), as llama.cpp's Q4_K_M
 # keeps some tensors at 6 bits. Recipes not measured keep every linear at 4 bits.
 INT8_LINEARS_DEFAULT: dict[str, float] = {"w4a8": 0.2, "w4a8-g64": 0.3}
+# --lm-head auto: W8A8 for the precisions whose linears run qcompile's integer GEMMs. The int8
+# head costs SmolLM2 at most 0.22% perplexity on held-out text
+# (bench/results/accuracy-fmpq-2026-12-07.md) and halves the decode step's largest weight:
+# +6.6% output tok/s for the 1B shape on an H100 (bench/results/gpu-h100-2026-12-07e.md); an
+# integer head is also batch-invariant (runtime/engine.py: Engine._invariant). The others
+# keep it float (the activation dtype, as QServe does).
+LM_HEAD_DEFAULT: dict[str, str] = {p: "w8a8" for p in ("w8a8", "w4a8", "w4a8-g128", "w4a8-g64")}
 QOQ_FALLBACK_STEPS = "rotate,smooth,reorder,clip,gptq"  # --quantizer qoq where no recipe is
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Tokens per KV page: powers of two from 8 (smaller pages only lengthen the block table, one
@@ -129,8 +136,10 @@ class CompileConfig:
                                      "fmpq every block is int4", default=0.25)
     lm_head: str = _opt("the LM head's precision: float (the activation dtype, as in QServe), "
                         "w8a8 (int8 weights per channel, int8 activations per token: half "
-                        "the bytes of the largest weight of a decode step) or same (the "
-                        "linears' --precision)", ("float", "w8a8", "same"), default="float")
+                        "the bytes of the largest weight of a decode step; <= 0.22%% "
+                        "perplexity on SmolLM2) or same (the linears' --precision); auto: "
+                        "w8a8 for w8a8 and the w4a8 family (integer GEMMs), else float",
+                        ("auto", "float", "w8a8", "same"), default="auto")
     int8_linears: float | None = _opt(
         "w4a8 family with the qoq step gptq: the share of the decoder linears' weights kept at "
         "W8A8, the linears whose 4-bit weights cost the calibration text's loss the most per "
@@ -186,8 +195,9 @@ class CompileConfig:
                              f"{MAX_SEQ_LEN}, got {self.max_seq_len}")
 
     def _resolve_quantizer(self) -> None:
-        """Replace `auto` in quantizer / qoq_steps by the precision's recipe (QOQ_RECIPES), and
-        int8_linears None by INT8_LINEARS_DEFAULT, so that the config, and the manifest that
+        """Replace `auto` in quantizer / qoq_steps by the precision's recipe (QOQ_RECIPES),
+        lm_head `auto` by LM_HEAD_DEFAULT and int8_linears None by INT8_LINEARS_DEFAULT, so
+        that the config, and the manifest that
         stores it, say what runs. A config made with dataclasses.replace keeps the values it
         resolved; pass quantizer="auto" (and qoq_steps="auto", int8_linears=None) to resolve
         them again for another precision."""
@@ -200,6 +210,8 @@ class CompileConfig:
                                                                   QOQ_FALLBACK_STEPS)
         object.__setattr__(self, "quantizer", quantizer)  # frozen: set once, here
         object.__setattr__(self, "qoq_steps", steps)
+        if self.lm_head == "auto":
+            object.__setattr__(self, "lm_head", LM_HEAD_DEFAULT.get(self.precision, "float"))
         if self.int8_linears is None:
             share = INT8_LINEARS_DEFAULT.get(self.precision, 0.0) \
                 if quantizer == "qoq" and "gptq" in map(str.strip, steps.split(",")) else 0.0
@@ -249,4 +261,4 @@ class CompileConfig:
             raise ValueError(f"unknown compile options in artifact: {sorted(unknown)}")
         # artifacts older than an option were compiled without it
         return cls(**{"kv_rotation": "none", "kv_key_centering": "none", "gptq_order": "natural",
-                      "fmpq_int8_fraction": 0.25, "int8_linears": 0.0, **d})
+                      "fmpq_int8_fraction": 0.25, "int8_linears": 0.0, "lm_head": "float", **d})

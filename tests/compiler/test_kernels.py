@@ -30,7 +30,8 @@ def test_graph_gemm_shapes_and_requests(ckpt, precision, kind):
     c = ckpt.config
     want = sorted({(kind, c.q_size + 2 * c.kv_size, c.hidden_size), (kind, c.hidden_size, c.q_size),
                    (kind, 2 * c.intermediate_size, c.hidden_size),
-                   (kind, c.hidden_size, c.intermediate_size)})
+                   (kind, c.hidden_size, c.intermediate_size),
+                   ("w8a8", c.vocab_size, c.hidden_size)})  # the LM head (--lm-head auto)
     assert gemm_shapes(low.gm) == want
     names = {cfg.name(k) for k, cfg in kernel_requests(want)}
     for k, n, kk in want:  # every M the runtime may see is served by a shipped kernel
@@ -76,4 +77,5 @@ def test_artifact_ships_the_graphs_kernels(make_tiny_checkpoint, tmp_path):
     table = read_kernel_table(art / "kernels" / "sm80")
     manifest = json.loads((art / "manifest.json").read_text())
     assert table and sorted(e["name"] for e in table) == sorted(manifest["kernels"])
-    assert all(e["kind"] == "w4a8" and e["target"] == "sm80" for e in table)
+    assert {e["kind"] for e in table} == {"w4a8", "w8a8"}  # the linears', the head's
+    assert all(e["target"] == "sm80" for e in table)

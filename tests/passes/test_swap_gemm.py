@@ -280,7 +280,12 @@ def test_lm_head_in_its_own_scheme(make_tiny_checkpoint, decoder_lowering):
 
 def test_lm_head_option():
     from qcompile.compiler.config import W4A8, CompileConfig
-    assert CompileConfig().head_scheme is None
+    # auto: W8A8 where the linears run integer GEMMs, else float
+    assert CompileConfig().lm_head == "w8a8" and CompileConfig().head_scheme == W8A8
+    assert CompileConfig(precision="w8a8").lm_head == "w8a8"
+    for precision in ("fp16", "fp8", "w4a16-g128", "w4a4"):
+        assert CompileConfig(precision=precision, target="sm90").head_scheme is None
+    assert CompileConfig(lm_head="float").head_scheme is None
     assert CompileConfig(lm_head="w8a8").head_scheme == W8A8
     assert CompileConfig(lm_head="same").head_scheme == W4A8
     with pytest.raises(ValueError, match="needs a quantized --precision"):
@@ -289,6 +294,7 @@ def test_lm_head_option():
     old = {k: v for k, v in CompileConfig().to_json().items() if k != "lm_head"}
     assert CompileConfig.from_json({**old, "quantize_lm_head": True}).lm_head == "same"
     assert CompileConfig.from_json({**old, "quantize_lm_head": False}).lm_head == "float"
+    assert CompileConfig.from_json(old).lm_head == "float"  # before auto: float
 
 
 class _TwoLinears(torch.nn.Module):

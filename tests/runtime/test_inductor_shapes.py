@@ -48,5 +48,5 @@ def test_wo_input_quantizer_inlined_for_inductor(make_tiny_checkpoint, tmp_path)
     op = torch.ops.qcompile.quant_a8.default
     calls = lambda: sum(n.target is op for n in gm.graph.nodes)  # noqa: E731
     layers = 2
-    assert calls() == layers  # one per layer: wo's input
-    assert inline_act_quants(gm) == layers and calls() == 0
+    assert calls() == layers + 1  # one per layer (wo's input) and the W8A8 head's input
+    assert inline_act_quants(gm) == layers + 1 and calls() == 0
