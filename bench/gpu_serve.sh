@@ -3,7 +3,8 @@
 # gpu_common.sh's serve_stage (tests/runtime/test_server.py on CUDA with the fast runtime,
 # qserve driven by `qbench --url`, 64 x 1024/128 all at once, the server's step time from
 # /metrics). OFFLINE=1 adds the offline qbench of the same artifact and prompts first, for
-# the ratio (its load also warms Inductor's cache for qserve's).
+# the ratio (its load also warms Inductor's cache for qserve's); PROFILE=1 profiles a prefill
+# and a decode step of the artifact at the end (bench/profile_step.py --compile).
 source "$(dirname "$0")/gpu_common.sh"
 kernels_and_artifact
 if [ -n "${OFFLINE:-}" ]; then
@@ -12,4 +13,11 @@ if [ -n "${OFFLINE:-}" ]; then
     --max-seqs 64 --out "$OUT" -q 2>&1 | grep -E "^qbench|^\|" | tail -3
 fi
 serve_stage /tmp/art1b 128
+if [ -n "${PROFILE:-}" ]; then  # the same artifact's prefill and decode steps under Inductor
+  stamp profile
+  mkdir -p "$OUT/profile"
+  timeout $(cap 150) python bench/profile_step.py /tmp/art1b --batch 64 --input-len 1024 \
+    --compile --out "$OUT/profile" > "$OUT/profile/log" 2>&1
+  grep -E "^load|^\| [a-z]|GPU kernel time" "$OUT/profile/log" | head -12
+fi
 stamp done
