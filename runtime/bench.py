@@ -44,6 +44,10 @@ class Result:
     kv_capacity_tokens: int | None = None
     peak_mem_gib: float = 0.0
     load_s: float | None = None  # Engine.load to ready (Inductor's compile or its cache)
+    # steps with a prompt chunk (prefill, or prefill and decode rows): their wall time, and
+    # the prompt tokens over their summed time (ours only: where TTFT goes)
+    prefill_ms: dict = field(default_factory=dict)
+    prefill_tok_s: float | None = None
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -90,7 +94,7 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, name: str = 
     sched = engine.scheduler
     t0 = time.perf_counter()
     reqs = engine.submit(prompts, params)
-    first, last, steps = {}, {}, []
+    first, last, steps, prefill = {}, {}, [], []
     bar = tqdm(total=len(prompts) * output_len, desc=f"qbench {name}", unit="tok",
                disable=not progress, leave=False)
     while any(r.finish_reason is None for r in reqs):
@@ -103,6 +107,8 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, name: str = 
         now = time.perf_counter()
         if decode_only:
             steps.append((now - ts, batch))
+        else:
+            prefill.append(now - ts)
         for req, _ in events:
             first.setdefault(req.id, now)
             last[req.id] = now
@@ -115,9 +121,12 @@ def bench_engine(engine, prompts: list[list[int]], output_len: int, name: str = 
     step = percentiles([s * 1e3 for s, _ in steps])
     if steps:
         step["batch"] = sum(b for _, b in steps) / len(steps)
+    n_in = sum(map(len, prompts))
     return Result(name, len(prompts), len(prompts[0]), output_len, sched.max_seqs, wall,
-                  n_out / wall, (n_out + sum(map(len, prompts))) / wall, percentiles(ttft),
-                  percentiles(tpot), step, engine.cache.capacity_tokens, _peak_gib(dev))
+                  n_out / wall, (n_out + n_in) / wall, percentiles(ttft),
+                  percentiles(tpot), step, engine.cache.capacity_tokens, _peak_gib(dev),
+                  prefill_ms=percentiles([s * 1e3 for s in prefill]),
+                  prefill_tok_s=n_in / sum(prefill) if prefill else None)
 
 
 def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch: int,
@@ -189,15 +198,17 @@ def bench_hf(model_path: Path, prompts: list[list[int]], output_len: int, batch:
 
 def table(results: list[Result]) -> str:
     head = ("| engine | prompts x in/out | batch | output tok/s | total tok/s | TTFT p50/p99 ms "
-            "| TPOT p50/p99 ms | decode step p50/p99 ms | KV tokens | peak GiB | load s "
-            "| ours / it |")
-    rows = [head, "|" + "---|" * 12]
+            "| TPOT p50/p99 ms | decode step p50/p99 ms | prefill step p50/p99 ms "
+            "| prefill tok/s | KV tokens | peak GiB | load s | ours / it |")
+    rows = [head, "|" + "---|" * 14]
     ours = results[0].output_tok_s
     for r in results:
         f = lambda d: f"{d['p50']:.1f} / {d['p99']:.1f}" if d else "-"  # noqa: E731
         rows.append(f"| {r.name} | {r.num_prompts} x {r.input_len}/{r.output_len} | {r.batch} "
                     f"| {r.output_tok_s:,.0f} | {r.total_tok_s:,.0f} | {f(r.ttft_ms)} "
-                    f"| {f(r.tpot_ms)} | {f(r.step_ms)} | {r.kv_capacity_tokens or '-'} "
+                    f"| {f(r.tpot_ms)} | {f(r.step_ms)} | {f(r.prefill_ms)} "
+                    f"| {'-' if r.prefill_tok_s is None else f'{r.prefill_tok_s:,.0f}'} "
+                    f"| {r.kv_capacity_tokens or '-'} "
                     f"| {r.peak_mem_gib:.2f} | {'-' if r.load_s is None else f'{r.load_s:.1f}'} "
                     f"| {ours / r.output_tok_s:.2f} |")
     return "\n".join(rows)

@@ -37,6 +37,9 @@ def test_qbench_beside_hf_eager(served_artifact, tmp_path, capsys):
     assert ours["tpot_ms"]["p50"] > 0
     assert ours["batch"] == 2 and ours["kv_capacity_tokens"] > 0
     assert ours["step_ms"]["p50"] > 0 and 1 <= ours["step_ms"]["batch"] <= 2
+    # the prompts' steps: their time, and the prompt tokens over it
+    assert ours["prefill_ms"]["p50"] > 0 and ours["prefill_tok_s"] > 0
+    assert hf["prefill_ms"] == {} and hf["prefill_tok_s"] is None
     assert (tmp_path / f"qbench-{served_artifact.name}.png").stat().st_size > 1000
 
 
