@@ -16,7 +16,8 @@ for mode in default invariant ${DENSE:+dense}; do
   [ "$mode" = invariant ] && extra=(--batch-invariant)
   [ "$mode" = dense ] && envs=(QCOMPILE_FAST_KV_ROTATION=dense)
   env "${envs[@]}" timeout $(cap 170) qbench /tmp/art1b --input-len 1024 --output-len 128 \
-    --num-prompts 64 --max-seqs 64 --out "$OUT/$mode" -q "${extra[@]}" > "$OUT/qbench_$mode.log" 2>&1
+    --num-prompts 64 --max-seqs 64 --out "$OUT/$mode" -q "${extra[@]}" \
+    > "$OUT/qbench_$mode.log" 2>&1
   grep -E "^qbench|^\| qcompile" "$OUT/qbench_$mode.log" | tail -2
 done
 stamp done

@@ -1,7 +1,7 @@
 """The program's glue under TorchInductor (Engine.load's `compile`): torch.compile with one
-graph for every step shape (`torch_compile`), the graph edits both compile paths make
-(`inline_act_quants`, `fast_kv_rotation`, `drop_logits_upcast`), and Inductor's cache in qcompile's cache folder
-(`persistent_cache`). AOTInductor's packages are in runtime/aot.py."""
+graph for every step shape (`torch_compile`), the graph edits it makes (`inline_act_quants`,
+shared with AOTInductor; `fast_kv_rotation`, `drop_logits_upcast`), and Inductor's cache in
+qcompile's cache folder (`persistent_cache`). AOTInductor's packages are in runtime/aot.py."""
 from __future__ import annotations
 
 import math
