@@ -210,9 +210,12 @@ class Engine:
           rather than a cuBLAS mm whose algorithm follows its row count;
         - a float LM head (cuBLAS) always multiplies the same number of rows: each step
           computes max(max_seqs, 2) logits rows, the extra ones ignored.
-        Costs: decode splits that do not adapt to the batch (a batch of 64 at 1024 keys runs
-        two where one was faster; a single sequence fewer than its SMs wanted), a second
-        attention launch in mixed steps, and the padded head."""
+        Costs: decode splits that do not adapt to the batch (a batch of 64 at ~1,100 keys
+        runs three 512-key splits where one was faster; a single sequence fewer than its SMs
+        wanted), the dense rotation's D^2 a row (heavy in prefill), a second attention launch
+        in mixed steps, the padded float head. 1B shape on an H100, 64 x 1024 / 128: decode
+        step 2.1 against 1.74 ms, 8,190 against 10,526 output tok/s
+        (bench/results/gpu-h100-2026-12-07g.md)."""
         from qcompile.cutlass_templates.attention_configs import invariant_split_keys
         self.batch_invariant = True
         self.kernels.split_keys = invariant_split_keys(self.max_seq_len)
