@@ -152,3 +152,25 @@ def test_template_builds(target, tmp_path):
     b = build_kernel("attn_int4", AttnConfig(128), target, tmp_path)
     assert b.entries == AttnConfig(128).entries("attn_int4") and b.path.stat().st_size > 0
     assert b.smem_bytes == AttnConfig(128).smem_bytes("attn_int4")
+
+
+def test_invariant_plans_need_a_binary_that_takes_them():
+    """A kernel table built before the split-size and selection arguments (no
+    `_encode_strided` entry, which came with them) is refused for batch-invariant launches:
+    it would ignore them and cut the keys by the batch (correct, but not invariant)."""
+    from types import SimpleNamespace
+
+    from qcompile.runtime.attention_kernels import fixed_splits, launch_attention
+    from qcompile.runtime.gemm_kernels import Kernels, using
+    cfg, kind = AttnConfig(64), "attn_int4"
+    old = {name: object() for name in cfg.entries(kind) if not name.endswith("_strided")}
+    assert not fixed_splits(old, cfg, kind)
+    assert fixed_splits({**old, cfg.name(kind) + "_encode_strided": object()}, cfg, kind)
+    q = torch.zeros(2, 4, 64, dtype=torch.float16)
+    args = (q, torch.zeros(2, 2, 80, dtype=torch.uint8), torch.zeros(2, 3, 16, 80,
+                                                                      dtype=torch.uint8),
+            torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+            torch.tensor([0, 1, 2], dtype=torch.int32))
+    with using(Kernels(SimpleNamespace(kernels=old, dir="old-build"))):
+        with pytest.raises(RuntimeError, match="rebuild"):
+            launch_attention(cfg, kind, *args, 2, 0.125, split_keys=512)
