@@ -37,9 +37,11 @@ def smollm2_tokenizer(smollm2_checkpoint):
 
 
 def test_file_names_smollm(smollm2_gguf):
-    assert gguf_metadata_string(smollm2_gguf, "tokenizer.ggml.pre") == "smollm"
-    assert gguf_metadata_string(smollm2_gguf, "tokenizer.ggml.model") == "gpt2"
-    assert gguf_metadata_string(smollm2_gguf, "no.such.key") is None
+    from gguf import GGUFReader
+    assert gguf_metadata_string(smollm2_gguf, "tokenizer.ggml.pre") == "smollm"  # a path
+    reader = GGUFReader(smollm2_gguf)  # or a reader (each parse of the header takes seconds)
+    assert gguf_metadata_string(reader, "tokenizer.ggml.model") == "gpt2"
+    assert gguf_metadata_string(reader, "no.such.key") is None
 
 
 def test_digits_split_one_by_one_as_llama_cpp(smollm2_tokenizer):
