@@ -125,10 +125,9 @@ def dense_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def fast_kv_rotation(gm: torch.fx.GraphModule, weights, mode: str | None = None) -> int:
     """Rewrite the graph's multiplications by the key / query rotation (passes/rotate_kv.py,
     `mm(x, kv_rotation)`) as `mode` (default $QCOMPILE_FAST_KV_ROTATION) says: "0" (default)
-    keeps the mm,
-    "dense" calls `dense_rotate` (any [D, D] weight of an mm that is square and at most 256),
-    "1" calls `fwht_rotate` where the weight is a signed Sylvester Hadamard matrix; the same
-    product to rounding. `weights`: the values of the graph's first placeholders, in order
+    keeps the mm, "dense" calls `dense_rotate` (any square weight of an mm, at most 256
+    wide), "1" calls `fwht_rotate` where the weight is a signed Sylvester Hadamard matrix;
+    the same product to rounding. `weights`: the values of the graph's first placeholders, in order
     (the program's weights); nothing changes without them. Returns the calls replaced.
 
     "1" is off by default: with it on, the 1B shape's Inductor decode step
