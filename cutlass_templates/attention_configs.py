@@ -1,13 +1,15 @@
 """Kernel configs of the paged attention template (``paged_attention.cu``) and the launch plan.
 
-One binary per (KV format, head dim) holds seven ``extern "C"`` entries (:meth:`AttnConfig.entries`):
+One binary per (KV format, head dim) holds nine ``extern "C"`` entries (:meth:`AttnConfig.entries`):
 the decode kernel (16 query rows per CTA as the MMA's M, the 4 warps split each tile), the
 keys-as-M decode kernel ``_kt`` (8 query rows as the MMA's N, keys as M: half the MMAs and
 accumulators of the first for GQA decode, attention_decode.cuh), two prefill kernels
 (FlashAttention-2 style: ``_prefill`` 64 rows per CTA, 16 a warp; ``_prefill2`` 128 rows, 32 a
-warp, each K / V fragment read once for two m16 tiles), the split-KV merge, the KV encode and
-the page store (the step's records into their pages). The first three take ``(q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T,
-B, MB, NB, BS, R, Hq, Hkv, scale_log2)``.
+warp, each K / V fragment read once for two m16 tiles), the split-KV merge, the KV encode (plain,
+strided, and with the key rotation folded in) and the page store (the step's records into their
+pages). The four attention entries take ``(q, kv_new, cache, block_tables, ctx_lens,
+query_start, out, ws_o, ws_lse, T, B, MB, NB, BS, R, Hq, Hkv, scale_log2, split_keys, select,
+rot)``.
 
 :func:`plan` chooses the entry and the key splits from shapes only (never from device data),
 so a launch is the same for every step of a CUDA graph bucket. Pure Python: the compiler
@@ -70,7 +72,7 @@ class AttnConfig:
     def entries(self, kind: str) -> tuple[str, ...]:
         name = self.name(kind)
         return (name, name + "_kt", name + "_prefill", name + "_prefill2", name + "_merge",
-                name + "_encode", name + "_encode_strided", name + "_store")
+                name + "_encode", name + "_encode_strided", name + "_encode_rot", name + "_store")
 
     def defines(self, kind: str) -> list[str]:
         int4 = _kind(kind)[1] == "int4"

@@ -49,6 +49,10 @@
 //   QC_KERNEL_merge    (ws_o, ws_lse, out, T, Hq, splits), grid ceil(T*Hq/4)
 //   QC_KERNEL_encode   (k, v, out, T, Hkv, R), grid ceil(2*T*Hkv/4): records of one step
 //   QC_KERNEL_encode_strided (k, v, out, T, Hkv, R, ks, vs): the same, tokens ks / vs apart
+//   QC_KERNEL_encode_rot (k, v, out, T, Hkv, R, ks, vs, rot): the same, keys rotated first
+// The attention entries' last argument `rot` (nullptr: none) is the key rotation of int4
+// caches (passes/rotate_kv.py), applied to q in registers: the runtime folds the graph's two
+// mms a layer into the kernels (runtime/compiled.py fast_kv_rotation "kernel").
 //   QC_KERNEL_store    (recs, cache, slots, M, T, H, HB, PB, BS, R, NB), grid ceil(M*T*H/4)
 #if !defined(QC_KERNEL) || !defined(QC_HEAD_DIM) || !defined(QC_KV_INT4) || !defined(QC_STAGES)
 #error "define QC_KERNEL, QC_HEAD_DIM, QC_KV_INT4, QC_STAGES"
@@ -78,25 +82,88 @@ struct Args {
   int split_keys;  // > 0: split z is keys [z * split_keys, (z + 1) * split_keys) of every block
                    // (a multiple of every entry's tile); 0: the keys cut into gridDim.z parts
   int select;      // sequences served: 0 all, 1 those with one new token, 2 those with more
+  // The key rotation applied to q here (kv_encode_int4's rotation; int4 pages only): H [D, D],
+  // a signed Sylvester Hadamard matrix (rotate_q); nullptr: q as it is.
+  const __half* rot;
 };
+
+// The head dim of an int4 row is held by its 4 lanes (q), a quarter each: lane q's element
+// (s, kk) is dim q * D / 4 + q_local(s, kk) (q_dim).
+__device__ __forceinline__ constexpr int q_local(int s, int kk) {
+  return 8 * (s >> 1) + 2 * (s & 1) + (kk == 0 ? 0 : kk == 1 ? 4 : kk == 2 ? 1 : 5);
+}
+
+// x (this lane's quarter of one int4 row) times the key rotation H = diag(sign) Hs |h|, Hs the
+// Sylvester Hadamard matrix of order D (passes/rotate_kv.py's; runtime/compiled.py checks the
+// form before it hands H to the kernels): the signs of H's first column, the Walsh-Hadamard
+// butterflies of the quarter's bits in registers and of its top two bits by shuffles across
+// the row's 4 lanes (D log D / 4 adds a lane), times |h|, rounded to fp16 as the graph's mm
+// was. Every lane of the warp calls it.
+__device__ __forceinline__ void rotate_q(float (&x)[KSTEPS][4], const __half* rot, int lane) {
+  constexpr int Q = D / 4;
+  const int q = lane & 3;
+  float y[Q];
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const bool neg = __half2float(rot[(size_t)q_dim(s, kk, q) * D]) < 0.f;
+      y[q_local(s, kk)] = neg ? -x[s][kk] : x[s][kk];
+    }
+#pragma unroll
+  for (int hb = 1; hb < Q; hb <<= 1)
+#pragma unroll
+    for (int i = 0; i < Q; ++i)
+      if (!(i & hb)) {
+        const float a = y[i], b = y[i + hb];
+        y[i] = a + b;
+        y[i + hb] = a - b;
+      }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1)
+#pragma unroll
+    for (int i = 0; i < Q; ++i) {
+      const float o = __shfl_xor_sync(0xffffffffu, y[i], off);
+      y[i] = (q & off) ? o - y[i] : y[i] + o;
+    }
+  const float mag = fabsf(__half2float(rot[0]));
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      x[s][kk] = __half2float(__float2half_rn(y[q_local(s, kk)] * mag));
+}
+
+// This lane's elements of query row `row` (zero when !ok), rotated when the launch has a
+// rotation (int4 pages only).
+__device__ __forceinline__ void read_q(float (&x)[KSTEPS][4], const Args& p, int tok0, int h,
+                                       int G, int row, bool ok, int lane) {
+  const __half* src =
+      p.q + ((size_t)(tok0 + (ok ? row / G : 0)) * p.Hq + h * G + (ok ? row % G : 0)) * D;
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) x[s][kk] = ok ? __half2float(src[q_dim(s, kk, lane & 3)]) : 0.f;
+  if constexpr (INT4)
+    if (p.rot != nullptr) rotate_q(x, p.rot, lane);
+}
 
 // Q fragments of rows (block row0 + g, + 8); rows >= nrows are zero.
 __device__ __forceinline__ void load_q(RowState& st, const Args& p, int tok0, int h, int G,
                                        int row0, int nrows, int lane) {
-  const int g = lane >> 2, q = lane & 3;
+  const int g = lane >> 2;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row0 + g + 8 * half;
-    const bool ok = row < nrows;
-    const __half* src =
-        p.q + ((size_t)(tok0 + (ok ? row / G : 0)) * p.Hq + h * G + (ok ? row % G : 0)) * D;
+    float x[KSTEPS][4];
+    read_q(x, p, tok0, h, G, row, row < nrows, lane);
     float sum_q = 0.f, sum_qf = 0.f;
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) {
       float v[4];
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        v[kk] = ok ? __half2float(src[q_dim(s, kk, q)]) : 0.f;
+        v[kk] = x[s][kk];
         sum_q += v[kk];
         if (INT4 && kk >= 2) v[kk] *= 0.0625f;  // exact: the fragment holds 16 * code
         sum_qf += __half2float(__float2half_rn(v[kk]));
@@ -396,16 +463,15 @@ __device__ __forceinline__ void attention_p2(const Args& p) {
 __device__ __forceinline__ void load_q_t(KtState& st, const Args& p, int tok0, int h, int G,
                                          int row0, int nrows, int lane) {
   const int g = lane >> 2, q = lane & 3, row = row0 + g;
-  const bool ok = row < nrows;
-  const __half* src =
-      p.q + ((size_t)(tok0 + (ok ? row / G : 0)) * p.Hq + h * G + (ok ? row % G : 0)) * D;
+  float x[KSTEPS][4];
+  read_q(x, p, tok0, h, G, row, row < nrows, lane);
   float sum_q = 0.f, sum_qf = 0.f;
 #pragma unroll
   for (int s = 0; s < KSTEPS; ++s) {
     float v[4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      v[kk] = ok ? __half2float(src[q_dim(s, kk, q)]) : 0.f;
+      v[kk] = x[s][kk];
       sum_q += v[kk];
       if (INT4 && kk >= 2) v[kk] *= 0.0625f;  // exact: the fragment holds 16 * code
       sum_qf += __half2float(__float2half_rn(v[kk]));
@@ -495,10 +561,10 @@ __device__ __forceinline__ void attention_kt(const Args& p) {
   const __half *q, const uint8_t *kv_new, const uint8_t *cache, const int *block_tables,    \
       const int *ctx_lens, const int *query_start, __half *out, float *ws_o, float *ws_lse, \
       int T, int B, int MB, int NB, int BS, int R, int Hq, int Hkv, float scale_log2,        \
-      int split_keys, int select
+      int split_keys, int select, const __half *rot
 #define QC_ATTN_ARGS                                                                            \
   Args{q, kv_new, cache, block_tables, ctx_lens, query_start, out, ws_o, ws_lse, T, B, MB, NB, \
-       BS, R, Hq, Hkv, scale_log2, split_keys, select}
+       BS, R, Hq, Hkv, scale_log2, split_keys, select, rot}
 
 extern "C" __global__ void __launch_bounds__(THREADS) QC_KERNEL(QC_ATTN_PARAMS) {
   attention<16, DECODE_TN>(QC_ATTN_ARGS);
@@ -548,12 +614,41 @@ QC_CAT(QC_KERNEL, _merge)(const float* ws_o, const float* ws_lse, __half* out, i
     out[(size_t)row * D + lane + 32 * i] = __float2half_rn(wsum > 0.f ? acc[i] / wsum : 0.f);
 }
 
+// A key's D / 32 elements in this lane (dims lane * D / 32 + i) times the rotation H (as
+// rotate_q): butterflies of the low bits in registers, of the top five across the warp.
+__device__ __forceinline__ void rotate_k(float (&f)[D / 32], const __half* rot, int lane) {
+  constexpr int PER = D / 32;
+#pragma unroll
+  for (int i = 0; i < PER; ++i)
+    if (__half2float(rot[(size_t)(lane * PER + i) * D]) < 0.f) f[i] = -f[i];
+#pragma unroll
+  for (int hb = 1; hb < PER; hb <<= 1)
+#pragma unroll
+    for (int i = 0; i < PER; ++i)
+      if (!(i & hb)) {
+        const float a = f[i], b = f[i + hb];
+        f[i] = a + b;
+        f[i + hb] = a - b;
+      }
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1)
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const float o = __shfl_xor_sync(0xffffffffu, f[i], off);
+      f[i] = (lane & off) ? o - f[i] : f[i] + o;
+    }
+  const float mag = fabsf(__half2float(rot[0]));
+#pragma unroll
+  for (int i = 0; i < PER; ++i) f[i] = __half2float(__float2half_rn(f[i] * mag));
+}
+
 // Records of one step: k, v [T, Hkv, D] fp16 -> out [2, T, R] uint8, bitwise the reference
 // codec (runtime/ops/kv.py). One warp per (K or V, token, kv head); lane holds D/32 values.
 // A token's heads are contiguous; tokens are ks / vs halves apart (v is usually a column slice
 // of the fused QKV projection's output, read in place rather than copied first).
 __device__ __forceinline__ void encode(const __half* k, const __half* v, uint8_t* out, int T,
-                                       int Hkv, int R, long long ks, long long vs) {
+                                       int Hkv, int R, long long ks, long long vs,
+                                       const __half* rot = nullptr) {
   const int item = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (item >= 2 * T * Hkv) return;
   const int which = item / (T * Hkv), t = (item / Hkv) % T, h = item % Hkv;
@@ -563,6 +658,7 @@ __device__ __forceinline__ void encode(const __half* k, const __half* v, uint8_t
   float f[PER];
 #pragma unroll
   for (int i = 0; i < PER; ++i) f[i] = __half2float(x[i]);
+  if (INT4 && which == 0 && rot != nullptr) rotate_k(f, rot, lane);
   int used;
   if (INT4) {
     float lo = f[0], hi = f[0];
@@ -611,6 +707,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 QC_CAT(QC_KERNEL, _encode_strided)(const __half* k, const __half* v, uint8_t* out, int T, int Hkv,
                                    int R, long long ks, long long vs) {
   encode(k, v, out, T, Hkv, R, ks, vs);
+}
+
+// _encode_strided with the keys rotated first (rotate_k; H [D, D] as rotate_q's): the graph's
+// mm by the rotation before the encode folded in. Int4 binaries only use rot.
+extern "C" __global__ void __launch_bounds__(THREADS)
+QC_CAT(QC_KERNEL, _encode_rot)(const __half* k, const __half* v, uint8_t* out, int T, int Hkv,
+                               int R, long long ks, long long vs, const __half* rot) {
+  encode(k, v, out, T, Hkv, R, ks, vs, rot);
 }
 
 // The step's records into their pages: recs [M, T, R] (M = layers x {K, V}, contiguous) ->

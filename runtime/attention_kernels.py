@@ -23,7 +23,7 @@ from qcompile.cutlass_templates.attention_configs import (ATTN_KINDS, KIND_OF_FO
                                                          AttnConfig, Launch, plan,
                                                          plan_invariant)
 from qcompile.runtime.ops.attention import paged_attention_ref
-from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes
+from qcompile.runtime.ops.kv import CODECS, _encode_pair, kv_record_bytes, rotate_heads
 
 from .gemm_kernels import _DEFAULT, KernelTable, active, attention_by_default
 
@@ -81,13 +81,16 @@ def _sm_count(index: int) -> int:
 
 
 def _attention(fmt, q, kv_new, kv_cache, block_tables, ctx_lens, query_start, num_kv_heads,
-               scale):
+               scale, rotation=None):
     found = _find(fmt, q.shape[-1], q.dtype, "attention")
     if found is None:
         return paged_attention_ref(fmt, q, kv_new, kv_cache, block_tables, ctx_lens,
-                                   query_start, num_kv_heads, scale)
+                                   query_start, num_kv_heads, scale, rotation)
+    if rotation is not None and not (rotation.dtype == q.dtype and
+                                     rotates(active().table.kernels, *found)):
+        q, rotation = rotate_heads(q, rotation), None
     return launch_attention(*found, q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
-                            num_kv_heads, scale)
+                            num_kv_heads, scale, rotation=rotation)
 
 
 def fixed_splits(table, cfg: AttnConfig, kind: str) -> bool:
@@ -98,13 +101,33 @@ def fixed_splits(table, cfg: AttnConfig, kind: str) -> bool:
     return f"{cfg.name(kind)}_encode_strided" in table
 
 
+def rotates(table, cfg: AttnConfig, kind: str) -> bool:
+    """Whether the binary of (cfg, kind) in `table` applies the key rotation itself (an int4
+    binary with `_encode_rot`, whose attention entries take `rot` as their last argument: an
+    older binary would ignore it)."""
+    return ATTN_KINDS[kind][1] == "int4" and f"{cfg.name(kind)}_encode_rot" in table
+
+
+def table_rotates(kernels, head_dim: int) -> bool:
+    """Whether `kernels` (a gemm_kernels.Kernels, or None) apply the key rotation of an int4
+    cache of this head dim themselves (`rotates`), attention kernels on."""
+    if kernels is None or kernels.table is None or not kernels.attention_on:
+        return False
+    try:
+        cfg = AttnConfig(head_dim)
+    except ValueError:
+        return False
+    return rotates(kernels.table.kernels, cfg, "attn_int4")
+
+
 def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tables, ctx_lens,
                      query_start, num_kv_heads: int, scale: float, *, out=None, splits=None,
-                     entry=None, split_keys: int | None = None):
+                     entry=None, split_keys: int | None = None, rotation=None):
     """Launch into out ([T, Hq, D] fp16; allocated when None). `splits` / `entry` ("kt",
     "decode", "prefill") override the plan (tests and the benchmark). `split_keys` (default:
     the active kernels', 0 unless the engine is batch-invariant): > 0 launches
-    `plan_invariant`'s fixed cuts, one launch per kind of sequence."""
+    `plan_invariant`'s fixed cuts, one launch per kind of sequence. `rotation`: H [D, D], a
+    signed Sylvester Hadamard matrix the kernel applies to q (`rotates` must hold)."""
     q, kv_new = q.contiguous(), kv_new.contiguous()
     t, hq, _ = q.shape
     b, mb = block_tables.shape
@@ -127,14 +150,17 @@ def launch_attention(cfg: AttnConfig, kind: str, q, kv_new, kv_cache, block_tabl
         sms = _sm_count(q.device.index if q.device.index is not None
                         else torch.cuda.current_device())
         launches = [plan(t, b, hq, num_kv_heads, mb * bs, sms, entry=entry, splits=splits)]
+    if rotation is not None:
+        rotation = rotation.contiguous()
     for p in launches:
         _launch(cfg, kind, table, kernels.attention, p, q, kv_new, kv_cache, block_tables,
-                ctx_lens, query_start, out, num_kv_heads, scale)
+                ctx_lens, query_start, out, num_kv_heads, scale, rotation)
     return out
 
 
 def _launch(cfg: AttnConfig, kind: str, table, stats, p: Launch, q, kv_new, kv_cache,
-            block_tables, ctx_lens, query_start, out, num_kv_heads: int, scale: float) -> None:
+            block_tables, ctx_lens, query_start, out, num_kv_heads: int, scale: float,
+            rotation=None) -> None:
     from .launcher import f32, i32, ptr
     t, hq, d = q.shape
     b, mb = block_tables.shape
@@ -148,7 +174,7 @@ def _launch(cfg: AttnConfig, kind: str, table, stats, p: Launch, q, kv_new, kv_c
     args = [ptr(q), ptr(kv_new), ptr(kv_cache), ptr(block_tables), ptr(ctx_lens),
             ptr(query_start), ptr(out), ptr(ws_o), ptr(ws_lse), i32(t), i32(b), i32(mb),
             i32(nb), i32(bs), i32(r), i32(hq), i32(num_kv_heads), f32(scale * _LOG2E),
-            i32(p.split_keys), i32(p.select)]
+            i32(p.split_keys), i32(p.select), ptr(rotation)]
     kernel.launch(p.grid, (cfg.threads(), 1, 1), cfg.smem_bytes(kind, p.entry), args)
     if p.splits > 1:
         table[f"{name}_merge"].launch(
@@ -159,11 +185,14 @@ def _launch(cfg: AttnConfig, kind: str, table, stats, p: Launch, q, kv_new, kv_c
                    + ("", "_single", "_multi")[p.select]] += 1
 
 
-def _encode(fmt, k, v):
+def _encode(fmt, k, v, rotation=None):
     found = _find(fmt, k.shape[-1], k.dtype, "kv_encode")
     if found is None:
-        return _encode_pair(fmt, k, v)
-    return launch_encode(*found, k, v)
+        return _encode_pair(fmt, k, v, rotation)
+    if rotation is not None and not (rotation.dtype == k.dtype and
+                                     rotates(active().table.kernels, *found)):
+        k, rotation = rotate_heads(k, rotation), None
+    return launch_encode(*found, k, v, rotation)
 
 
 def store_pages(layout, cache: torch.Tensor, recs: torch.Tensor, slots: torch.Tensor) -> bool:
@@ -197,15 +226,20 @@ def _rows_of_heads(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and x.stride(0) > 0
 
 
-def launch_encode(cfg: AttnConfig, kind: str, k, v):
+def launch_encode(cfg: AttnConfig, kind: str, k, v, rotation=None):
     """k, v [T, Hkv, D] fp16 -> records [2, T, R] uint8 (bitwise the reference codec). A k or
     v whose tokens are rows of heads is read in place (`_encode_strided`; binaries built
     before it copy them first): the value slice of the fused QKV output was a copy kernel
     a layer, 41 us of the 1B shape's 2.0 ms batch-64 decode step on an H100
-    (bench/results/profile-step-1b-w4a8-inductor-h100-2026-12-07d.json)."""
+    (bench/results/profile-step-1b-w4a8-inductor-h100-2026-12-07d.json). `rotation`: the
+    keys are rotated first (`_encode_rot`; `rotates` must hold): k @ H to fp16, then the
+    codec, as the reference."""
     from .launcher import i32, i64, ptr
     name, kernels = cfg.name(kind), active()
-    strided = kernels.table.kernels.get(f"{name}_encode_strided")
+    entry = f"{name}_encode_rot" if rotation is not None else f"{name}_encode_strided"
+    strided = kernels.table.kernels.get(entry)
+    if rotation is not None and strided is None:
+        raise ValueError(f"{kernels.table.dir} has no {entry}: rotate the keys before the encode")
     if strided is None or not (_rows_of_heads(k) and _rows_of_heads(v)):
         k, v = k.contiguous(), v.contiguous()
     t, hkv, d = k.shape
@@ -215,8 +249,9 @@ def launch_encode(cfg: AttnConfig, kind: str, k, v):
         grid, block = (math.ceil(2 * t * hkv / 4), 1, 1), (cfg.threads(), 1, 1)
         args = [ptr(k), ptr(v), ptr(out), i32(t), i32(hkv), i32(r)]
         if strided is not None:
-            strided.launch(grid, block, 0, args + [i64(k.stride(0)), i64(v.stride(0))])
-            kernels.attention.launches[f"{name}_encode_strided"] += 1
+            rot = [ptr(rotation.contiguous())] if rotation is not None else []
+            strided.launch(grid, block, 0, args + [i64(k.stride(0)), i64(v.stride(0))] + rot)
+            kernels.attention.launches[entry] += 1
         else:
             kernels.table.kernels[f"{name}_encode"].launch(grid, block, 0, args)
             kernels.attention.launches[f"{name}_encode"] += 1

@@ -122,13 +122,34 @@ def dense_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (x.float()[:, :, None] * h.float()[None]).sum(dim=1).to(x.dtype)
 
 
+ROTATION_MODES = ("0", "1", "dense", "kernel")
+
+
+def rotation_mode(kernels_rotate: bool, invariant: bool = False) -> str:
+    """`fast_kv_rotation`'s mode for an engine: $QCOMPILE_FAST_KV_ROTATION when set, else
+    "kernel" where the attention kernels rotate (`attention_kernels.rotates`), else "0". A
+    batch-invariant engine needs a rotation that does not depend on the row count: "0"
+    becomes "kernel" where the kernels rotate, else "dense"."""
+    mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION") or ("kernel" if kernels_rotate else "0")
+    if mode not in ROTATION_MODES:
+        raise ValueError(f"QCOMPILE_FAST_KV_ROTATION={mode!r}: expected one of "
+                         f"{', '.join(ROTATION_MODES)}")
+    if mode == "kernel" and not kernels_rotate:
+        mode = "0"
+    if invariant and mode == "0":
+        mode = "kernel" if kernels_rotate else "dense"
+    return mode
+
+
 def fast_kv_rotation(gm: torch.fx.GraphModule, weights, mode: str | None = None) -> int:
     """Rewrite the graph's multiplications by the key / query rotation (passes/rotate_kv.py,
     `mm(x, kv_rotation)`) as `mode` (default $QCOMPILE_FAST_KV_ROTATION) says: "0" (default)
     keeps the mm, "dense" calls `dense_rotate` (any square weight of an mm, at most 256
     wide), "1" calls `fwht_rotate` where the weight is a signed Sylvester Hadamard matrix;
-    the same product to rounding. `weights`: the values of the graph's first placeholders, in order
-    (the program's weights); nothing changes without them. Returns the calls replaced.
+    "kernel" hands such a weight to the int4 encode and attention ops that read the product
+    (`fold_kv_rotation`: the kernels rotate in registers); the same product to rounding.
+    `weights`: the values of the graph's first placeholders, in order (the program's
+    weights); nothing changes without them. Returns the calls replaced.
 
     "1" is off by default: with it on, the 1B shape's Inductor decode step
     on an H100 measured 2.1 ms against 2.0 and its cold compile 105-123 s against 49
@@ -142,6 +163,8 @@ def fast_kv_rotation(gm: torch.fx.GraphModule, weights, mode: str | None = None)
     device."""
     if mode is None:
         mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION", "0")
+    if mode == "kernel":
+        return fold_kv_rotation(gm, weights)
     if mode not in ("1", "dense"):
         return 0
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -161,5 +184,59 @@ def fast_kv_rotation(gm: torch.fx.GraphModule, weights, mode: str | None = None)
             node.target = fwht_rotate if mode == "1" else dense_rotate
             n += 1
     if n:
+        gm.recompile()
+    return n
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+          torch.ops.aten._unsafe_view.default)
+
+
+def _rotated(x, values: dict, checked: dict):
+    """(input, H node) where x is view(mm(view(input), H)) with H a weight that is a signed
+    Sylvester Hadamard matrix (passes/rotate_kv.py's `_rotate`), else None."""
+    if not (isinstance(x, torch.fx.Node) and x.target in _VIEWS):
+        return None
+    mm = x.args[0]
+    if not (isinstance(mm, torch.fx.Node) and mm.target is torch.ops.aten.mm.default):
+        return None
+    flat, h = mm.args[:2]
+    if not (isinstance(flat, torch.fx.Node) and flat.target in _VIEWS) or h not in values:
+        return None
+    if h not in checked:
+        checked[h] = _signed_sylvester(values[h])
+    src = flat.args[0]
+    shapes = [n.meta.get("val") for n in (src, x)]
+    if not checked[h] or any(v is None for v in shapes) or shapes[0].shape != shapes[1].shape:
+        return None
+    return src, h
+
+
+def fold_kv_rotation(gm: torch.fx.GraphModule, weights) -> int:
+    """Hand the key rotation to the int4 KV encode and attention ops: where an op's keys or
+    queries are view(mm(view(x), H)) with H a signed Sylvester Hadamard weight, the op takes
+    x and `rotation=H` instead and the mms go (the kernels apply H in registers, a
+    Walsh-Hadamard transform, cutlass_templates/paged_attention.cu `rotate_q`; the reference
+    ops multiply as the graph did). The mms were two cuBLAS launches a layer, 74 us of the 1B
+    shape's 2.0 ms decode step on an H100; the in-register transform is also batch-invariant,
+    which the mm was not. Only for an engine whose attention kernels rotate
+    (`attention_kernels.rotates`): another would multiply before its kernel. Returns the ops
+    changed."""
+    from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS
+    targets = {ATTENTION_OPS["int4"], KV_ENCODE_OPS["int4"]}
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values, checked, n = dict(zip(holders, weights)), {}, 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in targets or \
+                node.kwargs.get("rotation") is not None:
+            continue
+        found = _rotated(node.args[0], values, checked)
+        if found is None:
+            continue
+        node.args = (found[0], *node.args[1:])
+        node.kwargs = {**node.kwargs, "rotation": found[1]}
+        n += 1
+    if n:
+        gm.graph.eliminate_dead_code()
         gm.recompile()
     return n

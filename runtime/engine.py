@@ -105,6 +105,9 @@ class Engine:
         self.load_times: dict[str, float] = {}  # Engine.load's phases, seconds
         self.batch_invariant = False  # Engine.load's; see _invariant
         self._logits_rows = 0  # > 0: every step computes this many logits rows (_invariant)
+        # how the key / query rotation runs (compiled.rotation_mode; Engine.load sets it):
+        # "kernel" inside the attention kernels, "0" the program's mm, "dense" / "1" Inductor
+        self.rotation = "0"
 
     @classmethod
     def load(cls, path, device="cpu", *, kv_cache_bytes: int | None = None,
@@ -161,12 +164,18 @@ class Engine:
             raise ValueError(f"compile must be True, False, None or 'aot', not {compile!r}")
         if batch_invariant:
             _check_invariant(art, device, compile, kernels)
+        from .attention_kernels import table_rotates
+        rotation = compiled.rotation_mode(table_rotates(kernels, art.model.head_dim),
+                                          batch_invariant)
+        if rotation == "kernel" and compile is False:  # torch_compile folds it for Inductor
+            compiled.fast_kv_rotation(program, weights, rotation)
         if compile:
             compiled.persistent_cache()
         if overlap is None:
             overlap = device.type == "cuda"
         engine = cls(art, program, weights, tokenizer, cache, device, max_batch_tokens, max_seqs,
                      kernels, overlap)
+        engine.rotation = rotation
         if batch_invariant:
             engine._invariant()
         if compile is True:
@@ -206,8 +215,10 @@ class Engine:
           into a split count chosen for the batch, and runs a decode row and a prefill chunk's
           rows in their own entries even when they share a step (plan_invariant; a
           batch-dependent plan chose kt, decode or prefill for the whole step);
-        - the key / query rotation is a reduction Inductor fuses with RoPE (`dense_rotate`)
-          rather than a cuBLAS mm whose algorithm follows its row count;
+        - the key / query rotation runs inside the attention kernels (an in-register
+          Walsh-Hadamard transform per row; kernels built before it: a reduction Inductor
+          fuses with RoPE, `dense_rotate`) rather than a cuBLAS mm whose algorithm follows
+          its row count;
         - a float LM head (cuBLAS) always multiplies the same number of rows: each step
           computes max(max_seqs, 2) logits rows, the extra ones ignored.
         Costs: decode splits that do not adapt to the batch (a batch of 64 at ~1,100 keys
@@ -225,8 +236,8 @@ class Engine:
     def _use_inductor(self, program) -> None:
         """torch.compile on `program` as this engine's program; no dimension of one in its
         steps (decode buckets from 2, see _layout)."""
-        self.program = self.kernels.wrap(compiled.torch_compile(
-            program, self.weights, rotation="dense" if self.batch_invariant else None))
+        self.program = self.kernels.wrap(compiled.torch_compile(program, self.weights,
+                                                                self.rotation))
         self.compiled = True
         self.decode_buckets = tuple(sorted({max(b, 2) for b in self.decode_buckets}))
 

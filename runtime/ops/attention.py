@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kv import CODECS, PageLayout
+from .kv import CODECS, PageLayout, rotate_heads
 
 
 def _gather_past(kv_cache, table, ctx: int, layout: PageLayout) -> torch.Tensor:
@@ -24,8 +24,10 @@ def _gather_past(kv_cache, table, ctx: int, layout: PageLayout) -> torch.Tensor:
 
 
 def paged_attention_ref(fmt: str, q, kv_new, kv_cache, block_tables, ctx_lens, query_start,
-                        num_kv_heads: int, scale: float) -> torch.Tensor:
+                        num_kv_heads: int, scale: float, rotation=None) -> torch.Tensor:
+    """rotation: q @ rotation per head first (the keys' rotation, see kv_encode's)."""
     decode = CODECS[fmt][1]
+    q = rotate_heads(q, rotation)
     t, hq, d = q.shape
     layout = PageLayout.of(fmt, num_kv_heads, d, q.dtype)
     out = torch.empty_like(q)
@@ -51,9 +53,10 @@ def _register(fmt: str):
     @torch.library.custom_op(name, mutates_args=())
     def op(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
            block_tables: torch.Tensor, ctx_lens: torch.Tensor, query_start: torch.Tensor,
-           num_kv_heads: int, scale: float) -> torch.Tensor:
+           num_kv_heads: int, scale: float,
+           rotation: torch.Tensor | None = None) -> torch.Tensor:
         return paged_attention_ref(fmt, q, kv_new, kv_cache, block_tables, ctx_lens,
-                                   query_start, num_kv_heads, scale)
+                                   query_start, num_kv_heads, scale, rotation)
 
     op.register_fake(lambda q, *args: torch.empty_like(q))
     return getattr(torch.ops.qcompile, f"paged_attention_{fmt}").default

@@ -148,24 +148,39 @@ class PageLayout:
         return torch.cat(parts, dim=-1)
 
 
-def _encode_pair(fmt: str, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def rotate_heads(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """x [T, H, D] @ rotation [D, D] per head, as passes/rotate_kv.py's graph computes it (one
+    mm over [T * H, D] in x's dtype); x itself when rotation is None."""
+    if rotation is None:
+        return x
+    return torch.mm(x.reshape(-1, x.shape[-1]), rotation).view(x.shape)
+
+
+def _encode_pair(fmt: str, k: torch.Tensor, v: torch.Tensor,
+                 rotation: torch.Tensor | None = None) -> torch.Tensor:
     enc = CODECS[fmt][0]
-    return torch.stack([enc(k), enc(v)])
+    return torch.stack([enc(rotate_heads(k, rotation)), enc(v)])
 
 
+# rotation (optional, runtime/compiled.py's fast_kv_rotation "kernel" mode): the keys are
+# encoded as k @ rotation, the product passes/rotate_kv.py puts before the op, which the
+# attention kernels compute in registers (a signed Sylvester Hadamard matrix: they read only
+# its first column). None: the keys as they are.
 @torch.library.custom_op("qcompile::kv_encode_fp16", mutates_args=())
-def kv_encode_fp16(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def kv_encode_fp16(k: torch.Tensor, v: torch.Tensor,
+                   rotation: torch.Tensor | None = None) -> torch.Tensor:
     """k, v [T, Hkv, D] -> [2, T, R] uint8 records."""
-    return _encode_pair("fp16", k, v)
+    return _encode_pair("fp16", k, v, rotation)
 
 
 @torch.library.custom_op("qcompile::kv_encode_int4", mutates_args=())
-def kv_encode_int4(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _encode_pair("int4", k, v)
+def kv_encode_int4(k: torch.Tensor, v: torch.Tensor,
+                   rotation: torch.Tensor | None = None) -> torch.Tensor:
+    return _encode_pair("int4", k, v, rotation)
 
 
 def _fake_encode(fmt):
-    def fake(k, v):
+    def fake(k, v, rotation=None):
         r = kv_record_bytes(fmt, k.shape[1], k.shape[2], k.dtype)
         return k.new_empty((2, k.shape[0], r), dtype=torch.uint8)
     return fake

@@ -281,3 +281,55 @@ def test_batch_invariant_plans(kernels, fmt, hq, hkv, d, split_keys):
     got = out.float().cpu()
     for b, r in enumerate(_subset(full, list(range(n)))[1]):
         assert torch.equal(got[r], seen[b]), f"seq {b} changed under graph replay"
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (32, 8, 128), (14, 2, 64)])
+def test_rotation_in_kernels(kernels, hq, hkv, d):
+    """The key rotation handed to the int4 kernels (`rotation=H`, runtime/compiled.py
+    fold_kv_rotation): the encode rotates keys and every attention entry rotates queries in
+    registers, matching the reference ops, which multiply by H first; values are not
+    rotated (bitwise the reference); also under CUDA-graph replay."""
+    from qcompile.passes.rotate_kv import kv_rotation_matrix
+    from qcompile.runtime.ops import ATTENTION_OPS
+    from qcompile.runtime.ops.kv import decode_int4
+    h = kv_rotation_matrix(d, seed=d + hq).half()
+    hc = h.cuda()
+    g = torch.Generator().manual_seed(hq * d)
+    k = (torch.randn(70, hkv, d, generator=g) * 3).half()
+    v = torch.randn(70, hkv, d, generator=g).half()
+    want = KV_ENCODE_OPS["int4"](k, v, rotation=h)
+    rot_before = kernels.STATS.launches[f"{AttnConfig(d).name('attn_int4')}_encode_rot"]
+    got = KV_ENCODE_OPS["int4"](k.cuda(), v.cuda(), rotation=hc).cpu()
+    assert kernels.STATS.launches[f"{AttnConfig(d).name('attn_int4')}_encode_rot"] == \
+        rot_before + 1
+    assert torch.equal(got[1], want[1])  # values as they are
+    exact = (k.float().reshape(-1, d) @ h.float()).view(k.shape)
+    params = want[0][:, hkv * d // 2:hkv * (d // 2 + 4)].contiguous().view(torch.float16)
+    step = params.view(70, hkv, 2)[..., 0].float()[..., None]  # each (token, head)'s scale
+    for recs in (want, got):
+        keys = decode_int4(recs[0], hkv, d, torch.float16).float()
+        assert ((keys - exact).abs() <= 0.51 * step + 1e-2).all()
+    same = (got[0] == want[0]).float().mean().item()
+    assert same > 0.98, f"only {same:.1%} of the key bytes equal the reference's"
+
+    batch = make_batch("int4", hq, hkv, d, MIXED, seed=hq + d)
+    ref = paged_attention_ref("int4", *batch, hkv, d ** -0.5, rotation=h).float()
+    for entry in ROWS:
+        for splits in (1, 3):
+            got = _run(kernels, "int4", batch, hkv, d, entry=entry, splits=splits, rotation=hc)
+            _check(got, ref, f"rotated d{d} {hq}/{hkv} {entry} splits={splits}")
+    dev = [x.cuda() for x in batch]
+    fallbacks = dict(kernels.STATS.fallbacks)
+    _check(ATTENTION_OPS["int4"](*dev, hkv, d ** -0.5, rotation=hc).float().cpu(), ref,
+           "rotated, through the op")
+    assert dict(kernels.STATS.fallbacks) == fallbacks
+    cfg = AttnConfig(d)
+    out = torch.full_like(dev[0], float("nan"))
+    kernels.launch_attention(cfg, "attn_int4", *dev, hkv, d ** -0.5, out=out, rotation=hc)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.launch_attention(cfg, "attn_int4", *dev, hkv, d ** -0.5, out=out, rotation=hc)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out.float().cpu(), ref, "rotated, graph replay")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qcompile.passes.rotate_kv import kv_rotation_matrix
-from qcompile.runtime.compiled import _signed_sylvester, fast_kv_rotation, fwht_rotate
+from qcompile.runtime.compiled import (_signed_sylvester, fast_kv_rotation, fwht_rotate,
+                                       rotation_mode)
 
 
 @pytest.mark.parametrize("d", [2, 64, 128])
@@ -85,3 +86,21 @@ def test_logits_upcast_dropped():
     assert not drop_logits_upcast(gm)  # nothing left to drop
     f32 = torch.export.export(Head(), (w.float(), x.float())).module()
     assert not drop_logits_upcast(f32)
+
+
+def test_rotation_mode(monkeypatch):
+    """An engine's rotation: in the kernels where they can, else the program's mm; a
+    batch-invariant engine never keeps the mm (its cuBLAS algorithm follows the row count);
+    $QCOMPILE_FAST_KV_ROTATION chooses, but not "kernel" for kernels that cannot."""
+    monkeypatch.delenv("QCOMPILE_FAST_KV_ROTATION", raising=False)
+    assert [rotation_mode(k, inv) for k in (True, False) for inv in (False, True)] == \
+        ["kernel", "kernel", "0", "dense"]
+    monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "dense")
+    assert rotation_mode(True) == "dense"
+    monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "kernel")
+    assert rotation_mode(False) == "0" and rotation_mode(False, True) == "dense"
+    monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "0")
+    assert rotation_mode(True) == "0" and rotation_mode(True, True) == "kernel"
+    monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "fast")
+    with pytest.raises(ValueError, match="expected one of 0, 1, dense, kernel"):
+        rotation_mode(True)

@@ -245,6 +245,41 @@ def test_fixed_logits_rows(artifact, sampled_logits):
         assert got == want and set(rows) == {6}, (graphs, rows)
 
 
+def test_rotation_folded_into_the_kv_ops(artifact, sampled_logits, monkeypatch):
+    """The "kernel" rotation mode (what an engine whose attention kernels rotate runs,
+    compiled.fold_kv_rotation): each layer's two mms by the kv_rotation weight become the int4
+    encode's and attention's `rotation` argument, and the reference ops multiply as the graph
+    did, so the engine samples bitwise the same logits."""
+    from qcompile.runtime import compiled
+    from qcompile.runtime.artifact import load_program, load_weights, open_artifact
+    from qcompile.runtime.ops import ATTENTION_OPS, KV_ENCODE_OPS
+    art = open_artifact(artifact, torch.device("cpu"))
+    gm, weights = load_program(art.path).module(), load_weights(art, torch.device("cpu"))
+    mms = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default]
+    assert compiled.fold_kv_rotation(gm, weights) == 2 * art.model.num_layers
+    ops = [n for n in gm.graph.nodes if n.target in (ATTENTION_OPS["int4"], KV_ENCODE_OPS["int4"])]
+    assert all(n.kwargs["rotation"].name == "kv_rotation" for n in ops), ops
+    left = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default]
+    assert len(mms) - len(left) == 2 * art.model.num_layers  # the rotations' mms are gone
+    assert compiled.fold_kv_rotation(gm, weights) == 0  # folded already
+    assert compiled.fold_kv_rotation(load_program(art.path).module(), ()) == 0  # no weights
+
+    prompts = [PROMPT, [9, 8, 7, 6, 5]]
+    want = Engine.load(artifact).generate(prompts, max_new_tokens=6, stop_on_eos=False)
+    want_logits = [x.clone() for x in sampled_logits]
+    sampled_logits.clear()
+    monkeypatch.setattr(compiled, "rotation_mode", lambda *a: "kernel")
+    folds = []
+    fold = compiled.fast_kv_rotation
+    monkeypatch.setattr(compiled, "fast_kv_rotation", lambda *a: folds.append(fold(*a)))
+    engine = Engine.load(artifact)
+    got = engine.generate(prompts, max_new_tokens=6, stop_on_eos=False)
+    assert engine.rotation == "kernel" and folds == [2 * art.model.num_layers]
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert len(sampled_logits) == len(want_logits)
+    assert all(torch.equal(a, b) for a, b in zip(sampled_logits, want_logits))
+
+
 def test_batch_invariant_needs_cuda_inductor_and_integer_gemms(artifact, served_artifact):
     """Engine.load(batch_invariant=True) says in one line why it cannot hold: on the CPU, without
     Inductor, for float linears, without the attention kernels."""
