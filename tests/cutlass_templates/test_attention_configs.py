@@ -22,6 +22,7 @@ def test_names_entries_defines():
                                         "qc_attn_fp16_d128_s3_merge",
                                         "qc_attn_fp16_d128_s3_encode",
                                         "qc_attn_fp16_d128_s3_encode_strided",
+                                        "qc_attn_fp16_d128_s3_encode_rot",
                                         "qc_attn_fp16_d128_s3_store")
     d = cfg.defines("attn_int4")
     assert "-DQC_KV_INT4=1" in d and "-DQC_HEAD_DIM=128" in d
