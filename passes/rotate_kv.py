@@ -25,8 +25,11 @@ Why explicit matmul nodes rather than a rotation inside the kv ops: the encode a
 ops keep their signatures and the int4 record its meaning, so a fused KV4 paged-attention
 kernel sees plain keys and queries and needs no [D, D] operand or Hadamard code per head_dim
 (64, 80, 96, 128 need Sylvester and Paley factors). The rotation is a weight of the program:
-the artifact carries it in weights.safetensors and the program says where it applies, so the
-runtime does nothing special and artifacts compiled without it (no such nodes) run unchanged.
+the artifact carries it in weights.safetensors and the program says where it applies, so
+artifacts compiled without it (no such nodes) run unchanged. On CUDA, an engine whose int4
+attention kernels can rotate in registers (a Walsh-Hadamard transform, for the signed Sylvester
+matrices of head dims 64 and 128) folds the two mms into the ops at load
+(runtime/compiled.py `fold_kv_rotation`); the program stays as compiled.
 Cost: one [tokens * heads, D] x [D, D] GEMM for q (once per query token) and one for k (once
 per new token) per layer; SmolLM2 (D = 64, 9 + 3 heads) 0.1 MFLOP per token and layer against
 4.4 for its projections. Node walking: the pass adds a weight placeholder, which a pattern

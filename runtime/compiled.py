@@ -123,21 +123,27 @@ def dense_rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 ROTATION_MODES = ("0", "1", "dense", "kernel")
+# Whether engines rotate inside the kernels unless told otherwise: off until the GPU tests
+# (tests/runtime/test_attention_gpu.py test_rotation_in_kernels) and an end-to-end run have
+# checked the kernels' transform on a device; QCOMPILE_FAST_KV_ROTATION=kernel opts in.
+KERNEL_ROTATION_DEFAULT = False
 
 
 def rotation_mode(kernels_rotate: bool, invariant: bool = False) -> str:
     """`fast_kv_rotation`'s mode for an engine: $QCOMPILE_FAST_KV_ROTATION when set, else
-    "kernel" where the attention kernels rotate (`attention_kernels.rotates`), else "0". A
-    batch-invariant engine needs a rotation that does not depend on the row count: "0"
-    becomes "kernel" where the kernels rotate, else "dense"."""
-    mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION") or ("kernel" if kernels_rotate else "0")
+    "kernel" where the attention kernels rotate (`attention_kernels.rotates`) and
+    KERNEL_ROTATION_DEFAULT holds, else "0". A batch-invariant engine needs a rotation that
+    does not depend on the row count: "0" becomes "kernel" where that would be the default,
+    else "dense"."""
+    default = kernels_rotate and KERNEL_ROTATION_DEFAULT
+    mode = os.environ.get("QCOMPILE_FAST_KV_ROTATION") or ("kernel" if default else "0")
     if mode not in ROTATION_MODES:
         raise ValueError(f"QCOMPILE_FAST_KV_ROTATION={mode!r}: expected one of "
                          f"{', '.join(ROTATION_MODES)}")
     if mode == "kernel" and not kernels_rotate:
         mode = "0"
     if invariant and mode == "0":
-        mode = "kernel" if kernels_rotate else "dense"
+        mode = "kernel" if default else "dense"
     return mode
 
 

@@ -92,7 +92,9 @@ def test_rotation_mode(monkeypatch):
     """An engine's rotation: in the kernels where they can, else the program's mm; a
     batch-invariant engine never keeps the mm (its cuBLAS algorithm follows the row count);
     $QCOMPILE_FAST_KV_ROTATION chooses, but not "kernel" for kernels that cannot."""
+    from qcompile.runtime import compiled
     monkeypatch.delenv("QCOMPILE_FAST_KV_ROTATION", raising=False)
+    monkeypatch.setattr(compiled, "KERNEL_ROTATION_DEFAULT", True)
     assert [rotation_mode(k, inv) for k in (True, False) for inv in (False, True)] == \
         ["kernel", "kernel", "0", "dense"]
     monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "dense")
@@ -101,6 +103,9 @@ def test_rotation_mode(monkeypatch):
     assert rotation_mode(False) == "0" and rotation_mode(False, True) == "dense"
     monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "0")
     assert rotation_mode(True) == "0" and rotation_mode(True, True) == "kernel"
+    monkeypatch.setattr(compiled, "KERNEL_ROTATION_DEFAULT", False)  # not yet: opt in
+    monkeypatch.delenv("QCOMPILE_FAST_KV_ROTATION")
+    assert rotation_mode(True) == "0" and rotation_mode(True, True) == "dense"
     monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "fast")
     with pytest.raises(ValueError, match="expected one of 0, 1, dense, kernel"):
         rotation_mode(True)
