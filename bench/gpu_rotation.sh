@@ -3,7 +3,8 @@
 # fold_kv_rotation): build every kernel, the attention GPU tests, the 1B-shaped w4a8 / KV4
 # artifact, then qbench (64 x 1024 / 128) with the rotation in the kernels (the default where
 # they have it) and with the program's mm (QCOMPILE_FAST_KV_ROTATION=0), one process each;
-# PROFILE=1 then profiles a prefill and a decode step (bench/profile_step.py --compile).
+# PROFILE=1 then profiles a prefill and a decode step (bench/profile_step.py --compile);
+# MBT="8192 16384" adds qbench runs (rotation in the kernels) with those --max-batch-tokens.
 source "$(dirname "$0")/gpu_common.sh"
 stamp kernels
 ONLY= BENCH= PYTEST_ARGS=${PYTEST_ARGS:-tests/runtime/test_attention_gpu.py} \
@@ -19,6 +20,14 @@ for mode in ${MODES:-kernel 0}; do
     --output-len 128 --num-prompts 64 --max-seqs 64 --out "$OUT/qbench-$mode" \
     > "$OUT/qbench-$mode/log" 2>&1
   grep -E "^qbench|^\||^load|prefill" "$OUT/qbench-$mode/log" | tail -6
+done
+for mbt in ${MBT:-}; do
+  stamp "qbench max-batch-tokens=$mbt"
+  mkdir -p "$OUT/qbench-mbt$mbt"
+  QCOMPILE_FAST_KV_ROTATION=kernel timeout $(cap 120) qbench /tmp/art1b --input-len 1024 \
+    --output-len 128 --num-prompts 64 --max-seqs 64 --max-batch-tokens "$mbt" \
+    --out "$OUT/qbench-mbt$mbt" > "$OUT/qbench-mbt$mbt/log" 2>&1
+  grep -E "^qbench|^\|" "$OUT/qbench-mbt$mbt/log" | tail -3
 done
 if [ -n "${PROFILE:-}" ]; then
   stamp profile
