@@ -374,7 +374,12 @@ __device__ __forceinline__ void attention(const Args& p) {
   const int bs_shift = (p.BS & (p.BS - 1)) == 0 ? __ffs(p.BS) - 1 : -1;
   const KeySource src{p.cache, p.kv_new, p.block_tables + (size_t)blk.b * p.MB, blk.ctx,
                       p.NB, p.BS, bs_shift, p.R, p.T, blk.tok0, p.Hkv, h};
+  const int lim_max = max(st.lim[0], st.lim[1]);  // this thread's rows see keys < lim_max
   run_tiles<S>(smem, src, k_begin, k_end, tid, [&](const uint8_t* stage, int key0) {
+    // prefill: a warp whose rows are all masked for every key of the tile (past the causal
+    // diagonal, or rows past the block's: a decode row in a mixed step has G valid rows of
+    // 64) skips it; nothing would change (exact, as _prefill2)
+    if (!SPLIT_WARPS && !__any_sync(0xffffffffu, key0 < lim_max)) return;
     const int k0 = SPLIT_WARPS ? 8 * NT * warp : 0;
     float s[NT][4];
     qk<NT>(st, stage + S::K_OFF, k0, lane, s);
