@@ -43,6 +43,14 @@ DEVICE = os.environ.get("QCOMPILE_SERVE_DEVICE", "cpu")
 # QCOMPILE_SERVE_INVARIANT=0: then a stream is checked up to near ties (_as_alone).
 INVARIANT = DEVICE != "cpu" and os.environ.get("QCOMPILE_SERVE_INVARIANT", "1") == "1"
 LOAD = {"batch_invariant": True} if INVARIANT else {}
+# On the GPU each engine's KV cache is sized (Engine.load's default takes 85% of the free
+# memory, so the module's second live engine would find none: its H100 run OOMed in session 15)
+KV = {"kv_cache_bytes": 256 << 20} if DEVICE != "cpu" else {}
+
+
+def _load(artifact, **load):
+    """Engine.load on DEVICE with this module's KV budget (`load` may set its own)."""
+    return Engine.load(artifact, device=DEVICE, **{**KV, **load})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,7 @@ def artifact(request, make_tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(artifact):
     """A reference engine on the served artifact (its tokens alone, its logits)."""
-    ref = Engine.load(artifact, device=DEVICE, max_seqs=16, **LOAD)
+    ref = _load(artifact, max_seqs=16, **LOAD)
     ref.tokenizer.chat_template = ref.tokenizer.chat_template or TEMPLATE
     return ref
 
@@ -90,7 +98,7 @@ def _serving(app):
 
 def _engine_process(artifact, **load):
     """The served engine in a process of its own, as qserve runs it (runtime/engine_process.py)."""
-    proc = EngineProcess(functools.partial(Engine.load, artifact, device=DEVICE, **load),
+    proc = EngineProcess(functools.partial(_load, artifact, **load),
                          max_queued=512)
     proc.engine.tokenizer.chat_template = proc.engine.tokenizer.chat_template or TEMPLATE
     return proc
@@ -102,7 +110,7 @@ def server(request, artifact, ref):
     engine stepped on a thread of the server's process (`Engine`); "process": in a child
     process (qserve's default; the engine seen here is its mirror, `RemoteEngine`)."""
     if request.param == "thread":
-        engine = Engine.load(artifact, device=DEVICE, max_seqs=16, **LOAD)
+        engine = _load(artifact, max_seqs=16, **LOAD)
         engine.tokenizer.chat_template = engine.tokenizer.chat_template or TEMPLATE
         with _serving(create_app(engine, MODEL, max_queued=512)) as base:
             yield base, engine, ref
@@ -371,7 +379,7 @@ def test_engine_failure_is_503_not_a_dead_server(artifact):
     """An engine that fails mid-step answers its clients and every later request with 503,
     and /health says so; the HTTP server stays up."""
     from fastapi.testclient import TestClient
-    engine = Engine.load(artifact, device=DEVICE, max_seqs=4)
+    engine = _load(artifact, max_seqs=4)
 
     def broken():
         raise RuntimeError("CUDA error: out of memory (simulated)")
@@ -387,7 +395,7 @@ def test_engine_failure_is_503_not_a_dead_server(artifact):
 
 def _failing_engine(artifact):
     """An engine (built in the engine process) whose steps fail as a GPU out of memory does."""
-    engine = Engine.load(artifact, device=DEVICE, max_seqs=4)
+    engine = _load(artifact, max_seqs=4)
 
     def broken():
         raise RuntimeError("CUDA error: out of memory (simulated)")
