@@ -103,7 +103,7 @@ def test_rotation_mode(monkeypatch):
     assert rotation_mode(False) == "0" and rotation_mode(False, True) == "dense"
     monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "0")
     assert rotation_mode(True) == "0" and rotation_mode(True, True) == "kernel"
-    monkeypatch.setattr(compiled, "KERNEL_ROTATION_DEFAULT", False)  # not yet: opt in
+    monkeypatch.setattr(compiled, "KERNEL_ROTATION_DEFAULT", False)  # the switch off
     monkeypatch.delenv("QCOMPILE_FAST_KV_ROTATION")
     assert rotation_mode(True) == "0" and rotation_mode(True, True) == "dense"
     monkeypatch.setenv("QCOMPILE_FAST_KV_ROTATION", "fast")
