@@ -61,3 +61,13 @@ kernels_and_artifact() {
   stamp artifact
   SKIP_PROFILE=1 timeout $(cap 150) bash bench/gpu_step.sh
 }
+
+# `profile_stage ART`: a prefill and a decode step of ART profiled under Inductor
+# (bench/profile_step.py --compile, batch 64 x 1024) into $OUT/profile, its summary printed.
+profile_stage() {
+  stamp profile
+  mkdir -p "$OUT/profile"
+  timeout $(cap 150) python bench/profile_step.py "$1" --batch 64 --input-len 1024 \
+    --compile --out "$OUT/profile" > "$OUT/profile/log" 2>&1
+  grep -E "^load|^\| [a-z]|GPU kernel time|prefill step" "$OUT/profile/log" | head -14
+}

@@ -29,11 +29,5 @@ for mbt in ${MBT:-}; do
     --out "$OUT/qbench-mbt$mbt" > "$OUT/qbench-mbt$mbt/log" 2>&1
   grep -E "^qbench|^\|" "$OUT/qbench-mbt$mbt/log" | tail -3
 done
-if [ -n "${PROFILE:-}" ]; then
-  stamp profile
-  mkdir -p "$OUT/profile"
-  timeout $(cap 150) python bench/profile_step.py /tmp/art1b --batch 64 --input-len 1024 \
-    --compile --out "$OUT/profile" > "$OUT/profile/log" 2>&1
-  grep -E "^load|^\| [a-z]|GPU kernel time|prefill step" "$OUT/profile/log" | head -14
-fi
+[ -n "${PROFILE:-}" ] && profile_stage /tmp/art1b  # its prefill and decode steps
 stamp done

@@ -13,11 +13,5 @@ if [ -n "${OFFLINE:-}" ]; then
     --max-seqs 64 --out "$OUT" -q 2>&1 | grep -E "^qbench|^\|" | tail -3
 fi
 serve_stage /tmp/art1b 128
-if [ -n "${PROFILE:-}" ]; then  # the same artifact's prefill and decode steps under Inductor
-  stamp profile
-  mkdir -p "$OUT/profile"
-  timeout $(cap 150) python bench/profile_step.py /tmp/art1b --batch 64 --input-len 1024 \
-    --compile --out "$OUT/profile" > "$OUT/profile/log" 2>&1
-  grep -E "^load|^\| [a-z]|GPU kernel time" "$OUT/profile/log" | head -12
-fi
+[ -n "${PROFILE:-}" ] && profile_stage /tmp/art1b  # its prefill and decode steps
 stamp done
