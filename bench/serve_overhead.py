@@ -10,7 +10,7 @@ random token per running request and step, and finishes a request after its max_
 Needs no GPU and no model: only a tokenizer (an artifact's, for realistic detokenization).
 
     python bench/serve_overhead.py ARTIFACT [--num-prompts 64 --output-len 128 --cpu-ms 0.5
-        --gpu-ms 1.5]
+        --gpu-ms 1.5 --stream-interval 1]
 
 Prints the client's table (req/s, TTFT / TPOT) beside the ideal (every step at cpu + gpu ms)
 and the server's mean step time (its /metrics).
@@ -91,8 +91,8 @@ def serve(args) -> None:
     make = functools.partial(stand_in, args.artifact, args.cpu_ms / 1e3, args.gpu_ms / 1e3,
                              args.num_prompts)
     engine = make() if args.engine_thread else EngineProcess(make)
-    uvicorn.run(create_app(engine, "stand-in"), host="127.0.0.1", port=args.port,
-                log_level="warning")
+    uvicorn.run(create_app(engine, "stand-in", stream_interval=args.stream_interval),
+                host="127.0.0.1", port=args.port, log_level="warning")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -114,6 +114,8 @@ def main() -> int:
     p.add_argument("--cpu-ms", type=float, default=0.5, help="host time of a step (GIL held)")
     p.add_argument("--gpu-ms", type=float, default=1.5, help="GPU time of a step (GIL free)")
     p.add_argument("--port", type=int, default=8131)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk after the first (qserve's option)")
     p.add_argument("--engine-thread", action="store_true",
                    help="the stand-in on a thread of the server's process (qserve "
                         "--engine-thread), not in a process of its own")

@@ -312,10 +312,15 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(engine, model_name: str, *, max_queued: int = 1024):
+def create_app(engine, model_name: str, *, max_queued: int = 1024, stream_interval: int = 1):
     """The FastAPI application serving `engine` as `model_name`: an `Engine` (stepped on a
     thread of this process) or a loop already around one (`engine_process.EngineProcess`: its
-    own process)."""
+    own process). stream_interval: a stream sends its first token at once, then a chunk per
+    that many tokens (and its last), as vLLM's --stream-interval: fewer server-sent events
+    for the event loop and the client to handle (on an H100, 64 streams of a 1.7 ms decode
+    step arrived in bursts, late: bench/results/gpu-h100-2026-12-07h.md)."""
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -483,9 +488,15 @@ def create_app(engine, model_name: str, *, max_queued: int = 1024):
                     yield chunk(None, None, role=True)
                 # a client that hangs up is seen by Starlette (its disconnect listener, or
                 # the next send failing), which closes this generator: `finally` aborts
-                async for text, finish, tokens in events():
+                sent, text, tokens = False, "", []  # sent: a chunk with content went out
+                async for more, finish, new in events():
+                    text, tokens = text + more, tokens + new
+                    if sent and not finish and len(tokens) < stream_interval:
+                        continue
                     if text or finish or (body.return_token_ids and tokens):
                         yield chunk(text, finish, tokens=tokens)
+                        sent = True
+                    text, tokens = "", []
                 yield "data: " + json.dumps({"id": rid, "object": chunk_obj,
                                              "created": int(time.time()), "model": model_name,
                                              "choices": [], "usage": usage()}) + "\n\n"
@@ -546,6 +557,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-queued", type=int, default=1024,
                    help="requests waiting for admission before new ones get 429")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk after the first (default 1; more: fewer "
+                        "events for the server and clients at high token rates, as vLLM's)")
     p.add_argument("--engine-thread", action="store_true",
                    help="step the engine on a thread of the HTTP server's process instead of "
                         "in a process of its own (the default: there the two do not share "
@@ -553,6 +567,8 @@ def main(argv=None) -> int:
     add_compile_args(p, "on cuda, no TorchInductor on the program's glue (default: compiled)")
     add_invariance_arg(p)
     args = p.parse_args(argv)
+    if args.stream_interval < 1:
+        p.error(f"--stream-interval must be at least 1, not {args.stream_interval}")
 
     def serve() -> int:
         import functools
@@ -572,7 +588,8 @@ def main(argv=None) -> int:
                                  batch_invariant=args.batch_invariant)
         engine = load() if args.engine_thread else EngineProcess(load, args.max_queued)
         name = args.model_name or Path(args.artifact).resolve().name
-        app = create_app(engine, name, max_queued=args.max_queued)
+        app = create_app(engine, name, max_queued=args.max_queued,
+                         stream_interval=args.stream_interval)
         times = engine.load_times if args.engine_thread else engine.engine.load_times
         print(f"qserve: {name} on http://{args.host}:{args.port}/v1 ({device}, loaded in "
               f"{sum(times.values()):.1f} s{'' if args.engine_thread else ', engine process'})",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import random
 import socket
@@ -391,6 +392,27 @@ def test_engine_failure_is_503_not_a_dead_server(artifact):
         assert r.status_code == 503
         assert http.get("/health").status_code == 503
         assert http.get("/v1/models").status_code == 200
+
+
+def test_stream_interval_groups_tokens(artifact):
+    """qserve --stream-interval 4: a stream's first token comes alone, then chunks of four
+    (the last holds what is left), the same tokens and text as the whole completion."""
+    from fastapi.testclient import TestClient
+    engine = _load(artifact, max_seqs=4)
+    body = {"model": MODEL, "prompt": "a b c", "max_tokens": 11, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    with TestClient(create_app(engine, MODEL, stream_interval=4)) as http:
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+    parts = [c["choices"][0] for c in chunks if c["choices"]]
+    assert [len(c["token_ids"]) for c in parts] == [1, 4, 4, 2]
+    assert sum((c["token_ids"] for c in parts), []) == whole["token_ids"]
+    assert "".join(c["text"] for c in parts) == whole["text"]
+    assert parts[-1]["finish_reason"] == "length"
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        create_app(engine, MODEL, stream_interval=0)
 
 
 def _failing_engine(artifact):
