@@ -44,7 +44,7 @@ def profile_step(engine) -> dict:
         engine.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    times, spans, syncs, other = {}, [], 0, {}
+    times, spans, syncs, other, sync_calls = {}, [], 0, {}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             fam = _family(e.name)
@@ -56,6 +56,7 @@ def profile_step(engine) -> dict:
                 other[e.name] = (n + 1, t + us)
         elif e.name in SYNCS:
             syncs += 1
+            sync_calls[e.name] = sync_calls.get(e.name, 0) + 1
     busy, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         busy += max(0.0, b - max(a, end))
@@ -64,6 +65,9 @@ def profile_step(engine) -> dict:
     top = sorted(other.items(), key=lambda kv: -kv[1][1])[:15]
     return {"wall_ms": wall, "gpu_ms": times, "attention_share": times.get("attention", 0) / gpu,
             "gpu_busy": busy / 1e3 / wall, "launches": len(spans), "host_syncs": syncs,
+            # by call: this function's own cudaDeviceSynchronize (ending the timed region) is
+            # one of them, the step's read of its sampled ids (cudaEventSynchronize) another
+            "host_sync_calls": sync_calls,
             "other_kernels": [{"name": k[:120], "count": n, "us": round(t, 1)}
                               for k, (n, t) in top]}
 
@@ -135,7 +139,8 @@ def main(argv=None):
         print(f"| {name} | {r['wall_ms']:.1f} | {g.get('attention', 0):.2f} / "
               f"{g.get('kv write', 0):.2f} / {g.get('gemm', 0):.2f} / {g.get('other', 0):.2f} | "
               f"{r['attention_share']:.1%} | {r['gpu_busy']:.0%} | {r['launches']} | "
-              f"{r['launches'] / layers:.0f} | {r['host_syncs']} |")
+              f"{r['launches'] / layers:.0f} | {r['host_syncs']} "
+              f"({', '.join(f'{k} {v}' for k, v in r['host_sync_calls'].items())}) |")
     # the profiler about doubles a replayed graph's wall, not its kernels' GPU time: busy
     # fraction of an unprofiled step = the first row's kernel time over the unprofiled wall
     busy_unprofiled = sum(next(iter(rows.values()))["gpu_ms"].values()) / step_ms
