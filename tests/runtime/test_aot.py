@@ -15,9 +15,10 @@ PROMPTS = ["the quick brown fox", "def main():", "hello", "a b c d e f",
 
 
 @pytest.mark.parametrize("precision,kv", [("w4a8", "int4")])
-def test_aot_engine_matches_eager(tiny_artifact, tmp_path, monkeypatch, precision, kv):
+def test_aot_engine_matches_eager(tiny_artifact, inductor_cache_dir, tmp_path, monkeypatch,
+                                  precision, kv):
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir)
     cfg = CompileConfig(precision=precision, kv=kv, dtype="float32", kernels="skip",
                         quantizer="rtn")
     art = tiny_artifact(cfg)

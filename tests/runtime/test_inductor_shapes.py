@@ -15,9 +15,10 @@ PROMPTS = ["the quick brown fox", "def main():", "hello", "a b c d e f", "x = 1"
            "a longer prompt that spans more than one page of the cache " * 3]
 
 
-def test_one_graph_for_every_batch_shape(tiny_artifact, tmp_path, monkeypatch):
+def test_one_graph_for_every_batch_shape(tiny_artifact, inductor_cache_dir, tmp_path,
+                                         monkeypatch):
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir)
     art = tiny_artifact(CFG)
     eager = Engine.load(art, compile=False, max_seqs=8)
     compiled = Engine.load(art, compile=True, max_seqs=8)
