@@ -36,12 +36,19 @@ def smollm2_tokenizer(smollm2_checkpoint):
     return smollm2_checkpoint.tokenizer  # load_checkpoint builds it with load_gguf_tokenizer
 
 
-def test_file_names_smollm(smollm2_gguf):
-    from gguf import GGUFReader
-    assert gguf_metadata_string(smollm2_gguf, "tokenizer.ggml.pre") == "smollm"  # a path
-    reader = GGUFReader(smollm2_gguf)  # or a reader (each parse of the header takes seconds)
+def test_file_names_smollm(smollm2_gguf, tmp_path):
+    from gguf import GGUFReader, GGUFWriter
+    reader = GGUFReader(smollm2_gguf)  # a reader: one parse of the header (it takes seconds)
+    assert gguf_metadata_string(reader, "tokenizer.ggml.pre") == "smollm"
     assert gguf_metadata_string(reader, "tokenizer.ggml.model") == "gpt2"
     assert gguf_metadata_string(reader, "no.such.key") is None
+    small = tmp_path / "small.gguf"  # or a path, here of a header with one string field
+    writer = GGUFWriter(small, "llama")
+    writer.add_string("tokenizer.ggml.pre", "smollm")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert gguf_metadata_string(small, "tokenizer.ggml.pre") == "smollm"
 
 
 def test_digits_split_one_by_one_as_llama_cpp(smollm2_tokenizer):
