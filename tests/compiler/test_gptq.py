@@ -1,6 +1,7 @@
 """GPTQ: the algorithm against RTN on the same grid and against a direct implementation of the
 paper's update, the Hessians calibration collects, the packing path that ships GPTQ's codes
 unchanged, and the QoQ driver with the `gptq` step on a tiny checkpoint."""
+import copy
 import json
 
 import pytest
@@ -206,9 +207,21 @@ def _lowering(ckpt):
     return low
 
 
-def test_calibration_collects_hessians_on_request(ckpt):
+@pytest.fixture(scope="module")
+def lowering(ckpt):
+    """`fresh()` -> `_lowering(ckpt)`, a copy of one cached capture per call (swap_gemm
+    rewrites the graph in place; a capture of the tiny decoder takes ~0.5 s on 2 cores)."""
+    base = _lowering(ckpt)
+
+    def fresh() -> Lowering:
+        return Lowering(copy.deepcopy(base.gm), dict(base.weights), base.inputs,
+                        dict(base.origin))
+    return fresh
+
+
+def test_calibration_collects_hessians_on_request(ckpt, lowering):
     cfg, w = ckpt.config, ckpt.weights
-    low = _lowering(ckpt)
+    low = lowering()
     seqs = [list(range(5, 45)), list(range(50, 70))]
     plain = calibrate(low, seqs, batch=1, rows_per_batch=8, progress=False)
     assert not plain.xtx
@@ -237,7 +250,7 @@ def _weight_node(low, canonical):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_swap_gemm_packs_the_given_integer_weights(ckpt, scheme):
+def test_swap_gemm_packs_the_given_integer_weights(ckpt, lowering, scheme):
     """Codes that RTN would not give (GPTQ's, on RTN's grid) reach the packed GEMM weights
     unchanged; the other linears are rounded as before."""
     w = ckpt.weights["layers.1.w_down"].float()
@@ -245,7 +258,7 @@ def test_swap_gemm_packs_the_given_integer_weights(ckpt, scheme):
     qw = gptq_quantize(w, h, scheme)
     rtn = quantize_weight(w, scheme)
     assert not torch.equal(qw.q, rtn.q)  # else the test cannot tell the paths apart
-    low, ref = _lowering(ckpt), _lowering(ckpt)
+    low, ref = lowering(), lowering()
     ph = _weight_node(low, "layers.1.w_down")
     assert swap_gemm(low, scheme, quantized={"layers.1.w_down": qw}) == 8
     swap_gemm(ref, scheme)
@@ -258,17 +271,17 @@ def test_swap_gemm_packs_the_given_integer_weights(ckpt, scheme):
             assert torch.equal(low.weights[name], v), name
 
 
-def test_swap_gemm_rejects_weights_it_cannot_use(ckpt):
+def test_swap_gemm_rejects_weights_it_cannot_use(ckpt, lowering):
     w = ckpt.weights["layers.0.wo"].float()
     with pytest.raises(ValueError, match="did not swap"):
-        swap_gemm(_lowering(ckpt), W4A8, quantized={"layers.0.nope": quantize_weight(w, W4A8)})
+        swap_gemm(lowering(), W4A8, quantized={"layers.0.nope": quantize_weight(w, W4A8)})
     with pytest.raises(ValueError, match="do not fit"):  # wrong scheme
-        swap_gemm(_lowering(ckpt), W4A8, quantized={"layers.0.wo": quantize_weight(w, W8A8)})
+        swap_gemm(lowering(), W4A8, quantized={"layers.0.wo": quantize_weight(w, W8A8)})
     with pytest.raises(ValueError, match="do not fit"):  # wrong group size
-        swap_gemm(_lowering(ckpt), W4A8_G128,
+        swap_gemm(lowering(), W4A8_G128,
                   quantized={"layers.0.wo": quantize_weight(w, W4A8_G64)})
     with pytest.raises(ValueError, match="do not fit"):  # wrong shape
-        swap_gemm(_lowering(ckpt), W4A8,
+        swap_gemm(lowering(), W4A8,
                   quantized={"layers.0.wo": quantize_weight(w[:, :32], W4A8)})
 
 
