@@ -285,12 +285,10 @@ def test_near_tie_check_holds_greedy_streams_and_fails_wrong_ones(ref):
             _as_alone(ref, wrong, exact=False)
 
 
-def test_concurrent_streams_and_metrics(server):
-    """200 concurrent streaming requests of random lengths, a third hung up mid-stream: every
-    other finishes with its max_tokens and the tokens it gets alone (on the GPU: a greedy
-    continuation up to near ties, see _as_alone), no page leaks, and the counters add up."""
-    base, engine, ref = server
-    before = httpx.get(base + "/metrics").text
+@pytest.fixture(scope="module")
+def streams(ref):
+    """test_concurrent_streams_and_metrics' 200 requests (prompt, max_tokens, hang up) and the
+    reference's completion of each prompt: the same for both servers, so made once."""
     rng = random.Random(0)
     jobs = [(f"w{i} " * rng.randint(1, 6), rng.randint(1, 24), i % 3 == 0) for i in range(200)]
     wants = {}
@@ -298,6 +296,16 @@ def test_concurrent_streams_and_metrics(server):
         prompts = [p for p, m, _ in jobs if m == n]
         for p, c in zip(prompts, ref.generate(prompts, max_new_tokens=n, stop_on_eos=False)):
             wants[p] = c
+    return jobs, wants
+
+
+def test_concurrent_streams_and_metrics(server, streams):
+    """200 concurrent streaming requests of random lengths, a third hung up mid-stream: every
+    other finishes with its max_tokens and the tokens it gets alone (on the GPU: a greedy
+    continuation up to near ties, see _as_alone), no page leaks, and the counters add up."""
+    base, engine, ref = server
+    jobs, wants = streams
+    before = httpx.get(base + "/metrics").text
     aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
 
     async def one(prompt, n, hang_up):
