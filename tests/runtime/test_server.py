@@ -24,9 +24,9 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from qcompile.runtime.engine import Engine  # noqa: E402
 from qcompile.runtime.engine_process import EngineProcess  # noqa: E402
 from qcompile.runtime.server import create_app  # noqa: E402
+from served_engines import DEVICE, failing_engine, load_engine  # noqa: E402
 
 MODEL = "tiny"
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -39,19 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DEVICE = os.environ.get("QCOMPILE_SERVE_DEVICE", "cpu")
 # On the GPU the served engines are batch-invariant (Engine.load's batch_invariant) unless
 # QCOMPILE_SERVE_INVARIANT=0: then a stream is checked up to near ties (_as_alone).
 INVARIANT = DEVICE != "cpu" and os.environ.get("QCOMPILE_SERVE_INVARIANT", "1") == "1"
 LOAD = {"batch_invariant": True} if INVARIANT else {}
-# On the GPU each engine's KV cache is sized (Engine.load's default takes 85% of the free
-# memory, so the module's second live engine would find none: its H100 run OOMed in session 15)
-KV = {"kv_cache_bytes": 256 << 20} if DEVICE != "cpu" else {}
-
-
-def _load(artifact, **load):
-    """Engine.load on DEVICE with this module's KV budget (`load` may set its own)."""
-    return Engine.load(artifact, device=DEVICE, **{**KV, **load})
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +65,7 @@ def artifact(request, make_tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(artifact):
     """A reference engine on the served artifact (its tokens alone, its logits)."""
-    ref = _load(artifact, max_seqs=16, **LOAD)
+    ref = load_engine(artifact, max_seqs=16, **LOAD)
     ref.tokenizer.chat_template = ref.tokenizer.chat_template or TEMPLATE
     return ref
 
@@ -99,7 +90,7 @@ def _serving(app):
 
 def _engine_process(artifact, **load):
     """The served engine in a process of its own, as qserve runs it (runtime/engine_process.py)."""
-    proc = EngineProcess(functools.partial(_load, artifact, **load),
+    proc = EngineProcess(functools.partial(load_engine, artifact, **load),
                          max_queued=512)
     proc.engine.tokenizer.chat_template = proc.engine.tokenizer.chat_template or TEMPLATE
     return proc
@@ -111,7 +102,7 @@ def server(request, artifact, ref):
     engine stepped on a thread of the server's process (`Engine`); "process": in a child
     process (qserve's default; the engine seen here is its mirror, `RemoteEngine`)."""
     if request.param == "thread":
-        engine = _load(artifact, max_seqs=16, **LOAD)
+        engine = load_engine(artifact, max_seqs=16, **LOAD)
         engine.tokenizer.chat_template = engine.tokenizer.chat_template or TEMPLATE
         with _serving(create_app(engine, MODEL, max_queued=512)) as base:
             yield base, engine, ref
@@ -285,12 +276,10 @@ def test_near_tie_check_holds_greedy_streams_and_fails_wrong_ones(ref):
             _as_alone(ref, wrong, exact=False)
 
 
-def test_concurrent_streams_and_metrics(server):
-    """200 concurrent streaming requests of random lengths, a third hung up mid-stream: every
-    other finishes with its max_tokens and the tokens it gets alone (on the GPU: a greedy
-    continuation up to near ties, see _as_alone), no page leaks, and the counters add up."""
-    base, engine, ref = server
-    before = httpx.get(base + "/metrics").text
+@pytest.fixture(scope="module")
+def streams(ref):
+    """test_concurrent_streams_and_metrics' 200 requests (prompt, max_tokens, hang up) and the
+    reference's completion of each prompt: the same for both servers, so made once."""
     rng = random.Random(0)
     jobs = [(f"w{i} " * rng.randint(1, 6), rng.randint(1, 24), i % 3 == 0) for i in range(200)]
     wants = {}
@@ -298,6 +287,16 @@ def test_concurrent_streams_and_metrics(server):
         prompts = [p for p, m, _ in jobs if m == n]
         for p, c in zip(prompts, ref.generate(prompts, max_new_tokens=n, stop_on_eos=False)):
             wants[p] = c
+    return jobs, wants
+
+
+def test_concurrent_streams_and_metrics(server, streams):
+    """200 concurrent streaming requests of random lengths, a third hung up mid-stream: every
+    other finishes with its max_tokens and the tokens it gets alone (on the GPU: a greedy
+    continuation up to near ties, see _as_alone), no page leaks, and the counters add up."""
+    base, engine, ref = server
+    jobs, wants = streams
+    before = httpx.get(base + "/metrics").text
     aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
 
     async def one(prompt, n, hang_up):
@@ -380,7 +379,7 @@ def test_engine_failure_is_503_not_a_dead_server(artifact):
     """An engine that fails mid-step answers its clients and every later request with 503,
     and /health says so; the HTTP server stays up."""
     from fastapi.testclient import TestClient
-    engine = _load(artifact, max_seqs=4)
+    engine = load_engine(artifact, max_seqs=4)
 
     def broken():
         raise RuntimeError("CUDA error: out of memory (simulated)")
@@ -398,7 +397,7 @@ def test_stream_interval_groups_tokens(artifact):
     """qserve --stream-interval 4: a stream's first token comes alone, then chunks of four
     (the last holds what is left), the same tokens and text as the whole completion."""
     from fastapi.testclient import TestClient
-    engine = _load(artifact, max_seqs=4)
+    engine = load_engine(artifact, max_seqs=4)
     body = {"model": MODEL, "prompt": "a b c", "max_tokens": 11, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}
     with TestClient(create_app(engine, MODEL, stream_interval=4)) as http:
@@ -415,22 +414,12 @@ def test_stream_interval_groups_tokens(artifact):
         create_app(engine, MODEL, stream_interval=0)
 
 
-def _failing_engine(artifact):
-    """An engine (built in the engine process) whose steps fail as a GPU out of memory does."""
-    engine = _load(artifact, max_seqs=4)
-
-    def broken():
-        raise RuntimeError("CUDA error: out of memory (simulated)")
-    engine.step = broken
-    return engine
-
-
 def test_engine_process_failure_is_503_not_a_dead_server(artifact):
     """The engine in its own process: a step that fails answers its client and every later
     request with 503 and /health says so (the HTTP server stays up). (A load that fails
     raises its own exception in the parent: test_qserve_bad_artifact_is_one_line.)"""
     from fastapi.testclient import TestClient
-    proc = EngineProcess(functools.partial(_failing_engine, artifact))
+    proc = EngineProcess(functools.partial(failing_engine, artifact))
     try:
         with TestClient(create_app(proc, MODEL)) as http:
             r = http.post("/v1/completions", json={"model": MODEL, "prompt": "a b",
