@@ -258,10 +258,41 @@ __device__ __forceinline__ uint32_t group_zero_word(uint32_t nz) {
   return out;
 }
 
-template <class Epi>
+// COMET's W4Ax epilogue (w4a8_sm80.cu / w4a8_rs_sm90.cu with QC_A4X): the main loop already
+// scaled each activation block's int32 partial by its s_x and summed them in fp32 (`acc`, the
+// reference's order: y = 0, then y = y + s_x[b] * p_b for b = 0, 1, ..; see
+// block_scale_add), so C = acc * s_w - zs_w * t with t the dequantized row sum
+// (runtime/ops/gemm.py gemm_w4a4x).  s_x [M, nb] f32 (nb = K / 128 blocks), t [M] f32.
+struct EpiW4A4X {
+  const float* s_x;
+  const float* t;
+  const float* s_w;
+  const float* zs_w;
+  int nb;
+  struct Row {
+    float t;
+  };
+  __device__ __forceinline__ Row row(int m) const { return {__ldg(t + m)}; }
+  // the activation scale of token m's block kb (m < M)
+  __device__ __forceinline__ float scale(int m, int kb) const {
+    return __ldg(s_x + (size_t)m * nb + kb);
+  }
+  __device__ __forceinline__ float apply(const Row& r, int n, float acc) const {
+    return __fsub_rn(__fmul_rn(acc, __ldg(s_w + n)), __fmul_rn(__ldg(zs_w + n), r.t));
+  }
+};
+
+// One block's partial into the fp32 accumulator, rounded as the reference rounds it (the
+// product, then the sum: no FMA).  Exact conversion: |p| <= 128 * 127 * 15 < 2^24.
+__device__ __forceinline__ float block_scale_add(float acc, float s, uint32_t p) {
+  return __fadd_rn(acc, __fmul_rn(s, __int2float_rn((int)p)));
+}
+
+// Acc: int (the int32 accumulator; W8A8 / W4A8 epilogues) or float (EpiW4A4X).
+template <class Epi, class Acc>
 __device__ __forceinline__ void finish_pair(const Epi& epi, const typename Epi::Row& row,
                                             const __half* bias, __half* C, int N, int m, int n,
-                                            int acc0, int acc1) {
+                                            Acc acc0, Acc acc1) {
   const float y0 = add_bias(epi.apply(row, n, acc0), bias, n);
   const float y1 = n + 1 < N ? add_bias(epi.apply(row, n + 1, acc1), bias, n + 1) : 0.f;
   store_pair(C, N, m, n, y0, y1);

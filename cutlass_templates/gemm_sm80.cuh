@@ -12,6 +12,8 @@
 #include "common.cuh"
 #include "splitk.cuh"
 
+#include <type_traits>
+
 namespace qc {
 
 // The GEMM body.  BOp (operand B policy) provides:
@@ -26,6 +28,13 @@ namespace qc {
 // Split-K (T::SPLITK > 1): blockIdx.z takes K tiles [z*per, min((z+1)*per, tiles)) with
 // per = ceil(tiles / SPLITK); see splitk_fixup for how the slices meet (flags == nullptr:
 // they do not; the *_reduce entry runs next).
+//
+// Per-block activation scales (Epi = EpiW4A4X, COMET's W4Ax): a K tile (BK = 128) is one
+// activation block, so after its MMAs each int32 partial is scaled by its token's s_x of the
+// block and added to a second, fp32 accumulator (block_scale_add), and the int32 one restarts
+// from zero; the scales are read when the tile starts, so their latency hides behind its MMAs.
+// Twice the accumulator registers (configs.py keeps such tiles at <= 64 a thread) and no
+// split-K: the fp32 sum runs over the blocks in order, as the reference's does.
 template <class T, class BOp, class Epi>
 __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, int N, int K,
                                           int kp, const BOp& bop, const Epi& epi,
@@ -59,13 +68,21 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   const RowLoader<T, T::BM> aload(A, M, K, m0, tid);
   const auto bload = bop.loader(n0, tid);
 
+  constexpr bool kBlocks = std::is_same_v<Epi, EpiW4A4X>;
+  static_assert(!kBlocks || (T::BK == 128 && T::SPLITK == 1),
+                "per-block activation scales: one 128-channel block per K tile, no split-K");
+  constexpr int FMT = kBlocks ? T::MT : 1, FNT = kBlocks ? T::NT : 1;
   uint32_t acc[T::MT][T::NT][4];
+  float accf[FMT][FNT][4];  // kBlocks: the scaled blocks' fp32 sum
 #pragma unroll
   for (int mt = 0; mt < T::MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < T::NT; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0u;
+      for (int i = 0; i < 4; ++i) {
+        acc[mt][nt][i] = 0u;
+        if constexpr (kBlocks) accf[mt][nt][i] = 0.f;
+      }
 
   // Prologue: STAGES - 1 tiles in flight (one commit group each, empty past the range).
 #pragma unroll
@@ -100,6 +117,17 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
     const char* sb = sb0 + read_stage * BOp::kStageBytes;
     read_stage = read_stage + 1 == T::STAGES ? 0 : read_stage + 1;
 
+    float bscale[FMT][2];  // kBlocks: s_x of this block for the thread's rows (0 past M)
+    if constexpr (kBlocks) {
+#pragma unroll
+      for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = m0 + warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h;
+          bscale[mt][h] = m < M ? epi.scale(m, kt0 + it) : 0.f;
+        }
+    }
+
     // Fragments double-buffered in registers: step ks + 1 is read while ks runs on the MMAs.
     uint32_t af[2][T::MT][4];
     typename BOp::Raw braw[2];
@@ -117,6 +145,17 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
       for (int mt = 0; mt < T::MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < T::NT; ++nt) mma_s8(acc[mt][nt], af[ks & 1][mt], bf[nt]);
+    }
+    if constexpr (kBlocks) {
+#pragma unroll
+      for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < T::NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            accf[mt][nt][i] = block_scale_add(accf[mt][nt][i], bscale[mt][i >> 1], acc[mt][nt][i]);
+            acc[mt][nt][i] = 0u;
+          }
     }
   }
   cute::cp_async_wait<0>();  // only empty groups can be left; drain before exit
@@ -145,7 +184,10 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
 #pragma unroll
       for (int nt = 0; nt < T::NT; ++nt) {
         const int n = n0 + warp_n * T::WN + nt * 8 + (lane & 3) * 2;
-        if (n < N)
+        if (n >= N) continue;
+        if constexpr (kBlocks)
+          finish_pair(epi, row, bias, C, N, m, n, accf[mt][nt][2 * h], accf[mt][nt][2 * h + 1]);
+        else
           finish_pair(epi, row, bias, C, N, m, n, (int)acc[mt][nt][2 * h],
                       (int)acc[mt][nt][2 * h + 1]);
       }

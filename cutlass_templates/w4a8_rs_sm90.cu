@@ -30,12 +30,20 @@
 // e) for lane 4g + t; lanes g and g^1 swap one value so that each holds two adjacent weight rows of
 // one token and stores them as a half2 through the shared epilogues (qc::Epi*).
 //
+// QC_A4X (per channel), COMET's W4Ax (w4a8_sm80.cu's QC_A4X: activation blocks of 128 channels
+// with their own scales): a K tile is one block, so after its wgmmas retire (a full wait, then
+// the other warpgroup keeps the tensor cores busy) each int32 partial is scaled by its token's
+// s_x of the block into an fp32 accumulator (qc::block_scale_add, the reference's order) and
+// the int32 one restarts from zero.  Twice the accumulators: BM <= 64 tokens.
+//
 // Entries (the arguments of the sm80 kinds): QC_GROUP 0: QC_KERNEL(A, s_x, xsum, B, s_w, zs_w,
 // bias, C, workspace, flags, M, N, K); groups: QC_KERNEL(A, s_x, B, s1, s2, negzs, bias, C,
 // workspace, flags, M, N, K) (workspace, flags unused); grid (ceil(N/BN), ceil(M/BM)), block BN
 // threads, dynamic smem STAGES * (BM*128 + W4Stage::BYTES).
 #include "w4_stage_sm90.cuh"
 #include "wgmma_sm90.cuh"
+
+#include <type_traits>
 
 #if !defined(QC_KERNEL) || !defined(QC_BM) || !defined(QC_BN) || !defined(QC_BK) || \
     !defined(QC_WARPS_M) || !defined(QC_WARPS_N) || !defined(QC_STAGES) ||              \
@@ -72,6 +80,9 @@ __device__ __forceinline__ void a_frags(const char* raw, int ti, int ks, int lan
 }
 
 template <class Epi>
+constexpr bool kBlocks = std::is_same_v<Epi, qc::EpiW4A4X>;
+
+template <class Epi>
 __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const uint8_t* s2,
                                      const uint8_t* negzs, const Epi& epi, const __half* bias,
                                      __half* C, int M, int N, int K) {
@@ -93,11 +104,18 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
     W4::load(raw0 + s * W4::BYTES, B, s2, negzs, np, kp, n0, kt * T::BK, tid);
   };
 
+  static_assert(!kBlocks<Epi> || T::BM <= 64, "per-block scales: two accumulator sets");
+  constexpr int kAccF = kBlocks<Epi> ? kAcc : 1;
+  const int g = lane >> 2, t = lane & 3, odd = g & 1;
   uint32_t acc[2][kAcc];
+  float accf[2][kAccF];  // kBlocks: the scaled blocks' fp32 sum
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int i = 0; i < kAcc; ++i) acc[h][i] = 0u;
+    for (int i = 0; i < kAcc; ++i) {
+      acc[h][i] = 0u;
+      if constexpr (kBlocks<Epi>) accf[h][i] = 0.f;
+    }
   uint32_t a[2][2][4];
   // only the wgmmas touch the accumulators until the last wait (no fences inside the loop:
   // an accumulator "defined" by a fence while a batch is in flight serializes the wgmmas)
@@ -120,6 +138,16 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
     const char* raw = raw0 + s * W4::BYTES;
     const char* sx = sx0 + s * T::A_STAGE;
     typename W4::Deq deq;
+    float bscale[kBlocks<Epi> ? T::BM / 8 : 1][2];  // s_x of block kt, tokens 8j + 2t + e
+    if constexpr (kBlocks<Epi>) {
+#pragma unroll
+      for (int j = 0; j < T::BM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int m = m0 + 8 * j + 2 * t + e;
+          bscale[j][e] = m < M ? epi.scale(m, kt) : 0.f;
+        }
+    }
 #pragma unroll
     for (int ks = 0; ks < W4::KT; ++ks) {
       if constexpr (W4::GROUP_STEPS > 0) {  // a new group row every GROUP_STEPS steps
@@ -132,13 +160,26 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<1>();  // the batch of step ks-1 retired: its A set may be rewritten
     }
+    if constexpr (kBlocks<Epi>) {  // the block's partials, retired, into the fp32 sum
+      cute::warpgroup_wait<0>();
+      qc::sm90::fence_operands(acc[0]);
+      qc::sm90::fence_operands(acc[1]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) {
+          accf[h][i] = qc::block_scale_add(accf[h][i], bscale[i >> 2][i & 1], acc[h][i]);
+          acc[h][i] = 0u;
+        }
+      qc::sm90::fence_operands(acc[0]);
+      qc::sm90::fence_operands(acc[1]);
+    }
   }
   cute::warpgroup_wait<0>();
   qc::sm90::fence_operands(acc[0]);
   qc::sm90::fence_operands(acc[1]);
   cute::cp_async_wait<0>();
 
-  const int g = lane >> 2, t = lane & 3, odd = g & 1;
 #pragma unroll
   for (int j = 0; j < T::BM / 8; ++j) {
     const int m = m0 + 8 * j + 2 * t + odd;
@@ -148,12 +189,20 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const uint32_t v0 = acc[h][4 * j + 2 * r], v1 = acc[h][4 * j + 2 * r + 1];
+        const int i = 4 * j + 2 * r;
+        uint32_t v0 = acc[h][i], v1 = acc[h][i + 1];
+        if constexpr (kBlocks<Epi>) {
+          v0 = __float_as_uint(accf[h][i]);
+          v1 = __float_as_uint(accf[h][i + 1]);
+        }
         const uint32_t got = __shfl_xor_sync(0xFFFFFFFFu, odd ? v0 : v1, 4);
+        const uint32_t x0 = odd ? got : v0, x1 = odd ? v1 : got;
         const int n = n0 + ti * 32 + 16 * h + 8 * r + (g & ~1);
-        if (m_ok && n < N)
-          qc::finish_pair(epi, row, bias, C, N, m, n, (int)(odd ? got : v0),
-                          (int)(odd ? v1 : got));
+        if (!m_ok || n >= N) continue;
+        if constexpr (kBlocks<Epi>)
+          qc::finish_pair(epi, row, bias, C, N, m, n, __uint_as_float(x0), __uint_as_float(x1));
+        else
+          qc::finish_pair(epi, row, bias, C, N, m, n, (int)x0, (int)x1);
       }
   }
 #else
@@ -163,7 +212,18 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
 
 }  // namespace
 
-#if QC_GROUP == 0
+#if defined(QC_A4X)
+static_assert(QC_GROUP == 0, "W4Ax: per-channel weights");
+extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
+    QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+              const float* __restrict__ t, const uint8_t* __restrict__ B,
+              const float* __restrict__ s_w, const float* __restrict__ zs_w,
+              const __half* __restrict__ bias, __half* __restrict__ C,
+              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M, int N,
+              int K) {
+  body(A, B, nullptr, nullptr, qc::EpiW4A4X{s_x, t, s_w, zs_w, K / 128}, bias, C, M, N, K);
+}
+#elif QC_GROUP == 0
 extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
     QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
               const int32_t* __restrict__ xsum, const uint8_t* __restrict__ B,

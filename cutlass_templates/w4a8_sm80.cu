@@ -18,6 +18,14 @@
 //   s2, negzs [Kp/G, Np/32, 32] uint8: byte [g, t, 4c + j] serves n = 32t + c + 8j, so lane
 //   4c + f reads one word whose byte j belongs to its n8 tile j.
 //
+// QC_A4X (with QC_GROUP 0), COMET's W4Ax (per-channel weights as above; activations x_q [M, K]
+//   int8 codes of 128-channel blocks, 4- or 8-bit, each block with its own scale):
+//   acc = sum_b s_x[m, b] * (int32 sum_{k in b} A q), in fp32 in block order (gemm_sm80.cuh);
+//   C = fp16( acc * s_w - zs_w * t (+ bias) )                          [gemm_w4a4x]
+//   entry (A, s_x [M, K/128], t [M], B, s_w, zs_w, bias, C, workspace, flags, M, N, K),
+//   K % 128 == 0, no split-K (workspace, flags unused).  The MMA is s8 for every block: the
+//   4-bit blocks' codes are stored as int8 (qcompile::quant_a4x), so n8 is not an argument.
+//
 // A [M, K] int8 (K % 16 == 0), s_x [M] f32, xsum [M] int32 (sum_k A[m, k]), s_w/zs_w/s1 [Np]
 // f32, bias [N] fp16 or nullptr, C [M, N] fp16, workspace [QC_SPLITK, M, Np] int32 and
 // flags [grid tiles] uint32 (zeroed once, left zero) when QC_SPLITK > 1 (common.cuh).
@@ -200,7 +208,23 @@ struct W4Operand : W4Buffers {
 
 }  // namespace
 
-#if QC_GROUP == 0
+#if defined(QC_A4X)
+static_assert(G == 0 && QC_SPLITK == 1, "W4Ax: per-channel weights, no split-K");
+
+extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
+    QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+              const float* __restrict__ t, const uint8_t* __restrict__ B,
+              const float* __restrict__ s_w, const float* __restrict__ zs_w,
+              const __half* __restrict__ bias, __half* __restrict__ C,
+              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
+              int N, int K) {
+  extern __shared__ __align__(128) char smem[];
+  const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}},
+                   qc::EpiW4A4X{s_x, t, s_w, zs_w, K / 128}, bias, C, workspace, flags);
+}
+
+#elif QC_GROUP == 0
 
 extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
     QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
