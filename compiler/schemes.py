@@ -105,10 +105,13 @@ A4X = ActQuant("a4x", torch.ops.qcompile.quant_a4x.default, quant_a4x_ref, 3, ta
 @dataclass(frozen=True)
 class GemmKernel:
     """The CUTLASS templates of a scheme: the portable mma.sync kind (sm80 and up) and, where
-    one exists, the target's own template, both (kernel kind, template file)."""
+    one exists, the target's own template, both (kernel kind, template file). block: the
+    activations' channels per scale where they have one per block (COMET's W4Ax: the main
+    loop scales each block's int32 partial, -DQC_A4X), 0 where one per token."""
     kind: str
     template: str
     sm90: tuple[str, str] | None = None
+    block: int = 0
 
 
 @dataclass(frozen=True)
@@ -218,11 +221,15 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                torch.ops.qcompile.gemm_w4a16.default, gemm.gemm_w4a16_ref,
                static_args=("group_size",)),
     # COMET's W4Ax on per-channel W4A8's weights (the same quantizer, layout and QoQ grid);
-    # its kernels are issue 15's next step: until then the reference runs on every device
+    # its kernels are W4A8's templates with per-block activation scales (s8 MMAs on every
+    # block: the 4-bit blocks' codes are stored as int8)
     SchemeSpec("w4a4", W4A4, Q.W4Weights, Q.quantize_w4_per_channel, W4A8_PER_CHANNEL,
                _pack_w4, torch.ops.qcompile.gemm_w4a4x.default, gemm.gemm_w4a4x_ref, A4X,
                uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK)),
-               linear_table=_fmpq_table),
+               linear_table=_fmpq_table,
+               kernel=GemmKernel("w4a4x", "w4a8_sm80.cu", sm90=("w4a4x_rs_sm90",
+                                                                "w4a8_rs_sm90.cu"),
+                                 block=FMPQ_BLOCK)),
     # no CUTLASS kernel: torch._scaled_mm (cuBLASLt) is the CUDA implementation, and e4m3
     # tensor cores start with sm89, so of the targets only sm90; QoQ searches integer grids
     SchemeSpec("fp8", FP8, Q.FP8Weights, Q.quantize_fp8, FP8_ROW_MAJOR, _pack_per_channel,

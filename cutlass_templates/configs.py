@@ -65,6 +65,13 @@ SM90_KINDS: dict[str, tuple[str, int | None]] = {
 RS_TEMPLATE = "w4a8_rs_sm90.cu"  # register-A wgmma: its tile constraints in TileConfig.fits
 RS_KINDS = tuple(k for k, (template, _) in SM90_KINDS.items() if template == RS_TEMPLATE)
 ALL_KINDS = {**KINDS, **SM90_KINDS}
+# kinds with per-block activation scales (COMET's W4Ax, -DQC_A4X) -> channels per block: a K
+# tile is one block (BK = block), an fp32 accumulator beside the int32 one (at most
+# A4X_MAX_ACC of each a thread: no spills), no split-K (the blocks' fp32 sum runs in order)
+A4X_KINDS: dict[str, int] = {
+    k: s.kernel.block for s in WITH_KERNELS if s.kernel.block
+    for k in (s.kernel.kind, *(s.kernel.sm90 or ())[:1])}
+A4X_MAX_ACC = 64
 
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
 N_ALIGN = 32  # every weight layout pads N to 32 (Np)
@@ -152,6 +159,8 @@ class TileConfig:
                f"-DQC_SPLITK={self.split_k}"]
         if group is not None:
             out.append(f"-DQC_GROUP={group}")
+        if kind in A4X_KINDS:
+            out.append("-DQC_A4X=1")
         return out
 
     # --- launch -----------------------------------------------------------------------------
@@ -207,6 +216,9 @@ class TileConfig:
         """Whether this config may run ``kind`` with this K (see the module docstring)."""
         group = _kind(kind)[1]
         if group and self.bk % group and group % self.bk:
+            return False
+        if kind in A4X_KINDS and not (self.bk == A4X_KINDS[kind] and self.split_k == 1
+                                      and self.bm * self.bn <= A4X_MAX_ACC * self.threads()):
             return False
         if kind in RS_KINDS:
             if not (self.bk == 128 and self.warps_m == 1 and self.warps_n * 32 == self.bn
@@ -286,12 +298,15 @@ WGMMA_WIDE = TileConfig(128, 256, 128, 8, 1, 4)
 WGMMA_RS = TileConfig(128, 256, 128, 1, 8, 5)
 WGMMA_RS_1WG = TileConfig(128, 128, 128, 1, 4, 4)   # one warpgroup: two CTAs per SM
 WGMMA_RS_T64 = TileConfig(64, 128, 128, 1, 4, 4)    # 64 tokens: CTAs enough at M ~ 512
+# Per-block activation scales (A4X_KINDS): at most 64 accumulators a thread, not yet swept.
+A4X_WIDE = TileConfig(64, 128, 128, 2, 2, 4)
+WGMMA_RS_T64_WIDE = TileConfig(64, 256, 128, 1, 8, 5)  # two warpgroups, 64 tokens
 # Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
 LARGE = TileConfig(128, 128, 64, 2, 2, 4)
 HUGE = TileConfig(128, 256, 64, 2, 4, 4)
 
-W4_KINDS = tuple(k for k, (_, group) in KINDS.items() if group is not None)
+W4_KINDS = tuple(k for k, (_, group) in KINDS.items() if group is not None and k not in A4X_KINDS)
 # every kind but per-channel W4A8 (whose epilogue also reads the per-token sum)
 NOT_PER_CHANNEL = tuple(k for k, (_, group) in KINDS.items() if group != 0)
 WIDE_N = 16384  # above this many output columns a thin tile has CTAs enough without split-K
@@ -336,6 +351,7 @@ SELECTION: tuple[Row, ...] = (
     Row(256, 0, MID),
     Row(1024, 0, BIG),
     Row(None, 0, BIG4, kinds=W4_KINDS),
+    Row(None, 0, A4X_WIDE, kinds=tuple(A4X_KINDS)),  # (the rows above but MID refuse them)
     Row(None, 0, BIG),
 )
 
@@ -412,10 +428,18 @@ _W8_SM90 = lambda kernel: (  # noqa: E731
     TargetRow(513, kernel, WGMMA),
     TargetRow(256, kernel, WGMMA_WIDE, n_min=8193, n_max=16384),
     TargetRow(256, kernel, WGMMA, n_min=4097))
+# * W4Ax (per-block activation scales, A4X_KINDS): the register-A template at 64 tokens (two
+#   accumulator sets), where W4A8 takes it; two warpgroups (256 weight rows) where N is wide
+#   or M large. Not yet measured: a first guess from the W4A8 rows.
+_A4X_SM90 = lambda kernel: (  # noqa: E731
+    TargetRow(769, kernel, WGMMA_RS_T64_WIDE, n_min=8193),
+    TargetRow(257, kernel, WGMMA_RS_T64),
+    TargetRow(64, kernel, WGMMA_RS_T64_WIDE, n_min=WIDE_N + 1))
 # target -> template -> its measured rows, for a kernel kind of that template
 TEMPLATE_ROWS = {"sm90": {"w8a8_sm90.cu": _W8_SM90, RS_TEMPLATE: _W4_SM90}}
 TARGET_ROWS: dict[str, dict[str, tuple[TargetRow, ...]]] = {
-    "sm90": {s.kernel.kind: TEMPLATE_ROWS["sm90"][s.kernel.sm90[1]](s.kernel.sm90[0])
+    "sm90": {s.kernel.kind: (_A4X_SM90 if s.kernel.block else
+                             TEMPLATE_ROWS["sm90"][s.kernel.sm90[1]])(s.kernel.sm90[0])
              for s in WITH_KERNELS if s.kernel.sm90},
 }
 

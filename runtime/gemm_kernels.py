@@ -184,7 +184,7 @@ def enable(kernel_dir=None) -> KernelTable:
 def _find(kind: str, m: int, n: int, k: int, out_dtype):
     """(kernel kind, config, kernel), or None with the reason counted (and warned once)."""
     kernels = active()
-    table, stats = kernels.table, kernels.gemm
+    table = kernels.table
     if out_dtype != torch.float16:
         reason = f"{kind}: the kernels write float16, the program asks for {out_dtype}"
     elif table is None:
@@ -202,10 +202,16 @@ def _find(kind: str, m: int, n: int, k: int, out_dtype):
         if kernel is not None:
             return kkind, cfg, kernel
         reason = f"{kind}: {cfg.name(kind)} is not in {table.dir}"
+    _fallback(reason)
+    return None
+
+
+def _fallback(reason: str) -> None:
+    """Count a call that runs the reference instead of a kernel (warned once a reason)."""
+    stats = active().gemm
     if not stats.fallbacks[reason]:
         warnings.warn(f"qcompile GEMM runs the PyTorch reference: {reason}")
     stats.fallbacks[reason] += 1
-    return None
 
 
 def _launch(found, xq, sx, operands, n, k_packed, out=None):
@@ -271,12 +277,27 @@ def _impl(op):
             raise ValueError(f"{op}: no scheme row has these arguments "
                              f"({ {k: v for k, v in named.items() if type(v) is int} })")
         xq, n = args[0], named["n"]
+        block = spec.kernel.block
+        if block and named["block"] != block:  # a hand-made program: the kernels' block is 128
+            _fallback(f"{spec.kernel.kind}: activation blocks of {named['block']} channels, "
+                      f"the kernels take {block}")
+            return spec.reference(*args)
         found = _find(spec.kernel.kind, xq.numel() // xq.shape[-1], n, xq.shape[-1],
                       named["out_dtype"])
         if found is None:
             return spec.reference(*args)
         operands = args[2:n_at]  # [sum x_q], packed weights, bias
         weight = operands[int(spec.uses_sum)]
+        if block:  # per-block scales s_x [..., K / block] and the row sums t [..., 1], float32
+            from qcompile.runtime.launcher import check_tensor
+            k = xq.shape[-1]
+            if k % block:
+                raise ValueError(f"{spec.kernel.kind}: K = {k} is not a multiple of the "
+                                 f"activation block ({block})")
+            check_tensor(args[1], name="s_x", dtype=torch.float32, align=4,
+                         shape=(*xq.shape[:-1], k // block), device=xq.device)
+            check_tensor(args[2], name="t", dtype=torch.float32, align=4,
+                         shape=(*xq.shape[:-1], 1), device=xq.device)
         return _launch(found, xq, args[1], operands, n, spec.layout.packed_k(weight))
 
     return impl

@@ -112,15 +112,19 @@ def test_layout_table():
 
 def test_kernel_tables():
     assert C.KINDS == {"w8a8": ("w8a8_sm80.cu", None), "w4a8": ("w4a8_sm80.cu", 0),
-                       "w4a8_g128": ("w4a8_sm80.cu", 128), "w4a8_g64": ("w4a8_sm80.cu", 64)}
+                       "w4a8_g128": ("w4a8_sm80.cu", 128), "w4a8_g64": ("w4a8_sm80.cu", 64),
+                       "w4a4x": ("w4a8_sm80.cu", 0)}
     assert C.SM90_KINDS == {"w8a8_sm90": ("w8a8_sm90.cu", None),
                             "w4a8_rs_sm90": ("w4a8_rs_sm90.cu", 0),
                             "w4a8_g128_rs_sm90": ("w4a8_rs_sm90.cu", 128),
-                            "w4a8_g64_rs_sm90": ("w4a8_rs_sm90.cu", 64)}
-    assert C.RS_KINDS == ("w4a8_rs_sm90", "w4a8_g128_rs_sm90", "w4a8_g64_rs_sm90")
+                            "w4a8_g64_rs_sm90": ("w4a8_rs_sm90.cu", 64),
+                            "w4a4x_rs_sm90": ("w4a8_rs_sm90.cu", 0)}
+    assert C.RS_KINDS == ("w4a8_rs_sm90", "w4a8_g128_rs_sm90", "w4a8_g64_rs_sm90",
+                          "w4a4x_rs_sm90")
+    assert C.A4X_KINDS == {"w4a4x": 128, "w4a4x_rs_sm90": 128}
     assert C.W4_KINDS == ("w4a8", "w4a8_g128", "w4a8_g64")
     assert [r.kinds for r in C.SELECTION if r.kinds] == [
-        C.W4_KINDS, ("w8a8", "w4a8_g128", "w4a8_g64"), C.W4_KINDS]
+        C.W4_KINDS, ("w8a8", "w4a8_g128", "w4a8_g64"), C.W4_KINDS, ("w4a4x", "w4a4x_rs_sm90")]
     T = C.TargetRow
     w4 = lambda kernel: (  # noqa: E731  (the hand-written table this replaced)
         T(1537, kernel, C.WGMMA_RS), T(769, kernel, C.WGMMA_RS_T64, n_min=4097, n_max=8192),
@@ -136,7 +140,10 @@ def test_kernel_tables():
                  T(256, "w8a8_sm90", C.WGMMA_WIDE, n_min=8193, n_max=16384),
                  T(256, "w8a8_sm90", C.WGMMA, n_min=4097)),
         "w4a8": w4("w4a8_rs_sm90"), "w4a8_g128": w4("w4a8_g128_rs_sm90"),
-        "w4a8_g64": w4("w4a8_g64_rs_sm90")}}
+        "w4a8_g64": w4("w4a8_g64_rs_sm90"),
+        "w4a4x": (T(769, "w4a4x_rs_sm90", C.WGMMA_RS_T64_WIDE, n_min=8193),
+                  T(257, "w4a4x_rs_sm90", C.WGMMA_RS_T64),
+                  T(64, "w4a4x_rs_sm90", C.WGMMA_RS_T64_WIDE, n_min=C.WIDE_N + 1))}}
     assert [s.kernel.kind for s in WITH_KERNELS] == list(C.KINDS)
 
 
@@ -150,12 +157,14 @@ def test_cuda_impl_launches_the_row(spec, monkeypatch):
     monkeypatch.setattr(gk, "_launch", lambda found, xq, sx, ops, n, kp: seen.update(
         ops=ops, kp=kp, n=n))
     x, w = torch.randn(3, 256), torch.randn(40, 256)
-    xq, sx, xsum = spec.act.op(x)
+    xq, sx, xsum = spec.act.op(x, *spec.default_linear_args)
     packed = list(spec.pack_weight(w).values())
     head = (xq, sx, xsum) if spec.uses_sum else (xq, sx)
-    gk._impl(spec.op)(*head, *packed, None, 40, *spec.extra, torch.float16)
+    gk._impl(spec.op)(*head, *packed, None, 40, *spec.default_linear_args, *spec.extra,
+                      torch.float16)
     g = spec.scheme.group_size
-    assert seen["kind"] == ("w8a8" if spec.scheme == W8A8 else f"w4a8_g{g}" if g else "w4a8")
+    assert seen["kind"] == ("w8a8" if spec.scheme == W8A8 else f"w4a8_g{g}" if g else
+                            "w4a4x" if spec.precision == "w4a4" else "w4a8")
     assert seen["ops"] == [*head[2:], *packed, None] and seen["n"] == 40
     assert seen["kp"] == packed[0].shape[1] * (1 if spec.scheme == W8A8 else 32)
 
@@ -171,3 +180,17 @@ def test_cuda_impl_without_kernels_runs_the_reference():
         y = gk._impl(spec.op)(*args)
     assert torch.equal(y, spec.reference(*args))
     assert sum(gk.STATS.fallbacks.values()) == before + 1
+
+
+def test_w4a4_impl_takes_the_reference_for_blocks_the_kernels_lack(monkeypatch):
+    """The W4Ax kernels scale 128-channel blocks; a program with other blocks (FMPQ picks 64
+    for widths that 128 does not divide) runs the reference, counted and warned once."""
+    from qcompile.runtime import gemm_kernels as gk
+    spec = SPECS["w4a4"]
+    monkeypatch.setattr(gk, "_find", lambda *a: pytest.fail("no kernel for 64-channel blocks"))
+    x, w = torch.randn(3, 256), torch.randn(40, 256)
+    head = spec.act.op(x, 1, 64)
+    packed = list(spec.pack_weight(w).values())
+    with pytest.warns(UserWarning, match="activation blocks of 64 channels"):
+        got = gk._impl(spec.op)(*head, *packed, None, 40, 1, 64, torch.float16)
+    assert torch.equal(got, spec.reference(*head, *packed, None, 40, 1, 64, torch.float16))

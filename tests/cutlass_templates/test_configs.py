@@ -100,7 +100,9 @@ def test_selection_covers_llama_shapes(kind):
                 assert not group or slice_k % group == 0
         assert seen == set(shipped), (kind, n, k)
         assert select_config(kind, 1, n, k).bm <= 16  # decode gets a thin tile
-        assert select_config(kind, 8192, n, k).bm >= 128
+        # prefill gets a wide tile (W4Ax 64 x 128: its two accumulator sets, 64 a thread)
+        big = select_config(kind, 8192, n, k)
+        assert big.bm >= 128 or kind in C.A4X_KINDS and big.bm * big.bn >= 64 * 128
 
 
 def test_split_k_only_where_n_gives_too_few_tiles():
@@ -260,9 +262,12 @@ def test_sm90_kinds_name_and_fit_only_wgmma_tiles():
     with pytest.raises(ValueError, match="no rows in SELECTION|unknown GEMM kind"):
         select_config("w8a8_sm90", 1, 4096, 4096)
     # register-A W4A8: bm tokens, bn weight rows, one warpgroup (4 warps) per 128 rows
-    assert set(RS_KINDS) == {"w4a8_rs_sm90", "w4a8_g128_rs_sm90", "w4a8_g64_rs_sm90"}
+    assert set(RS_KINDS) == {"w4a8_rs_sm90", "w4a8_g128_rs_sm90", "w4a8_g64_rs_sm90",
+                             "w4a4x_rs_sm90"}
     for kind in RS_KINDS:
-        for cfg in (WGMMA_RS, WGMMA_RS_1WG):
+        a4x = kind in C.A4X_KINDS  # two accumulator sets: 64 tokens at most
+        assert not (a4x and (WGMMA_RS.fits(kind, 4096) or WGMMA_RS_1WG.fits(kind, 4096)))
+        for cfg in (C.WGMMA_RS_T64, C.WGMMA_RS_T64_WIDE) if a4x else (WGMMA_RS, WGMMA_RS_1WG):
             assert cfg.fits(kind, 4096) and cfg.fits(kind, 576)
             assert cfg.threads() == cfg.bn and cfg.template(kind) == "w4a8_rs_sm90.cu"
             assert parse_name(cfg.name(kind)) == (kind, cfg)
@@ -310,3 +315,22 @@ def test_target_rows_pick_wgmma_on_sm90_only_where_measured_faster():
     assert kernels_for("w8a8", 4096, 4096, "sm80") == [("w8a8", c) for c in configs_for("w8a8", 4096, 4096)]
     for m in (1, 600, 3000):  # whatever is selected is shipped
         assert select_kernel("w8a8", m, 4096, 4096, "sm90") in sm90
+
+
+def test_a4x_kinds_take_no_split_and_at_most_64_accumulators_a_thread():
+    """W4Ax (per-block activation scales): a K tile is one 128-channel block, an fp32
+    accumulator beside the int32 one (at most 64 of each a thread: no spills), and no split-K
+    (the blocks' fp32 sum runs in order, as the reference's)."""
+    for kind in C.A4X_KINDS:
+        assert "-DQC_A4X=1" in C.MID.defines(kind)
+        assert not C.BIG.fits(kind, 4096) and not C.WGMMA_RS.fits(kind, 4096)
+        assert not C.MID.with_split(2).fits(kind, 4096)
+        assert not TileConfig(64, 64, 64, 2, 2, 4).fits(kind, 4096)  # BK must be the block
+    assert C.MID.fits("w4a4x", 4096) and C.A4X_WIDE.fits("w4a4x", 4096)
+    assert C.WGMMA_RS_T64.fits("w4a4x_rs_sm90", 4096)
+    assert "-DQC_A4X=1" in C.WGMMA_RS_T64.defines("w4a4x_rs_sm90")
+    assert not any("QC_A4X" in d for d in C.MID.defines("w4a8"))
+    for n, k in LLAMA_SHAPES:
+        for m in (1, 16, 64, 128, 256, 1024, 8192):
+            kind, cfg = C.select_kernel("w4a4x", m, n, k, "sm90")
+            assert cfg.split_k == 1 and cfg.fits(kind, k) and kind in C.A4X_KINDS
