@@ -1,12 +1,15 @@
-"""GEMM benchmark: qcompile's W4A8 / W4A8-g128 / W8A8 ops against cuBLAS fp16, int8, fp8 and
-tinygemm W4A16, side by side in one process, on the linear shapes of Llama-3-8B and Llama-2-7B.
+"""GEMM benchmark: qcompile's W4A8 / W4A8-g128 / W8A8 / W4Ax ops against cuBLAS fp16, int8,
+fp8 and tinygemm W4A16, side by side in one process, on the linear shapes of Llama-3-8B and
+Llama-2-7B.
 
     python bench/gemm.py [--m 1,16,...] [--shapes llama3-8b,llama2-7b:qkv] [--iters 30]
                          [--out out/bench] [--s8-peak-tops 1289] [--no-graph] [--quick]
+                         [--w4a4-shares 0,0.125,0.25]
 
 * ours: the public ops `torch.ops.qcompile.gemm_*` on weights packed by
   `GEMM_FORMATS[scheme].pack` (on CPU, then copied), activations quantized by `quant_a8_ref`
-  on the GPU outside the timed region, fp16 out. Kernels come from
+  on the GPU outside the timed region (W4Ax: `quant_a4x_ref` with --w4a4-shares of the
+  128-channel blocks in 8 bits, one row per share), fp16 out. Kernels come from
   `qcompile.runtime.gemm_kernels.enable()`; a call that ran the PyTorch reference instead
   (no kernels, or none for that shape: gemm_kernels.STATS) says `ref` and why. Guard, before
   timing each (shape, M, scheme): up to 32 rows of the GPU output against the same op on CPU
@@ -309,6 +312,35 @@ def build_ours(scheme, probe: Callable):
     return build
 
 
+def build_w4a4x(int8_share: float, probe: Callable):
+    """COMET's W4Ax through the public op (the selection's kernel: mma.sync, or the register-A
+    wgmma tile on sm_90 from M = 257), with `int8_share` of the 128-channel activation blocks
+    8-bit (FMPQ's outlier blocks). The codes of every block are int8 in memory and feed s8
+    MMAs, so the share changes the numbers, not the work: the rows show what the per-block
+    scales cost against per-channel W4A8."""
+    def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
+        from qcompile.compiler.schemes import SPECS
+        from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref
+        spec = SPECS["w4a4"]
+        if ctx.k % FMPQ_BLOCK:
+            raise Skip(f"K % {FMPQ_BLOCK}")
+        cpu = ctx.get("w4a4", lambda: spec.pack_weight(ctx.w))
+        dev = ctx.get("w4a4@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
+        n8 = round(int8_share * ctx.k / FMPQ_BLOCK)
+        head = quant_a4x_ref(x, n8)
+        tail = (None, ctx.n, n8, FMPQ_BLOCK, torch.float16)
+        args = (*head, *dev.values(), *tail)
+        cpu_args = (*(t.cpu() for t in head), *cpu.values(), *tail)
+        err, why_ref = probe(lambda: check_rows(spec.op, args, cpu_args, len(head)))
+        note = f"rel err {err:.1e}" + (f"; reference: {why_ref}" if why_ref else "")
+        if err > REL_TOL:
+            print(f"!!! FAIL {ctx.name} M={x.shape[0]} w4a4x: rel err {err:.3g} vs CPU "
+                  f"reference (tol {REL_TOL})", flush=True)
+        status = "FAIL" if err > REL_TOL else "ref" if why_ref else "ok"
+        return Case(spec.op, args, sum(v.nbytes for v in dev.values()), note, status)
+    return build
+
+
 def build_wgmma(kind: str, cfg, min_m: int = 256):
     """A Hopper wgmma template (w8a8_sm90 / w4a8*_rs_sm90) with tile `cfg`, launched directly,
     whatever the selection table says; built on first use (sm_90 only; M < min_m skipped)."""
@@ -478,6 +510,9 @@ def main(argv=None) -> None:
     p.add_argument("--s8-peak-tops", type=float, default=1289.0)
     p.add_argument("--no-graph", action="store_true", help="time eagerly, no CUDA graphs")
     p.add_argument("--quick", action="store_true", help="M 1,16,1024; 2 shapes; 5 iters")
+    p.add_argument("--w4a4-shares", default="0,0.125,0.25",
+                   type=lambda v: [float(s) for s in v.split(",") if s],
+                   help="W4Ax rows: shares of 8-bit activation blocks ('' for none)")
     a = p.parse_args(argv)
     if a.quick:
         a.m, a.shapes, a.iters = "1,16,1024", "llama3-8b:qkv,llama3-8b:down", 5
@@ -495,6 +530,9 @@ def main(argv=None) -> None:
     for suffix, cfg in (("", WGMMA_RS), ("-1wg", WGMMA_RS_1WG)):
         impls[f"ours-w4a8-rs{suffix}"] = build_wgmma("w4a8_rs_sm90", cfg)
     impls["ours-w4a8-g128-rs"] = build_wgmma("w4a8_g128_rs_sm90", WGMMA_RS)
+    # COMET's W4Ax (issue 15) at 0, 12.5% and 25% of the activation blocks in 8 bits
+    for share in a.w4a4_shares:
+        impls[f"ours-w4a4x-{share * 100:g}%"] = build_w4a4x(share, probe)
     impls.update(zip(PEERS, (build_fp16, build_int8, build_fp8, build_tinygemm)))
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20
