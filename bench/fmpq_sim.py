@@ -63,23 +63,44 @@ def quant_blocks(x: torch.Tensor, n8: int, block: int) -> torch.Tensor:
     return (xq.float().reshape(t, k // block, block) * s[..., None]).reshape(t, k).to(x.dtype)
 
 
-class Plan:
-    """How one linear's input is quantized: a channel order and how many of its (leading,
-    largest) blocks are 8-bit."""
+def rotate_blocks(x: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] with each block of rot's order multiplied by rot (orthonormal [B, B])."""
+    if rot is None:
+        return x
+    b = rot.shape[0]
+    return (x.reshape(*x.shape[:-1], -1, b).float() @ rot).reshape(x.shape).to(x.dtype)
 
-    def __init__(self, order: torch.Tensor, n8: int, block: int):
-        self.order, self.n8, self.block = order, n8, block
+
+class Plan:
+    """How one linear's input is quantized: a channel order, how many of its (leading,
+    largest) blocks are 8-bit, and optionally an orthonormal rotation of every block (an
+    in-block Hadamard before quantization, its transpose folded into the weight's columns: at
+    run time one small matmul a block for an input no offline rotation reaches, w_down's)."""
+
+    def __init__(self, order: torch.Tensor, n8: int, block: int,
+                 rot: torch.Tensor | None = None):
+        self.order, self.n8, self.block, self.rot = order, n8, block, rot
         self.inverse = torch.argsort(order)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])[:, self.order]
-        return quant_blocks(x, self.n8, self.block)[:, self.inverse].reshape(shape)
+        x = rotate_blocks(x.reshape(-1, shape[-1])[:, self.order], self.rot)
+        x = quant_blocks(x, self.n8, self.block)
+        if self.rot is not None:
+            x = rotate_blocks(x, self.rot.t())
+        return x[:, self.inverse].reshape(shape)
+
+
+def block_rotation(block: int) -> torch.Tensor:
+    """The in-block rotation: a randomized Hadamard of the block's order (compiler/rotate.py)."""
+    from qcompile.compiler.rotate import hadamard
+    return hadamard(block, torch.Generator().manual_seed(1)).float()
 
 
 def plans(mode: str, absmax: dict[str, torch.Tensor], block: int,
-          kinds: tuple[str, ...] = LINEARS) -> dict[str, object]:
-    """Per linear: a Plan, "a8", or None (float); linears of other `kinds` take a8."""
+          kinds: tuple[str, ...] = LINEARS, rotated: tuple[str, ...] = ()) -> dict[str, object]:
+    """Per linear: a Plan, "a8", or None (float); linears of other `kinds` take a8; those of
+    `rotated` kinds rotate their blocks."""
     out = {}
     for name, amax in absmax.items():
         k = amax.numel()
@@ -96,7 +117,8 @@ def plans(mode: str, absmax: dict[str, torch.Tensor], block: int,
             frac = float(mode.split("-", 1)[1].rstrip("%")) / 100 if mode.startswith("fmpq") \
                 else 0.0
             n8 = min(nb, max(1, round(frac * nb))) if frac else 0
-            out[name] = Plan(order, n8, block)
+            rot = block_rotation(block) if name.rsplit(".", 1)[-1] in rotated else None
+            out[name] = Plan(order, n8, block, rot)
     return out
 
 
@@ -122,19 +144,23 @@ class _Record(TorchFunctionMode):
 
 
 def budget_plans(fraction: float, absmax, inputs, weights, block: int, kinds,
-                 relative: bool = False) -> dict:
+                 relative: bool = False, rotated: tuple[str, ...] = ()) -> dict:
     """budget-F: every chosen linear's channels sorted by magnitude, F of all their blocks
     int8, allocated by output error (compiler/fmpq.py); budget-rel-F: by relative output
-    error (each linear's error over its output's energy)."""
+    error (each linear's error over its output's energy). Inputs of `rotated` kinds and
+    their weights' columns rotated in blocks first."""
     from qcompile.compiler.fmpq import allocate_blocks, block_errors, channel_order
-    orders, errors = {}, {}
+    orders, errors, rots = {}, {}, {}
     for name, amax in absmax.items():
         if name.rsplit(".", 1)[-1] in kinds:
-            orders[name] = channel_order(amax)
-            errors[name] = block_errors(inputs[name][:, orders[name]], block,
-                                        weights[name].float()[:, orders[name]], relative)
+            orders[name] = order = channel_order(amax)
+            rots[name] = rot = block_rotation(block) \
+                if name.rsplit(".", 1)[-1] in rotated else None
+            errors[name] = block_errors(rotate_blocks(inputs[name][:, order], rot), block,
+                                        rotate_blocks(weights[name].float()[:, order], rot),
+                                        relative)
     n8 = allocate_blocks(errors, fraction)
-    return {name: Plan(orders[name], n8[name], block) if name in orders else "a8"
+    return {name: Plan(orders[name], n8[name], block, rots[name]) if name in orders else "a8"
             for name in absmax}
 
 
@@ -184,6 +210,9 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="a16,a8,a4,a4-sorted,fmpq-12.5%,fmpq-25%")
     ap.add_argument("--kinds", default=",".join(LINEARS),
                     help="linear kinds whose inputs take each mode (the others: a8)")
+    ap.add_argument("--rotate-kinds", default="",
+                    help="linear kinds whose input blocks take an in-block Hadamard (e.g. "
+                         "w_down: the one input no offline rotation reaches)")
     ap.add_argument("--per-kind", action="store_true",
                     help="each mode on one kind of linear at a time (the others a8)")
     ap.add_argument("--out", default="bench/results")
@@ -215,6 +244,7 @@ def main(argv=None) -> None:
                 dec(*prefill)
         inputs = rec.inputs
     rows = {}
+    rotated = tuple(k for k in args.rotate_kinds.split(",") if k)
     groups = [(k,) for k in args.kinds.split(",")] if args.per_kind \
         else [tuple(args.kinds.split(","))]
     for mode in args.modes.split(","):
@@ -224,12 +254,12 @@ def main(argv=None) -> None:
             if mode.startswith("budget"):
                 frac = float(mode.rsplit("-", 1)[1].rstrip("%")) / 100
                 plan = budget_plans(frac, absmax, inputs, weights, args.block, kinds,
-                                    relative=mode.startswith("budget-rel"))
+                                    relative=mode.startswith("budget-rel"), rotated=rotated)
                 print(mode, "n8 per kind:", {k: sum(p.n8 for n, p in plan.items()
                                                     if isinstance(p, Plan) and n.endswith(k))
                                              for k in kinds}, flush=True)
             else:
-                plan = plans(mode, absmax, args.block, kinds)
+                plan = plans(mode, absmax, args.block, kinds, rotated)
             rows[label] = {s: perplexity(dec, names, plan, windows[s], graph.kv_shape)
                            for s in sources}
             print(label, {s: round(v, 2) for s, v in rows[label].items()}, flush=True)
@@ -237,7 +267,8 @@ def main(argv=None) -> None:
     lines = [f"QoQ weights `{args.steps}` (W4 per channel), KV16, blocks of {args.block}, "
              f"modes on the inputs of {args.kinds}{' one kind at a time' if args.per_kind else ''}"
              " (others a8), "
-             f"{args.num_seqs} x 512 tokens per source; ratio to a8 (W4A8) in brackets.", "",
+             + (f"in-block Hadamard on the inputs of {args.rotate_kinds}, " if rotated else "")
+             + f"{args.num_seqs} x 512 tokens per source; ratio to a8 (W4A8) in brackets.", "",
              "| activations | " + " | ".join(sources) + " | worst ratio |",
              "|---|" + "---|" * (len(sources) + 1)]
     for mode, r in rows.items():
@@ -254,6 +285,8 @@ def main(argv=None) -> None:
         stem += "-per-kind"
     elif args.kinds != ",".join(LINEARS):
         stem += "-" + args.kinds.replace(",", "-")
+    if rotated:
+        stem += "-rot-" + "-".join(rotated)
     (out / f"{stem}.md").write_text(table + "\n")
     print(f"wrote {out / stem}.md in {time.perf_counter() - t0:.0f} s")
 
