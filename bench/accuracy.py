@@ -111,7 +111,11 @@ def fmpq_rows() -> list[Row]:
     table = "FMPQ W4A4 KV4, int8 block share"
     return ([Row(f"{table}: RTN, all int4", rtn("w4a4"), ("int4",), table)]
             + [Row(f"{table}: {f:.1%}", qoq("w4a4", fmpq_int8_fraction=f), ("int4",), table)
-               for f in (0.0, 0.125, 0.5, 1.0)])
+               for f in (0.0, 0.125, 0.5, 1.0)]
+            # the ablation of w_down's run-time block rotation (compiler/fmpq.py)
+            + [Row(f"{table}: {f:.1%}, no w_down rotation",
+                   qoq("w4a4", fmpq_int8_fraction=f, fmpq_down_rotation="none"), ("int4",),
+                   table) for f in (0.0, 0.25)])
 
 
 def int8_rows() -> list[Row]:

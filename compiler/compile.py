@@ -18,6 +18,7 @@ from qcompile.passes.base import Lowering
 from .artifact import PROGRAM, WEIGHTS, AtomicDir, check_output, write_manifest
 from .capture import INPUT_NAMES, KVSpec, capture, dynamic_shapes, example_inputs
 from .config import MAX_SEQ_LEN, MIN_SEQ_LEN, SPECS, CompileConfig
+from .fmpq import input_rotations
 from .kernels import graph_kernel_requests, write_kernels
 from .pipeline import run_pipeline
 
@@ -101,8 +102,9 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
     bar.set_postfix_str("passes")
     table = SPECS[cfg.precision].linear_table  # w4a4: FMPQ's block and 8-bit blocks per linear
     linear_args = table(mcfg, qoq_report) if table else None
+    rotations = input_rotations(mcfg, qoq_report)  # w4a4: w_down's input, rotated at run time
     results = run_pipeline(lowering, cfg, quantized, key_mean, linear_args,  # GPTQ's codes as is
-                           cfg.linear_schemes(qoq_report))
+                           cfg.linear_schemes(qoq_report), rotations)
     bar.update()
 
     bar.set_postfix_str("export lowered program")

@@ -134,6 +134,13 @@ class CompileConfig:
                                      "int8, given where int4 costs the most relative output "
                                      "error (compiler/fmpq.py; COMET keeps 8-16%%); without "
                                      "fmpq every block is int4", default=0.25)
+    fmpq_down_rotation: str = _opt("w4a4 (the qoq step fmpq): hadamard rotates every "
+                                   "activation block of w_down's input (the SwiGLU output, "
+                                   "which no offline rotation reaches) by a randomized "
+                                   "Hadamard matrix at run time, folded into w_down's columns, "
+                                   "so that each 4-bit block's scale serves all its channels "
+                                   "(one small mm a layer; compiler/fmpq.py); none: no rotation",
+                                   ("hadamard", "none"), default="hadamard")
     lm_head: str = _opt("the LM head's precision: float (the activation dtype, as in QServe), "
                         "w8a8 (int8 weights per channel, int8 activations per token: half "
                         "the bytes of the largest weight of a decode step; <= 0.22%% "
@@ -261,4 +268,5 @@ class CompileConfig:
             raise ValueError(f"unknown compile options in artifact: {sorted(unknown)}")
         # artifacts older than an option were compiled without it
         return cls(**{"kv_rotation": "none", "kv_key_centering": "none", "gptq_order": "natural",
-                      "fmpq_int8_fraction": 0.25, "int8_linears": 0.0, "lm_head": "float", **d})
+                      "fmpq_int8_fraction": 0.25, "int8_linears": 0.0, "lm_head": "float",
+                      "fmpq_down_rotation": "none", **d})

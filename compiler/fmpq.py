@@ -27,6 +27,17 @@ prefix: its n8. Simulated on SmolLM2 (bench/results/fmpq-sim-2026-12-07b.md), th
 rule beats the paper's uniform fraction on the worst held-out source (25% int8 blocks: 1.324x
 against 1.359x of W4A8's perplexity); absolute output error loses to both.
 
+* the SwiGLU output again, rotated (`down_rotation`, on by default): after the permutation
+  every block of w_down's input is multiplied by one randomized Hadamard matrix H of the
+  block's order, at run time (the graph's `fmpq_down_rotation` weight, passes/rotate_blocks.py:
+  one [T * K / block, block] x [block, block] mm a layer) since no offline rotation crosses
+  the SiLU, and H is folded into w_down's columns (x B (W B)^T = x W^T with B = diag(H, H, ..)).
+  The permutation gathers the loud channels into the leading blocks and H spreads what is
+  left of each block's outliers over the block, so its 4-bit scale serves every channel.
+  Simulated on SmolLM2 (bench/results/fmpq-sim-2026-12-08.md), worst held-out source at 25%
+  int8 blocks: 1.282x W4A8's perplexity without, 1.176x with; all blocks int4: 1.608x, 1.410x.
+  The block errors that spend the budget are measured on the rotated input.
+
 Every function returns new dicts / tensors and leaves its inputs unchanged.
 """
 from __future__ import annotations
@@ -39,10 +50,52 @@ from .rotate import fold_norms, rotate_residual
 
 __all__ = ["channel_order", "block_errors", "allocate_blocks", "permutation_matrix",
            "permute_residual", "permute_intermediate", "head_order", "permute_heads",
-           "model_block", "apply_fmpq", "linear_args"]
+           "model_block", "block_rotation", "rotate_blocks", "rotate_block_stats",
+           "apply_fmpq", "linear_args", "input_rotations"]
 
 BLOCKS = (128, 64)  # COMET's 128 channels; 64 where a model's widths are not multiples of 128
 KINDS = ("wqkv", "wo", "w_gate_up", "w_down")
+DOWN_ROTATION_SEED = 1
+
+
+def block_rotation(block: int, seed: int = DOWN_ROTATION_SEED) -> torch.Tensor:
+    """H [block, block] float32, orthonormal: a randomized Hadamard matrix of the block's
+    order (compiler/rotate.py), from a generator seeded with `seed`."""
+    from .rotate import hadamard
+    return hadamard(block, torch.Generator().manual_seed(seed)).float()
+
+
+def rotate_blocks(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [..., K] with every block of h's order (consecutive channels) multiplied by h: x B
+    for B = diag(h, h, ..). Rows of a weight [N, K] rotate the same way (its columns: W B).
+    float32 math, x's dtype back."""
+    b = h.shape[0]
+    if x.shape[-1] % b:
+        raise ValueError(f"rotate_blocks: K = {x.shape[-1]} is not a multiple of {b}")
+    y = x.float().reshape(*x.shape[:-1], -1, b) @ h.float().to(x.device)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def rotate_block_stats(stats, rotations: dict[str, torch.Tensor]):
+    """The statistics of the model whose linear `name` reads its input rotated in blocks by
+    rotations[name] (exact from the old ones, no forward): samples x B and X^T X -> B^T X^T X B;
+    absmax, which no statistic of the old input gives, becomes the samples' (a subset of the
+    calibration tokens: what the later steps read is samples and X^T X)."""
+    import dataclasses
+    new = dataclasses.replace(stats, absmax=dict(stats.absmax), samples=dict(stats.samples),
+                              xtx=dict(stats.xtx))
+    for name, h in rotations.items():
+        if name in new.samples:
+            new.samples[name] = rotate_blocks(new.samples[name], h)
+            if name in new.absmax:
+                new.absmax[name] = new.samples[name].abs().amax(dim=0).to(new.absmax[name])
+        if name in new.xtx:
+            xtx = new.xtx[name]
+            k, b = xtx.shape[0], h.shape[0]
+            hd = h.to(xtx)
+            left = (hd.t() @ xtx.reshape(k // b, b, k)).reshape(k, k)  # B^T X^T X
+            new.xtx[name] = rotate_blocks(left, hd)                    # ... B
+    return new
 
 
 def channel_order(magnitude: torch.Tensor) -> torch.Tensor:
@@ -200,7 +253,8 @@ def _head_rows(perm: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: torch.Tensor | None,
-               fraction: float) -> tuple[dict, object, torch.Tensor | None, dict]:
+               fraction: float, down_rotation: bool = False
+               ) -> tuple[dict, object, torch.Tensor | None, dict]:
     """QoQ's `fmpq` step (after smoothing, before clipping and GPTQ): permute channels so that
     every decoder linear's loud input channels lead, fold the permutations into the weights,
     and spend the 8-bit block budget. Returns (weights, the statistics of the permuted model,
@@ -211,7 +265,9 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
       every linear votes on the same scale (folded norms; `permute_residual`);
     * SwiGLU output (w_down input): per layer by its absmax (`permute_intermediate`);
     * attention output (wo input): whole heads per layer (`head_order`, `permute_heads`), and
-      the kv heads' mean keys with them (key centering reads them per head).
+      the kv heads' mean keys with them (key centering reads them per head);
+    * with `down_rotation`, w_down's input rotated in blocks (`block_rotation`, folded into its
+      columns; the graph rotates the input: report "down_rotation" {"block", "seed"}).
     Then each linear's block errors on its calibration rows, relative to its output energy,
     and `allocate_blocks` gives `fraction` of all blocks int8. Exact in float: the statistics
     are the old ones permuted (`reorder.permute_stats`), no second forward."""
@@ -240,6 +296,14 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
     st.key_sum = [a[r.to(a.device)] for a, r in zip(st.key_sum, kv_rows)]
     if keys is not None:
         keys = torch.stack([keys[i][kv_rows[i].to(keys.device)] for i in range(n_layers)])
+    rotation = None
+    if down_rotation:
+        h = block_rotation(block)
+        downs = [f"layers.{i}.w_down" for i in range(n_layers)]
+        for name in downs:
+            w[name] = rotate_blocks(w[name], h)
+        st = rotate_block_stats(st, {name: h for name in downs})
+        rotation = {"block": block, "seed": DOWN_ROTATION_SEED}
     errors = {}
     for i in range(n_layers):
         for kind in KINDS:
@@ -248,5 +312,17 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
                                         w[name].float().cpu(), relative=True)
     n8 = allocate_blocks(errors, fraction)
     total = sum(e4.numel() for e4, _ in errors.values())
-    return w, st, keys, {"block": block, "int8_fraction": round(sum(n8.values()) / total, 4),
-                         "n8": n8}
+    report = {"block": block, "int8_fraction": round(sum(n8.values()) / total, 4), "n8": n8}
+    if rotation:
+        report["down_rotation"] = rotation
+    return w, st, keys, report
+
+
+def input_rotations(cfg: ModelConfig, report: dict | None) -> dict[str, torch.Tensor]:
+    """The run-time rotations the `fmpq` step's report asks for, {canonical linear name: H}:
+    w_down's input in every layer when it rotated w_down's columns; else none."""
+    rot = ((report or {}).get("fmpq") or {}).get("down_rotation")
+    if not rot:
+        return {}
+    h = block_rotation(int(rot["block"]), int(rot["seed"]))
+    return {f"layers.{i}.w_down": h for i in range(cfg.num_layers)}

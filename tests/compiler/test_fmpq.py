@@ -105,3 +105,23 @@ def test_head_permutation_keeps_logits(make_tiny_checkpoint, model_type):
     if cfg.num_kv_heads > 1:
         with pytest.raises(ValueError, match="keep each q head"):
             permute_heads(cfg, w, {0: (torch.arange(cfg.num_kv_heads), bad)})
+
+
+def test_block_rotation_stats_are_the_rotated_inputs():
+    """rotate_block_stats: the samples and X^T X of x B (B = diag(H, H, ..)) from those of x,
+    exactly as a forward over the rotated input would record them."""
+    from qcompile.compiler.fmpq import block_rotation, rotate_block_stats, rotate_blocks
+    from qcompile.compiler.calibrate import CalibStats
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 96, generator=g) * torch.linspace(0.1, 5, 96)
+    stats = CalibStats(absmax={"a": x.abs().amax(0)}, samples={"a": x.clone()},
+                       xtx={"a": x.T @ x}, tokens={"a": 40})
+    h = block_rotation(32)
+    new = rotate_block_stats(stats, {"a": h})
+    xr = rotate_blocks(x, h)
+    assert torch.allclose(new.samples["a"], xr, atol=1e-5)
+    assert torch.allclose(new.xtx["a"], xr.T @ xr, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(new.absmax["a"], xr.abs().amax(0), atol=1e-5)
+    assert torch.equal(stats.samples["a"], x)  # the input statistics are left as they were
+    bdiag = torch.block_diag(h, h, h)
+    assert torch.allclose(xr, x @ bdiag, atol=1e-5)

@@ -22,15 +22,15 @@ def ckpt(request, make_tiny_checkpoint):
     return load_checkpoint(make_tiny_checkpoint(model_type, **opts))
 
 
-def logits(cfg, weights) -> torch.Tensor:
+def logits(cfg, weights, decoder=None) -> torch.Tensor:
     """Decoder logits of every token of a flat batch of 2 sequences (7 and 5 tokens), empty
-    paged cache."""
+    paged cache (`decoder`: one already built from the weights)."""
     lens = [7, 5]
     ids = torch.randint(0, cfg.vocab_size, (sum(lens),), generator=torch.Generator().manual_seed(3))
     i32 = torch.int32
     cache = KVSpec.of(cfg, "fp16", 16, torch.float32).empty(2)
     with torch.no_grad():
-        out, _ = Decoder(cfg, weights)(
+        out, _ = (decoder or Decoder(cfg, weights))(
             ids, torch.cat([torch.arange(n) for n in lens]), cache,
             torch.tensor([[0], [1]], dtype=i32), torch.zeros(2, dtype=i32),
             torch.tensor([0, lens[0], sum(lens)], dtype=i32), torch.arange(sum(lens)))

@@ -9,7 +9,7 @@ import torch
 
 from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
-from qcompile.compiler.fmpq import linear_args, model_block
+from qcompile.compiler.fmpq import input_rotations, linear_args, model_block, rotate_blocks
 from qcompile.compiler.qoq import apply_qoq
 from qcompile.models.config import ModelConfig
 from qcompile.models.loaders import load_checkpoint
@@ -42,7 +42,7 @@ def test_fmpq_step_keeps_the_float_model(tiny):
     def run(steps):
         ccfg = CompileConfig(precision="w4a4", dtype="float32", quantizer="qoq", qoq_steps=steps,
                              calib_samples=4, calib_seq_len=64, fmpq_int8_fraction=0.25,
-                             kernels="skip")
+                             kernels="skip", fmpq_down_rotation="none")
         return apply_qoq(ckpt, ccfg, progress=False)
 
     w_rot, _, keys_rot, _ = run("rotate,smooth")
@@ -66,7 +66,11 @@ def test_w4a4_compiles_and_serves(tiny, tmp_path):
                         calib_seq_len=64, fmpq_int8_fraction=0.5, kernels="skip")
     assert cfg.quantizer == "qoq" and "fmpq" in cfg.steps  # the default recipe
     art = compile_model(tiny, cfg, tmp_path / "art", progress=False)
-    n8 = json.loads((art / "manifest.json").read_text())["qoq"]["fmpq"]["n8"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    n8 = manifest["qoq"]["fmpq"]["n8"]
+    # w_down's input rotated in 64-channel blocks at run time (the default)
+    assert manifest["qoq"]["fmpq"]["down_rotation"]["block"] == 64
+    assert "fmpq_rotation_64" in manifest["program"]["weights"]
     quants, gemms = _calls(art, OPS.quant_a4x.default), _calls(art, OPS.gemm_w4a4x.default)
     assert len(gemms) == 8 and len(quants) == 8  # every decoder linear has its own input
     # each GEMM's (n8, block) is its quantizer's, and together they are the report's counts
@@ -110,3 +114,52 @@ def test_w8a8_lm_head_compiles_and_serves(tiny, tmp_path):
     assert len(_calls(art, OPS.gemm_w8a8.default)) == 1
     assert len(_calls(art, OPS.gemm_w4a8.default)) == 8
     assert Engine.load(art).generate(["the quick brown fox"], max_new_tokens=2)[0].token_ids
+
+
+class _RotateInputs(torch.overrides.TorchFunctionMode):
+    """F.linear with a weight of `weights` reads its input rotated in blocks by h (what
+    passes/rotate_blocks.py puts in the graph)."""
+
+    def __init__(self, weights, h):
+        super().__init__()
+        self.ids, self.h = {id(w) for w in weights}, h
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and id(args[1]) in self.ids:
+            args = (rotate_blocks(args[0], self.h), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+def test_down_rotation_is_exact_with_the_input_rotated(tiny):
+    """fmpq with w_down's input rotated in blocks: w_down holds W B, the report says how to
+    rebuild H, and the decoder with its w_down inputs rotated gives the float logits; the
+    statistics the later steps read (samples, X^T X) are the rotated input's."""
+    from qcompile.models.decoder import Decoder
+    ckpt = load_checkpoint(tiny)
+    cfg = ckpt.config
+
+    def run(rotation):
+        ccfg = CompileConfig(precision="w4a4", dtype="float32", quantizer="qoq",
+                             qoq_steps="rotate,smooth,fmpq", calib_samples=4, calib_seq_len=64,
+                             kernels="skip", fmpq_down_rotation=rotation)
+        return apply_qoq(ckpt, ccfg, progress=False)
+
+    w_plain, _, _, rep_plain = run("none")
+    w_rot, _, _, rep = run("hadamard")
+    assert "down_rotation" not in rep_plain["fmpq"]
+    assert rep["fmpq"]["down_rotation"] == {"block": 64, "seed": 1}
+    rotations = input_rotations(cfg, rep)
+    assert set(rotations) == {f"layers.{i}.w_down" for i in range(cfg.num_layers)}
+    h = rotations["layers.0.w_down"]
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6)
+    for i in range(cfg.num_layers):
+        name = f"layers.{i}.w_down"
+        assert torch.allclose(w_rot[name], rotate_blocks(w_plain[name], h), atol=1e-6)
+    assert input_rotations(cfg, rep_plain) == {}
+
+    dec = Decoder(cfg, w_rot)
+    downs = [buf for name, buf in dec.named_buffers() if name.endswith(".w_down")]
+    with _RotateInputs(downs, h):
+        got = logits(cfg, w_rot, decoder=dec)
+    assert rel(got, logits(cfg, w_plain)) < 1e-5
+    assert rel(logits(cfg, w_rot), logits(cfg, w_plain)) > 1e-2  # the weights alone differ
