@@ -55,10 +55,21 @@ from qcompile.runtime.texts import read_source
 LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
+A4_CLIP = 1.0  # --a4-clip: the 4-bit blocks' scale is this share of the block's max |x| / 7
+
+
 def quant_blocks(x: torch.Tensor, n8: int, block: int) -> torch.Tensor:
     """x [T, K] fake-quantized as FMPQ quantizes it (runtime/ops/quant.py's quant_a4x): per
-    token and block of `block` channels, symmetric, the first n8 blocks 8-bit, the rest 4-bit."""
+    token and block of `block` channels, symmetric, the first n8 blocks 8-bit, the rest 4-bit
+    (with --a4-clip below 1, the 4-bit blocks' scale clipped: larger values saturate)."""
     t, k = x.shape
+    if A4_CLIP != 1.0:
+        xb = x.float().reshape(t, k // block, block)
+        bits8 = (torch.arange(k // block) < n8)[:, None]
+        qmax = torch.where(bits8, 127.0, 7.0)
+        s = xb.abs().amax(dim=-1, keepdim=True) * torch.where(bits8, 1.0, A4_CLIP) / qmax
+        s = s + (s == 0)
+        return (torch.clamp(torch.round(xb / s), -qmax, qmax) * s).reshape(t, k).to(x.dtype)
     xq, s, _ = quant_a4x_ref(x, n8, block)
     return (xq.float().reshape(t, k // block, block) * s[..., None]).reshape(t, k).to(x.dtype)
 
@@ -213,10 +224,14 @@ def main(argv=None) -> None:
     ap.add_argument("--rotate-kinds", default="",
                     help="linear kinds whose input blocks take an in-block Hadamard (e.g. "
                          "w_down: the one input no offline rotation reaches)")
+    ap.add_argument("--a4-clip", type=float, default=1.0,
+                    help="the 4-bit blocks' scale as a share of max |x| / 7 (1: no clipping)")
     ap.add_argument("--per-kind", action="store_true",
                     help="each mode on one kind of linear at a time (the others a8)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
+    global A4_CLIP
+    A4_CLIP = args.a4_clip
     t0 = time.perf_counter()
     ckpt = load_checkpoint(_default_model(), progress=False)
     ccfg = CompileConfig(precision="w4a8", quantizer="qoq", qoq_steps=args.steps,
@@ -268,6 +283,7 @@ def main(argv=None) -> None:
              f"modes on the inputs of {args.kinds}{' one kind at a time' if args.per_kind else ''}"
              " (others a8), "
              + (f"in-block Hadamard on the inputs of {args.rotate_kinds}, " if rotated else "")
+             + (f"4-bit scales at {args.a4_clip:g} x max |x| / 7, " if args.a4_clip != 1 else "")
              + f"{args.num_seqs} x 512 tokens per source; ratio to a8 (W4A8) in brackets.", "",
              "| activations | " + " | ".join(sources) + " | worst ratio |",
              "|---|" + "---|" * (len(sources) + 1)]
@@ -287,6 +303,8 @@ def main(argv=None) -> None:
         stem += "-" + args.kinds.replace(",", "-")
     if rotated:
         stem += "-rot-" + "-".join(rotated)
+    if args.a4_clip != 1.0:
+        stem += f"-clip{args.a4_clip:g}"
     (out / f"{stem}.md").write_text(table + "\n")
     print(f"wrote {out / stem}.md in {time.perf_counter() - t0:.0f} s")
 
