@@ -112,10 +112,13 @@ def fmpq_rows() -> list[Row]:
     return ([Row(f"{table}: RTN, all int4", rtn("w4a4"), ("int4",), table)]
             + [Row(f"{table}: {f:.1%}", qoq("w4a4", fmpq_int8_fraction=f), ("int4",), table)
                for f in (0.0, 0.125, 0.5, 1.0)]
-            # the ablation of w_down's run-time block rotation (compiler/fmpq.py)
+            # the ablations of w_down's run-time block rotation and of the 4-bit clip search
+            # (compiler/fmpq.py)
             + [Row(f"{table}: {f:.1%}, no w_down rotation",
-                   qoq("w4a4", fmpq_int8_fraction=f, fmpq_down_rotation="none"), ("int4",),
-                   table) for f in (0.0, 0.25)])
+                   qoq("w4a4", fmpq_int8_fraction=f, fmpq_down_rotation="none",
+                       fmpq_a4_clip="none"), ("int4",), table) for f in (0.0, 0.25)]
+            + [Row(f"{table}: 25.0%, no 4-bit clip", qoq("w4a4", fmpq_a4_clip="none"),
+                   ("int4",), table)])
 
 
 def int8_rows() -> list[Row]:

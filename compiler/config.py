@@ -141,6 +141,10 @@ class CompileConfig:
                                    "so that each 4-bit block's scale serves all its channels "
                                    "(one small mm a layer; compiler/fmpq.py); none: no rotation",
                                    ("hadamard", "none"), default="hadamard")
+    fmpq_a4_clip: str = _opt("w4a4 (the qoq step fmpq): search clips each linear's 4-bit "
+                             "activation blocks' scale to the share of their max (1.0 .. 0.7) "
+                             "with the least weighted error on the calibration rows; none: "
+                             "the max sets the scale", ("search", "none"), default="search")
     lm_head: str = _opt("the LM head's precision: float (the activation dtype, as in QServe), "
                         "w8a8 (int8 weights per channel, int8 activations per token: half "
                         "the bytes of the largest weight of a decode step; <= 0.22%% "
@@ -269,4 +273,4 @@ class CompileConfig:
         # artifacts older than an option were compiled without it
         return cls(**{"kv_rotation": "none", "kv_key_centering": "none", "gptq_order": "natural",
                       "fmpq_int8_fraction": 0.25, "int8_linears": 0.0, "lm_head": "float",
-                      "fmpq_down_rotation": "none", **d})
+                      "fmpq_down_rotation": "none", "fmpq_a4_clip": "none", **d})

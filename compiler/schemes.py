@@ -133,8 +133,10 @@ class SchemeSpec:
     uses_sum: bool = False                      # the op reads act's per-token sum
     static_args: tuple[str, ...] = ()           # QuantScheme fields passed after n
     # per-linear arguments, (name, default): passed to the activation quantizer after x and
-    # to the GEMM after n, from the compile's per-linear table (FMPQ's n8) or the default
+    # (but those of `act_only`) to the GEMM after n, from the compile's per-linear table
+    # (FMPQ's n8) or the default
     linear_args: tuple[tuple[str, int], ...] = ()
+    act_only: tuple[str, ...] = ()              # linear_args the GEMM does not take
     # (model config, QoQ's report) -> that table, {canonical linear name: {arg: value}}
     linear_table: Callable | None = None
     # None: no CUTLASS kernel; the op's own CUDA implementation (fp8: torch._scaled_mm) or
@@ -150,6 +152,11 @@ class SchemeSpec:
     @property
     def default_linear_args(self) -> tuple:
         return tuple(default for _, default in self.linear_args)
+
+    def gemm_args(self, values: tuple) -> tuple:
+        """The GEMM's share of a linear's argument values (in linear_args' order)."""
+        return tuple(v for (name, _), v in zip(self.linear_args, values)
+                     if name not in self.act_only)
 
     @property
     def kernel_group(self) -> int | None:
@@ -225,8 +232,8 @@ SCHEMES: tuple[SchemeSpec, ...] = (
     # block: the 4-bit blocks' codes are stored as int8)
     SchemeSpec("w4a4", W4A4, Q.W4Weights, Q.quantize_w4_per_channel, W4A8_PER_CHANNEL,
                _pack_w4, torch.ops.qcompile.gemm_w4a4x.default, gemm.gemm_w4a4x_ref, A4X,
-               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK)),
-               linear_table=_fmpq_table,
+               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK), ("clip", 1000)),
+               act_only=("clip",), linear_table=_fmpq_table,
                kernel=GemmKernel("w4a4x", "w4a8_sm80.cu", sm90=("w4a4x_rs_sm90",
                                                                 "w4a8_rs_sm90.cu"),
                                  block=FMPQ_BLOCK)),

@@ -152,7 +152,8 @@ def swap_gemm(lowering: Lowering, scheme: QuantScheme, include_head: bool = Fals
             used.add(name)
         wnodes = [lowering.add_weight(f"{wnode.name}_{k}", v) for k, v in packed.items()]
         out = node.meta["val"]
-        args = (*xargs, *wnodes, bias, w.shape[0], *largs, *spec.extra, out.dtype)
+        args = (*xargs, *wnodes, bias, w.shape[0], *spec.gemm_args(largs), *spec.extra,
+                out.dtype)
         with lowering.gm.graph.inserting_before(node):
             gemm = lowering.call(spec.op, args)
         node.replace_all_uses_with(gemm)

@@ -68,7 +68,7 @@ def _(x):
 FMPQ_BLOCK = 128  # channels per activation block (COMET's FMPQ)
 
 
-def quant_a4x_ref(x: torch.Tensor, n8: int, block: int = FMPQ_BLOCK
+def quant_a4x_ref(x: torch.Tensor, n8: int, block: int = FMPQ_BLOCK, clip: int = 1000
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """COMET's FMPQ activations: x [..., K] float (K a multiple of `block`) -> (x_q [..., K]
     int8, s_x [..., K / block] float32, t [..., 1] float32), symmetric per token and block of
@@ -77,15 +77,23 @@ def quant_a4x_ref(x: torch.Tensor, n8: int, block: int = FMPQ_BLOCK
     fill the leading blocks (and folds the permutation into the producers), so "which blocks
     are 8-bit" is one count. t = sum_b s_x[b] * sum_{k in b} x_q[k], the dequantized row sum:
     the W4Ax GEMM's zero-point correction (QServe's asymmetric UINT4 weights, w = s (q - z),
-    so x . w = s sum_b s_x[b] (x_q[b] . q[b]) - s z t), as A8's per-token code sum is W4A8's."""
+    so x . w = s sum_b s_x[b] (x_q[b] . q[b]) - s z t), as A8's per-token code sum is W4A8's.
+    clip (per mille, 1000: none): the 4-bit blocks' scale is clip / 1000 of max |x| / 7, so the
+    few values above it saturate and the rest get finer steps (the compiler searches it per
+    linear on calibration rows: compiler/fmpq.py `choose_clips`); 8-bit blocks never clip."""
     k = x.shape[-1]
     if k % block or not 0 <= n8 <= k // block:
         raise ValueError(f"quant_a4x: K = {k} must be a multiple of the block ({block}) and "
                          f"n8 = {n8} within its {k // block} blocks")
+    if not 0 < clip <= 1000:
+        raise ValueError(f"quant_a4x: clip = {clip} per mille must be in (0, 1000]")
     xb = x.float().reshape(*x.shape[:-1], k // block, block)
     levels = torch.arange(k // block, device=x.device) < n8
     qmax = (levels * 120.0 + 7.0)[:, None]  # 127 for the leading n8 blocks, else 7
-    s = xb.abs().amax(dim=-1, keepdim=True) / qmax
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    if clip != 1000:  # (no multiply at 1000: the same scales as before the option, bitwise)
+        amax = amax * torch.where(levels, 1.0, clip / 1000.0)[:, None]
+    s = amax / qmax
     s = s + (s == 0)  # an all-zero block quantizes to zeros; see _nonzero
     xq = torch.clamp(torch.round(xb / s), -qmax, qmax).to(torch.int8)
     t = (xq.sum(dim=-1, keepdim=True, dtype=torch.int32).float() * s).sum(dim=-2)
@@ -93,13 +101,13 @@ def quant_a4x_ref(x: torch.Tensor, n8: int, block: int = FMPQ_BLOCK
 
 
 @torch.library.custom_op("qcompile::quant_a4x", mutates_args=())
-def quant_a4x(x: torch.Tensor, n8: int, block: int
+def quant_a4x(x: torch.Tensor, n8: int, block: int, clip: int = 1000
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return quant_a4x_ref(x, n8, block)
+    return quant_a4x_ref(x, n8, block, clip)
 
 
 @quant_a4x.register_fake
-def _(x, n8, block):
+def _(x, n8, block, clip=1000):
     return (x.new_empty(x.shape, dtype=torch.int8),
             x.new_empty(x.shape[:-1] + (x.shape[-1] // block,), dtype=torch.float32),
             x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32))

@@ -125,3 +125,18 @@ def test_block_rotation_stats_are_the_rotated_inputs():
     assert torch.equal(stats.samples["a"], x)  # the input statistics are left as they were
     bdiag = torch.block_diag(h, h, h)
     assert torch.allclose(xr, x @ bdiag, atol=1e-5)
+
+
+def test_clip_search_saturates_rare_peaks_and_keeps_flat_blocks():
+    """choose_clip: rows whose 4-bit blocks hold a rare large value take a clip below 1000
+    (the peak saturates, the rest get finer steps); flat rows keep 1000 (no clip); every
+    block 8-bit needs none."""
+    from qcompile.compiler.fmpq import CLIP_CANDIDATES, choose_clip
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 128, generator=g)
+    peaky = torch.randn(256, 128, generator=g)
+    flat = torch.sign(torch.randn(256, 128, generator=g))  # every |x| equal: clipping only hurts
+    assert choose_clip(peaky, w, 0, 64) < 1000
+    assert choose_clip(peaky, w, 0, 64) in CLIP_CANDIDATES
+    assert choose_clip(flat, w, 0, 64) == 1000
+    assert choose_clip(peaky, w, 2, 64) == 1000

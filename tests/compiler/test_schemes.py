@@ -35,8 +35,13 @@ def test_row_has_every_part(spec):
     assert (spec.act is None) == (spec.scheme.act_bits >= 16)
     assert spec.act is None or spec.act in ACT_QUANTS
     names = [a.name for a in spec.op._schema.arguments]
-    after_n = [arg for arg, _ in spec.linear_args] + list(spec.static_args)
-    assert names[-1] == "out_dtype" and names[names.index("n") + 1:-1] == after_n
+    after_n = [arg for arg, _ in spec.linear_args if arg not in spec.act_only]
+    assert names[-1] == "out_dtype" and names[names.index("n") + 1:-1] == [*after_n,
+                                                                            *spec.static_args]
+    if spec.act is not None and spec.linear_args:  # the quantizer takes every linear arg
+        act_names = [a.name for a in spec.act.op._schema.arguments]
+        assert act_names[1:] == [arg for arg, _ in spec.linear_args]
+    assert set(spec.act_only) <= {arg for arg, _ in spec.linear_args}
     assert spec.act is None or spec.act.takes_args == bool(spec.linear_args)
     assert (spec.linear_table is not None) == bool(spec.linear_args)
     if spec.kernel is not None:
@@ -59,7 +64,8 @@ def test_parts_fit_together(spec):
                                                    spec.pack(spec, qw).values()))
     largs = spec.default_linear_args
     act = spec.act.op(x, *largs)[:3 if spec.uses_sum else 2] if spec.act else (x,)
-    args = (*act, *packed.values(), None, n, *largs, *spec.extra, torch.float32)
+    args = (*act, *packed.values(), None, n, *spec.gemm_args(largs), *spec.extra,
+            torch.float32)
     names = [a.name for a in spec.op._schema.arguments]
     assert spec_of_call(spec.op, dict(zip(names, args))) is spec
     y = spec.op(*args)
@@ -160,8 +166,8 @@ def test_cuda_impl_launches_the_row(spec, monkeypatch):
     xq, sx, xsum = spec.act.op(x, *spec.default_linear_args)
     packed = list(spec.pack_weight(w).values())
     head = (xq, sx, xsum) if spec.uses_sum else (xq, sx)
-    gk._impl(spec.op)(*head, *packed, None, 40, *spec.default_linear_args, *spec.extra,
-                      torch.float16)
+    gk._impl(spec.op)(*head, *packed, None, 40, *spec.gemm_args(spec.default_linear_args),
+                      *spec.extra, torch.float16)
     g = spec.scheme.group_size
     assert seen["kind"] == ("w8a8" if spec.scheme == W8A8 else f"w4a8_g{g}" if g else
                             "w4a4x" if spec.precision == "w4a4" else "w4a8")

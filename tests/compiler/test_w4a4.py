@@ -9,7 +9,8 @@ import torch
 
 from qcompile.compiler.compile import compile_model
 from qcompile.compiler.config import CompileConfig
-from qcompile.compiler.fmpq import input_rotations, linear_args, model_block, rotate_blocks
+from qcompile.compiler.fmpq import (CLIP_CANDIDATES, input_rotations, linear_args, model_block,
+                                    rotate_blocks)
 from qcompile.compiler.qoq import apply_qoq
 from qcompile.models.config import ModelConfig
 from qcompile.models.loaders import load_checkpoint
@@ -75,8 +76,15 @@ def test_w4a4_compiles_and_serves(tiny, tmp_path):
     assert len(gemms) == 8 and len(quants) == 8  # every decoder linear has its own input
     # each GEMM's (n8, block) is its quantizer's, and together they are the report's counts
     assert Counter(g.args[8] for g in gemms) == Counter(n8.values())
+    # the quantizer also takes the linear's 4-bit clip (searched: the default), the GEMM not
+    # (the saved program leaves out an argument at its default: clip 1000)
+    clips = manifest["qoq"]["fmpq"]["clip"]
+    qclips = []
     for g in gemms:
-        assert g.args[0].args[0].args[1:] == (g.args[8], g.args[9]) and g.args[9] == 64
+        qargs = g.args[0].args[0].args[1:]
+        assert qargs[:2] == (g.args[8], g.args[9]) and g.args[9] == 64
+        qclips.append(qargs[2] if len(qargs) > 2 else 1000)
+    assert set(qclips) <= set(CLIP_CANDIDATES) and Counter(qclips) == Counter(clips.values())
     out = Engine.load(art).generate(["the quick brown fox"], max_new_tokens=4)[0]
     assert len(out.token_ids) == 4
 
@@ -98,6 +106,9 @@ def test_blocks_and_arguments():
     args = linear_args(llama8b, {"fmpq": {"n8": {"layers.1.wo": 3}}})
     assert args["layers.1.wo"] == {"n8": 3, "block": 128}
     assert args["layers.0.wqkv"] == {"n8": 0, "block": 128}
+    args = linear_args(llama8b, {"fmpq": {"n8": {}, "clip": {"layers.1.wo": 850}}})
+    assert args["layers.1.wo"] == {"n8": 0, "block": 128, "clip": 850}
+    assert "clip" not in args["layers.0.wo"]
     odd = ModelConfig(vocab_size=10, hidden_size=96, intermediate_size=128, num_layers=1,
                       num_heads=2, num_kv_heads=2, head_dim=48, **common)
     with pytest.raises(ValueError, match="not multiples of 128 or 64"):
