@@ -117,8 +117,8 @@ def fmpq_rows() -> list[Row]:
             + [Row(f"{table}: {f:.1%}, no w_down rotation",
                    qoq("w4a4", fmpq_int8_fraction=f, fmpq_down_rotation="none",
                        fmpq_a4_clip="none"), ("int4",), table) for f in (0.0, 0.25)]
-            + [Row(f"{table}: 25.0%, no 4-bit clip", qoq("w4a4", fmpq_a4_clip="none"),
-                   ("int4",), table)])
+            + [Row(f"{table}: 25.0%, 4-bit clip {c}", qoq("w4a4", fmpq_a4_clip=c),
+                   ("int4",), table) for c in ("none", "0.9")])
 
 
 def int8_rows() -> list[Row]:

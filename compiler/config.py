@@ -143,8 +143,9 @@ class CompileConfig:
                                    ("hadamard", "none"), default="hadamard")
     fmpq_a4_clip: str = _opt("w4a4 (the qoq step fmpq): search clips each linear's 4-bit "
                              "activation blocks' scale to the share of their max (1.0 .. 0.7) "
-                             "with the least weighted error on the calibration rows; none: "
-                             "the max sets the scale", ("search", "none"), default="search")
+                             "with the least weighted error on the calibration rows; a number "
+                             "clips every linear's to that share; none: the max sets the scale",
+                             ("search", "none", "0.95", "0.9", "0.85", "0.8"), default="search")
     lm_head: str = _opt("the LM head's precision: float (the activation dtype, as in QServe), "
                         "w8a8 (int8 weights per channel, int8 activations per token: half "
                         "the bytes of the largest weight of a decode step; <= 0.22%% "

@@ -37,7 +37,7 @@ against 1.359x of W4A8's perplexity); absolute output error loses to both.
   Simulated on SmolLM2 (bench/results/fmpq-sim-2026-12-08.md), worst held-out source at 25%
   int8 blocks: 1.282x W4A8's perplexity without, 1.176x with; all blocks int4: 1.608x, 1.410x.
   The block errors that spend the budget are measured on the rotated input.
-* the 4-bit blocks' scales clipped (`clip_search`, on by default): per linear, the share of
+* the 4-bit blocks' scales clipped (`clip`, "search" by default): per linear, the share of
   the block max that sets the int4 scale (`quant_a4x`'s clip, per mille) is chosen from
   CLIP_CANDIDATES on the calibration rows by the same weighted error that spends the budget
   (`choose_clip`): a few values saturate, the rest get finer steps. Simulated on SmolLM2 with
@@ -290,7 +290,7 @@ def _head_rows(perm: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: torch.Tensor | None,
-               fraction: float, down_rotation: bool = False, clip_search: bool = False
+               fraction: float, down_rotation: bool = False, clip: str = "none"
                ) -> tuple[dict, object, torch.Tensor | None, dict]:
     """QoQ's `fmpq` step (after smoothing, before clipping and GPTQ): permute channels so that
     every decoder linear's loud input channels lead, fold the permutations into the weights,
@@ -306,8 +306,9 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
     * with `down_rotation`, w_down's input rotated in blocks (`block_rotation`, folded into its
       columns; the graph rotates the input: report "down_rotation" {"block", "seed"}).
     Then each linear's block errors on its calibration rows, relative to its output energy,
-    and `allocate_blocks` gives `fraction` of all blocks int8; with `clip_search` each linear's
-    4-bit clip (`choose_clip`; report "clip" {linear: per mille}). Exact in float: the statistics
+    and `allocate_blocks` gives `fraction` of all blocks int8; `clip` "search" chooses each
+    linear's 4-bit clip (`choose_clip`), a number ("0.9") gives every linear that share, "none"
+    none (report "clip" {linear: per mille} unless none). Exact in float: the statistics
     are the old ones permuted (`reorder.permute_stats`), no second forward."""
     from .reorder import permute_stats
     block, n_layers = model_block(cfg), cfg.num_layers
@@ -351,10 +352,12 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
     n8 = allocate_blocks(errors, fraction)
     total = sum(e4.numel() for e4, _ in errors.values())
     report = {"block": block, "int8_fraction": round(sum(n8.values()) / total, 4), "n8": n8}
-    if clip_search:
+    if clip == "search":
         report["clip"] = {name: choose_clip(st.samples[name].float().cpu(),
                                             w[name].float().cpu(), n8[name], block)
                           for name in errors}
+    elif clip != "none":
+        report["clip"] = {name: round(float(clip) * 1000) for name in errors}
     if rotation:
         report["down_rotation"] = rotation
     return w, st, keys, report
