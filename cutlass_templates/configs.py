@@ -298,8 +298,13 @@ WGMMA_WIDE = TileConfig(128, 256, 128, 8, 1, 4)
 WGMMA_RS = TileConfig(128, 256, 128, 1, 8, 5)
 WGMMA_RS_1WG = TileConfig(128, 128, 128, 1, 4, 4)   # one warpgroup: two CTAs per SM
 WGMMA_RS_T64 = TileConfig(64, 128, 128, 1, 4, 4)    # 64 tokens: CTAs enough at M ~ 512
-# Per-block activation scales (A4X_KINDS): at most 64 accumulators a thread, not yet swept.
+# Per-block activation scales (A4X_KINDS): at most 64 accumulators a thread, no split-K, not
+# yet swept. Decode can not split K (the blocks' fp32 sum runs in order), so it takes CTAs from
+# N instead: one warp a 32-column tile with a deep pipeline (N = 4096: 128 CTAs, ~32 KB of
+# cp.async in flight an SM, about what the H100's bandwidth-latency product asks of each).
 A4X_WIDE = TileConfig(64, 128, 128, 2, 2, 4)
+A4X_DECODE = TileConfig(16, 32, 128, 1, 1, 8)
+A4X_THIN = TileConfig(32, 32, 128, 1, 1, 6)
 WGMMA_RS_T64_WIDE = TileConfig(64, 256, 128, 1, 8, 5)  # two warpgroups, 64 tokens
 # Sweep candidates kept for bench/tune_gemm.py (not selected today).
 MEDIUM = TileConfig(64, 128, 64, 2, 2, 4)
@@ -329,11 +334,13 @@ class Row:
 
 
 SELECTION: tuple[Row, ...] = (
+    Row(16, 0, A4X_DECODE, n_max=8192, kinds=tuple(A4X_KINDS)),  # W4Ax: no split-K
     Row(16, 8192, DECODE8.with_split(4)),                   # down
     Row(16, 4096, DECODE8.with_split(4), n_max=4096),       # o
     Row(16, 4096, DECODE.with_split(4), n_max=WIDE_N),      # qkv
     Row(16, 4096, WIDE),                                         # gate_up
     Row(16, 0, DECODE),
+    Row(64, 0, A4X_THIN, n_max=8192, kinds=tuple(A4X_KINDS)),
     Row(64, 8192, THIN32.with_split(4)),
     Row(64, 4096, THIN32.with_split(4), n_max=4096),
     Row(64, 4096, THIN32.with_split(2), n_max=WIDE_N),

@@ -334,3 +334,7 @@ def test_a4x_kinds_take_no_split_and_at_most_64_accumulators_a_thread():
         for m in (1, 16, 64, 128, 256, 1024, 8192):
             kind, cfg = C.select_kernel("w4a4x", m, n, k, "sm90")
             assert cfg.split_k == 1 and cfg.fits(kind, k) and kind in C.A4X_KINDS
+    # decode takes its CTAs from N instead of K: 32-column tiles up to N = 8192
+    assert select_config("w4a4x", 1, 4096, 14336) == C.A4X_DECODE
+    assert select_config("w4a4x", 40, 6144, 4096) == C.A4X_THIN
+    assert select_config("w4a8", 1, 4096, 14336).split_k > 1  # W4A8 keeps its split rows
