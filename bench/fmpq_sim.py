@@ -44,6 +44,7 @@ from qcompile.compiler.calibrate import (FloatGraph, _prefill_attention, _prefil
                                          calibration_sequences, canonical_name)
 from qcompile.compiler.clip import fake_quant_act
 from qcompile.compiler.config import CompileConfig
+from qcompile.compiler.fmpq import block_rotation, rotate_blocks
 from qcompile.compiler.qoq import apply_qoq
 from qcompile.models.decoder import Decoder
 from qcompile.models.loaders import load_checkpoint
@@ -55,31 +56,16 @@ from qcompile.runtime.texts import read_source
 LINEARS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
-A4_CLIP = 1.0  # --a4-clip: the 4-bit blocks' scale is this share of the block's max |x| / 7
+A4_CLIP = 1000  # --a4-clip, per mille: the 4-bit blocks' scale as a share of max |x| / 7
 
 
 def quant_blocks(x: torch.Tensor, n8: int, block: int) -> torch.Tensor:
     """x [T, K] fake-quantized as FMPQ quantizes it (runtime/ops/quant.py's quant_a4x): per
     token and block of `block` channels, symmetric, the first n8 blocks 8-bit, the rest 4-bit
-    (with --a4-clip below 1, the 4-bit blocks' scale clipped: larger values saturate)."""
+    (their scale clipped to --a4-clip of the block max)."""
     t, k = x.shape
-    if A4_CLIP != 1.0:
-        xb = x.float().reshape(t, k // block, block)
-        bits8 = (torch.arange(k // block) < n8)[:, None]
-        qmax = torch.where(bits8, 127.0, 7.0)
-        s = xb.abs().amax(dim=-1, keepdim=True) * torch.where(bits8, 1.0, A4_CLIP) / qmax
-        s = s + (s == 0)
-        return (torch.clamp(torch.round(xb / s), -qmax, qmax) * s).reshape(t, k).to(x.dtype)
-    xq, s, _ = quant_a4x_ref(x, n8, block)
+    xq, s, _ = quant_a4x_ref(x, n8, block, A4_CLIP)
     return (xq.float().reshape(t, k // block, block) * s[..., None]).reshape(t, k).to(x.dtype)
-
-
-def rotate_blocks(x: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] with each block of rot's order multiplied by rot (orthonormal [B, B])."""
-    if rot is None:
-        return x
-    b = rot.shape[0]
-    return (x.reshape(*x.shape[:-1], -1, b).float() @ rot).reshape(x.shape).to(x.dtype)
 
 
 class Plan:
@@ -95,17 +81,13 @@ class Plan:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = rotate_blocks(x.reshape(-1, shape[-1])[:, self.order], self.rot)
+        x = x.reshape(-1, shape[-1])[:, self.order]
+        if self.rot is not None:
+            x = rotate_blocks(x, self.rot)
         x = quant_blocks(x, self.n8, self.block)
         if self.rot is not None:
             x = rotate_blocks(x, self.rot.t())
         return x[:, self.inverse].reshape(shape)
-
-
-def block_rotation(block: int) -> torch.Tensor:
-    """The in-block rotation: a randomized Hadamard of the block's order (compiler/rotate.py)."""
-    from qcompile.compiler.rotate import hadamard
-    return hadamard(block, torch.Generator().manual_seed(1)).float()
 
 
 def plans(mode: str, absmax: dict[str, torch.Tensor], block: int,
@@ -167,9 +149,10 @@ def budget_plans(fraction: float, absmax, inputs, weights, block: int, kinds,
             orders[name] = order = channel_order(amax)
             rots[name] = rot = block_rotation(block) \
                 if name.rsplit(".", 1)[-1] in rotated else None
-            errors[name] = block_errors(rotate_blocks(inputs[name][:, order], rot), block,
-                                        rotate_blocks(weights[name].float()[:, order], rot),
-                                        relative)
+            x, w = inputs[name][:, order], weights[name].float()[:, order]
+            if rot is not None:
+                x, w = rotate_blocks(x, rot), rotate_blocks(w, rot)
+            errors[name] = block_errors(x, block, w, relative)
     n8 = allocate_blocks(errors, fraction)
     return {name: Plan(orders[name], n8[name], block, rots[name]) if name in orders else "a8"
             for name in absmax}
@@ -231,7 +214,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     global A4_CLIP
-    A4_CLIP = args.a4_clip
+    A4_CLIP = round(args.a4_clip * 1000)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(_default_model(), progress=False)
     ccfg = CompileConfig(precision="w4a8", quantizer="qoq", qoq_steps=args.steps,
