@@ -288,6 +288,21 @@ def check_rows(op, dev_args: tuple, cpu_args: tuple, n_act: int, rows: int = 32,
     return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _public_op_case(ctx: ShapeCtx, x: torch.Tensor, label: str, op, head: tuple, cpu: dict,
+                    dev: dict, tail: tuple, probe: Callable) -> Case:
+    """A Case of a public op on (head, packed weights, tail), guarded against the op on CPU:
+    FAIL printed and marked past REL_TOL, `ref` where the reference ran instead of a kernel."""
+    args = (*head, *dev.values(), *tail)
+    cpu_args = (*(t.cpu() for t in head), *cpu.values(), *tail)
+    err, why_ref = probe(lambda: check_rows(op, args, cpu_args, len(head)))
+    note = f"rel err {err:.1e}" + (f"; reference: {why_ref}" if why_ref else "")
+    if err > REL_TOL:
+        print(f"!!! FAIL {ctx.name} M={x.shape[0]} {label}: rel err {err:.3g} vs "
+              f"CPU reference (tol {REL_TOL})", flush=True)
+    status = "FAIL" if err > REL_TOL else "ref" if why_ref else "ok"
+    return Case(op, args, sum(v.nbytes for v in dev.values()), note, status)
+
+
 def build_ours(scheme, probe: Callable):
     """probe(run) -> (run(), why the reference ran instead of our kernel, "" if it did not)."""
     def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
@@ -300,15 +315,7 @@ def build_ours(scheme, probe: Callable):
         xq, sx, xsum = quant_a8_ref(x)
         head = (xq, sx, xsum) if fmt.uses_sum else (xq, sx)
         tail = (None, ctx.n, *fmt.extra(scheme), torch.float16)
-        args = (*head, *dev.values(), *tail)
-        cpu_args = (*(t.cpu() for t in head), *cpu.values(), *tail)
-        err, why_ref = probe(lambda: check_rows(op, args, cpu_args, len(head)))
-        note = f"rel err {err:.1e}" + (f"; reference: {why_ref}" if why_ref else "")
-        if err > REL_TOL:
-            print(f"!!! FAIL {ctx.name} M={x.shape[0]} {scheme.name}: rel err {err:.3g} vs "
-                  f"CPU reference (tol {REL_TOL})", flush=True)
-        status = "FAIL" if err > REL_TOL else "ref" if why_ref else "ok"
-        return Case(op, args, sum(v.nbytes for v in dev.values()), note, status)
+        return _public_op_case(ctx, x, scheme.name, op, head, cpu, dev, tail, probe)
     return build
 
 
@@ -327,17 +334,9 @@ def build_w4a4x(int8_share: float, probe: Callable):
         cpu = ctx.get("w4a4", lambda: spec.pack_weight(ctx.w))
         dev = ctx.get("w4a4@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
         n8 = round(int8_share * ctx.k / FMPQ_BLOCK)
-        head = quant_a4x_ref(x, n8)
         tail = (None, ctx.n, n8, FMPQ_BLOCK, torch.float16)
-        args = (*head, *dev.values(), *tail)
-        cpu_args = (*(t.cpu() for t in head), *cpu.values(), *tail)
-        err, why_ref = probe(lambda: check_rows(spec.op, args, cpu_args, len(head)))
-        note = f"rel err {err:.1e}" + (f"; reference: {why_ref}" if why_ref else "")
-        if err > REL_TOL:
-            print(f"!!! FAIL {ctx.name} M={x.shape[0]} w4a4x: rel err {err:.3g} vs CPU "
-                  f"reference (tol {REL_TOL})", flush=True)
-        status = "FAIL" if err > REL_TOL else "ref" if why_ref else "ok"
-        return Case(spec.op, args, sum(v.nbytes for v in dev.values()), note, status)
+        return _public_op_case(ctx, x, "w4a4x", spec.op, quant_a4x_ref(x, n8), cpu, dev, tail,
+                               probe)
     return build
 
 
