@@ -47,6 +47,8 @@ Every function returns new dicts / tensors and leaves its inputs unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qcompile.models.config import ModelConfig
@@ -87,7 +89,6 @@ def rotate_block_stats(stats, rotations: dict[str, torch.Tensor]):
     rotations[name] (exact from the old ones, no forward): samples x B and X^T X -> B^T X^T X B;
     absmax, which no statistic of the old input gives, becomes the samples' (a subset of the
     calibration tokens: what the later steps read is samples and X^T X)."""
-    import dataclasses
     new = dataclasses.replace(stats, absmax=dict(stats.absmax), samples=dict(stats.samples),
                               xtx=dict(stats.xtx))
     for name, h in rotations.items():
