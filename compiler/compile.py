@@ -101,7 +101,7 @@ def compile_checkpoint(ckpt: Checkpoint, cfg: CompileConfig, out, *,
 
     bar.set_postfix_str("passes")
     table = SPECS[cfg.precision].linear_table  # w4a4: FMPQ's block and 8-bit blocks per linear
-    linear_args = table(mcfg, qoq_report) if table else None
+    linear_args = table(mcfg, qoq_report, cfg.target) if table else None
     rotations = input_rotations(mcfg, qoq_report)  # w4a4: w_down's input, rotated at run time
     results = run_pipeline(lowering, cfg, quantized, key_mean, linear_args,  # GPTQ's codes as is
                            cfg.linear_schemes(qoq_report), rotations)

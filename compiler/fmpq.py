@@ -269,10 +269,12 @@ def model_block(cfg: ModelConfig) -> int:
                      f"{' or '.join(map(str, BLOCKS))} channels (FMPQ's activation blocks)")
 
 
-def linear_args(cfg: ModelConfig, report: dict | None) -> dict[str, dict[str, int]]:
+def linear_args(cfg: ModelConfig, report: dict | None, target: str = "sm90"
+                ) -> dict[str, dict[str, int]]:
     """swap_gemm's per-linear arguments of w4a4: every decoder linear's block, its n8 from the
-    `fmpq` step's report (0, every block int4, when the step did not run) and its 4-bit clip
-    where the step chose one (else the quantizer's default, none)."""
+    `fmpq` step's report (0, every block int4, when the step did not run), its 4-bit clip
+    where the step chose one (else the quantizer's default, none), and for an sm80 target
+    `packed` (the 4-bit blocks two codes a byte, for the s4 MMAs)."""
     block = model_block(cfg)
     fm = (report or {}).get("fmpq") or {}
     n8, clip = fm.get("n8", {}), fm.get("clip", {})
@@ -281,6 +283,8 @@ def linear_args(cfg: ModelConfig, report: dict | None) -> dict[str, dict[str, in
         for kind in KINDS:
             name = f"layers.{i}.{kind}"
             out[name] = {"n8": int(n8.get(name, 0)), "block": block}
+            if target == "sm80":
+                out[name]["packed"] = 1
             if name in clip:
                 out[name]["clip"] = int(clip[name])
     return out

@@ -38,7 +38,8 @@ def gemm_shapes(gm: fx.GraphModule) -> list[tuple[str, int, int]]:
             args = _named_args(node)
             spec = spec_of_call(node.target, args)
             if spec is not None and spec.kernel is not None:
-                shapes.add((spec.kernel.kind, args["n"], args["xq"].meta["val"].shape[-1]))
+                width = args["xq"].meta["val"].shape[-1]
+                shapes.add((spec.kernel_kind(args), args["n"], spec.gemm_k(width, args)))
     return sorted(shapes)
 
 

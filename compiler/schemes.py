@@ -39,7 +39,8 @@ from qcompile.cutlass_templates.w4a16_layout import w4a16_layout
 from qcompile.cutlass_templates.w8a8_layout import W8A8_ROW_MAJOR
 from qcompile.runtime.ops import gemm
 from qcompile.runtime.ops.gemm_fp8 import gemm_fp8_ref
-from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref, quant_a8_ref, quant_fp8_ref
+from qcompile.runtime.ops.quant import (FMPQ_BLOCK, a4x_channels, quant_a4x_ref, quant_a8_ref,
+                                        quant_fp8_ref)
 
 from . import quantize as Q
 
@@ -107,11 +108,14 @@ class GemmKernel:
     """The CUTLASS templates of a scheme: the portable mma.sync kind (sm80 and up) and, where
     one exists, the target's own template, both (kernel kind, template file). block: the
     activations' channels per scale where they have one per block (COMET's W4Ax: the main
-    loop scales each block's int32 partial, -DQC_A4X), 0 where one per token."""
+    loop scales each block's int32 partial, -DQC_A4X), 0 where one per token. s4: the kind
+    of the same template for packed activations (`pack_a4x`: sm80 artifacts, whose kernel runs
+    the 4-bit blocks on s4 MMAs), "" where there is none."""
     kind: str
     template: str
     sm90: tuple[str, str] | None = None
     block: int = 0
+    s4: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class SchemeSpec:
     # (FMPQ's n8) or the default
     linear_args: tuple[tuple[str, int], ...] = ()
     act_only: tuple[str, ...] = ()              # linear_args the GEMM does not take
-    # (model config, QoQ's report) -> that table, {canonical linear name: {arg: value}}
+    # (model config, QoQ's report, target) -> that table, {canonical linear name: {arg: value}}
     linear_table: Callable | None = None
     # None: no CUTLASS kernel; the op's own CUDA implementation (fp8: torch._scaled_mm) or
     # its reference runs on every device
@@ -157,6 +161,16 @@ class SchemeSpec:
         """The GEMM's share of a linear's argument values (in linear_args' order)."""
         return tuple(v for (name, _), v in zip(self.linear_args, values)
                      if name not in self.act_only)
+
+    def kernel_kind(self, args: dict) -> str:
+        """The kernel kind of a call of `op` with these arguments by name: the s4 kind where
+        its activations are packed (W4Ax in sm80 artifacts), else the row's kind."""
+        return self.kernel.s4 if args.get("packed") else self.kernel.kind
+
+    def gemm_k(self, width: int, args: dict) -> int:
+        """K (input channels) of a call with these arguments by name whose x_q is `width`
+        wide: that width, or what packed A4x codes of that many bytes hold."""
+        return a4x_channels(width, args["n8"], args["block"]) if args.get("packed") else width
 
     @property
     def kernel_group(self) -> int | None:
@@ -205,9 +219,9 @@ def _w4a8_group(g: int, scheme: QuantScheme) -> SchemeSpec:
                           sm90=(f"w4a8_g{g}_rs_sm90", "w4a8_rs_sm90.cu")))
 
 
-def _fmpq_table(cfg, report):
+def _fmpq_table(cfg, report, target):
     from .fmpq import linear_args
-    return linear_args(cfg, report)
+    return linear_args(cfg, report, target)
 
 
 SCHEMES: tuple[SchemeSpec, ...] = (
@@ -228,15 +242,17 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                torch.ops.qcompile.gemm_w4a16.default, gemm.gemm_w4a16_ref,
                static_args=("group_size",)),
     # COMET's W4Ax on per-channel W4A8's weights (the same quantizer, layout and QoQ grid);
-    # its kernels are W4A8's templates with per-block activation scales (s8 MMAs on every
-    # block: the 4-bit blocks' codes are stored as int8)
+    # its kernels are W4A8's templates with per-block activation scales. sm90 artifacts keep
+    # the 4-bit blocks' codes as int8 (Hopper has no s4 MMA: s8 on every block); sm80 ones
+    # pack them two a byte (`packed`) for the s4 MMAs of the w4a4x_s4 kind
     SchemeSpec("w4a4", W4A4, Q.W4Weights, Q.quantize_w4_per_channel, W4A8_PER_CHANNEL,
                _pack_w4, torch.ops.qcompile.gemm_w4a4x.default, gemm.gemm_w4a4x_ref, A4X,
-               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK), ("clip", 1000)),
+               uses_sum=True, linear_args=(("n8", 0), ("block", FMPQ_BLOCK), ("clip", 1000),
+                                           ("packed", 0)),
                act_only=("clip",), linear_table=_fmpq_table,
                kernel=GemmKernel("w4a4x", "w4a8_sm80.cu", sm90=("w4a4x_rs_sm90",
                                                                 "w4a8_rs_sm90.cu"),
-                                 block=FMPQ_BLOCK)),
+                                 block=FMPQ_BLOCK, s4="w4a4x_s4")),
     # no CUTLASS kernel: torch._scaled_mm (cuBLASLt) is the CUDA implementation, and e4m3
     # tensor cores start with sm89, so of the targets only sm90; QoQ searches integer grids
     SchemeSpec("fp8", FP8, Q.FP8Weights, Q.quantize_fp8, FP8_ROW_MAJOR, _pack_per_channel,

@@ -49,7 +49,8 @@ from qcompile.compiler.schemes import WITH_KERNELS
 # kind -> (template file in this folder, group size: None = W8A8, 0 = per channel), from the
 # scheme rows (compiler/schemes.py): the portable mma.sync kinds.
 KINDS: dict[str, tuple[str, int | None]] = {
-    s.kernel.kind: (s.kernel.template, s.kernel_group) for s in WITH_KERNELS}
+    kind: (s.kernel.template, s.kernel_group) for s in WITH_KERNELS
+    for kind in (s.kernel.kind, s.kernel.s4) if kind}
 
 REDUCE_THREADS = 256  # qc::kReduceThreads in common.cuh
 REDUCE_MODES = ("separate", "fixup", "cluster")
@@ -70,7 +71,9 @@ ALL_KINDS = {**KINDS, **SM90_KINDS}
 # A4X_MAX_ACC of each a thread: no spills), no split-K (the blocks' fp32 sum runs in order)
 A4X_KINDS: dict[str, int] = {
     k: s.kernel.block for s in WITH_KERNELS if s.kernel.block
-    for k in (s.kernel.kind, *(s.kernel.sm90 or ())[:1])}
+    for k in (s.kernel.kind, *(s.kernel.sm90 or ())[:1], s.kernel.s4) if k}
+# of those, the kinds of packed activations (-DQC_A4X=2: s4 MMAs on the 4-bit blocks, sm80)
+A4X_S4_KINDS = tuple(s.kernel.s4 for s in WITH_KERNELS if s.kernel.s4)
 A4X_MAX_ACC = 64
 
 MAX_SMEM_BYTES = 227 * 1024  # sm80 / sm90 opt-in dynamic shared memory per block
@@ -160,7 +163,7 @@ class TileConfig:
         if group is not None:
             out.append(f"-DQC_GROUP={group}")
         if kind in A4X_KINDS:
-            out.append("-DQC_A4X=1")
+            out.append(f"-DQC_A4X={2 if kind in A4X_S4_KINDS else 1}")
         return out
 
     # --- launch -----------------------------------------------------------------------------

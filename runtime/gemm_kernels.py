@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from qcompile.compiler.schemes import WITH_KERNELS, SchemeSpec, spec_of_call
-from qcompile.cutlass_templates.configs import padded_k, select_config, select_kernel
+from qcompile.cutlass_templates.configs import (A4X_S4_KINDS, padded_k, select_config,
+                                               select_kernel)
 
 
 @dataclass
@@ -214,26 +215,29 @@ def _fallback(reason: str) -> None:
     stats.fallbacks[reason] += 1
 
 
-def _launch(found, xq, sx, operands, n, k_packed, out=None):
+def _launch(found, xq, sx, operands, n, k_packed, out=None, k=None, extra=()):
     """_run with what _find returned: (kernel kind, config, kernel)."""
     kind, cfg, kernel = found
-    return _run(kind, (cfg, kernel), xq, sx, operands, n, k_packed, out)
+    return _run(kind, (cfg, kernel), xq, sx, operands, n, k_packed, out, k, extra)
 
 
-def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
+def _run(kind, found, xq, sx, operands, n, k_packed, out=None, k=None, extra=()):
     """Launch the kernel (and, for a split-K config with the separate reduction, its _reduce
-    entry) into out (fp16 [..., n]; allocated when None: tests pass a poisoned one)."""
+    entry) into out (fp16 [..., n]; allocated when None: tests pass a poisoned one). k: the
+    input channels where x_q's rows hold them packed (A4x), else x_q's width; extra: int
+    arguments after K (the s4 W4Ax kind's n8)."""
     from qcompile.runtime.launcher import check_tensor, i32, ptr
     cfg, kernel = found
     kernels = active()
-    k = xq.shape[-1]
-    m = xq.numel() // k
+    width = xq.shape[-1]
+    k = width if k is None else k
+    m = xq.numel() // width
     check_tensor(xq, name="x_q", dtype=torch.int8)
     check_tensor(sx, name="s_x", dtype=torch.float32, align=4)
-    if k % 16 or padded_k(kind, k) != k_packed:
-        raise ValueError(f"x_q has K = {k}: the {kind} kernels need K % 16 == 0 (16-byte "
-                         f"cp.async rows) and K padded as the layout pads it to equal the packed "
-                         f"weight's {k_packed}")
+    if k % 16 or width % 16 or padded_k(kind, k) != k_packed:
+        raise ValueError(f"x_q has K = {k} ({width} bytes a row): the {kind} kernels need rows "
+                         f"of whole 16-byte chunks (cp.async) and K padded as the layout pads it "
+                         f"to equal the packed weight's {k_packed}")
     big = [t.nbytes for t in (xq, *operands) if t is not None and t.nbytes >= 1 << 31]
     if big:
         raise ValueError(f"{kind}: an operand of {big[0]} bytes: the kernels address operands "
@@ -251,7 +255,7 @@ def _run(kind, found, xq, sx, operands, n, k_packed, out=None):
     if cfg.flag_count(m, n):
         flags = split_k_flags(xq.device, cfg.flag_count(m, n))
     args = [ptr(xq), ptr(sx), *map(ptr, operands), ptr(out), ptr(ws), ptr(flags), i32(m),
-            i32(n), i32(k)]
+            i32(n), i32(k), *map(i32, extra)]
     kernel.launch(cfg.grid(m, n), (cfg.threads(), 1, 1), cfg.smem_bytes(kind), args,
                   cluster=cfg.cluster_dims())
     reduce = cfg.reduce_launch(m, n)
@@ -277,20 +281,20 @@ def _impl(op):
             raise ValueError(f"{op}: no scheme row has these arguments "
                              f"({ {k: v for k, v in named.items() if type(v) is int} })")
         xq, n = args[0], named["n"]
-        block = spec.kernel.block
+        block, kind = spec.kernel.block, spec.kernel_kind(named)
         if block and named["block"] != block:  # a hand-made program: the kernels' block is 128
-            _fallback(f"{spec.kernel.kind}: activation blocks of {named['block']} channels, "
+            _fallback(f"{kind}: activation blocks of {named['block']} channels, "
                       f"the kernels take {block}")
             return spec.reference(*args)
-        found = _find(spec.kernel.kind, xq.numel() // xq.shape[-1], n, xq.shape[-1],
-                      named["out_dtype"])
+        k = spec.gemm_k(xq.shape[-1], named)
+        found = _find(kind, xq.numel() // xq.shape[-1], n, k, named["out_dtype"])
         if found is None:
             return spec.reference(*args)
         operands = args[2:n_at]  # [sum x_q], packed weights, bias
         weight = operands[int(spec.uses_sum)]
+        extra = (named["n8"],) if kind in A4X_S4_KINDS else ()
         if block:  # per-block scales s_x [..., K / block] and the row sums t [..., 1], float32
             from qcompile.runtime.launcher import check_tensor
-            k = xq.shape[-1]
             if k % block:
                 raise ValueError(f"{spec.kernel.kind}: K = {k} is not a multiple of the "
                                  f"activation block ({block})")
@@ -298,6 +302,7 @@ def _impl(op):
                          shape=(*xq.shape[:-1], k // block), device=xq.device)
             check_tensor(args[2], name="t", dtype=torch.float32, align=4,
                          shape=(*xq.shape[:-1], 1), device=xq.device)
-        return _launch(found, xq, args[1], operands, n, spec.layout.packed_k(weight))
+        return _launch(found, xq, args[1], operands, n, spec.layout.packed_k(weight), k=k,
+                       extra=extra)
 
     return impl

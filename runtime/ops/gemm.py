@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from qcompile.cutlass_templates.w4a8_layout import unpack_group_params, unpack_w4
 from qcompile.cutlass_templates.w4a16_layout import dequantize_packed
+from qcompile.runtime.ops.quant import unpack_a4x
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ def gemm_w4a16(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tenso
     return gemm_w4a16_ref(x, w, s, z, bias, n, group_size, out_dtype)
 
 
-def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int,
+def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int, packed: int,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """COMET's W4Ax GEMM, the integer maths its kernels will do (issue 15): x_q [..., K] int8
     codes of mixed 4/8-bit blocks (the first n8 8-bit) with s_x [..., K / block] and the
@@ -145,7 +146,10 @@ def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int,
     Each block's partial sum is exact in int32 (|sum| <= block * 127 * 15) and scaled by its
     activation scale in the main loop; the epilogue is W4A8's with t for s_x sum x_q:
     y = s_w sum_b s_x[b] (x_q[b] . q[b]) - (z s_w) t. n8 picks the kernels' MMA per block (s4
-    or s8); here every block is the same int8 product."""
+    or s8); here every block is the same int8 product. packed: x_q as `pack_a4x` packs it (sm80
+    artifacts, whose kernel runs the 4-bit blocks on s4 MMAs), unpacked here first."""
+    if packed:
+        xq = unpack_a4x(xq, n8, block)
     lead, k = xq.shape[:-1], xq.shape[-1]
     if k % block or not 0 <= n8 <= k // block:
         raise ValueError(f"gemm_w4a4x: K = {k} must be a multiple of the block ({block}) and "
@@ -164,8 +168,8 @@ def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int,
 @torch.library.custom_op("qcompile::gemm_w4a4x", mutates_args=())
 def gemm_w4a4x(xq: torch.Tensor, sx: torch.Tensor, xt: torch.Tensor, w: torch.Tensor,
                s: torch.Tensor, zs: torch.Tensor, bias: torch.Tensor | None, n: int, n8: int,
-               block: int, out_dtype: torch.dtype) -> torch.Tensor:
-    return gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n, n8, block, out_dtype)
+               block: int, packed: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n, n8, block, packed, out_dtype)
 
 
 def _fake_out(xq, n, out_dtype):
@@ -180,4 +184,5 @@ gemm_w4a8_group.register_fake(
 gemm_w4a16.register_fake(
     lambda x, w, s, z, bias, n, group_size, out_dtype: _fake_out(x, n, out_dtype))
 gemm_w4a4x.register_fake(
-    lambda xq, sx, xt, w, s, zs, bias, n, n8, block, out_dtype: _fake_out(xq, n, out_dtype))
+    lambda xq, sx, xt, w, s, zs, bias, n, n8, block, packed, out_dtype:
+    xq.new_empty(sx.shape[:-1] + (n,), dtype=out_dtype))

@@ -73,3 +73,23 @@ def test_artifact_ships_the_graphs_kernels(make_tiny_checkpoint, tmp_path):
     assert table and sorted(e["name"] for e in table) == sorted(manifest["kernels"])
     assert {e["kind"] for e in table} == {"w4a8", "w8a8"}  # the linears', the head's
     assert all(e["target"] == "sm80" for e in table)
+
+
+@pytest.mark.parametrize("target,kind", [("sm80", "w4a4x_s4"), ("sm90", "w4a4x")])
+def test_w4a4_graph_asks_for_its_target_kind_with_the_channel_count(
+        make_tiny_checkpoint, decoder_lowering, target, kind):
+    """sm80 w4a4 graphs carry packed activations (4-bit blocks two codes a byte): they need
+    the s4 kind, at K = the input channels, not x_q's bytes a row."""
+    from qcompile.compiler.fmpq import linear_args
+    ckpt = load_checkpoint(make_tiny_checkpoint("llama", intermediate_size=128))  # FMPQ's 64s
+    cfg = CompileConfig(precision="w4a4", kv="fp16", dtype="float32", kernels="skip",
+                        quantizer="rtn", target=target)
+    low = decoder_lowering(ckpt, torch.float32)
+    c = ckpt.config
+    args = linear_args(c, {"fmpq": {"n8": {"layers.0.wo": 1}}}, target)
+    run_pipeline(low, cfg, linear_args=args)
+    shapes = gemm_shapes(low.gm)
+    assert {k for k, _, _ in shapes} == {kind}
+    assert {(n, k) for kk, n, k in shapes if kk == kind} == {
+        (c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
+        (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)}

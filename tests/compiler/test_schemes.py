@@ -119,7 +119,7 @@ def test_layout_table():
 def test_kernel_tables():
     assert C.KINDS == {"w8a8": ("w8a8_sm80.cu", None), "w4a8": ("w4a8_sm80.cu", 0),
                        "w4a8_g128": ("w4a8_sm80.cu", 128), "w4a8_g64": ("w4a8_sm80.cu", 64),
-                       "w4a4x": ("w4a8_sm80.cu", 0)}
+                       "w4a4x": ("w4a8_sm80.cu", 0), "w4a4x_s4": ("w4a8_sm80.cu", 0)}
     assert C.SM90_KINDS == {"w8a8_sm90": ("w8a8_sm90.cu", None),
                             "w4a8_rs_sm90": ("w4a8_rs_sm90.cu", 0),
                             "w4a8_g128_rs_sm90": ("w4a8_rs_sm90.cu", 128),
@@ -127,9 +127,10 @@ def test_kernel_tables():
                             "w4a4x_rs_sm90": ("w4a8_rs_sm90.cu", 0)}
     assert C.RS_KINDS == ("w4a8_rs_sm90", "w4a8_g128_rs_sm90", "w4a8_g64_rs_sm90",
                           "w4a4x_rs_sm90")
-    assert C.A4X_KINDS == {"w4a4x": 128, "w4a4x_rs_sm90": 128}
+    assert C.A4X_KINDS == {"w4a4x": 128, "w4a4x_rs_sm90": 128, "w4a4x_s4": 128}
+    assert C.A4X_S4_KINDS == ("w4a4x_s4",)
     assert C.W4_KINDS == ("w4a8", "w4a8_g128", "w4a8_g64")
-    a4x = ("w4a4x", "w4a4x_rs_sm90")
+    a4x = ("w4a4x", "w4a4x_rs_sm90", "w4a4x_s4")
     assert [r.kinds for r in C.SELECTION if r.kinds] == [
         a4x, a4x, C.W4_KINDS, ("w8a8", "w4a8_g128", "w4a8_g64"), C.W4_KINDS, a4x]
     T = C.TargetRow
@@ -151,7 +152,7 @@ def test_kernel_tables():
         "w4a4x": (T(769, "w4a4x_rs_sm90", C.WGMMA_RS_T64_WIDE, n_min=8193),
                   T(257, "w4a4x_rs_sm90", C.WGMMA_RS_T64),
                   T(64, "w4a4x_rs_sm90", C.WGMMA_RS_T64_WIDE, n_min=C.WIDE_N + 1))}}
-    assert [s.kernel.kind for s in WITH_KERNELS] == list(C.KINDS)
+    assert [k for s in WITH_KERNELS for k in (s.kernel.kind, s.kernel.s4) if k] == list(C.KINDS)
 
 
 @pytest.mark.parametrize("spec", WITH_KERNELS, ids=lambda s: s.precision)
@@ -161,8 +162,8 @@ def test_cuda_impl_launches_the_row(spec, monkeypatch):
     from qcompile.runtime import gemm_kernels as gk
     seen = {}
     monkeypatch.setattr(gk, "_find", lambda kind, m, n, k, dt: seen.setdefault("kind", kind))
-    monkeypatch.setattr(gk, "_launch", lambda found, xq, sx, ops, n, kp: seen.update(
-        ops=ops, kp=kp, n=n))
+    monkeypatch.setattr(gk, "_launch", lambda found, xq, sx, ops, n, kp, k, extra: seen.update(
+        ops=ops, kp=kp, n=n, k=k, extra=extra))
     x, w = torch.randn(3, 256), torch.randn(40, 256)
     xq, sx, xsum = spec.act.op(x, *spec.default_linear_args)
     packed = list(spec.pack_weight(w).values())
@@ -174,6 +175,24 @@ def test_cuda_impl_launches_the_row(spec, monkeypatch):
                             "w4a4x" if spec.precision == "w4a4" else "w4a8")
     assert seen["ops"] == [*head[2:], *packed, None] and seen["n"] == 40
     assert seen["kp"] == packed[0].shape[1] * (1 if spec.scheme == W8A8 else 32)
+    assert (seen["k"], seen["extra"]) == (256, ())
+
+
+def test_cuda_impl_of_packed_w4a4_launches_the_s4_kind(monkeypatch):
+    """An sm80 w4a4 call (x_q packed, `packed` = 1) launches the s4 kind with K = the input
+    channels (not x_q's bytes) and n8 after it."""
+    from qcompile.runtime import gemm_kernels as gk
+    spec, seen = SPECS["w4a4"], {}
+    monkeypatch.setattr(gk, "_find", lambda kind, m, n, k, dt: seen.update(kind=kind, k=k) or 1)
+    monkeypatch.setattr(gk, "_launch", lambda found, xq, sx, ops, n, kp, k, extra: seen.update(
+        width=xq.shape[-1], launch_k=k, extra=extra))
+    x, w = torch.randn(3, 512), torch.randn(40, 512)
+    head = spec.act.op(x, 1, 128, 1000, 1)
+    assert head[0].shape == (3, 320)
+    gk._impl(spec.op)(*head, *spec.pack_weight(w).values(), None, 40, 1, 128, 1,
+                      torch.float16)
+    assert seen == {"kind": "w4a4x_s4", "k": 512, "width": 320, "launch_k": 512,
+                    "extra": (1,)}
 
 
 def test_cuda_impl_without_kernels_runs_the_reference():
@@ -199,5 +218,5 @@ def test_w4a4_impl_takes_the_reference_for_blocks_the_kernels_lack(monkeypatch):
     head = spec.act.op(x, 1, 64)
     packed = list(spec.pack_weight(w).values())
     with pytest.warns(UserWarning, match="activation blocks of 64 channels"):
-        got = gk._impl(spec.op)(*head, *packed, None, 40, 1, 64, torch.float16)
-    assert torch.equal(got, spec.reference(*head, *packed, None, 40, 1, 64, torch.float16))
+        got = gk._impl(spec.op)(*head, *packed, None, 40, 1, 64, 0, torch.float16)
+    assert torch.equal(got, spec.reference(*head, *packed, None, 40, 1, 64, 0, torch.float16))

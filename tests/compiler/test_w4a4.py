@@ -93,7 +93,8 @@ def test_rtn_w4a4_is_all_int4(tiny, tmp_path):
     cfg = CompileConfig(precision="w4a4", kv="fp16", dtype="float32", quantizer="rtn",
                         kernels="skip")
     art = compile_model(tiny, cfg, tmp_path / "art", progress=False)
-    assert {q.args[1:] for q in _calls(art, OPS.quant_a4x.default)} == {(0, 64)}
+    # (n8, block, clip, packed: the default target, sm80, packs the 4-bit blocks)
+    assert {q.args[1:] for q in _calls(art, OPS.quant_a4x.default)} == {(0, 64, 1000, 1)}
     assert Engine.load(art).generate(["the quick brown fox"], max_new_tokens=2)[0].token_ids
 
 
@@ -109,6 +110,9 @@ def test_blocks_and_arguments():
     args = linear_args(llama8b, {"fmpq": {"n8": {}, "clip": {"layers.1.wo": 850}}})
     assert args["layers.1.wo"] == {"n8": 0, "block": 128, "clip": 850}
     assert "clip" not in args["layers.0.wo"]
+    # sm80 artifacts pack the 4-bit blocks two codes a byte for the s4 MMAs (sm90 has none)
+    assert linear_args(llama8b, None, "sm80")["layers.0.wo"] == {"n8": 0, "block": 128,
+                                                                 "packed": 1}
     odd = ModelConfig(vocab_size=10, hidden_size=96, intermediate_size=128, num_layers=1,
                       num_heads=2, num_kv_heads=2, head_dim=48, **common)
     with pytest.raises(ValueError, match="not multiples of 128 or 64"):

@@ -322,7 +322,7 @@ def test_a4x_kinds_take_no_split_and_at_most_64_accumulators_a_thread():
     accumulator beside the int32 one (at most 64 of each a thread: no spills), and no split-K
     (the blocks' fp32 sum runs in order, as the reference's)."""
     for kind in C.A4X_KINDS:
-        assert "-DQC_A4X=1" in C.MID.defines(kind)
+        assert f"-DQC_A4X={2 if kind == 'w4a4x_s4' else 1}" in C.MID.defines(kind)
         assert not C.BIG.fits(kind, 4096) and not C.WGMMA_RS.fits(kind, 4096)
         assert not C.MID.with_split(2).fits(kind, 4096)
         assert not TileConfig(64, 64, 64, 2, 2, 4).fits(kind, 4096)  # BK must be the block

@@ -311,23 +311,33 @@ def test_quant_a4x_fake_and_opcheck():
     with FakeTensorMode():
         xq, sx, t = torch.ops.qcompile.quant_a4x(torch.empty(5, 256, dtype=torch.float16), 2, 128)
         assert (xq.shape, xq.dtype, sx.shape, t.shape) == ((5, 256), torch.int8, (5, 2), (5, 1))
+        xp = torch.ops.qcompile.quant_a4x(torch.empty(5, 512), 1, 128, 1000, 1)[0]
+        assert xp.shape == (5, 320)  # (K + 128 n8) / 2 bytes: 4-bit blocks two codes a byte
     torch.library.opcheck(torch.ops.qcompile.quant_a4x.default, (torch.randn(3, 256), 1, 128))
+    torch.library.opcheck(torch.ops.qcompile.quant_a4x.default,
+                          (torch.randn(3, 512), 1, 128, 900, 1))
 
 
 @pytest.mark.parametrize("n8", [0, 1, 4])
-def test_gemm_w4a4x_is_the_block_scaled_integer_sum(n8):
+@pytest.mark.parametrize("packed", [0, 1])
+def test_gemm_w4a4x_is_the_block_scaled_integer_sum(n8, packed):
     """y = s_w sum_b s_x[b] (x_q[b] . q[b]) - z s_w t on per-channel W4A8's packed weights,
     against the dequantized product in float64 (the integer partials are exact; the float32
-    block accumulation and the correction are the only roundings)."""
+    block accumulation and the correction are the only roundings). packed: the sm80 form of
+    x_q (4-bit blocks two codes a byte), the same numbers bitwise."""
     g = torch.Generator().manual_seed(n8)
     m, k, n = 7, 512, 40
     x = torch.randn(m, k, generator=g)
     xq, sx, t = torch.ops.qcompile.quant_a4x(x, n8, 128)
     qw = quantize_weight(torch.randn(n, k, generator=g), W4A8)
-    packed = GEMM_FORMATS[W4A8].pack(None, W4A8, qw)
+    packed_w = GEMM_FORMATS[W4A8].pack(None, W4A8, qw)
     bias = torch.randn(n, generator=g)
-    args = (xq, sx, t, packed["q"], packed["s"], packed["zs"], bias, n, n8, 128, torch.float32)
-    y = torch.ops.qcompile.gemm_w4a4x(*args)
+    tail = (packed_w["q"], packed_w["s"], packed_w["zs"], bias, n, n8, 128)
+    xp = torch.ops.qcompile.quant_a4x(x, n8, 128, 1000, packed)[0]
+    assert xp.shape == (m, (k + 128 * n8) // 2 if packed else k)
+    y = torch.ops.qcompile.gemm_w4a4x(xp, sx, t, *tail, packed, torch.float32)
+    assert torch.equal(y, torch.ops.qcompile.gemm_w4a4x(xq, sx, t, *tail, 0, torch.float32))
+    args = (xp, sx, t, *tail, packed, torch.float32)
     xd = (xq.double().reshape(m, 4, 128) * sx.double()[..., None]).reshape(m, k)
     wd = (qw.q.double() - qw.zero.double()[:, None]) * qw.scale.double()[:, None]
     want = xd @ wd.t() + bias.double()
