@@ -4,7 +4,7 @@ Llama-2-7B.
 
     python bench/gemm.py [--m 1,16,...] [--shapes llama3-8b,llama2-7b:qkv] [--iters 30]
                          [--out out/bench] [--s8-peak-tops 1289] [--no-graph] [--quick]
-                         [--w4a4-shares 0,0.125,0.25]
+                         [--w4a4-shares 0,0.125,0.25] [--w4a4-packed]
 
 * ours: the public ops `torch.ops.qcompile.gemm_*` on weights packed by
   `GEMM_FORMATS[scheme].pack` (on CPU, then copied), activations quantized by `quant_a8_ref`
@@ -319,12 +319,14 @@ def build_ours(scheme, probe: Callable):
     return build
 
 
-def build_w4a4x(int8_share: float, probe: Callable):
+def build_w4a4x(int8_share: float, probe: Callable, packed: int = 0):
     """COMET's W4Ax through the public op (the selection's kernel: mma.sync, or the register-A
     wgmma tile on sm_90 from M = 257), with `int8_share` of the 128-channel activation blocks
     8-bit (FMPQ's outlier blocks). The codes of every block are int8 in memory and feed s8
     MMAs, so the share changes the numbers, not the work: the rows show what the per-block
-    scales cost against per-channel W4A8."""
+    scales cost against per-channel W4A8. packed: the sm80 artifacts' form (4-bit blocks two
+    codes a byte, s4 MMAs: kind w4a4x_s4), whose speed only an sm80 GPU shows (a Hopper
+    emulates s4 MMAs)."""
     def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
         from qcompile.compiler.schemes import SPECS
         from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref
@@ -334,9 +336,10 @@ def build_w4a4x(int8_share: float, probe: Callable):
         cpu = ctx.get("w4a4", lambda: spec.pack_weight(ctx.w))
         dev = ctx.get("w4a4@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
         n8 = round(int8_share * ctx.k / FMPQ_BLOCK)
-        tail = (None, ctx.n, n8, FMPQ_BLOCK, torch.float16)
-        return _public_op_case(ctx, x, "w4a4x", spec.op, quant_a4x_ref(x, n8), cpu, dev, tail,
-                               probe)
+        tail = (None, ctx.n, n8, FMPQ_BLOCK, packed, torch.float16)
+        head = quant_a4x_ref(x, n8, FMPQ_BLOCK, 1000, packed)
+        return _public_op_case(ctx, x, "w4a4x_s4" if packed else "w4a4x", spec.op, head, cpu,
+                               dev, tail, probe)
     return build
 
 
@@ -512,6 +515,9 @@ def main(argv=None) -> None:
     p.add_argument("--w4a4-shares", default="0,0.125,0.25",
                    type=lambda v: [float(s) for s in v.split(",") if s],
                    help="W4Ax rows: shares of 8-bit activation blocks ('' for none)")
+    p.add_argument("--w4a4-packed", action="store_true",
+                   help="W4Ax rows of sm80 artifacts too (4-bit blocks on s4 MMAs; a Hopper "
+                        "emulates those: correctness there, speed only on an sm80 GPU)")
     a = p.parse_args(argv)
     if a.quick:
         a.m, a.shapes, a.iters = "1,16,1024", "llama3-8b:qkv,llama3-8b:down", 5
@@ -532,6 +538,8 @@ def main(argv=None) -> None:
     # COMET's W4Ax (issue 15) at 0, 12.5% and 25% of the activation blocks in 8 bits
     for share in a.w4a4_shares:
         impls[f"ours-w4a4x-{share * 100:g}%"] = build_w4a4x(share, probe)
+        if a.w4a4_packed:
+            impls[f"ours-w4a4x-s4-{share * 100:g}%"] = build_w4a4x(share, probe, packed=1)
     impls.update(zip(PEERS, (build_fp16, build_int8, build_fp8, build_tinygemm)))
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20

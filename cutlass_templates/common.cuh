@@ -102,6 +102,16 @@ __device__ __forceinline__ void mma_s8(uint32_t (&d)[4], const uint32_t (&a)[4],
                                         d[0], d[1], d[2], d[3]);
 }
 
+// s4 activations x u4 weight codes (W4Ax's 4-bit blocks, w4a8_sm80.cu with QC_A4X == 2).  The
+// m16n8k64 fragments are m16n8k32's by bytes (PTX ISA "Matrix Fragments for mma.m16n8k64"):
+// a0..a3 = (row g, k 8t..8t+7), (row g+8, ..), (row g, k 32+8t..), (row g+8, ..); b0, b1 =
+// (col g, k 8t..8t+7), (col g, k 32+8t..); a register's nibble j is k + j.
+__device__ __forceinline__ void mma_s4u4(uint32_t (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  cute::SM80_16x8x64_S32S4U4S32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b[0],
+                                        b[1], d[0], d[1], d[2], d[3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // cp.async of ROWS x BK bytes of a row-major int8 matrix X [rows, cols] (row stride cols,
 // cols % 16 == 0) into swizzled shared memory, rows r0.., columns k0..: rows >= `rows` and
@@ -144,7 +154,10 @@ struct RowLoader {
     }
   }
 
-  __device__ __forceinline__ void load(char* s, int k0, int tid) const {
+  // kmax < BK: only the first kmax bytes of each row (a packed 4-bit W4Ax tile: 64); the
+  // threads of the other columns issue nothing (no reader looks past kmax)
+  __device__ __forceinline__ void load(char* s, int k0, int tid, int kmax = T::BK) const {
+    if (kmax < T::BK && k >= kmax) return;
     const bool in_k = k0 + k < cols;
     const uint32_t o = off + (uint32_t)k0;
     const uint32_t s0 = swz(r * T::BK + k);
@@ -282,8 +295,20 @@ struct EpiW4A4X {
   }
 };
 
+// EpiW4A4X with packed activations (QC_A4X == 2, sm80 W4Ax): x_q's rows hold the n8 leading
+// 8-bit blocks as 128 int8 codes each, then the 4-bit blocks at 64 bytes each (pack_a4x in
+// runtime/ops/quant.py: byte b of a 32-channel group = channel b | channel b + 16 << 4), so
+// row bytes = (K + 128 n8) / 2; the main loop runs 8-bit blocks on s8 MMAs, 4-bit ones on s4.
+struct EpiW4A4XS4 : EpiW4A4X {
+  int n8;
+};
+
 // One block's partial into the fp32 accumulator, rounded as the reference rounds it (the
-// product, then the sum: no FMA).  Exact conversion: |p| <= 128 * 127 * 15 < 2^24.
+// product, then the sum: no FMA).  Exact conversion: |p| <= 128 * 127 * 15 < 2^24.  (I2F on
+// sm_80, a quarter-rate pipe; I2FP, full rate, on sm_90.  A magic-number conversion, an
+// integer add and an exact FADD, trades that pipe for one more issue slot an accumulator:
+// no gain where the block is issue-bound, as the sm80 s4 path is; see
+// bench/results/w4a4x-s4-sass-2026-12-08.md.)
 __device__ __forceinline__ float block_scale_add(float acc, float s, uint32_t p) {
   return __fadd_rn(acc, __fmul_rn(s, __int2float_rn((int)p)));
 }

@@ -6,6 +6,7 @@
 //   shared --ldmatrix.x4 (A, swizzled)----------------------------> A fragments
 //   shared --BOp (operand policy of the .cu: ldmatrix or LDS.128 + unpack/dequant)--> B fragments
 //   mma.sync.m16n8k32.row.col.s32.s8.s8.s32 -> int32 accumulators (exact)
+//     (packed 4-bit W4Ax blocks: m16n8k64.s4.u4, mma_stage_s4)
 //   epilogue (common.cuh), or with split-K the slices' meeting (splitk.cuh).
 #pragma once
 
@@ -15,6 +16,60 @@
 #include <type_traits>
 
 namespace qc {
+
+// The MMAs of one stage (BK / 32 k32 steps), fragments double-buffered in registers: step
+// ks + 1 is read while ks runs on the tensor cores.
+template <class T, class BOp>
+__device__ __forceinline__ void mma_stage_s8(const char* sa, const char* sb, const BOp& bop,
+                                             int warp_m, int warp_n, int lane,
+                                             uint32_t (&acc)[T::MT][T::NT][4]) {
+  uint32_t af[2][T::MT][4];
+  typename BOp::Raw braw[2];
+  load_a_frag<T>(sa, warp_m, lane, 0, af[0]);
+  bop.load_raw(sb, warp_n, lane, 0, braw[0]);
+#pragma unroll
+  for (int ks = 0; ks < T::KS; ++ks) {
+    if (ks + 1 < T::KS) {
+      load_a_frag<T>(sa, warp_m, lane, ks + 1, af[(ks + 1) & 1]);
+      bop.load_raw(sb, warp_n, lane, ks + 1, braw[(ks + 1) & 1]);
+    }
+    uint32_t bf[T::NT][2];
+    bop.convert(braw[ks & 1], bf);
+#pragma unroll
+    for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < T::NT; ++nt) mma_s8(acc[mt][nt], af[ks & 1][mt], bf[nt]);
+  }
+}
+
+// The same for a packed 4-bit W4Ax block (EpiW4A4XS4): BK / 64 k64 steps of s4 MMAs, each
+// reading 32 bytes of the A rows (64 channels: load_a_frag's k32 step by bytes) and two k32
+// steps of B's raw words, which BOp::convert_s4 pairs into s4 fragments.
+template <class T, class BOp>
+__device__ __forceinline__ void mma_stage_s4(const char* sa, const char* sb, const BOp& bop,
+                                             int warp_m, int warp_n, int lane,
+                                             uint32_t (&acc)[T::MT][T::NT][4]) {
+  constexpr int KS4 = T::BK / 64;
+  uint32_t af[2][T::MT][4];
+  typename BOp::Raw braw[2][2];
+  load_a_frag<T>(sa, warp_m, lane, 0, af[0]);
+  bop.load_raw(sb, warp_n, lane, 0, braw[0][0]);
+  bop.load_raw(sb, warp_n, lane, 1, braw[0][1]);
+#pragma unroll
+  for (int ks = 0; ks < KS4; ++ks) {
+    if (ks + 1 < KS4) {
+      load_a_frag<T>(sa, warp_m, lane, ks + 1, af[(ks + 1) & 1]);
+      bop.load_raw(sb, warp_n, lane, 2 * ks + 2, braw[(ks + 1) & 1][0]);
+      bop.load_raw(sb, warp_n, lane, 2 * ks + 3, braw[(ks + 1) & 1][1]);
+    }
+    uint32_t bf[T::NT][2];
+    bop.convert_s4(braw[ks & 1][0], braw[ks & 1][1], bf);
+#pragma unroll
+    for (int mt = 0; mt < T::MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < T::NT; ++nt) mma_s4u4(acc[mt][nt], af[ks & 1][mt], bf[nt]);
+  }
+}
 
 // The GEMM body.  BOp (operand B policy) provides:
 //   static constexpr int kStageBytes;                      shared bytes of one B stage (x128)
@@ -34,7 +89,9 @@ namespace qc {
 // block and added to a second, fp32 accumulator (block_scale_add), and the int32 one restarts
 // from zero; the scales are read when the tile starts, so their latency hides behind its MMAs.
 // Twice the accumulator registers (configs.py keeps such tiles at <= 64 a thread) and no
-// split-K: the fp32 sum runs over the blocks in order, as the reference's does.
+// split-K: the fp32 sum runs over the blocks in order, as the reference's does.  With packed
+// activations (Epi = EpiW4A4XS4, sm80) the blocks past the n8 8-bit ones are 64 bytes a row,
+// loaded into the first half of their stage's rows and run on s4 MMAs (mma_stage_s4).
 template <class T, class BOp, class Epi>
 __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, int N, int K,
                                           int kp, const BOp& bop, const Epi& epi,
@@ -63,14 +120,24 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
     nk = max(0, min(tiles, kt0 + per) - kt0);
   }
 
-  char* const sa0 = smem;
-  char* const sb0 = smem + T::STAGES * T::A_STAGE;
-  const RowLoader<T, T::BM> aload(A, M, K, m0, tid);
-  const auto bload = bop.loader(n0, tid);
-
-  constexpr bool kBlocks = std::is_same_v<Epi, EpiW4A4X>;
+  constexpr bool kS4 = std::is_same_v<Epi, EpiW4A4XS4>;
+  constexpr bool kBlocks = kS4 || std::is_same_v<Epi, EpiW4A4X>;
   static_assert(!kBlocks || (T::BK == 128 && T::SPLITK == 1),
                 "per-block activation scales: one 128-channel block per K tile, no split-K");
+  int n8 = 0;  // kS4: the leading 8-bit blocks
+  if constexpr (kS4) n8 = epi.n8;
+
+  char* const sa0 = smem;
+  char* const sb0 = smem + T::STAGES * T::A_STAGE;
+  const RowLoader<T, T::BM> aload(A, M, kS4 ? (K + n8 * T::BK) / 2 : K, m0, tid);
+  const auto bload = bop.loader(n0, tid);
+  // K tile kt of A: BK bytes a row from kt * BK, or a packed 4-bit block's 64 from its offset
+  const auto load_a = [&](char* s, int kt) {
+    if (kS4 && kt >= n8)
+      aload.load(s, 64 * (kt + n8), tid, T::BK / 2);
+    else
+      aload.load(s, kt * T::BK, tid);
+  };
   constexpr int FMT = kBlocks ? T::MT : 1, FNT = kBlocks ? T::NT : 1;
   uint32_t acc[T::MT][T::NT][4];
   float accf[FMT][FNT][4];  // kBlocks: the scaled blocks' fp32 sum
@@ -88,9 +155,8 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
 #pragma unroll
   for (int s = 0; s < T::STAGES - 1; ++s) {
     if (s < nk) {
-      const int k0 = (kt0 + s) * T::BK;
-      aload.load(sa0 + s * T::A_STAGE, k0, tid);
-      bload.load(sb0 + s * BOp::kStageBytes, k0, tid);
+      load_a(sa0 + s * T::A_STAGE, kt0 + s);
+      bload.load(sb0 + s * BOp::kStageBytes, (kt0 + s) * T::BK, tid);
     }
     cute::cp_async_fence();
   }
@@ -105,9 +171,8 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
     {
       const int nxt = it + T::STAGES - 1;
       if (nxt < nk) {
-        const int k0 = (kt0 + nxt) * T::BK;
-        aload.load(sa0 + write_stage * T::A_STAGE, k0, tid);
-        bload.load(sb0 + write_stage * BOp::kStageBytes, k0, tid);
+        load_a(sa0 + write_stage * T::A_STAGE, kt0 + nxt);
+        bload.load(sb0 + write_stage * BOp::kStageBytes, (kt0 + nxt) * T::BK, tid);
       }
       cute::cp_async_fence();
       write_stage = write_stage + 1 == T::STAGES ? 0 : write_stage + 1;
@@ -128,23 +193,13 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
         }
     }
 
-    // Fragments double-buffered in registers: step ks + 1 is read while ks runs on the MMAs.
-    uint32_t af[2][T::MT][4];
-    typename BOp::Raw braw[2];
-    load_a_frag<T>(sa, warp_m, lane, 0, af[0]);
-    bop.load_raw(sb, warp_n, lane, 0, braw[0]);
-#pragma unroll
-    for (int ks = 0; ks < T::KS; ++ks) {
-      if (ks + 1 < T::KS) {
-        load_a_frag<T>(sa, warp_m, lane, ks + 1, af[(ks + 1) & 1]);
-        bop.load_raw(sb, warp_n, lane, ks + 1, braw[(ks + 1) & 1]);
-      }
-      uint32_t bf[T::NT][2];
-      bop.convert(braw[ks & 1], bf);
-#pragma unroll
-      for (int mt = 0; mt < T::MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < T::NT; ++nt) mma_s8(acc[mt][nt], af[ks & 1][mt], bf[nt]);
+    if constexpr (kS4) {
+      if (kt0 + it >= n8)  // (block-uniform)
+        mma_stage_s4<T>(sa, sb, bop, warp_m, warp_n, lane, acc);
+      else
+        mma_stage_s8<T>(sa, sb, bop, warp_m, warp_n, lane, acc);
+    } else {
+      mma_stage_s8<T>(sa, sb, bop, warp_m, warp_n, lane, acc);
     }
     if constexpr (kBlocks) {
 #pragma unroll

@@ -23,8 +23,12 @@
 //   acc = sum_b s_x[m, b] * (int32 sum_{k in b} A q), in fp32 in block order (gemm_sm80.cuh);
 //   C = fp16( acc * s_w - zs_w * t (+ bias) )                          [gemm_w4a4x]
 //   entry (A, s_x [M, K/128], t [M], B, s_w, zs_w, bias, C, workspace, flags, M, N, K),
-//   K % 128 == 0, no split-K (workspace, flags unused).  The MMA is s8 for every block: the
-//   4-bit blocks' codes are stored as int8 (qcompile::quant_a4x), so n8 is not an argument.
+//   K % 128 == 0, no split-K (workspace, flags unused).  QC_A4X == 1 (kind w4a4x): the MMA is
+//   s8 for every block, the 4-bit blocks' codes stored as int8 (qcompile::quant_a4x), as on
+//   Hopper, which has no s4 MMA.  QC_A4X == 2 (kind w4a4x_s4, sm80 artifacts): A is packed
+//   (pack_a4x: the n8 leading 8-bit blocks, then the 4-bit ones two codes a byte, (K + 128 n8)
+//   / 2 bytes a row), the entry takes n8 after K, and the 4-bit blocks run on
+//   mma.m16n8k64.s4.u4 with the same weights and layout (convert_s4).
 //
 // A [M, K] int8 (K % 16 == 0), s_x [M] f32, xsum [M] int32 (sum_k A[m, k]), s_w/zs_w/s1 [Np]
 // f32, bias [N] fp16 or nullptr, C [M, N] fp16, workspace [QC_SPLITK, M, Np] int32 and
@@ -176,6 +180,34 @@ struct W4Operand : W4Buffers {
   // that constant for n8 tile j from the stored negzs byte (-(z2*s2)) mod 256; zero-filled
   // stages (s2 = nz = 0) give d = 0.  (The emulated __vadd4 it replaces cost four instructions per register.)
 
+  // s4 B fragments of one k64 step (QC_A4X == 2) from the raw words of its two k32 tiles,
+  // with no data movement between lanes.  Lane 4c + f holds, for column c of n8 tile a, the
+  // codes of k 4f..4f+3 (word 2a + 0, low nibbles) and 16+4f..16+4f+3 (word 2a + 1) of each
+  // k32 tile: 16 of the 64 k, where the s4 MMA's lane f expects k 8f..8f+7 and 32+8f...  The
+  // MMA only sums over k, so a permutation of k applied to both operands changes nothing:
+  // b0 = nibbles (k 4f + i, 16 + 4f + i) of tile 0 interleaved (nibble 2i, 2i + 1), b1 the
+  // same of tile 1, and the activations are packed to match (pack_a4x: byte b of a
+  // 32-channel group = channels b and b + 16), which ldmatrix then delivers as a0..a3.  Two
+  // LOP3-class operations a register (shift, select), as convert's unpack.
+  template <class R>
+  __device__ __forceinline__ void convert_s4(const R& t0, const R& t1,
+                                             uint32_t (&b)[T::NT][2]) const {
+#pragma unroll
+    for (int q = 0; q < kWT32; ++q) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint4 v = j ? t1.w[q] : t0.w[q];
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          const uint32_t r0 = w[2 * a], r1 = w[2 * a + 1];
+          b[4 * q + a][j] = (r0 & kLo) | ((r1 << 4) & ~kLo);      // n8 tile a
+          b[4 * q + a + 2][j] = ((r0 >> 4) & kLo) | (r1 & ~kLo);  // n8 tile a + 2
+        }
+      }
+    }
+  }
+
   template <class R>
   __device__ __forceinline__ void convert(const R& raw, uint32_t (&b)[T::NT][2]) const {
 #pragma unroll
@@ -208,7 +240,24 @@ struct W4Operand : W4Buffers {
 
 }  // namespace
 
-#if defined(QC_A4X)
+#if defined(QC_A4X) && QC_A4X == 2
+static_assert(G == 0 && QC_SPLITK == 1, "W4Ax: per-channel weights, no split-K");
+
+extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
+    QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
+              const float* __restrict__ t, const uint8_t* __restrict__ B,
+              const float* __restrict__ s_w, const float* __restrict__ zs_w,
+              const __half* __restrict__ bias, __half* __restrict__ C,
+              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
+              int N, int K, int n8) {
+  extern __shared__ __align__(128) char smem[];
+  const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}},
+                   qc::EpiW4A4XS4{{s_x, t, s_w, zs_w, K / 128}, n8}, bias, C, workspace,
+                   flags);
+}
+
+#elif defined(QC_A4X)
 static_assert(G == 0 && QC_SPLITK == 1, "W4Ax: per-channel weights, no split-K");
 
 extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
