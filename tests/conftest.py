@@ -35,8 +35,11 @@ Tiny models are built locally from random weights; only `smollm2_gguf` may downl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import math
+import sys
 import string
 from pathlib import Path
 
@@ -117,6 +120,25 @@ def _rescale_(model) -> None:
             p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
         else:  # RMSNorm gains
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """A context manager importing bench/<stem>.py as the module `bench_<stem>` (the bench
+    scripts are not a package); it sits in sys.modules while open (dataclasses resolve their
+    annotations through it) and leaves on exit."""
+    @contextlib.contextmanager
+    def load(stem: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{stem}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        try:
+            spec.loader.exec_module(mod)
+            yield mod
+        finally:
+            sys.modules.pop(spec.name, None)
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -2,25 +2,16 @@
 The table, chart and cache are written, the numbers are finite, and a rerun is all cache."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def bench(bench_module):
+    with bench_module("accuracy") as mod:
+        yield mod
 
 
 def test_rows_are_data(bench):

@@ -1,19 +1,9 @@
 """bench/attention.py's table line (the benchmark itself needs a GPU)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
-
-
-def test_decode_line_shows_copy_and_read_fractions():
-    spec = importlib.util.spec_from_file_location("bench_attention", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
+def test_decode_line_shows_copy_and_read_fractions(bench_module):
+    with bench_module("attention") as mod:
         cell = lambda us, gbs: {"us": us, "GB/s": gbs, "of_copy": gbs / 2000,  # noqa: E731
                                 "of_read": gbs / 4000}
         row = {"heads": "8B", "batch": 64, "context": 4096, "int4": cell(150.0, 1900.0),
@@ -25,5 +15,3 @@ def test_decode_line_shows_copy_and_read_fractions():
         assert line.count("|") == mod.DECODE_HEAD.splitlines()[0].count("|")
         old = dict(row, int4=dict(row["int4"], of_read=None))  # a JSON from before of_read
         assert "| 1900 (95%) |" in mod._decode_line(old)
-    finally:
-        sys.modules.pop(spec.name, None)

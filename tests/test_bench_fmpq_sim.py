@@ -1,26 +1,16 @@
 """bench/fmpq_sim.py's quantizer and plans (the simulation itself needs QoQ on SmolLM2: minutes)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from qcompile.runtime.ops.quant import quant_a4x_ref
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "fmpq_sim.py"
-
 
 @pytest.fixture(scope="module")
-def sim():
-    spec = importlib.util.spec_from_file_location("bench_fmpq_sim", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def sim(bench_module):
+    with bench_module("fmpq_sim") as mod:
+        yield mod
 
 
 def test_blocks_are_quant_a4x_dequantized(sim):

@@ -4,7 +4,6 @@ fake timer (packing, argument order, rotation, correctness guard)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import subprocess
 import sys
@@ -17,13 +16,9 @@ PATH = Path(__file__).resolve().parents[1] / "bench" / "gemm.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_gemm", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def bench(bench_module):
+    with bench_module("gemm") as mod:
+        yield mod
 
 
 def _rows(bench, bw=4e12):

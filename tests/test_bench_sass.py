@@ -2,13 +2,8 @@
 cuobjdump; here a hand-made SASS listing of the same shape)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "bench" / "sass_w4a4x.py"
 
 # head (barrier, a branch to the s8 block), s4 block (two IMMAs, one convert), BRA to the tail,
 # s8 block (four IMMAs), tail (scaling), the loop's back edge; then the epilogue
@@ -35,13 +30,9 @@ LISTING = """
 
 
 @pytest.fixture(scope="module")
-def sass():
-    spec = importlib.util.spec_from_file_location("bench_sass_w4a4x", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def sass(bench_module):
+    with bench_module("sass_w4a4x") as mod:
+        yield mod
 
 
 def test_loop_splits_into_head_branches_and_tail(sass):
