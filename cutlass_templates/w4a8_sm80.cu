@@ -240,8 +240,9 @@ struct W4Operand : W4Buffers {
 
 }  // namespace
 
-#if defined(QC_A4X) && QC_A4X == 2
+#if defined(QC_A4X)
 static_assert(G == 0 && QC_SPLITK == 1, "W4Ax: per-channel weights, no split-K");
+static_assert(QC_A4X == 1 || QC_A4X == 2, "QC_A4X: 1 (int8 codes) or 2 (packed 4-bit blocks)");
 
 extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
     QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
@@ -249,28 +250,21 @@ extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
               const float* __restrict__ s_w, const float* __restrict__ zs_w,
               const __half* __restrict__ bias, __half* __restrict__ C,
               int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
-              int N, int K, int n8) {
+              int N, int K
+#if QC_A4X == 2
+              , int n8
+#endif
+    ) {
   extern __shared__ __align__(128) char smem[];
   const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
-  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}},
-                   qc::EpiW4A4XS4{{s_x, t, s_w, zs_w, K / 128}, n8}, bias, C, workspace,
-                   flags);
-}
-
-#elif defined(QC_A4X)
-static_assert(G == 0 && QC_SPLITK == 1, "W4Ax: per-channel weights, no split-K");
-
-extern "C" __global__ void __launch_bounds__(T::THREADS, 1)
-    QC_KERNEL(const int8_t* __restrict__ A, const float* __restrict__ s_x,
-              const float* __restrict__ t, const uint8_t* __restrict__ B,
-              const float* __restrict__ s_w, const float* __restrict__ zs_w,
-              const __half* __restrict__ bias, __half* __restrict__ C,
-              int32_t* __restrict__ workspace, uint32_t* __restrict__ flags, int M,
-              int N, int K) {
-  extern __shared__ __align__(128) char smem[];
-  const int np = qc::round_up(N, 32), kp = qc::round_up(K, 32);
-  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}},
-                   qc::EpiW4A4X{s_x, t, s_w, zs_w, K / 128}, bias, C, workspace, flags);
+  const qc::EpiW4A4X scales{s_x, t, s_w, zs_w, K / 128};
+#if QC_A4X == 2
+  const qc::EpiW4A4XS4 epi{scales, n8};
+#else
+  const qc::EpiW4A4X& epi = scales;
+#endif
+  qc::gemm_body<T>(smem, A, M, N, K, kp, W4Operand{{B, nullptr, nullptr, np, kp}}, epi, bias,
+                   C, workspace, flags);
 }
 
 #elif QC_GROUP == 0
