@@ -4,6 +4,8 @@ fits, split-K with each reduction the GPU has; on sm_90 the Hopper templates' ti
 report the fastest, to tune `cutlass_templates/configs.py` (SELECTION, TARGET_ROWS) from data.
 
     python bench/tune_gemm.py --out DIR     (on the GPU; builds its kernels first)
+    python bench/tune_gemm.py --kinds w4a4x --a4x-share 0.25   (COMET's W4Ax: no split-K, one
+                                            128-channel block a K tile; A4X_BASES' tiles)
 
 Every candidate is checked against the reference once (a wrong config is reported, never
 picked). Timing is bench/gemm.py's: CUDA graphs over rotated weight copies, median.
@@ -30,8 +32,9 @@ from qcompile.cutlass_templates.build import build_kernels, write_kernel_table  
 from qcompile.runtime import gemm_kernels  # noqa: E402
 from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
 
-# kernel kind -> its scheme row; g64 runs the g128 tiles (the default sweep leaves it out)
-KINDS = {s.kernel.kind: s for s in WITH_KERNELS}
+# kernel kind -> its scheme row; g64 runs the g128 tiles (the default sweep leaves it out);
+# w4a4x_s4 (packed activations, s4 MMAs) is sm80 code that a Hopper emulates
+KINDS = {kind: s for s in WITH_KERNELS for kind in (s.kernel.kind, s.kernel.s4) if kind}
 DEFAULT_KINDS = "w4a8,w4a8_g128,w8a8"
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
@@ -43,6 +46,14 @@ BASES = (C.DECODE, C.SMALL, C.MID, C.BIG, C.MEDIUM, C.LARGE, C.HUGE,
          C.TileConfig(16, 64, 128, 1, 2, 8), C.TileConfig(16, 64, 256, 1, 2, 4),
          C.TileConfig(16, 32, 128, 1, 1, 8), C.TileConfig(16, 128, 128, 1, 4, 6))
 
+
+# W4Ax (per-block activation scales: BK = 128, no split-K, <= 64 accumulators a thread): the
+# selected tiles and neighbours; decode takes its CTAs from N (one- and two-warp tiles, deeper
+# pipelines, 64-column tiles)
+A4X_BASES = (C.A4X_DECODE, C.A4X_THIN, C.A4X_WIDE, C.TileConfig(16, 32, 128, 1, 1, 10),
+             C.TileConfig(16, 64, 128, 1, 2, 8), C.TileConfig(16, 64, 128, 1, 1, 8),
+             C.TileConfig(32, 64, 128, 1, 2, 6), C.TileConfig(32, 64, 128, 2, 1, 6),
+             C.TileConfig(32, 128, 128, 1, 4, 4), C.TileConfig(64, 128, 128, 2, 2, 3), C.MID)
 
 CLUSTERS = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 T = C.TileConfig
@@ -64,7 +75,7 @@ def candidates(kind: str, k: int, m: int) -> list[tuple[str, C.TileConfig]]:
     """(kernel kind, config) pairs: the mma.sync bases with their splits and reductions, and
     on sm_90 the Hopper template's tiles."""
     out = []
-    for base in BASES:
+    for base in (A4X_BASES if kind in C.A4X_KINDS else BASES):
         for split in (1, 2, 4, 8):
             cfg = base.with_split(split)
             if cfg.fits(kind, k) and (split == 1 or m <= 256) and base.bm <= max(16, 2 * m):
@@ -73,12 +84,27 @@ def candidates(kind: str, k: int, m: int) -> list[tuple[str, C.TileConfig]]:
                     for mode in ("fixup", "cluster")[:1 + CLUSTERS]:
                         if base.with_split(split, mode).fits(kind, k):
                             out.append((kind, base.with_split(split, mode)))
-    if CLUSTERS:
+    if CLUSTERS and KINDS[kind].kernel.kind == kind and KINDS[kind].kernel.sm90:
         kk, template = KINDS[kind].kernel.sm90
         for cfg in SM90_BASES[template]:
             if cfg.fits(kk, k) and cfg.bm <= max(64, 2 * m):
                 out.append((kk, cfg))
     return out
+
+
+def operands(spec, kind: str, x: torch.Tensor, n: int, a4x_share: float):
+    """(x_q, s_x, the operands after s_x but the weights, the reference's arguments after the
+    bias, _run's keyword arguments) of one call of `kind` on activations x: W4A8's per-token
+    int8 codes, or W4Ax's blocks (`a4x_share` of them 8-bit; the s4 kind's packed)."""
+    if spec.kernel.block:
+        from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref
+        k = x.shape[-1]
+        n8, packed = round(a4x_share * k / FMPQ_BLOCK), int(kind in C.A4X_S4_KINDS)
+        xq, sx, t = quant_a4x_ref(x, n8, FMPQ_BLOCK, 1000, packed)
+        return (xq, sx, (t,), (n, n8, FMPQ_BLOCK, packed),
+                dict(k=k, extra=(n8,) if packed else ()))
+    xq, sx, xsum = quant_a8_ref(x)
+    return xq, sx, (xsum,) if spec.uses_sum else (), (n, *spec.extra), {}
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -97,6 +123,8 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--hopper-only", action="store_true",
                    help="only the Hopper templates' tiles (and the selected config)")
+    p.add_argument("--a4x-share", type=float, default=0.25,
+                   help="W4Ax kinds: the share of 8-bit activation blocks")
     args = p.parse_args(argv)
     ms = [int(x) for x in args.m.split(",")]
     kinds = {kd: KINDS[kd] for kd in args.kinds.split(",")}
@@ -124,21 +152,19 @@ def main(argv=None) -> None:
             packed = [t.cuda() for t in spec.pack_weight(torch.randn(n, k, generator=g)).values()]
             for m in ms:
                 x = (torch.randn(m, k, generator=g) * 3).half().cuda()
-                xq, sx, xsum = quant_a8_ref(x)
-                head = (xq, sx, xsum) if spec.uses_sum else (xq, sx)
-                want = spec.reference(*head, *packed, None, n, *spec.extra, torch.float16)
-                operands = (*head[2:], *packed, None)
+                xq, sx, rest, tail, run_kw = operands(spec, kind, x, n, args.a4x_share)
+                want = spec.reference(xq, sx, *rest, *packed, None, *tail, torch.float16)
                 # weight copies rotated as bench/gemm.py does, so that no call finds its
                 # weights in L2 (decode reads them cold: an L2-hot sweep picks other splits)
-                copies = [operands] + [
-                    (*head[2:], *(t.clone() for t in packed), None)
+                copies = [(*rest, *packed, None)] + [
+                    (*rest, *(t.clone() for t in packed), None)
                     for _ in range(bg.n_copies(sum(t.nbytes for t in packed), l2) - 1)]
                 sel_kind, sel = C.select_kernel(kind, m, n, k, target)
                 for kk, cfg in cands(kind, n, k, m):
                     kern = table.kernels[cfg.name(kk)]
                     kp = spec.layout.packed_k(packed[0])
                     calls = [functools.partial(gemm_kernels._run, kk, (cfg, kern), xq, sx, ops,
-                                               n, kp) for ops in copies]
+                                               n, kp, **run_kw) for ops in copies]
                     ok = bool((calls[0]().float() - want.float()).abs().max() <= 1e-2 *
                               want.float().abs().max() + 1e-3)
                     us, _ = bg.time_calls(calls, args.iters, cyc)
