@@ -2,7 +2,8 @@
 # On the GPU machine (no network): install (the CUTLASS headers come from the carried wheel in
 # build/wheels), build the GEMM and attention kernels for this GPU with its 16 cores, run the
 # GPU suite and the benchmarks; logs, tables and plots go to $OUT.
-#   BENCH="gemm attention" (default both; "" for none), BENCH_ARGS / ATTN_ARGS / PYTEST_ARGS,
+#   BENCH="gemm attention" (default both; "" for none; "tune": bench/tune_gemm.py's sweep),
+#   BENCH_ARGS / ATTN_ARGS / TUNE_ARGS / PYTEST_ARGS,
 #   ONLY=gemm|attention builds one family, PYTEST_TIMEOUT (s, default 900: pytest is interrupted
 #   with SIGINT so it still prints which tests failed; SKIP_PYTEST=1 skips it), SASS=GLOB dumps the SASS of the built binaries whose
 #   file names match GLOB (e.g. '*attn_int4*') to $OUT/sass_*.txt (no cuobjdump off the device)
@@ -34,5 +35,6 @@ for b in ${BENCH-gemm attention}; do
   case $b in
     gemm) python bench/gemm.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     attention) python bench/attention.py --out "$OUT" ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attention.log" | tail -40 ;;
+    tune) python bench/tune_gemm.py --out "$OUT/tune" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | tail -40 ;;
   esac
 done
