@@ -106,8 +106,9 @@ def main_rows() -> list[Row]:
 
 def fmpq_rows() -> list[Row]:
     """COMET's W4A4 (issue 15), KV4: the share of 8-bit activation blocks from none (every
-    block int4, channels still permuted) to all (W4A8 with per-block scales), and round to
-    nearest with every block int4 (no calibration, no permutation)."""
+    block int4, channels still permuted) to all (W4A8 with per-block scales), round to
+    nearest with every block int4 (no calibration, no permutation), and the ablations of the
+    fmpq step's parts (w_down's rotation, the 4-bit clip, the channel permutation)."""
     table = "FMPQ W4A4 KV4, int8 block share"
     return ([Row(f"{table}: RTN, all int4", rtn("w4a4"), ("int4",), table)]
             + [Row(f"{table}: {f:.1%}", qoq("w4a4", fmpq_int8_fraction=f), ("int4",), table)
@@ -118,7 +119,11 @@ def fmpq_rows() -> list[Row]:
                    qoq("w4a4", fmpq_int8_fraction=f, fmpq_down_rotation="none",
                        fmpq_a4_clip="none"), ("int4",), table) for f in (0.0, 0.25)]
             + [Row(f"{table}: 25.0%, 4-bit clip {c}", qoq("w4a4", fmpq_a4_clip=c),
-                   ("int4",), table) for c in ("none", "0.9")])
+                   ("int4",), table) for c in ("none", "0.9")]
+            # FMPQ's channel permutation (issue 15's ablation): the int8 blocks are then
+            # whichever channels lead in the model's own order
+            + [Row(f"{table}: 25.0%, no permutation", qoq("w4a4", fmpq_permute="none"),
+                   ("int4",), table)])
 
 
 def int8_rows() -> list[Row]:

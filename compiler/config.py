@@ -141,6 +141,11 @@ class CompileConfig:
                                    "so that each 4-bit block's scale serves all its channels "
                                    "(one small mm a layer; compiler/fmpq.py); none: no rotation",
                                    ("hadamard", "none"), default="hadamard")
+    fmpq_permute: str = _opt("w4a4 (the qoq step fmpq): absmax permutes each linear's input "
+                             "channels so that the loud ones fill the leading (int8) blocks, "
+                             "folded into the producers; none keeps the model's channel order "
+                             "(the ablation of FMPQ's permutation)", ("absmax", "none"),
+                             default="absmax")
     fmpq_a4_clip: str = _opt("w4a4 (the qoq step fmpq): search clips each linear's 4-bit "
                              "activation blocks' scale to the share of their max (1.0 .. 0.7) "
                              "with the least weighted error on the calibration rows; a number "

@@ -295,8 +295,8 @@ def _head_rows(perm: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: torch.Tensor | None,
-               fraction: float, down_rotation: bool = False, clip: str = "none"
-               ) -> tuple[dict, object, torch.Tensor | None, dict]:
+               fraction: float, down_rotation: bool = False, clip: str = "none",
+               permute: bool = True) -> tuple[dict, object, torch.Tensor | None, dict]:
     """QoQ's `fmpq` step (after smoothing, before clipping and GPTQ): permute channels so that
     every decoder linear's loud input channels lead, fold the permutations into the weights,
     and spend the 8-bit block budget. Returns (weights, the statistics of the permuted model,
@@ -314,7 +314,9 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
     and `allocate_blocks` gives `fraction` of all blocks int8; `clip` "search" chooses each
     linear's 4-bit clip (`choose_clip`), a number ("0.9") gives every linear that share, "none"
     none (report "clip" {linear: per mille} unless none). Exact in float: the statistics
-    are the old ones permuted (`reorder.permute_stats`), no second forward."""
+    are the old ones permuted (`reorder.permute_stats`), no second forward. permute False:
+    every order the identity (the ablation: the int8 blocks are then whichever channels lead
+    in the model's own order)."""
     from .reorder import permute_stats
     block, n_layers = model_block(cfg), cfg.num_layers
     w = fold_norms(cfg, weights)  # permute_residual needs unit gains (exact if already folded)
@@ -322,12 +324,14 @@ def apply_fmpq(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats, keys: 
     votes = torch.stack([stats.absmax[n].float().cpu()
                          / stats.absmax[n].float().cpu().median().clamp_min(1e-12)
                          for n in readers])
-    res = channel_order(votes.amax(dim=0))
+    order = channel_order if permute else (lambda m: torch.arange(m.numel()))
+    res = order(votes.amax(dim=0))
     w = permute_residual(cfg, w, res)
-    inter = {i: channel_order(stats.absmax[f"layers.{i}.w_down"].float().cpu())
+    inter = {i: order(stats.absmax[f"layers.{i}.w_down"].float().cpu())
              for i in range(n_layers)}
     w = permute_intermediate(cfg, w, inter)
-    heads = {i: head_order(cfg, stats.absmax[f"layers.{i}.wo"].float().cpu())
+    heads = {i: head_order(cfg, stats.absmax[f"layers.{i}.wo"].float().cpu()) if permute
+             else (torch.arange(cfg.num_kv_heads), torch.arange(cfg.num_heads))
              for i in range(n_layers)}
     w = permute_heads(cfg, w, heads)
     perms = {n: res for n in readers}

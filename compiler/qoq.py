@@ -79,7 +79,8 @@ def apply_qoq(ckpt, ccfg: CompileConfig, progress: bool = True
         from .fmpq import apply_fmpq
         w, st, keys, report["fmpq"] = apply_fmpq(cfg, w, st, keys, ccfg.fmpq_int8_fraction,
                                                  ccfg.fmpq_down_rotation == "hadamard",
-                                                 ccfg.fmpq_a4_clip)
+                                                 ccfg.fmpq_a4_clip,
+                                                 ccfg.fmpq_permute == "absmax")
         lap("fmpq")
     if "reorder" in steps and scheme.group_size:
         from .reorder import permute_stats, reorder_channels

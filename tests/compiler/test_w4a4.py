@@ -40,10 +40,10 @@ def test_fmpq_step_keeps_the_float_model(tiny):
     ckpt = load_checkpoint(tiny)
     cfg = ckpt.config
 
-    def run(steps):
+    def run(steps, permute="absmax"):
         ccfg = CompileConfig(precision="w4a4", dtype="float32", quantizer="qoq", qoq_steps=steps,
                              calib_samples=4, calib_seq_len=64, fmpq_int8_fraction=0.25,
-                             kernels="skip", fmpq_down_rotation="none")
+                             kernels="skip", fmpq_down_rotation="none", fmpq_permute=permute)
         return apply_qoq(ckpt, ccfg, progress=False)
 
     w_rot, _, keys_rot, _ = run("rotate,smooth")
@@ -60,6 +60,11 @@ def test_fmpq_step_keeps_the_float_model(tiny):
     assert sum(fm["n8"].values()) == round(0.25 * 2 * sum(blocks.values()))
     # the kv heads moved with their keys: the same keys, in the new head order
     assert torch.equal(keys_fmpq.sort(dim=1).values, keys_rot.sort(dim=1).values)
+    # the ablation without FMPQ's permutation: the model's own channel order, the budget spent
+    w_same, _, keys_same, report = run("rotate,smooth,fmpq", permute="none")
+    assert all(torch.equal(w_same[k], w_rot[k]) for k in w_rot) and torch.equal(keys_same,
+                                                                                 keys_rot)
+    assert sum(report["fmpq"]["n8"].values()) == sum(fm["n8"].values())
 
 
 def test_w4a4_compiles_and_serves(tiny, tmp_path):
