@@ -112,18 +112,19 @@ def fmpq_rows() -> list[Row]:
     table = "FMPQ W4A4 KV4, int8 block share"
     return ([Row(f"{table}: RTN, all int4", rtn("w4a4"), ("int4",), table)]
             + [Row(f"{table}: {f:.1%}", qoq("w4a4", fmpq_int8_fraction=f), ("int4",), table)
-               for f in (0.0, 0.125, 0.5, 1.0)]
+               for f in (0.0, 0.125, 0.25, 0.5, 1.0)]
             # the ablations of w_down's run-time block rotation and of the 4-bit clip search
             # (compiler/fmpq.py)
             + [Row(f"{table}: {f:.1%}, no w_down rotation",
                    qoq("w4a4", fmpq_int8_fraction=f, fmpq_down_rotation="none",
                        fmpq_a4_clip="none"), ("int4",), table) for f in (0.0, 0.25)]
-            + [Row(f"{table}: 25.0%, 4-bit clip {c}", qoq("w4a4", fmpq_a4_clip=c),
-                   ("int4",), table) for c in ("none", "0.9")]
+            + [Row(f"{table}: 25.0%, 4-bit clip {c}",
+                   qoq("w4a4", fmpq_int8_fraction=0.25, fmpq_a4_clip=c), ("int4",), table)
+               for c in ("none", "0.9")]
             # FMPQ's channel permutation (issue 15's ablation): the int8 blocks are then
             # whichever channels lead in the model's own order
-            + [Row(f"{table}: 25.0%, no permutation", qoq("w4a4", fmpq_permute="none"),
-                   ("int4",), table)])
+            + [Row(f"{table}: 25.0%, no permutation",
+                   qoq("w4a4", fmpq_int8_fraction=0.25, fmpq_permute="none"), ("int4",), table)])
 
 
 def int8_rows() -> list[Row]:
