@@ -91,6 +91,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
       pred);
 }
 
+// cp.async.ca 4 B global -> shared; pred false: no global read, a zero written.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEALWAYS_ZFILL<uint32_t>::copy(
+      *reinterpret_cast<const uint32_t*>(gmem), *reinterpret_cast<uint32_t*>(smem), pred);
+}
+
 __device__ __forceinline__ void ldsm_x4(const void* smem, uint32_t (&r)[4]) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2],
                                 r[3]);
@@ -286,9 +292,17 @@ struct EpiW4A4X {
     float t;
   };
   __device__ __forceinline__ Row row(int m) const { return {__ldg(t + m)}; }
-  // the activation scale of token m's block kb (m < M)
-  __device__ __forceinline__ float scale(int m, int kb) const {
-    return __ldg(s_x + (size_t)m * nb + kb);
+  // The block-kb scales of tokens m0 .. m0 + ROWS - 1 into ss [ROWS] floats (0 past M), with
+  // the stage's cp.async group: thread tid < ROWS copies one.  The main loop then reads each
+  // thread's few scales from shared memory, instead of computing and bounds-checking a
+  // global address per scale and block (SASS of the 64-token wgmma tile: ~150 of 631
+  // instructions a K tile a warp went to those loads).
+  template <int ROWS>
+  __device__ __forceinline__ void load_scales(float* ss, int m0, int M, int kb, int tid) const {
+    if (tid < ROWS) {
+      const int m = m0 + tid;
+      cp_async4(ss + tid, m < M ? s_x + (size_t)m * nb + kb : s_x, m < M);
+    }
   }
   __device__ __forceinline__ float apply(const Row& r, int n, float acc) const {
     return __fsub_rn(__fmul_rn(acc, __ldg(s_w + n)), __fmul_rn(__ldg(zs_w + n), r.t));

@@ -171,7 +171,8 @@ class TileConfig:
         return self.warps_m * self.warps_n * 32
 
     def smem_bytes(self, kind: str) -> int:
-        """Dynamic shared memory: stages x (A stage + B stage), as the .cu lays it out."""
+        """Dynamic shared memory: stages x (A stage + B stage (+ W4Ax's block scales)), as
+        the .cu lays it out."""
         group = _kind(kind)[1]
         a = self.bm * self.bk
         if group is None:
@@ -181,6 +182,8 @@ class TileConfig:
             if group:
                 rows = self.bk // group if self.bk > group else 1
                 b += _round_up(2 * rows * self.bn, 128)  # s2 and negzs rows of the stage
+        if kind in A4X_KINDS:  # the stage's block scales of its bm tokens (float32)
+            b += _round_up(self.bm * 4, 128)
         return self.stages * (a + b)
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:

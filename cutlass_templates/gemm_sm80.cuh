@@ -87,8 +87,8 @@ __device__ __forceinline__ void mma_stage_s4(const char* sa, const char* sb, con
 // Per-block activation scales (Epi = EpiW4A4X, COMET's W4Ax): a K tile (BK = 128) is one
 // activation block, so after its MMAs each int32 partial is scaled by its token's s_x of the
 // block and added to a second, fp32 accumulator (block_scale_add), and the int32 one restarts
-// from zero; the scales are read when the tile starts, so their latency hides behind its MMAs.
-// Twice the accumulator registers (configs.py keeps such tiles at <= 64 a thread) and no
+// from zero; the block's scales of the tile's tokens come with the stage (cp.async,
+// EpiW4A4X::load_scales, after the B stages) and are read from shared memory.  Twice the accumulator registers (configs.py keeps such tiles at <= 64 a thread) and no
 // split-K: the fp32 sum runs over the blocks in order, as the reference's does.  With packed
 // activations (Epi = EpiW4A4XS4, sm80) the blocks past the n8 8-bit ones are 64 bytes a row,
 // loaded into the first half of their stage's rows and run on s4 MMAs (mma_stage_s4).
@@ -129,6 +129,10 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
 
   char* const sa0 = smem;
   char* const sb0 = smem + T::STAGES * T::A_STAGE;
+  // kBlocks: each stage's block scales of the tile's BM tokens after the B stages
+  float* const ss0 = reinterpret_cast<float*>(sb0 + T::STAGES * BOp::kStageBytes);
+  constexpr int SS = kBlocks ? round_up(T::BM * 4, 128) / 4 : 0;  // floats a stage
+  static_assert(!kBlocks || T::BM <= T::THREADS, "one thread a token's scale");
   const RowLoader<T, T::BM> aload(A, M, kS4 ? (K + n8 * T::BK) / 2 : K, m0, tid);
   const auto bload = bop.loader(n0, tid);
   // K tile kt of A: BK bytes a row from kt * BK, or a packed 4-bit block's 64 from its offset
@@ -137,6 +141,12 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
       aload.load(s, 64 * (kt + n8), tid, T::BK / 2);
     else
       aload.load(s, kt * T::BK, tid);
+  };
+  // the stage's A and B tiles (and block scales) of K tile kt
+  const auto load = [&](int stage, int kt) {
+    load_a(sa0 + stage * T::A_STAGE, kt);
+    bload.load(sb0 + stage * BOp::kStageBytes, kt * T::BK, tid);
+    if constexpr (kBlocks) epi.template load_scales<T::BM>(ss0 + stage * SS, m0, M, kt, tid);
   };
   constexpr int FMT = kBlocks ? T::MT : 1, FNT = kBlocks ? T::NT : 1;
   uint32_t acc[T::MT][T::NT][4];
@@ -154,10 +164,7 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
   // Prologue: STAGES - 1 tiles in flight (one commit group each, empty past the range).
 #pragma unroll
   for (int s = 0; s < T::STAGES - 1; ++s) {
-    if (s < nk) {
-      load_a(sa0 + s * T::A_STAGE, kt0 + s);
-      bload.load(sb0 + s * BOp::kStageBytes, (kt0 + s) * T::BK, tid);
-    }
+    if (s < nk) load(s, kt0 + s);
     cute::cp_async_fence();
   }
 
@@ -170,16 +177,14 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
     __syncthreads();
     {
       const int nxt = it + T::STAGES - 1;
-      if (nxt < nk) {
-        load_a(sa0 + write_stage * T::A_STAGE, kt0 + nxt);
-        bload.load(sb0 + write_stage * BOp::kStageBytes, (kt0 + nxt) * T::BK, tid);
-      }
+      if (nxt < nk) load(write_stage, kt0 + nxt);
       cute::cp_async_fence();
       write_stage = write_stage + 1 == T::STAGES ? 0 : write_stage + 1;
     }
 
     const char* sa = sa0 + read_stage * T::A_STAGE;
     const char* sb = sb0 + read_stage * BOp::kStageBytes;
+    const float* ss = ss0 + read_stage * SS;
     read_stage = read_stage + 1 == T::STAGES ? 0 : read_stage + 1;
 
     float bscale[FMT][2];  // kBlocks: s_x of this block for the thread's rows (0 past M)
@@ -187,10 +192,8 @@ __device__ __forceinline__ void gemm_body(char* smem, const int8_t* A, int M, in
 #pragma unroll
       for (int mt = 0; mt < T::MT; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int m = m0 + warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h;
-          bscale[mt][h] = m < M ? epi.scale(m, kt0 + it) : 0.f;
-        }
+        for (int h = 0; h < 2; ++h)
+          bscale[mt][h] = ss[warp_m * T::WM + mt * 16 + (lane >> 2) + 8 * h];
     }
 
     if constexpr (kS4) {

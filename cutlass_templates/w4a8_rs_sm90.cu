@@ -34,12 +34,13 @@
 // with their own scales): a K tile is one block, so after its wgmmas retire (a full wait, then
 // the other warpgroup keeps the tensor cores busy) each int32 partial is scaled by its token's
 // s_x of the block into an fp32 accumulator (qc::block_scale_add, the reference's order) and
-// the int32 one restarts from zero.  Twice the accumulators: BM <= 64 tokens.
+// the int32 one restarts: the next block's first wgmmas run with scale-d 0 (no register
+// zeroing: 64 moves a thread a block otherwise).  Twice the accumulators: BM <= 64 tokens.
 //
 // Entries (the arguments of the sm80 kinds): QC_GROUP 0: QC_KERNEL(A, s_x, xsum, B, s_w, zs_w,
 // bias, C, workspace, flags, M, N, K); groups: QC_KERNEL(A, s_x, B, s1, s2, negzs, bias, C,
 // workspace, flags, M, N, K) (workspace, flags unused); grid (ceil(N/BN), ceil(M/BM)), block BN
-// threads, dynamic smem STAGES * (BM*128 + W4Stage::BYTES).
+// threads, dynamic smem STAGES * (BM*128 + W4Stage::BYTES (+ round_up(4 BM, 128), QC_A4X)).
 #include "w4_stage_sm90.cuh"
 #include "wgmma_sm90.cuh"
 
@@ -97,11 +98,15 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
 
   char* const sx0 = smem;                         // STAGES x activations (1024-aligned)
   char* const raw0 = sx0 + T::STAGES * T::A_STAGE;  // STAGES x packed weights
+  // kBlocks: STAGES x the block's scales of the tile's BM tokens
+  float* const ss0 = reinterpret_cast<float*>(raw0 + T::STAGES * W4::BYTES);
+  constexpr int SS = kBlocks<Epi> ? qc::round_up(T::BM * 4, 128) / 4 : 0;  // floats a stage
   const qc::RowLoader<T, T::BM> xload(A, M, K, m0, tid);
   auto load = [&](int kt) {
     const int s = kt % T::STAGES;
     xload.load(sx0 + s * T::A_STAGE, kt * T::BK, tid);
     W4::load(raw0 + s * W4::BYTES, B, s2, negzs, np, kp, n0, kt * T::BK, tid);
+    if constexpr (kBlocks<Epi>) epi.template load_scales<T::BM>(ss0 + s * SS, m0, M, kt, tid);
   };
 
   static_assert(!kBlocks<Epi> || T::BM <= 64, "per-block scales: two accumulator sets");
@@ -139,14 +144,13 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
     const char* sx = sx0 + s * T::A_STAGE;
     typename W4::Deq deq;
     float bscale[kBlocks<Epi> ? T::BM / 8 : 1][2];  // s_x of block kt, tokens 8j + 2t + e
-    if constexpr (kBlocks<Epi>) {
+    if constexpr (kBlocks<Epi>) {  // from the stage (0 past M): one 8-byte load a pair
 #pragma unroll
-      for (int j = 0; j < T::BM / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = m0 + 8 * j + 2 * t + e;
-          bscale[j][e] = m < M ? epi.scale(m, kt) : 0.f;
-        }
+      for (int j = 0; j < T::BM / 8; ++j) {
+        const float2 v = *reinterpret_cast<const float2*>(ss0 + s * SS + 8 * j + 2 * t);
+        bscale[j][0] = v.x;
+        bscale[j][1] = v.y;
+      }
     }
 #pragma unroll
     for (int ks = 0; ks < W4::KT; ++ks) {
@@ -155,8 +159,10 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
       }
       a_frags(raw, ti, ks, lane, deq, a[ks & 1]);
       cute::warpgroup_arrive();
-      qc::sm90::wgmma_rs_k32<T::BM>(a[ks & 1][0], sx + ks * 32, acc[0]);
-      qc::sm90::wgmma_rs_k32<T::BM>(a[ks & 1][1], sx + ks * 32, acc[1]);
+      // kBlocks: a block's first step overwrites the retired partials (scale-d 0)
+      const bool accumulate = !kBlocks<Epi> || ks > 0;
+      qc::sm90::wgmma_rs_k32<T::BM>(a[ks & 1][0], sx + ks * 32, acc[0], accumulate);
+      qc::sm90::wgmma_rs_k32<T::BM>(a[ks & 1][1], sx + ks * 32, acc[1], accumulate);
       cute::warpgroup_commit_batch();
       cute::warpgroup_wait<1>();  // the batch of step ks-1 retired: its A set may be rewritten
     }
@@ -167,10 +173,8 @@ __device__ __forceinline__ void body(const int8_t* A, const uint8_t* B, const ui
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int i = 0; i < kAcc; ++i) {
+        for (int i = 0; i < kAcc; ++i)
           accf[h][i] = qc::block_scale_add(accf[h][i], bscale[i >> 2][i & 1], acc[h][i]);
-          acc[h][i] = 0u;
-        }
       qc::sm90::fence_operands(acc[0]);
       qc::sm90::fence_operands(acc[1]);
     }

@@ -34,8 +34,8 @@
 // f32, bias [N] fp16 or nullptr, C [M, N] fp16, workspace [QC_SPLITK, M, Np] int32 and
 // flags [grid tiles] uint32 (zeroed once, left zero) when QC_SPLITK > 1 (common.cuh).
 // Entry: QC_KERNEL (grid (ceil(N/BN), ceil(M/BM), QC_SPLITK), block WARPS_M*WARPS_N*32,
-// dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel and
-// round_up(2*max(1, BK/G)*BN, 128) for groups) and, when QC_SPLITK > 1, QC_KERNEL##_reduce
+// dynamic smem STAGES*(BM*BK + BN*BK/2 + S) with S = 0 per channel,
+// round_up(2*max(1, BK/G)*BN, 128) for groups and round_up(4*BM, 128) with QC_A4X) and, when QC_SPLITK > 1, QC_KERNEL##_reduce
 // (same arguments; block qc::kReduceThreads, any grid) for launches with flags == nullptr.
 #include "gemm_sm80.cuh"
 

@@ -59,15 +59,20 @@ using MmaRS8 = decltype(cute::SM90::GMMA::rs_op_selector<int8_t, int8_t, int32_t
 
 template <int BN, size_t... I>
 __device__ __forceinline__ void wgmma_rs_impl(const uint32_t (&a)[4], uint64_t db,
-                                              uint32_t (&d)[BN / 2], std::index_sequence<I...>) {
-  MmaRS8<BN>::fma(a[0], a[1], a[2], a[3], db, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+                                              uint32_t (&d)[BN / 2], std::index_sequence<I...>,
+                                              cute::SM90::GMMA::ScaleOut scale) {
+  MmaRS8<BN>::fma(a[0], a[1], a[2], a[3], db, d[I]..., scale);
 }
 
-// acc += A (registers, one k32 step) . B[BN rows at sb, k32 at byte sb's chunk]^T.
+// acc += A (registers, one k32 step) . B[BN rows at sb, k32 at byte sb's chunk]^T; with
+// `accumulate` false, acc = A . B^T (wgmma's scale-d 0: the old values are not read, so a
+// restart costs no register zeroing).
 template <int BN>
 __device__ __forceinline__ void wgmma_rs_k32(const uint32_t (&a)[4], const char* sb,
-                                             uint32_t (&acc)[BN / 2]) {
-  wgmma_rs_impl<BN>(a, desc_sw128(sb), acc, std::make_index_sequence<BN / 2>{});
+                                             uint32_t (&acc)[BN / 2], bool accumulate = true) {
+  wgmma_rs_impl<BN>(a, desc_sw128(sb), acc, std::make_index_sequence<BN / 2>{},
+                    accumulate ? cute::SM90::GMMA::ScaleOut::One
+                               : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
 // Generic-proxy shared-memory writes (cp.async, st.shared) -> visible to wgmma's async proxy.
