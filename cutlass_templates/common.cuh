@@ -279,7 +279,7 @@ __device__ __forceinline__ uint32_t group_zero_word(uint32_t nz) {
 
 // COMET's W4Ax epilogue (w4a8_sm80.cu / w4a8_rs_sm90.cu with QC_A4X): the main loop already
 // scaled each activation block's int32 partial by its s_x and summed them in fp32 (`acc`, the
-// reference's order: y = 0, then y = y + s_x[b] * p_b for b = 0, 1, ..; see
+// reference's order and rounding: y = 0, then y = fma(s_x[b], p_b, y) for b = 0, 1, ..; see
 // block_scale_add), so C = acc * s_w - zs_w * t with t the dequantized row sum
 // (runtime/ops/gemm.py gemm_w4a4x).  s_x [M, nb] f32 (nb = K / 128 blocks), t [M] f32.
 struct EpiW4A4X {
@@ -317,14 +317,13 @@ struct EpiW4A4XS4 : EpiW4A4X {
   int n8;
 };
 
-// One block's partial into the fp32 accumulator, rounded as the reference rounds it (the
-// product, then the sum: no FMA).  Exact conversion: |p| <= 128 * 127 * 15 < 2^24.  (I2F on
-// sm_80, a quarter-rate pipe; I2FP, full rate, on sm_90.  A magic-number conversion, an
-// integer add and an exact FADD, trades that pipe for one more issue slot an accumulator:
-// no gain where the block is issue-bound, as the sm80 s4 path is; see
-// bench/results/w4a4x-s4-sass-2026-12-08.md.)
+// One block's partial into the fp32 accumulator with one rounding, as the reference rounds it
+// (gemm_w4a4x_ref's fma32): an FFMA where a multiply and an add (two roundings) were two
+// instructions, one issue slot an accumulator a block fewer, which is where the per-block
+// scaling's cost lies (bench/results/w4a4x-s4-sass-2026-12-08.md).  Exact conversion: |p| <=
+// 128 * 127 * 15 < 2^24 (I2F on sm_80, a quarter-rate pipe; I2FP, full rate, on sm_90).
 __device__ __forceinline__ float block_scale_add(float acc, float s, uint32_t p) {
-  return __fadd_rn(acc, __fmul_rn(s, __int2float_rn((int)p)));
+  return __fmaf_rn(s, __int2float_rn((int)p), acc);
 }
 
 // Acc: int (the int32 accumulator; W8A8 / W4A8 epilogues) or float (EpiW4A4X).

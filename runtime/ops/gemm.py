@@ -137,14 +137,33 @@ def gemm_w4a16(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tenso
     return gemm_w4a16_ref(x, w, s, z, bias, n, group_size, out_dtype)
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c in float32 with one rounding, as CUDA's __fmaf_rn (IEEE fused multiply-add),
+    for float32 a, c and b holding integers below 2^24 in magnitude (broadcast). The product
+    is exact in float64 (24 + 24 bits), the sum's rounding error exact by TwoSum; the sum is
+    rounded to odd (an inexact result with an even last bit moves to its odd neighbour on
+    the error's side) and then to nearest float32, which is the correctly rounded a * b + c:
+    round-to-odd at 53 bits followed by round-to-nearest at 24 never rounds twice (53 >=
+    24 + 2). No CPU op of torch fuses the two; this is exact on any device."""
+    p, c64 = a.double() * b.double(), c.double()
+    s = p + c64
+    bb = s - p
+    err = (p - (s - bb)) + (c64 - bb)  # p + c - s, exactly
+    fix = (err != 0) & ((s.view(torch.int64) & 1) == 0)
+    toward = torch.where(err > 0, torch.inf, -torch.inf).to(s.dtype)
+    return torch.where(fix, torch.nextafter(s, toward), s).float()
+
+
 def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int, packed: int,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """COMET's W4Ax GEMM, the integer maths its kernels will do (issue 15): x_q [..., K] int8
     codes of mixed 4/8-bit blocks (the first n8 8-bit) with s_x [..., K / block] and the
     dequantized row sum t [..., 1] (`quant_a4x`); the weights are per-channel W4A8's (QServe's
     asymmetric UINT4, w = s (q - z), the same packed buffers: QoQ's rounding serves both).
-    Each block's partial sum is exact in int32 (|sum| <= block * 127 * 15) and scaled by its
-    activation scale in the main loop; the epilogue is W4A8's with t for s_x sum x_q:
+    Each block's partial sum p_b is exact in int32 (|p_b| <= block * 127 * 15) and scaled by
+    its activation scale in the main loop with one rounding, y = fma(s_x[b], p_b, y) for b =
+    0, 1, .. (`fma32`; the kernels' FFMA: one instruction an accumulator, where a multiply and
+    an add were two); the epilogue is W4A8's with t for s_x sum x_q:
     y = s_w sum_b s_x[b] (x_q[b] . q[b]) - (z s_w) t. n8 picks the kernels' MMA per block (s4
     or s8); here every block is the same int8 product. packed: x_q as `pack_a4x` packs it (sm80
     artifacts, whose kernel runs the 4-bit blocks on s4 MMAs), unpacked here first."""
@@ -160,7 +179,7 @@ def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int, pack
     for b in range(k // block):
         part = int_matmul(x2[:, b * block:(b + 1) * block].contiguous(),
                           codes[:, b * block:(b + 1) * block].contiguous())
-        y += s2[:, b:b + 1] * part.float()
+        y = fma32(s2[:, b:b + 1], part.float(), y)
     y = y * s[None, :n] - zs[None, :n] * xt.reshape(-1, 1).float()
     return _finish(y, bias, lead, n, out_dtype)
 

@@ -344,3 +344,41 @@ def test_gemm_w4a4x_is_the_block_scaled_integer_sum(n8, packed):
     assert y.shape == (m, n)
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-4)
     torch.library.opcheck(torch.ops.qcompile.gemm_w4a4x.default, args)
+
+
+def _round_f32(q) -> float:
+    """The float32 nearest the rational q (ties to even), exactly."""
+    from fractions import Fraction
+    x = torch.tensor(float(q), dtype=torch.float32)
+    near = [torch.nextafter(x, torch.tensor(-math.inf)), x, torch.nextafter(x, torch.tensor(math.inf))]
+    return float(min(near, key=lambda c: (abs(Fraction(float(c)) - q),
+                                          int(c.view(torch.int32)) & 1)))
+
+
+def test_fma32_rounds_once():
+    """gemm_w4a4x's block scaling, y = fma(s_x, p, y) (the kernels' __fmaf_rn): exactly the
+    float32 nearest to a * b + c, against rational arithmetic, on random operands of the
+    kernels' ranges and on sums just past a float32 midpoint, where rounding the float64 sum
+    to float32 would round twice and land on the wrong side."""
+    from fractions import Fraction
+    from qcompile.runtime.ops.gemm import fma32
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    a = (torch.rand(n, generator=g) * 2 - 1) * torch.exp2(
+        torch.randint(-10, 4, (n,), generator=g).float())
+    b = torch.randint(-250000, 250000, (n,), generator=g).float()
+    c = (torch.rand(n, generator=g) * 2 - 1) * torch.exp2(
+        torch.randint(-10, 20, (n,), generator=g).float())
+    got = fma32(a, b, c)
+    want = [_round_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+            for x, y, z in zip(a, b, c)]
+    assert got.tolist() == want
+    assert (got != a * b + c).any()  # two roundings differ somewhere: the check can fail
+    # a * b = 2^-24 (1 + 7 2^-41): 1 + a b is 7 2^-65 past the midpoint 1 + 2^-24 (up), and
+    # (1 + 2^-22) - a b as far short of the midpoint 1 + 3 2^-24 (down); float64 loses the
+    # 2^-65 and ties to even the wrong way in both
+    a1 = torch.tensor([10495479 * 2.0 ** -65, -10495479 * 2.0 ** -65])
+    b1 = torch.tensor([209521.0, 209521.0])
+    c1 = torch.tensor([1.0, 1.0 + 2.0 ** -22])
+    assert fma32(a1, b1, c1).tolist() == [1.0 + 2.0 ** -23, 1.0 + 2.0 ** -23]
+    assert (a1.double() * b1.double() + c1.double()).float().tolist() == [1.0, 1.0 + 2.0 ** -22]
