@@ -136,7 +136,7 @@ class CompileConfig:
                                      "of W4A8's perplexity on held-out text, where 0.25 is "
                                      "1.16x, and the 4-bit share buys no speed on these "
                                      "kernels (sm90 runs every block on s8 MMAs; on sm80 an "
-                                     "s4 block is estimated at 1.01-1.06x an s8 one). COMET "
+                                     "s4 block is estimated at 1.00-1.06x an s8 one). COMET "
                                      "keeps 8-16%%; without fmpq every block is int4",
                                      default=0.5)
     fmpq_down_rotation: str = _opt("w4a4 (the qoq step fmpq): hadamard rotates every "
