@@ -137,21 +137,52 @@ def gemm_w4a16(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tenso
     return gemm_w4a16_ref(x, w, s, z, bias, n, group_size, out_dtype)
 
 
-def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def fma32_work(shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fma32's scratch buffers for results of `shape`: two float64, one bool."""
+    return (torch.empty(shape, dtype=torch.float64, device=device),
+            torch.empty(shape, dtype=torch.float64, device=device),
+            torch.empty(shape, dtype=torch.bool, device=device))
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None,
+          work: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """a * b + c in float32 with one rounding, as CUDA's __fmaf_rn (IEEE fused multiply-add),
-    for float32 a, c and b holding integers below 2^24 in magnitude (broadcast). The product
-    is exact in float64 (24 + 24 bits), the sum's rounding error exact by TwoSum; the sum is
-    rounded to odd (an inexact result with an even last bit moves to its odd neighbour on
-    the error's side) and then to nearest float32, which is the correctly rounded a * b + c:
-    round-to-odd at 53 bits followed by round-to-nearest at 24 never rounds twice (53 >=
-    24 + 2). No CPU op of torch fuses the two; this is exact on any device."""
-    p, c64 = a.double() * b.double(), c.double()
-    s = p + c64
-    bb = s - p
-    err = (p - (s - bb)) + (c64 - bb)  # p + c - s, exactly
-    fix = (err != 0) & ((s.view(torch.int64) & 1) == 0)
-    toward = torch.where(err > 0, torch.inf, -torch.inf).to(s.dtype)
-    return torch.where(fix, torch.nextafter(s, toward), s).float()
+    for float32 a, c and b holding integers below 2^24 in magnitude (any dtype; broadcast),
+    results in float32's normal range. The product is exact in float64 (24 + 24 bits); the
+    float64 sum s rounded to float32 is the fused result except where s is a float32
+    midpoint (its 29 bits below float32's last one are 100..0) and not exact: rounding twice
+    then ties to even where the exact sum lies past the midpoint on one side. Those elements
+    (a few a block: exact sums that are midpoints are not rare) get the neighbour on the side
+    of the sum's error (TwoSum, exact). No CPU op of
+    torch fuses the two; this is exact on any device.
+
+    out: the float32 result's buffer (c itself is fine); work: `fma32_work`'s buffers, reused
+    across calls (gemm_w4a4x_ref's blocks): on the CPU a fresh large tensor costs its page
+    faults, ~20x a pass over it."""
+    shape = torch.broadcast_shapes(a.shape, b.shape, c.shape)
+    if work is None:
+        work = fma32_work(shape, c.device)
+    s, p64, tie = work
+    p64.copy_(b.expand(shape))
+    s.copy_(c.expand(shape))
+    s.addcmul_(a.double(), p64)  # c + a b, the product exact: one rounding, to 53 bits
+    bits = p64.view(torch.int64)  # (p64 is free again)
+    torch.bitwise_and(s.view(torch.int64), 0x1FFFFFFF, out=bits)
+    torch.eq(bits, 0x10000000, out=tie)
+    flat = tie.view(-1).nonzero().squeeze(1)
+    if flat.numel():
+        idx = torch.unravel_index(flat, shape)
+        pt = a.expand(shape)[idx].double() * b.expand(shape)[idx].double()
+        ct, st = c.expand(shape)[idx].double(), s[idx]
+        bb = st - pt
+        err = (pt - (st - bb)) + (ct - bb)  # pt + ct - st, exactly
+        # one float64 step towards the exact sum (the bit pattern is sign and magnitude):
+        # then the float32 rounding is no longer a tie and goes the exact sum's way
+        step = torch.where(err == 0, 0, ((err > 0) == (st > 0)).to(torch.int64) * 2 - 1)
+        s[idx] = (st.view(torch.int64) + step).view(torch.float64)
+    if out is None:
+        return s.float()
+    return out.copy_(s)
 
 
 def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int, packed: int,
@@ -176,10 +207,11 @@ def gemm_w4a4x_ref(xq, sx, xt, w, s, zs, bias, n: int, n8: int, block: int, pack
     x2, s2 = xq.reshape(-1, k), sx.reshape(-1, k // block).float()
     codes = _decoded(w, _w4_codes, n)
     y = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=xq.device)
+    work = fma32_work(y.shape, y.device)
     for b in range(k // block):
         part = int_matmul(x2[:, b * block:(b + 1) * block].contiguous(),
                           codes[:, b * block:(b + 1) * block].contiguous())
-        y = fma32(s2[:, b:b + 1], part.float(), y)
+        fma32(s2[:, b:b + 1], part, y, out=y, work=work)
     y = y * s[None, :n] - zs[None, :n] * xt.reshape(-1, 1).float()
     return _finish(y, bias, lead, n, out_dtype)
 
