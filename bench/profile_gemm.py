@@ -21,12 +21,9 @@ import gemm as bg  # noqa: E402  (bench/gemm.py: timing, shapes, import_qcompile
 
 bg.import_qcompile()
 
-from qcompile.compiler.schemes import WITH_KERNELS  # noqa: E402
 from qcompile.cutlass_templates import configs as C  # noqa: E402
 from qcompile.runtime import gemm_kernels  # noqa: E402
-from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
-
-SCHEMES = {s.kernel.kind: s for s in WITH_KERNELS}  # kernel kind -> its scheme row
+from tune_gemm import KINDS as SCHEMES, operands  # noqa: E402  (kind -> row; call operands)
 
 
 def main(argv=None) -> None:
@@ -38,6 +35,8 @@ def main(argv=None) -> None:
     p.add_argument("--config", help="kernel name (default: the selected config)")
     p.add_argument("--kernel-dir", type=Path)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--a4x-share", type=float, default=0.25,
+                   help="W4Ax kinds: the share of 8-bit activation blocks")
     args = p.parse_args(argv)
     kind, spec, n, k, m = args.kind, SCHEMES[args.kind], args.n, args.k, args.m
     table = gemm_kernels.enable(args.kernel_dir)
@@ -47,15 +46,16 @@ def main(argv=None) -> None:
     kern = table.kernels[cfg.name(kkind)]
     g = torch.Generator().manual_seed(0)
     packed = [t.cuda() for t in spec.pack_weight(torch.randn(n, k, generator=g)).values()]
-    xq, sx, xsum = quant_a8_ref((torch.randn(m, k, generator=g) * 3).half().cuda())
-    head = (xq, sx, xsum) if spec.uses_sum else (xq, sx)
+    x = (torch.randn(m, k, generator=g) * 3).half().cuda()
+    xq, sx, rest, tail, run_kw = operands(spec, kind, x, n, args.a4x_share)
     kp = spec.layout.packed_k(packed[0])
-    out = gemm_kernels._run(kkind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp)
-    want = spec.reference(*head, *packed, None, n, *spec.extra, torch.float16)
+    ops = (*rest, *packed, None)
+    out = gemm_kernels._run(kkind, (cfg, kern), xq, sx, ops, n, kp, **run_kw)
+    want = spec.reference(xq, sx, *rest, *packed, None, *tail, torch.float16)
     err = (out.float() - want.float()).abs().max().item()
     assert err <= 1e-2 * want.float().abs().max().item() + 1e-3, f"wrong result: {err}"
     for _ in range(args.iters):
-        gemm_kernels._run(kkind, (cfg, kern), xq, sx, (*head[2:], *packed, None), n, kp, out)
+        gemm_kernels._run(kkind, (cfg, kern), xq, sx, ops, n, kp, out, **run_kw)
     torch.cuda.synchronize()
     print(f"{cfg.label(kkind)} M={m} N={n} K={k}: ok (max err {err:.2e})")
 
