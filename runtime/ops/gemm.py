@@ -145,7 +145,7 @@ def fma32_work(shape, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None,
-          work: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+          work: tuple[torch.Tensor, ...] | None = None, dense: bool = False) -> torch.Tensor:
     """a * b + c in float32 with one rounding, as CUDA's __fmaf_rn (IEEE fused multiply-add),
     for float32 a, c and b holding integers below 2^24 in magnitude (any dtype; broadcast),
     results in float32's normal range. The product is exact in float64 (24 + 24 bits); the
@@ -158,7 +158,9 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor |
 
     out: the float32 result's buffer (c itself is fine); work: `fma32_work`'s buffers, reused
     across calls (gemm_w4a4x_ref's blocks): on the CPU a fresh large tensor costs its page
-    faults, ~20x a pass over it."""
+    faults, ~20x a pass over it. On the CPU the midpoints are gathered (nonzero); elsewhere,
+    or with `dense`, every element takes the correction, with no data-dependent shape, so
+    the reference stays capturable in a CUDA graph."""
     shape = torch.broadcast_shapes(a.shape, b.shape, c.shape)
     if work is None:
         work = fma32_work(shape, c.device)
@@ -166,6 +168,15 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor |
     p64.copy_(b.expand(shape))
     s.copy_(c.expand(shape))
     s.addcmul_(a.double(), p64)  # c + a b, the product exact: one rounding, to 53 bits
+    if dense or s.device.type != "cpu":  # no data-dependent shapes (CUDA graphs): every element
+        pd = p64.mul_(a.double())
+        bb = s - pd
+        err = (pd - (s - bb)) + (c.double() - bb)
+        bits = s.view(torch.int64)
+        mid = (bits & 0x1FFFFFFF) == 0x10000000
+        step = ((err > 0) == (s > 0)).to(torch.int64) * 2 - 1
+        s = (bits + step * (mid & (err != 0))).view(torch.float64)
+        return s.float() if out is None else out.copy_(s)
     bits = p64.view(torch.int64)  # (p64 is free again)
     torch.bitwise_and(s.view(torch.int64), 0x1FFFFFFF, out=bits)
     torch.eq(bits, 0x10000000, out=tie)

@@ -355,11 +355,13 @@ def _round_f32(q) -> float:
                                           int(c.view(torch.int32)) & 1)))
 
 
-def test_fma32_rounds_once():
+@pytest.mark.parametrize("dense", [False, True], ids=["cpu-gather", "dense"])
+def test_fma32_rounds_once(dense):
     """gemm_w4a4x's block scaling, y = fma(s_x, p, y) (the kernels' __fmaf_rn): exactly the
     float32 nearest to a * b + c, against rational arithmetic, on random operands of the
     kernels' ranges and on sums just past a float32 midpoint, where rounding the float64 sum
-    to float32 would round twice and land on the wrong side."""
+    to float32 would round twice and land on the wrong side; both ways of correcting those
+    (the CPU's gather, and the dense one other devices run, capturable in a CUDA graph)."""
     from fractions import Fraction
     from qcompile.runtime.ops.gemm import fma32
     g = torch.Generator().manual_seed(0)
@@ -369,7 +371,7 @@ def test_fma32_rounds_once():
     b = torch.randint(-250000, 250000, (n,), generator=g).float()
     c = (torch.rand(n, generator=g) * 2 - 1) * torch.exp2(
         torch.randint(-10, 20, (n,), generator=g).float())
-    got = fma32(a, b, c)
+    got = fma32(a, b, c, dense=dense)
     want = [_round_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
             for x, y, z in zip(a, b, c)]
     assert got.tolist() == want
@@ -380,5 +382,5 @@ def test_fma32_rounds_once():
     a1 = torch.tensor([10495479 * 2.0 ** -65, -10495479 * 2.0 ** -65])
     b1 = torch.tensor([209521.0, 209521.0])
     c1 = torch.tensor([1.0, 1.0 + 2.0 ** -22])
-    assert fma32(a1, b1, c1).tolist() == [1.0 + 2.0 ** -23, 1.0 + 2.0 ** -23]
+    assert fma32(a1, b1, c1, dense=dense).tolist() == [1.0 + 2.0 ** -23, 1.0 + 2.0 ** -23]
     assert (a1.double() * b1.double() + c1.double()).float().tolist() == [1.0, 1.0 + 2.0 ** -22]
