@@ -319,6 +319,23 @@ def build_ours(scheme, probe: Callable):
     return build
 
 
+def operands(spec, kind: str, x: torch.Tensor, n: int, a4x_share: float = 0.0):
+    """(x_q, s_x, the operands after s_x but the weights, the reference's arguments after the
+    bias, gemm_kernels._run's keyword arguments) of one call of `kind` (a kernel kind of the
+    row `spec`) on activations x: per-token int8 codes (with their sum where the row reads
+    it), or W4Ax's blocks (`a4x_share` of them 8-bit; the s4 kind's packed)."""
+    from qcompile.cutlass_templates.configs import A4X_S4_KINDS
+    from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref, quant_a8_ref
+    if spec.kernel.block:
+        k = x.shape[-1]
+        n8, packed = round(a4x_share * k / FMPQ_BLOCK), int(kind in A4X_S4_KINDS)
+        xq, sx, t = quant_a4x_ref(x, n8, FMPQ_BLOCK, 1000, packed)
+        return (xq, sx, (t,), (n, n8, FMPQ_BLOCK, packed),
+                dict(k=k, extra=(n8,) if packed else ()))
+    xq, sx, xsum = quant_a8_ref(x)
+    return xq, sx, (xsum,) if spec.uses_sum else (), (n, *spec.extra), {}
+
+
 def build_w4a4x(int8_share: float, probe: Callable, packed: int = 0):
     """COMET's W4Ax through the public op (the selection's kernel: mma.sync, or the register-A
     wgmma tile on sm_90 from M = 257), with `int8_share` of the 128-channel activation blocks
@@ -329,17 +346,16 @@ def build_w4a4x(int8_share: float, probe: Callable, packed: int = 0):
     emulates s4 MMAs)."""
     def build(ctx: ShapeCtx, x: torch.Tensor) -> Case:
         from qcompile.compiler.schemes import SPECS
-        from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref
+        from qcompile.runtime.ops.quant import FMPQ_BLOCK
         spec = SPECS["w4a4"]
         if ctx.k % FMPQ_BLOCK:
             raise Skip(f"K % {FMPQ_BLOCK}")
         cpu = ctx.get("w4a4", lambda: spec.pack_weight(ctx.w))
         dev = ctx.get("w4a4@dev", lambda: {k: v.to(ctx.device) for k, v in cpu.items()})
-        n8 = round(int8_share * ctx.k / FMPQ_BLOCK)
-        tail = (None, ctx.n, n8, FMPQ_BLOCK, packed, torch.float16)
-        head = quant_a4x_ref(x, n8, FMPQ_BLOCK, 1000, packed)
-        return _public_op_case(ctx, x, "w4a4x_s4" if packed else "w4a4x", spec.op, head, cpu,
-                               dev, tail, probe)
+        kind = spec.kernel.s4 if packed else spec.kernel.kind
+        xq, sx, rest, tail, _ = operands(spec, kind, x, ctx.n, int8_share)
+        return _public_op_case(ctx, x, kind, spec.op, (xq, sx, *rest), cpu, dev,
+                               (None, *tail, torch.float16), probe)
     return build
 
 

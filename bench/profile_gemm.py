@@ -23,7 +23,7 @@ bg.import_qcompile()
 
 from qcompile.cutlass_templates import configs as C  # noqa: E402
 from qcompile.runtime import gemm_kernels  # noqa: E402
-from tune_gemm import KINDS as SCHEMES, operands  # noqa: E402  (kind -> row; call operands)
+from tune_gemm import KINDS as SCHEMES  # noqa: E402  (kernel kind -> its scheme row)
 
 
 def main(argv=None) -> None:
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     packed = [t.cuda() for t in spec.pack_weight(torch.randn(n, k, generator=g)).values()]
     x = (torch.randn(m, k, generator=g) * 3).half().cuda()
-    xq, sx, rest, tail, run_kw = operands(spec, kind, x, n, args.a4x_share)
+    xq, sx, rest, tail, run_kw = bg.operands(spec, kind, x, n, args.a4x_share)
     kp = spec.layout.packed_k(packed[0])
     ops = (*rest, *packed, None)
     out = gemm_kernels._run(kkind, (cfg, kern), xq, sx, ops, n, kp, **run_kw)

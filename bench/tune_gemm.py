@@ -30,7 +30,6 @@ from qcompile.compiler.schemes import WITH_KERNELS  # noqa: E402
 from qcompile.cutlass_templates import configs as C  # noqa: E402
 from qcompile.cutlass_templates.build import build_kernels, write_kernel_table  # noqa: E402
 from qcompile.runtime import gemm_kernels  # noqa: E402
-from qcompile.runtime.ops.quant import quant_a8_ref  # noqa: E402
 
 # kernel kind -> its scheme row; g64 runs the g128 tiles (the default sweep leaves it out);
 # w4a4x_s4 (packed activations, s4 MMAs) is sm80 code that a Hopper emulates
@@ -92,21 +91,6 @@ def candidates(kind: str, k: int, m: int) -> list[tuple[str, C.TileConfig]]:
     return out
 
 
-def operands(spec, kind: str, x: torch.Tensor, n: int, a4x_share: float):
-    """(x_q, s_x, the operands after s_x but the weights, the reference's arguments after the
-    bias, _run's keyword arguments) of one call of `kind` on activations x: W4A8's per-token
-    int8 codes, or W4Ax's blocks (`a4x_share` of them 8-bit; the s4 kind's packed)."""
-    if spec.kernel.block:
-        from qcompile.runtime.ops.quant import FMPQ_BLOCK, quant_a4x_ref
-        k = x.shape[-1]
-        n8, packed = round(a4x_share * k / FMPQ_BLOCK), int(kind in C.A4X_S4_KINDS)
-        xq, sx, t = quant_a4x_ref(x, n8, FMPQ_BLOCK, 1000, packed)
-        return (xq, sx, (t,), (n, n8, FMPQ_BLOCK, packed),
-                dict(k=k, extra=(n8,) if packed else ()))
-    xq, sx, xsum = quant_a8_ref(x)
-    return xq, sx, (xsum,) if spec.uses_sum else (), (n, *spec.extra), {}
-
-
 def _write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -152,7 +136,7 @@ def main(argv=None) -> None:
             packed = [t.cuda() for t in spec.pack_weight(torch.randn(n, k, generator=g)).values()]
             for m in ms:
                 x = (torch.randn(m, k, generator=g) * 3).half().cuda()
-                xq, sx, rest, tail, run_kw = operands(spec, kind, x, n, args.a4x_share)
+                xq, sx, rest, tail, run_kw = bg.operands(spec, kind, x, n, args.a4x_share)
                 want = spec.reference(xq, sx, *rest, *packed, None, *tail, torch.float16)
                 # weight copies rotated as bench/gemm.py does, so that no call finds its
                 # weights in L2 (decode reads them cold: an L2-hot sweep picks other splits)

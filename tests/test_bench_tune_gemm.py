@@ -1,4 +1,5 @@
-"""bench/tune_gemm.py's candidate tiles and call operands (the sweep itself needs a GPU)."""
+"""bench/tune_gemm.py's candidate tiles, and the call operands it takes from bench/gemm.py
+(the sweep itself needs a GPU)."""
 from __future__ import annotations
 
 import pytest
@@ -35,12 +36,12 @@ def test_operands_are_the_references_arguments(tune):
     x = torch.randn(3, 512)
     w = [t for t in SPECS["w4a4"].pack_weight(torch.randn(40, 512)).values()]
     for kind in ("w4a4x", "w4a4x_s4"):
-        xq, sx, rest, tail, kw = tune.operands(tune.KINDS[kind], kind, x, 40, 0.25)
+        xq, sx, rest, tail, kw = tune.bg.operands(tune.KINDS[kind], kind, x, 40, 0.25)
         packed = kind == "w4a4x_s4"
         assert xq.shape == (3, 320 if packed else 512) and sx.shape == (3, 4)
         assert tail == (40, 1, 128, int(packed))
         assert kw == {"k": 512, "extra": (1,) if packed else ()}
         y = SPECS["w4a4"].reference(xq, sx, *rest, *w, None, *tail, torch.float16)
         assert y.shape == (3, 40)
-    xq, sx, rest, tail, kw = tune.operands(tune.KINDS["w4a8"], "w4a8", x, 40, 0.25)
+    xq, sx, rest, tail, kw = tune.bg.operands(tune.KINDS["w4a8"], "w4a8", x, 40, 0.25)
     assert (xq.shape, len(rest), tail, kw) == ((3, 512), 1, (40,), {})
